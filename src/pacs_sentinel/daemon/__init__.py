@@ -1,0 +1,1 @@
+"""The process: CLI, configuration, job queue, scheduler, workers, logging."""

@@ -1,0 +1,179 @@
+"""The ``sentinel`` command line.
+
+Errors of the product (:class:`~pacs_sentinel.errors.SentinelError`) become one-line
+messages on standard error and exit status 2; success is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from pacs_sentinel import __version__
+from pacs_sentinel.errors import ConfigError, SentinelError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_ERROR = 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pacs_sentinel.daemon.config import load_config
+    from pacs_sentinel.daemon.logs import configure_logging
+    from pacs_sentinel.daemon.service import Sentinel
+
+    config = load_config(args.config)
+    configure_logging(config.logging.format, config.logging.level)
+    sentinel = Sentinel(config)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    sentinel.start()
+    stop.wait()
+    sentinel.stop()
+    return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from pacs_sentinel.daemon.config import load_config
+    from pacs_sentinel.inference.models import load_segmentation_model
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{args.config}: {problem}", file=sys.stderr)
+        return EXIT_FAILURE
+    problems = []
+    for index, pipeline in enumerate(config.pipelines):
+        if pipeline.kind != "segmentation":
+            problems.append(f"pipelines[{index}].kind: {pipeline.kind!r} is not supported by this version")
+            continue
+        try:
+            load_segmentation_model(pipeline.model, device="cpu")
+        except SentinelError as exc:
+            problems.append(f"pipelines[{index}].model: {exc}")
+    for problem in problems:
+        print(f"{args.config}: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_FAILURE
+    print(f"{args.config}: OK ({len(config.pipelines)} pipeline(s), {len(config.destinations)} destination(s))")
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pacs_sentinel.daemon.config import load_config
+    from pacs_sentinel.daemon.jobs import MIGRATIONS, JobStore
+    from pacs_sentinel.daemon.table import format_table
+    from pacs_sentinel.dicom_io.index import Database
+
+    config = load_config(args.config)
+    db_path = config.node.data_dir / "sentinel.db"
+    if not db_path.exists():
+        print(f"no database at {db_path}: the daemon has not run with this configuration yet")
+        return EXIT_OK
+    store = JobStore(Database(db_path, migrations=MIGRATIONS))
+    rows = [
+        [job.id, job.study_uid, job.pipeline or "-", job.state.value, job.verdict or "-",
+         "-" if job.quality_score is None else f"{job.quality_score:.2f}",
+         ", ".join(job.reasons) or (job.error or "-")]
+        for job in store.jobs(limit=args.limit)
+    ]
+    print(format_table(["job", "study", "pipeline", "state", "verdict", "score", "reasons / error"], rows))
+    return EXIT_OK
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from pacs_sentinel.dicom_io.scu import Peer, send_files
+
+    try:
+        peer = Peer.parse(args.to)
+    except ValueError as exc:
+        raise SentinelError(str(exc)) from None
+    root = Path(args.path)
+    if not root.exists():
+        raise SentinelError(f"{root}: no such file or folder")
+    files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file())
+    if not files:
+        raise SentinelError(f"{root}: no files to send")
+    results = send_files(files, peer, calling_ae=args.calling_ae)
+    failed = [r for r in results if not r.delivered]
+    for result in failed:
+        print(f"{result.path}: not delivered ({result.error})", file=sys.stderr)
+    print(f"sent {len(results) - len(failed)} of {len(results)} file(s) to {args.to}")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pacs_sentinel.daemon.demo import run_demo
+
+    return run_demo(Path(args.workdir))
+
+
+def _cmd_train_demo(args: argparse.Namespace) -> int:
+    from pacs_sentinel.inference.training import train_demo
+
+    metrics = train_demo(args.name, out_dir=Path(args.out) if args.out else None, seed=args.seed,
+                         epochs=args.epochs, progress=not args.quiet)
+    for key, value in sorted(metrics.items()):
+        print(f"{key}: {value}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``sentinel`` (also used by the documentation test)."""
+    parser = argparse.ArgumentParser(prog="sentinel", description="PACS Sentinel: a DICOM AI node with QC.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a configuration file and its models")
+    check.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+    check.set_defaults(func=_cmd_check_config)
+
+    status = sub.add_parser("status", help="list the newest jobs and their states")
+    status.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+    status.add_argument("--limit", type=int, default=50, help="how many jobs to list (default: 50)")
+    status.set_defaults(func=_cmd_status)
+
+    send = sub.add_parser("send", help="send DICOM files (a file or a folder) to a DICOM node")
+    send.add_argument("path", help="a DICOM file or a folder of them")
+    send.add_argument("--to", required=True, help="destination as AE@host:port")
+    send.add_argument("--calling-ae", default="SENTINEL", help="our AE title (default: SENTINEL)")
+    send.set_defaults(func=_cmd_send)
+
+    demo = sub.add_parser("demo", help="run the whole product on synthetic studies and print the results")
+    demo.add_argument("--workdir", default="sentinel-demo", help="working folder (default: ./sentinel-demo)")
+    demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train-demo", help="train a shipped demo model on synthetic phantoms")
+    train.add_argument("name", choices=["organ-seg"], help="which demo model")
+    train.add_argument("--out", help="output folder (default: the shipped model folder)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    train.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sentinel``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"sentinel: {problem}", file=sys.stderr)
+        return EXIT_ERROR
+    except SentinelError as exc:
+        print(f"sentinel: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,283 @@
+"""Jobs and their state machine, kept in SQLite.
+
+``RECEIVING -> QUEUED -> RUNNING -> (DELIVERING -> DONE) | FAILED | REJECTED``.
+A study is RECEIVING while instances arrive (it has no job yet, or only finished ones
+older than its newest instance); the quiet timer turns it into one QUEUED job per
+matching pipeline. Jobs found RUNNING at start-up were interrupted and are re-queued.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlite_utils
+
+from pacs_sentinel.dicom_io.index import Database, Migration
+
+
+class JobState(str, enum.Enum):
+    """States of a job (DESIGN.md, "Job states")."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    DELIVERING = "DELIVERING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
+
+
+FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.REJECTED})
+
+
+def _jobs_v1(db: sqlite_utils.Database) -> None:
+    db["jobs"].create(
+        {
+            "id": int,
+            "study_uid": str,
+            "pipeline": str,
+            "state": str,
+            "created_at": float,
+            "updated_at": float,
+            "started_at": float,
+            "finished_at": float,
+            "runs": int,
+            "error": str,
+            "series_uid": str,
+            "model": str,
+            "model_version": str,
+            "qc_version": str,
+            "verdict": str,
+            "quality_score": float,
+            "reasons": str,
+            "needs_review": int,
+            "output_dir": str,
+        },
+        pk="id",
+        not_null={"study_uid", "state", "created_at", "updated_at"},
+        defaults={"runs": 0, "needs_review": 0},
+    )
+    db["jobs"].create_index(["study_uid"])
+    db["jobs"].create_index(["state"])
+    db["outbox"].create(
+        {
+            "id": int,
+            "job_id": int,
+            "destination": str,
+            "path": str,
+            "sop_instance_uid": str,
+            "sop_class_uid": str,
+            "state": str,
+            "attempts": int,
+            "next_attempt_at": float,
+            "last_error": str,
+            "sent_at": float,
+        },
+        pk="id",
+        foreign_keys=[("job_id", "jobs", "id")],
+        defaults={"attempts": 0},
+    )
+    db["outbox"].create_index(["state", "destination"])
+
+
+MIGRATIONS: list[Migration] = [("jobs-v1", _jobs_v1)]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the jobs table."""
+
+    id: int
+    study_uid: str
+    pipeline: str
+    state: JobState
+    created_at: float
+    runs: int
+    error: str | None
+    verdict: str | None
+    quality_score: float | None
+    reasons: list[str]
+    needs_review: bool
+    output_dir: str | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Job:
+        """Build a job from a ``jobs`` row."""
+        return cls(
+            id=int(row["id"]),
+            study_uid=row["study_uid"],
+            pipeline=row["pipeline"] or "",
+            state=JobState(row["state"]),
+            created_at=float(row["created_at"]),
+            runs=int(row["runs"] or 0),
+            error=row["error"],
+            verdict=row["verdict"],
+            quality_score=row["quality_score"],
+            reasons=json.loads(row["reasons"]) if row["reasons"] else [],
+            needs_review=bool(row["needs_review"]),
+            output_dir=row["output_dir"],
+        )
+
+
+class JobStore:
+    """Creates, claims and finishes jobs; every transition is one transaction."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        cursor = self.database.connection().execute(sql, params or [])
+        names = [c[0] for c in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def queue_study(self, study_uid: str, pipelines: list[str]) -> list[int]:
+        """Queue one job per pipeline unless an up-to-date job exists.
+
+        A pipeline gets a new job when it has none for the study, or when its newest job
+        is no longer QUEUED and was created before the study's newest instance arrived
+        (late arrivals re-run the study). A QUEUED job will see every instance anyway.
+
+        Returns:
+            The ids of the jobs created.
+        """
+        created = []
+        now = time.time()
+        with self.database.transaction() as tx:
+            row = tx.execute("SELECT last_received_at FROM studies WHERE study_uid = ?", [study_uid]).fetchone()
+            last_received = float(row[0]) if row else now
+            for pipeline in pipelines:
+                latest = tx.execute(
+                    "SELECT state, created_at FROM jobs WHERE study_uid = ? AND pipeline = ? ORDER BY id DESC LIMIT 1",
+                    [study_uid, pipeline],
+                ).fetchone()
+                if latest is not None and (latest[0] == JobState.QUEUED.value or float(latest[1]) >= last_received):
+                    continue
+                created.append(
+                    tx["jobs"].insert(
+                        {"study_uid": study_uid, "pipeline": pipeline, "state": JobState.QUEUED.value,
+                         "created_at": now, "updated_at": now, "runs": 0, "needs_review": 0}
+                    ).last_pk
+                )
+        return created
+
+    def reject_study(self, study_uid: str, reason: str) -> int | None:
+        """Record that a study matches no pipeline (once per batch of instances).
+
+        Returns:
+            The id of the REJECTED job, or None when an up-to-date one exists.
+        """
+        now = time.time()
+        with self.database.transaction() as tx:
+            row = tx.execute("SELECT last_received_at FROM studies WHERE study_uid = ?", [study_uid]).fetchone()
+            last_received = float(row[0]) if row else now
+            latest = tx.execute(
+                "SELECT created_at FROM jobs WHERE study_uid = ? AND pipeline IS NULL ORDER BY id DESC LIMIT 1",
+                [study_uid],
+            ).fetchone()
+            if latest is not None and float(latest[0]) >= last_received:
+                return None
+            return int(
+                tx["jobs"].insert(
+                    {"study_uid": study_uid, "pipeline": None, "state": JobState.REJECTED.value, "error": reason,
+                     "created_at": now, "updated_at": now, "finished_at": now, "runs": 0, "needs_review": 0}
+                ).last_pk
+            )
+
+    def requeue_interrupted(self) -> int:
+        """Put jobs left RUNNING by a crash back to QUEUED; returns how many."""
+        with self.database.transaction() as tx:
+            cursor = tx.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?",
+                [JobState.QUEUED.value, time.time(), JobState.RUNNING.value],
+            )
+            return int(cursor.rowcount)
+
+    def claim_next(self) -> Job | None:
+        """Move the oldest QUEUED job to RUNNING and return it (None when none waits)."""
+        now = time.time()
+        with self.database.transaction() as tx:
+            row = tx.execute(
+                "SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT 1", [JobState.QUEUED.value]
+            ).fetchone()
+            if row is None:
+                return None
+            tx.execute(
+                "UPDATE jobs SET state = ?, started_at = ?, updated_at = ?, runs = runs + 1, error = NULL WHERE id = ?",
+                [JobState.RUNNING.value, now, now, row[0]],
+            )
+        return self.get(int(row[0]))
+
+    def get(self, job_id: int) -> Job:
+        """The job with this id.
+
+        Raises:
+            KeyError: No such job.
+        """
+        rows = self._rows("SELECT * FROM jobs WHERE id = ?", [job_id])
+        if not rows:
+            raise KeyError(job_id)
+        return Job.from_row(rows[0])
+
+    def finish(self, job_id: int, state: JobState, *, error: str | None = None) -> None:
+        """Move a job to a final state (FAILED or REJECTED, or DONE without results)."""
+        now = time.time()
+        with self.database.transaction() as tx:
+            tx.execute(
+                "UPDATE jobs SET state = ?, error = ?, finished_at = ?, updated_at = ? WHERE id = ?",
+                [state.value, error, now, now, job_id],
+            )
+
+    def record_results(
+        self,
+        job_id: int,
+        *,
+        result: dict[str, Any],
+        outbox_items: list[dict[str, Any]],
+    ) -> JobState:
+        """Store a job's results and queue its objects for delivery in one transaction.
+
+        Args:
+            job_id: The RUNNING job.
+            result: Columns to set (series_uid, model, model_version, qc_version, verdict,
+                quality_score, reasons (list), needs_review, output_dir).
+            outbox_items: One dict per (destination, file): destination, path,
+                sop_instance_uid, sop_class_uid.
+
+        Returns:
+            The job's new state: DELIVERING, or DONE when there is nothing to deliver.
+        """
+        now = time.time()
+        state = JobState.DELIVERING if outbox_items else JobState.DONE
+        columns = dict(result)
+        columns["reasons"] = json.dumps(columns.get("reasons", []))
+        columns["needs_review"] = int(bool(columns.get("needs_review")))
+        columns.update({"state": state.value, "updated_at": now})
+        if state is JobState.DONE:
+            columns["finished_at"] = now
+        with self.database.transaction() as tx:
+            tx["jobs"].update(job_id, columns)
+            for item in outbox_items:
+                tx["outbox"].insert(
+                    {**item, "job_id": job_id, "state": "pending", "attempts": 0, "next_attempt_at": now}
+                )
+        return state
+
+    def jobs(self, *, study_uid: str | None = None, limit: int = 200) -> list[Job]:
+        """Newest jobs first, optionally of one study."""
+        if study_uid:
+            rows = self._rows("SELECT * FROM jobs WHERE study_uid = ? ORDER BY id DESC LIMIT ?", [study_uid, limit])
+        else:
+            rows = self._rows("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", [limit])
+        return [Job.from_row(r) for r in rows]
+
+    def stale_studies(self) -> list[str]:
+        """Studies with instances newer than their newest job (or with no job at all)."""
+        rows = self.database.connection().execute(
+            """SELECT s.study_uid FROM studies s
+               WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid
+                                 AND (j.created_at >= s.last_received_at OR j.state = 'QUEUED'))"""
+        ).fetchall()
+        return [r[0] for r in rows]

@@ -1,0 +1,52 @@
+"""Logging, configured once for the whole process (structlog).
+
+Every other module takes ``structlog.get_logger(__name__)``; the worker binds
+``study_uid`` and ``job_id`` into the context so every line about a study carries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog (and the standard library loggers of our dependencies).
+
+    Args:
+        fmt: ``"json"`` for one JSON object per line, ``"console"`` for readable lines.
+        level: Lowest level written.
+        stream: Where to write (standard output by default).
+    """
+    stream = stream or sys.stdout
+    renderer: structlog.typing.Processor
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    # pynetdicom and apscheduler log through the standard library; keep their noise down
+    # and route what remains to the same stream.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("pynetdicom", "apscheduler"):
+        logging.getLogger(name).setLevel(logging.WARNING if level != "debug" else logging.INFO)

@@ -1,0 +1,132 @@
+"""The outbox: results wait here until their destination acknowledged them.
+
+Each flush sends, per destination, every due item in one association. A failed attempt
+(association refused, no response, failure status) is retried with exponential backoff;
+after ``max_attempts`` the item is given up and its job FAILED with the reason. A job
+whose items are all delivered becomes DONE.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from pacs_sentinel.daemon.config import DestinationConfig, OutboxConfig
+from pacs_sentinel.daemon.jobs import JobState
+from pacs_sentinel.dicom_io.index import Database
+from pacs_sentinel.dicom_io.scu import Peer, send_files
+from pacs_sentinel.errors import DeliveryError
+
+log = structlog.get_logger(__name__)
+
+
+class Outbox:
+    """Delivers queued result files to the configured destinations."""
+
+    def __init__(
+        self,
+        database: Database,
+        destinations: Sequence[DestinationConfig],
+        settings: OutboxConfig,
+        *,
+        calling_ae: str,
+    ) -> None:
+        self.database = database
+        self.destinations = {d.name: d for d in destinations}
+        self.settings = settings
+        self.calling_ae = calling_ae
+        self._lock = threading.Lock()
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds to wait after ``attempts`` failed attempts."""
+        return min(self.settings.retry_max_seconds, self.settings.retry_initial_seconds * 2 ** max(0, attempts - 1))
+
+    def flush(self) -> int:
+        """Send every due item; returns how many were delivered. Never raises."""
+        if not self._lock.acquire(blocking=False):
+            return 0  # a flush is already running; it will pick these items up
+        try:
+            return sum(self._flush_destination(name) for name in self._due_destinations())
+        except Exception:
+            log.exception("outbox flush failed")
+            return 0
+        finally:
+            self._lock.release()
+
+    def _due_destinations(self) -> list[str]:
+        rows = self.database.connection().execute(
+            "SELECT DISTINCT destination FROM outbox WHERE state = 'pending' AND next_attempt_at <= ?", [time.time()]
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def _flush_destination(self, name: str) -> int:
+        db = self.database.connection()
+        items = db.execute(
+            "SELECT id, job_id, path, attempts FROM outbox WHERE state = 'pending' AND destination = ? "
+            "AND next_attempt_at <= ? ORDER BY id",
+            [name, time.time()],
+        ).fetchall()
+        destination = self.destinations.get(name)
+        if destination is None:
+            self._fail_items(items, f"destination {name!r} is no longer configured", give_up=True)
+            return 0
+        peer = Peer(destination.ae_title, destination.host, destination.port)
+        try:
+            results = send_files([Path(i[2]) for i in items], peer, calling_ae=self.calling_ae)
+        except (DeliveryError, OSError) as exc:
+            log.warning("delivery attempt failed", destination=name, items=len(items), error=str(exc))
+            self._fail_items(items, str(exc))
+            return 0
+        delivered = 0
+        now = time.time()
+        with self.database.transaction() as tx:
+            for item, result in zip(items, results, strict=True):
+                if result.delivered:
+                    tx.execute("UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1, "
+                               "last_error = NULL WHERE id = ?", [now, item[0]])
+                    delivered += 1
+                else:
+                    self._fail_item(tx, item, result.error)
+        log.info("delivered", destination=name, delivered=delivered, failed=len(items) - delivered)
+        self._complete_jobs({i[1] for i in items})
+        return delivered
+
+    def _fail_items(self, items: list[tuple], error: str, *, give_up: bool = False) -> None:  # type: ignore[type-arg]
+        with self.database.transaction() as tx:
+            for item in items:
+                self._fail_item(tx, item, error, give_up=give_up)
+        self._complete_jobs({i[1] for i in items})
+
+    def _fail_item(self, tx, item: tuple, error: str, *, give_up: bool = False) -> None:  # type: ignore[no-untyped-def, type-arg]
+        attempts = int(item[3]) + 1
+        if give_up or attempts >= self.settings.max_attempts:
+            tx.execute("UPDATE outbox SET state = 'failed', attempts = ?, last_error = ? WHERE id = ?",
+                       [attempts, error, item[0]])
+        else:
+            tx.execute("UPDATE outbox SET attempts = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
+                       [attempts, error, time.time() + self.backoff(attempts), item[0]])
+
+    def _complete_jobs(self, job_ids: set[int]) -> None:
+        now = time.time()
+        with self.database.transaction() as tx:
+            for job_id in job_ids:
+                counts = dict(tx.execute("SELECT state, COUNT(*) FROM outbox WHERE job_id = ? GROUP BY state",
+                                         [job_id]).fetchall())
+                if counts.get("pending"):
+                    continue
+                if counts.get("failed"):
+                    error = tx.execute("SELECT destination || ': ' || last_error FROM outbox WHERE job_id = ? "
+                                       "AND state = 'failed' LIMIT 1", [job_id]).fetchone()[0]
+                    state, message = JobState.FAILED.value, f"delivery failed ({error})"
+                else:
+                    state, message = JobState.DONE.value, None
+                tx.execute("UPDATE jobs SET state = ?, error = ?, finished_at = ?, updated_at = ? "
+                           "WHERE id = ? AND state = ?", [state, message, now, now, job_id, JobState.DELIVERING.value])
+
+    def pending_count(self) -> int:
+        """Items not yet delivered nor given up."""
+        return int(self.database.connection().execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0])

@@ -1,0 +1,67 @@
+"""Which series of a study goes to which pipeline (``[[pipelines]] match``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import structlog
+from pydicom.dataset import Dataset
+
+from pacs_sentinel.daemon.config import PipelineConfig
+from pacs_sentinel.reports.identity import is_own_object
+
+log = structlog.get_logger(__name__)
+
+#: Modalities of derived objects that never enter an image pipeline.
+NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "KO", "PR", "RTSTRUCT", "DOC", "REG"})
+
+
+@dataclass(frozen=True)
+class SeriesCandidate:
+    """A series of a study with the header of its first instance."""
+
+    series_uid: str
+    files: list[Path]
+    header: Dataset
+
+
+def read_candidates(series_files: dict[str, list[Path]]) -> list[SeriesCandidate]:
+    """Read one header per series; series we wrote ourselves or that are not images are left out."""
+    candidates = []
+    for series_uid, files in series_files.items():
+        try:
+            header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        except Exception as exc:  # an unreadable file must not stop the other series
+            log.warning("series header unreadable", series_uid=series_uid, error=str(exc))
+            continue
+        if is_own_object(header) or str(header.get("Modality", "")) in NON_IMAGE_MODALITIES:
+            continue
+        candidates.append(SeriesCandidate(series_uid, files, header))
+    return candidates
+
+
+def _value_matches(value: object, allowed: list[str]) -> bool:
+    if value is None:
+        return False
+    values = [str(v) for v in value] if isinstance(value, pydicom.multival.MultiValue) else [str(value)]
+    return any(v.strip().upper() == a.strip().upper() for v in values for a in allowed)
+
+
+def matches(pipeline: PipelineConfig, header: Dataset) -> bool:
+    """True when every ``match`` attribute of the pipeline has one of its allowed values."""
+    return all(_value_matches(header.get(keyword), allowed) for keyword, allowed in pipeline.match.items())
+
+
+def select_series(pipeline: PipelineConfig, candidates: list[SeriesCandidate]) -> SeriesCandidate | None:
+    """The series a pipeline runs on: among matching series, the one with most instances."""
+    matching = [c for c in candidates if matches(pipeline, c.header) and len(c.files) >= pipeline.min_slices]
+    if not matching:
+        return None
+    return max(matching, key=lambda c: (len(c.files), c.series_uid))
+
+
+def matching_pipelines(pipelines: list[PipelineConfig], candidates: list[SeriesCandidate]) -> list[str]:
+    """Names of the pipelines that have a series to run on in this study."""
+    return [p.name for p in pipelines if select_series(p, candidates) is not None]

@@ -1,0 +1,111 @@
+"""The daemon's lifecycle: wire the SCP, spool, scheduler, worker and outbox together."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+
+import structlog
+import torch
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.date import DateTrigger
+
+from pacs_sentinel.daemon import jobs as jobs_module
+from pacs_sentinel.daemon.config import Config
+from pacs_sentinel.daemon.jobs import JobStore
+from pacs_sentinel.daemon.outbox import Outbox
+from pacs_sentinel.daemon.routing import matching_pipelines, read_candidates
+from pacs_sentinel.daemon.worker import Worker
+from pacs_sentinel.dicom_io.index import Database
+from pacs_sentinel.dicom_io.scp import ScpSettings, StorageScp
+from pacs_sentinel.dicom_io.spool import Spool, StoreOutcome
+
+log = structlog.get_logger(__name__)
+
+OUTBOX_INTERVAL_SECONDS = 1.0
+
+
+class Sentinel:
+    """One running PACS Sentinel node."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        data_dir = config.node.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.database = Database(data_dir / "sentinel.db", migrations=jobs_module.MIGRATIONS)
+        self.spool = Spool(data_dir, self.database)
+        self.jobs = JobStore(self.database)
+        self.outbox = Outbox(self.database, config.destinations, config.outbox, calling_ae=config.node.ae_title)
+        self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"misfire_grace_time": None})
+        self.worker = Worker(config, self.jobs, self.spool, on_results=self.deliver_now)
+        node = config.node
+        self.scp = StorageScp(
+            ScpSettings(node.ae_title, node.host, node.port, node.max_associations,
+                        node.acse_timeout, node.dimse_timeout, node.network_timeout),
+            self.spool,
+            on_stored=self._instance_stored,
+        )
+        self._started = threading.Event()
+
+    def start(self) -> None:
+        """Reconcile state left by a previous run, then start serving."""
+        if self.config.inference.threads:
+            torch.set_num_threads(self.config.inference.threads)
+        self.spool.reconcile()
+        requeued = self.jobs.requeue_interrupted()
+        if requeued:
+            log.warning("interrupted jobs re-queued", count=requeued)
+        self.scheduler.start()
+        self.scheduler.add_job(self.outbox.flush, "interval", seconds=OUTBOX_INTERVAL_SECONDS, id="outbox",
+                               max_instances=1, coalesce=True)
+        for study_uid in self.jobs.stale_studies():
+            self._schedule_quiet(study_uid)
+        self.worker.start()
+        self.scp.start()
+        self._started.set()
+        log.info("sentinel started", ae_title=self.config.node.ae_title, port=self.scp.port,
+                 data_dir=str(self.config.node.data_dir), pipelines=[p.name for p in self.config.pipelines],
+                 destinations=[d.name for d in self.config.destinations])
+
+    def stop(self) -> None:
+        """Stop receiving, finish the current job, stop timers."""
+        self.scp.stop()
+        self.worker.stop()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        log.info("sentinel stopped")
+
+    def deliver_now(self) -> None:
+        """Run the outbox at once instead of at its next interval."""
+        job = self.scheduler.get_job("outbox")
+        if job is not None:
+            job.modify(next_run_time=datetime.now().astimezone())
+
+    def _instance_stored(self, outcome: StoreOutcome, calling_ae: str) -> None:
+        if outcome.duplicate:
+            return
+        self._schedule_quiet(outcome.info.study_uid)
+
+    def _schedule_quiet(self, study_uid: str) -> None:
+        run_at = datetime.now().astimezone() + timedelta(seconds=self.config.study.quiet_seconds)
+        self.scheduler.add_job(self.study_quiet, DateTrigger(run_date=run_at), args=[study_uid],
+                               id=f"quiet:{study_uid}", replace_existing=True)
+
+    def study_quiet(self, study_uid: str) -> None:
+        """The study got no new instance for ``quiet_seconds``: queue its jobs."""
+        bound = log.bind(study_uid=study_uid)
+        try:
+            candidates = read_candidates(self.spool.study_files(study_uid))
+            pipelines = matching_pipelines(self.config.pipelines, candidates)
+            if not pipelines:
+                job_id = self.jobs.reject_study(study_uid, "no pipeline matches any series of the study")
+                if job_id is not None:
+                    bound.warning("study rejected: no pipeline matches", job_id=job_id)
+                return
+            created = self.jobs.queue_study(study_uid, pipelines)
+            if created:
+                bound.info("study complete, jobs queued", job_ids=created, pipelines=pipelines)
+                self.worker.wake()
+        except Exception:
+            bound.exception("cannot queue study; retrying later")
+            self._schedule_quiet(study_uid)

@@ -1,0 +1,157 @@
+"""The worker: takes QUEUED jobs one by one and runs load -> inference -> QC -> reports.
+
+Every error becomes a job state (FAILED with a one-line reason, or REJECTED when the
+study has nothing for the pipeline); the worker itself never dies on a bad study.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import structlog
+
+from pacs_sentinel.daemon.config import Config, PipelineConfig
+from pacs_sentinel.daemon.jobs import Job, JobState, JobStore
+from pacs_sentinel.daemon.routing import read_candidates, select_series
+from pacs_sentinel.dicom_io.series import load_series_files
+from pacs_sentinel.dicom_io.spool import Spool
+from pacs_sentinel.errors import SentinelError
+from pacs_sentinel.inference.models import load_segmentation_model
+from pacs_sentinel.qc.evaluate import evaluate_segmentation
+from pacs_sentinel.reports.resultset import build_result_set
+from pacs_sentinel.results import Verdict
+
+log = structlog.get_logger(__name__)
+
+
+class JobRejected(SentinelError):
+    """The study has nothing this pipeline can run on."""
+
+
+class Worker:
+    """Runs jobs in a background thread, one at a time."""
+
+    def __init__(self, config: Config, jobs: JobStore, spool: Spool, on_results: Callable[[], None]) -> None:
+        self.config = config
+        self.jobs = jobs
+        self.spool = spool
+        self.on_results = on_results
+        self.results_root = config.node.data_dir / "results"
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread = threading.Thread(target=self._loop, name="sentinel-worker", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tell the worker a job may be waiting."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current job (waits up to ``timeout`` seconds)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.jobs.claim_next()
+            except Exception:
+                log.exception("cannot claim a job")
+                job = None
+            if job is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            self.run_job(job)
+
+    def run_job(self, job: Job) -> None:
+        """Run one claimed job to its next state; never raises."""
+        structlog.contextvars.bind_contextvars(study_uid=job.study_uid, job_id=job.id)
+        started = time.monotonic()
+        try:
+            log.info("job started", pipeline=job.pipeline, run=job.runs)
+            state = self._process(job)
+            log.info("job processed", state=state.value, seconds=round(time.monotonic() - started, 2))
+            if state is JobState.DELIVERING:
+                self.on_results()
+        except JobRejected as exc:
+            log.warning("job rejected", reason=str(exc))
+            self.jobs.finish(job.id, JobState.REJECTED, error=str(exc))
+        except SentinelError as exc:
+            log.error("job failed", error=str(exc))
+            self.jobs.finish(job.id, JobState.FAILED, error=str(exc))
+        except Exception as exc:  # a bug must fail the job, not kill the worker
+            log.exception("job failed with an internal error")
+            self.jobs.finish(job.id, JobState.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            structlog.contextvars.unbind_contextvars("study_uid", "job_id")
+
+    def _pipeline(self, name: str) -> PipelineConfig:
+        for pipeline in self.config.pipelines:
+            if pipeline.name == name:
+                return pipeline
+        raise SentinelError(f"pipeline {name!r} is no longer configured")
+
+    def _process(self, job: Job) -> JobState:
+        pipeline = self._pipeline(job.pipeline)
+        if pipeline.kind != "segmentation":
+            raise SentinelError(f"pipeline kind {pipeline.kind!r} is not supported yet")
+        candidates = read_candidates(self.spool.study_files(job.study_uid))
+        series = select_series(pipeline, candidates)
+        if series is None:
+            raise JobRejected(f"no series of the study matches pipeline {pipeline.name!r}")
+        volume = load_series_files(series.files, min_slices=pipeline.min_slices)
+        model = load_segmentation_model(pipeline.model, device=self.config.inference.device)
+        result = model.predict(volume, threshold=pipeline.threshold)
+        qc = evaluate_segmentation(volume, result, accept_threshold=self.config.qc.accept_threshold)
+        result_set = build_result_set(volume, result, qc, series_number_base=pipeline.series_number_base)
+
+        out_dir = self.results_root / f"job-{job.id}"
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # left by an interrupted run of this job
+        paths = result_set.write(out_dir)
+        outbox_items = []
+        for path in paths:
+            if path.suffix != ".dcm":
+                continue
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            for destination in self.config.destinations:
+                outbox_items.append({
+                    "destination": destination.name,
+                    "path": str(path),
+                    "sop_instance_uid": str(header.SOPInstanceUID),
+                    "sop_class_uid": str(header.SOPClassUID),
+                })
+        return self.jobs.record_results(
+            job.id,
+            result={
+                "series_uid": volume.series_uid,
+                "model": result.model_name,
+                "model_version": result.model_version,
+                "qc_version": qc.qc_version,
+                "verdict": qc.verdict.label,
+                "quality_score": qc.quality_score,
+                "reasons": [r.label for r in qc.reasons],
+                "needs_review": qc.verdict is Verdict.NEEDS_REVIEW,
+                "output_dir": str(out_dir),
+            },
+            outbox_items=outbox_items,
+        )
+
+
+def output_files(job: Job) -> list[Path]:
+    """The files a job wrote (empty when it wrote none)."""
+    if not job.output_dir:
+        return []
+    return sorted(Path(job.output_dir).glob("*"))

@@ -1,0 +1,1 @@
+"""DICOM networking and files: SCP, SCU, spool, series -> volume."""

@@ -1,0 +1,106 @@
+"""The SQLite index beside the spool: one database file, one connection per thread.
+
+The SCP's association threads, the scheduler and the worker all write to the same
+database; SQLite in WAL mode lets readers go on while one writer commits, and every
+thread gets its own connection so no connection is ever shared across threads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlite_utils
+
+#: A named migration: (name, function applying it to the database).
+Migration = tuple[str, Callable[[sqlite_utils.Database], None]]
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+def _instances_v1(db: sqlite_utils.Database) -> None:
+    db["instances"].create(
+        {
+            "sop_instance_uid": str,
+            "sop_class_uid": str,
+            "study_uid": str,
+            "series_uid": str,
+            "modality": str,
+            "path": str,
+            "size": int,
+            "transfer_syntax": str,
+            "calling_ae": str,
+            "received_at": float,
+        },
+        pk="sop_instance_uid",
+    )
+    db["instances"].create_index(["study_uid"])
+    db["studies"].create(
+        {
+            "study_uid": str,
+            "patient_id": str,
+            "calling_ae": str,
+            "first_received_at": float,
+            "last_received_at": float,
+        },
+        pk="study_uid",
+    )
+
+
+MIGRATIONS: list[Migration] = [("instances-v1", _instances_v1)]
+
+
+class Database:
+    """The product's SQLite database with per-thread connections and named migrations."""
+
+    def __init__(self, path: Path, migrations: list[Migration] | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._migrate(MIGRATIONS + list(migrations or []))
+
+    def connection(self) -> sqlite_utils.Database:
+        """This thread's connection (opened on first use)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA synchronous = FULL")
+            db = sqlite_utils.Database(conn)
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """A write transaction (``BEGIN IMMEDIATE``); committed on success, rolled back on error."""
+        db = self.connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.conn.close()
+            self._local.db = None
+
+    def _migrate(self, migrations: list[Migration]) -> None:
+        db = self.connection()
+        db.execute("PRAGMA journal_mode = WAL")  # outside any transaction, as SQLite requires
+        with self.transaction() as tx:
+            if "migrations" not in tx.table_names():
+                tx["migrations"].create({"name": str, "applied_at": str}, pk="name")
+            applied = {row["name"] for row in tx["migrations"].rows}
+            for name, apply in migrations:
+                if name not in applied:
+                    apply(tx)
+                    tx.execute("INSERT INTO migrations (name, applied_at) VALUES (?, datetime('now'))", [name])

@@ -1,0 +1,120 @@
+"""The storage SCU: send DICOM files to a destination in one association.
+
+A missing response or a failure status counts as a failed attempt; only success
+(0x0000) and the warning statuses 0xB000/0xB006/0xB007 (stored, with a remark) count as
+delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import structlog
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from pacs_sentinel.errors import DeliveryError
+
+log = structlog.get_logger(__name__)
+
+DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A DICOM node to send to."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        """Parse ``AE@host:port``.
+
+        Raises:
+            ValueError: The text is not of that form.
+        """
+        try:
+            ae_title, address = text.split("@", 1)
+            host, port = address.rsplit(":", 1)
+            peer = cls(ae_title=ae_title, host=host.strip("[]"), port=int(port))
+        except ValueError:
+            raise ValueError(f"{text!r} is not of the form AE@host:port") from None
+        if not peer.ae_title or not peer.host or not 0 < peer.port < 65536:
+            raise ValueError(f"{text!r} is not of the form AE@host:port")
+        return peer
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The outcome of sending one file: ``status`` is None when no response came back."""
+
+    path: Path
+    status: int | None
+    error: str = ""
+
+    @property
+    def delivered(self) -> bool:
+        """True when the destination acknowledged the instance."""
+        return self.status in DELIVERED_STATUSES
+
+
+def send_files(paths: Sequence[Path], peer: Peer, *, calling_ae: str = "SENTINEL", timeout: float = 30.0) -> list[SendResult]:
+    """Send files to a peer in one association, proposing only the contexts they need.
+
+    Args:
+        paths: DICOM files (with file meta) to send.
+        peer: The destination.
+        calling_ae: Our AE title.
+        timeout: ACSE / DIMSE / network timeout in seconds.
+
+    Returns:
+        One result per file, in order.
+
+    Raises:
+        DeliveryError: The association was rejected, aborted or could not be made.
+    """
+    datasets = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        datasets.append((Path(path), ds))
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    contexts: dict[str, set[str]] = {}
+    for _, ds in datasets:
+        syntaxes = contexts.setdefault(str(ds.SOPClassUID), set())
+        syntaxes.add(str(ds.file_meta.TransferSyntaxUID))
+    for sop_class, syntaxes in contexts.items():
+        ordered = sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+        ae.add_requested_context(sop_class, ordered)
+    if len(ae.requested_contexts) > 128:
+        raise DeliveryError("more than 128 presentation contexts needed in one association")
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        raise DeliveryError(f"association with {peer.ae_title}@{peer.host}:{peer.port} {reason}")
+    results = []
+    try:
+        for path, ds in datasets:
+            try:
+                status = assoc.send_c_store(ds)
+            except Exception as exc:  # no accepted context for this object, or encoding error
+                results.append(SendResult(path=path, status=None, error=str(exc)))
+                continue
+            code = int(status.Status) if status and "Status" in status else None
+            error = "" if code in DELIVERED_STATUSES else (
+                "no response" if code is None else f"status 0x{code:04X}"
+            )
+            results.append(SendResult(path=path, status=code, error=error))
+            if not assoc.is_established:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    for path, _ in datasets[len(results):]:
+        results.append(SendResult(path=path, status=None, error="association ended early"))
+    return results

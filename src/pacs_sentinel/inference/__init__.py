@@ -1,0 +1,1 @@
+"""Model registry, pipelines, pre/post-processing, demo models and their training."""

@@ -1,0 +1,1 @@
+"""The error detector: judges whether an AI output can be trusted."""

@@ -1,0 +1,75 @@
+"""Fuse the QC signals of each segment into a quality score and a verdict.
+
+Version 1 fuses the mask heuristics by multiplying their sub-scores: every check can
+only lower trust, and one clearly failed check (sub-score near 0) is enough to send the
+result to review. The verdict is purely ``quality_score >= accept_threshold``.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from pacs_sentinel.dicom_io.series import Volume
+from pacs_sentinel.qc.heuristics import (
+    Signal,
+    confidence_signal,
+    fragmentation_signal,
+    shape_signal,
+    volume_signal,
+)
+from pacs_sentinel.results import QCResult, Reason, SegmentationResult, SegmentQC, Verdict
+
+log = structlog.get_logger(__name__)
+
+QC_VERSION = "1.0.0-heuristics"
+
+
+def verdict_for(score: float, accept_threshold: float) -> Verdict:
+    """The verdict of a quality score: accepted at or above the threshold."""
+    return Verdict.ACCEPTED if score >= accept_threshold else Verdict.NEEDS_REVIEW
+
+
+def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_threshold: float = 0.5) -> QCResult:
+    """Judge every segment of a segmentation result.
+
+    Args:
+        volume: The source volume (for voxel spacing).
+        result: The model's output in the source geometry.
+        accept_threshold: Scores at or above it are accepted.
+
+    Returns:
+        The QC result, one :class:`SegmentQC` per label.
+    """
+    segments = []
+    for index, label in enumerate(result.labels):
+        mask = result.mask[index].astype(bool)
+        probabilities = result.probabilities[index]
+        volume_mm3 = float(mask.sum()) * volume.voxel_volume_mm3
+        if not mask.any():
+            segments.append(
+                SegmentQC(index + 1, label, 0.0, Verdict.NEEDS_REVIEW, [Reason.EMPTY_MASK], 0.0, {"volume_ml": 0.0})
+            )
+            continue
+        signals: list[Signal] = [
+            fragmentation_signal(mask),
+            shape_signal(mask, volume.spacing),
+            confidence_signal(probabilities, mask),
+        ]
+        volume_check = volume_signal(volume_mm3 / 1000.0, result.reference.get(label.name))
+        if volume_check is not None:
+            signals.insert(0, volume_check)
+        score = 1.0
+        for signal in signals:
+            score *= signal.subscore
+        score = round(score, 4)  # the verdict is taken on the score as reported
+        reasons = [s.reason for s in signals if s.fired]
+        values = {s.name: round(s.value, 6) for s in signals}
+        values["volume_ml"] = round(volume_mm3 / 1000.0, 3)
+        values.update({f"{s.name}_subscore": round(s.subscore, 6) for s in signals})
+        segments.append(
+            SegmentQC(index + 1, label, score, verdict_for(score, accept_threshold), reasons, volume_mm3, values)
+        )
+    qc = QCResult(qc_version=QC_VERSION, segments=segments)
+    log.info("qc evaluated", verdict=qc.verdict.label, quality_score=qc.quality_score,
+             reasons=[r.label for r in qc.reasons])
+    return qc

@@ -1,0 +1,1 @@
+"""DICOM writers: SEG, TID 1500 SR with the QC contract, secondary-capture overlays."""

@@ -1,0 +1,264 @@
+"""Secondary-capture overlay: one representative slice with the mask outline and the QC verdict.
+
+Every viewer shows a secondary capture, even those that cannot display SEG or SR. The image
+is the CT slice with the largest mask area, windowed, with each segment outlined in the
+colour of its verdict (green = accepted, orange = needs review), and a banner below it that
+states the verdict, the quality score, the model and the QC reasons in words. The
+annotation is burned in, which the object declares (Burned In Annotation = YES).
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import generate_uid
+from scipy import ndimage
+
+from pacs_sentinel.dicom_io.series import Volume
+from pacs_sentinel.errors import ReportError
+from pacs_sentinel.reports.identity import creation_times, equipment_attributes
+from pacs_sentinel.reports.seg import VERDICT_COLOURS, verdict_text
+from pacs_sentinel.results import QCResult, SegmentationResult, Verdict
+
+#: Default soft-tissue window (centre, width) in HU, used when the dataset has none.
+DEFAULT_WINDOW = (40.0, 400.0)
+#: Overlays narrower than this are upscaled so that the banner text stays readable.
+MIN_WIDTH = 512
+#: Outline thickness in output pixels.
+OUTLINE_PX = 2
+#: Banner background and text colours.
+BANNER_BACKGROUND = (16, 16, 16)
+BANNER_TEXT = (235, 235, 235)
+#: The banner's dash. Pillow's built-in font (Aileron) has no em dash glyph, so a hyphen.
+DASH = "-"
+
+
+def representative_slice(result: SegmentationResult) -> int:
+    """Return the index of the slice with the largest mask area over all labels.
+
+    An entirely empty mask gives the middle slice.
+    """
+    mask = np.asarray(result.mask)
+    areas = mask.reshape(mask.shape[0], mask.shape[1], -1).any(axis=0).sum(axis=1)
+    if not areas.any():
+        return mask.shape[1] // 2
+    return int(np.argmax(areas))
+
+
+def window_of(ds: Dataset) -> tuple[float, float]:
+    """Return (centre, width) of the dataset's first VOI window, or the soft-tissue default."""
+    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centre is None or width is None:
+        return DEFAULT_WINDOW
+    try:
+        centre = float(centre[0] if isinstance(centre, MultiValue) else centre)
+        width = float(width[0] if isinstance(width, MultiValue) else width)
+    except (TypeError, ValueError, IndexError):
+        return DEFAULT_WINDOW
+    if not (math.isfinite(centre) and math.isfinite(width)) or width <= 1:
+        return DEFAULT_WINDOW
+    return centre, width
+
+
+def banner_lines(result: SegmentationResult, qc: QCResult) -> list[str]:
+    """Return the banner text: verdict, score and model, reasons (not yet wrapped)."""
+    lines = [
+        f"AI result {DASH} QC: {qc.verdict.label}",
+        f"score {qc.quality_score:.2f}   model {result.model_name} {result.model_version}   QC {qc.qc_version}",
+    ]
+    reasons = qc.reasons
+    if reasons:
+        lines.append("Reasons: " + ", ".join(reason.label for reason in reasons))
+    elif qc.verdict is Verdict.ACCEPTED:
+        lines.append("No QC findings")
+    return lines
+
+
+def _windowed(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
+    low = centre - width / 2
+    scaled = (hu.astype(np.float32) - low) * (255.0 / width)
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def render_overlay(
+    volume: Volume,
+    result: SegmentationResult,
+    qc: QCResult,
+    slice_index: int | None = None,
+) -> np.ndarray:
+    """Render one slice with mask outlines and a QC banner as an RGB image.
+
+    Args:
+        volume: The source series.
+        result: The model output; one outline per label.
+        qc: The QC judgement; sets outline colours and the banner text.
+        slice_index: The slice to show; ``None`` picks the slice of largest mask area.
+
+    Returns:
+        uint8 array ``(height, width, 3)``: the (upscaled) slice on top, the banner below.
+        ``width`` is at least :data:`MIN_WIDTH`.
+
+    Raises:
+        ReportError: ``slice_index`` is outside the volume or the mask does not match it.
+    """
+    mask = np.asarray(result.mask)
+    if mask.ndim != 4 or mask.shape[1:] != volume.array.shape:
+        raise ReportError(f"mask shape {mask.shape} does not match volume {volume.array.shape}")
+    if slice_index is None:
+        slice_index = representative_slice(result)
+    if not 0 <= slice_index < volume.array.shape[0]:
+        raise ReportError(f"slice index {slice_index} outside 0..{volume.array.shape[0] - 1}")
+
+    rows, cols = volume.array.shape[1:]
+    row_spacing, col_spacing = volume.spacing[1], volume.spacing[2]
+    scale = max(1.0, MIN_WIDTH / cols)
+    width = int(round(cols * scale))
+    # Square display pixels: stretch rows by the pixel aspect ratio.
+    height = int(round(rows * scale * (row_spacing / col_spacing)))
+
+    gray = _windowed(volume.array[slice_index], *window_of(volume.datasets[slice_index]))
+    image = Image.fromarray(gray, mode="L").resize((width, height), Image.Resampling.BILINEAR).convert("RGB")
+    canvas = np.array(image)
+
+    verdict_by_segment = {s.segment_number: s.verdict for s in qc.segments}
+    structure = ndimage.generate_binary_structure(2, 1)
+    for index in range(mask.shape[0]):
+        label_slice = mask[index, slice_index]
+        if not label_slice.any():
+            continue
+        label_image = Image.fromarray(label_slice.astype(np.uint8) * 255, mode="L")
+        big = np.array(label_image.resize((width, height), Image.Resampling.NEAREST)) > 127
+        inner = ndimage.binary_erosion(big, structure=structure, iterations=OUTLINE_PX, border_value=0)
+        outline = big & ~inner
+        colour = VERDICT_COLOURS[verdict_by_segment.get(index + 1, qc.verdict)]
+        canvas[outline] = colour
+
+    banner = _render_banner(banner_lines(result, qc), width, VERDICT_COLOURS[qc.verdict])
+    return np.concatenate([canvas, banner], axis=0)
+
+
+def _render_banner(lines: list[str], width: int, accent: tuple[int, int, int]) -> np.ndarray:
+    """Draw the banner lines (first one in the verdict colour), wrapped to ``width``."""
+    font_size = max(14, width // 30)
+    font = ImageFont.load_default(size=font_size)
+    margin = max(6, font_size // 2)
+    line_height = int(font_size * 1.3)
+    # Wrap on an average glyph width estimate, then check with the real text length.
+    average = max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz ") / 27)
+    wrapped: list[tuple[str, bool]] = []
+    for number, line in enumerate(lines):
+        chars = max(10, int((width - 2 * margin) / average))
+        pieces = textwrap.wrap(line, chars) or [""]
+        while any(font.getlength(p) > width - 2 * margin for p in pieces) and chars > 10:
+            chars -= 2
+            pieces = textwrap.wrap(line, chars)
+        wrapped.extend((piece, number == 0) for piece in pieces)
+    height = 2 * margin + line_height * len(wrapped)
+    banner = Image.new("RGB", (width, height), BANNER_BACKGROUND)
+    draw = ImageDraw.Draw(banner)
+    draw.rectangle([0, 0, width - 1, max(2, font_size // 6)], fill=accent)
+    y = margin
+    for text, is_title in wrapped:
+        draw.text((margin, y), text, font=font, fill=accent if is_title else BANNER_TEXT)
+        y += line_height
+    return np.array(banner)
+
+
+def patient_orientation(ds: Dataset) -> tuple[str, str]:
+    """Return the Patient Orientation (0020,0020) letters of the row and column directions.
+
+    Only the dominant axis of each direction is named (e.g. ``("L", "P")`` for axial).
+    """
+    letters = (("R", "L"), ("A", "P"), ("F", "H"))  # negative, positive direction per axis
+    orientation = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
+
+    def letter(vector: np.ndarray) -> str:
+        axis = int(np.argmax(np.abs(vector)))
+        return letters[axis][1 if vector[axis] > 0 else 0]
+
+    return letter(orientation[:3]), letter(orientation[3:])
+
+
+#: Body Part Examined values of paired structures, which need a Laterality.
+PAIRED_BODY_PARTS = frozenset(
+    {"BREAST", "EYE", "EAR", "KIDNEY", "LUNG", "SHOULDER", "ELBOW", "WRIST", "HAND", "HIP", "KNEE",
+     "ANKLE", "FOOT", "ARM", "LEG", "UPRLIMB", "LOWRLIMB", "CLAVICLE", "FEMUR", "HUMERUS", "TIBIA"}
+)
+
+
+def _copy_body_part(source: Dataset, sc: Dataset) -> None:
+    """Copy Body Part Examined and Laterality from the source image into the SC.
+
+    The General Series module requires Laterality (2C) unless the body part is known to be
+    unpaired; when the source does not say, the value is left empty ("unknown").
+    """
+    body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
+    if body_part:
+        sc.BodyPartExamined = body_part
+    laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "").strip().upper()
+    if laterality in ("R", "L"):
+        sc.Laterality = laterality
+    elif not body_part or body_part in PAIRED_BODY_PARTS:
+        sc.Laterality = ""
+
+
+def build_overlay(
+    volume: Volume,
+    result: SegmentationResult,
+    qc: QCResult,
+    *,
+    series_number: int = 903,
+) -> tuple[hd.sc.SCImage, np.ndarray]:
+    """Build the secondary-capture overlay of the representative slice.
+
+    Args:
+        volume: The source series (patient, study and the referenced source image).
+        result: The model output.
+        qc: The QC judgement.
+        series_number: Series Number of the new series.
+
+    Returns:
+        The SC image and its RGB pixels (for a PNG copy).
+
+    Raises:
+        ReportError: The overlay cannot be rendered or highdicom refuses the object.
+    """
+    slice_index = representative_slice(result)
+    pixels = render_overlay(volume, result, qc, slice_index)
+    source = volume.datasets[slice_index]
+    try:
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=generate_uid(),
+            series_number=series_number,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            patient_orientation=patient_orientation(source),
+            transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
+            series_description=f"AI QC overlay (QC: {verdict_text(qc.verdict)})",
+            **equipment_attributes(),
+            **creation_times(),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ReportError(f"cannot build SC overlay: {exc}") from exc
+    _copy_body_part(source, sc)
+    sc.ConversionType = "WSD"
+    sc.BurnedInAnnotation = "YES"
+    sc.DerivationDescription = (
+        f"Slice {slice_index + 1} of series {volume.series_uid} with AI segmentation outline and QC verdict"
+    )[:1024]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [ref]
+    return sc, pixels

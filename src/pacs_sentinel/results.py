@@ -1,0 +1,142 @@
+"""Typed results handed from one stage to the next: inference -> qc -> reports.
+
+These types carry no behaviour beyond small derived properties, so every package may
+import them without creating a dependency between the stages themselves.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: The product's private coding scheme (documented in docs/conformance.md).
+QC_SCHEME = "99PSQC"
+QC_SCHEME_NAME = "PACS Sentinel quality control"
+QC_SCHEME_UID = "1.2.826.0.1.3680043.8.498.70368859335017405545946105290673940493"
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept: (value, scheme designator, meaning)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+# Concept names of the QC contract (DESIGN.md, "The QC contract in the Structured Report").
+QUALITY_SCORE = Code("QC001", QC_SCHEME, "Segmentation quality score")
+QC_VERDICT = Code("QC002", QC_SCHEME, "QC verdict")
+QC_FINDING = Code("QC003", QC_SCHEME, "QC finding")
+QC_VERSION = Code("QC004", QC_SCHEME, "QC version")
+VOLUME = Code("118565006", "SCT", "Volume")
+
+
+class Verdict(enum.Enum):
+    """The QC verdict on one AI output; its value is the coded concept sent in the SR."""
+
+    ACCEPTED = Code("QC010", QC_SCHEME, "Accepted")
+    NEEDS_REVIEW = Code("QC011", QC_SCHEME, "Needs review")
+
+    @property
+    def label(self) -> str:
+        """Human-readable verdict, e.g. ``"Needs review"``."""
+        return self.value.meaning
+
+
+class Reason(enum.Enum):
+    """One QC flag; raised flags are reported as QC finding items (QC003) in the SR."""
+
+    EMPTY_MASK = Code("QC020", QC_SCHEME, "Empty mask")
+    VOLUME_ANOMALY = Code("QC021", QC_SCHEME, "Volume anomaly")
+    SHAPE_IRREGULARITY = Code("QC022", QC_SCHEME, "Shape irregularity")
+    FRAGMENTATION = Code("QC023", QC_SCHEME, "Fragmentation")
+    LOW_MODEL_CONFIDENCE = Code("QC024", QC_SCHEME, "Low model confidence")
+    HIGH_UNCERTAINTY = Code("QC025", QC_SCHEME, "High uncertainty")
+    POOR_INPUT_QUALITY = Code("QC026", QC_SCHEME, "Poor input image quality")
+    BORDER_CONTACT = Code("QC027", QC_SCHEME, "Mask touches image border")
+
+    @property
+    def label(self) -> str:
+        """Human-readable reason, e.g. ``"Fragmentation"``."""
+        return self.value.meaning
+
+
+@dataclass(frozen=True)
+class SegmentLabel:
+    """What a segment is: its name and SNOMED CT property category and type."""
+
+    name: str
+    property_category: Code
+    property_type: Code
+    tracking_id: str
+
+
+@dataclass
+class SegmentationResult:
+    """Output of a segmentation model, in the geometry of the source series.
+
+    Attributes:
+        probabilities: One float32 map per label, shape ``(labels, slices, rows, cols)``,
+            values in [0, 1]; slice ``i`` belongs to the source instance ``i`` of the volume.
+        mask: Boolean masks with the same shape, the thresholded probabilities.
+        labels: The label of each channel; segment numbers are ``index + 1``.
+        model_name: Name of the model (e.g. ``"organ-seg"``).
+        model_version: Version string of the model weights.
+        seconds: Wall-clock time spent in inference.
+        reference: Statistics the model card records per label name for QC
+            (e.g. ``{"Liver": {"volume_ml_p01": ..., "volume_ml_p99": ...}}``).
+    """
+
+    probabilities: np.ndarray
+    mask: np.ndarray
+    labels: list[SegmentLabel]
+    model_name: str
+    model_version: str
+    seconds: float = 0.0
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class SegmentQC:
+    """The QC judgement of one segment."""
+
+    segment_number: int
+    label: SegmentLabel
+    quality_score: float
+    verdict: Verdict
+    reasons: list[Reason]
+    volume_mm3: float
+    signals: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class QCResult:
+    """The QC judgement of one AI output (all of its segments)."""
+
+    qc_version: str
+    segments: list[SegmentQC]
+
+    @property
+    def verdict(self) -> Verdict:
+        """``NEEDS_REVIEW`` when any segment needs review, else ``ACCEPTED``."""
+        if any(s.verdict is Verdict.NEEDS_REVIEW for s in self.segments):
+            return Verdict.NEEDS_REVIEW
+        return Verdict.ACCEPTED
+
+    @property
+    def quality_score(self) -> float:
+        """The lowest segment score: a result is as trustworthy as its worst segment."""
+        return min((s.quality_score for s in self.segments), default=0.0)
+
+    @property
+    def reasons(self) -> list[Reason]:
+        """Every distinct reason raised on any segment, in first-seen order."""
+        seen: list[Reason] = []
+        for segment in self.segments:
+            for reason in segment.reasons:
+                if reason not in seen:
+                    seen.append(reason)
+        return seen

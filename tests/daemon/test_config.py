@@ -1,0 +1,93 @@
+"""Configuration loading and validation: every problem names its key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pacs_sentinel.daemon.config import default_config_text, load_config, parse_config
+from pacs_sentinel.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _problems(data: dict) -> list[str]:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    return caught.value.problems
+
+
+def test_shipped_config_is_valid_and_is_the_embedded_default() -> None:
+    config = load_config(REPO / "config.toml")
+    assert config.node.ae_title == "SENTINEL"
+    assert config.node.data_dir == (REPO / "var").resolve()
+    assert [p.model for p in config.pipelines] == ["demo:organ-seg"]
+    assert default_config_text() == (REPO / "config.toml").read_text(encoding="utf-8")
+
+
+def test_unknown_key_is_named() -> None:
+    assert _problems({"node": {"aetitle": "X"}}) == ["node.aetitle: unknown key"]
+
+
+def test_unknown_key_in_a_list_entry_is_named_with_its_index() -> None:
+    problems = _problems({"destinations": [{"name": "p", "ae_title": "P", "host": "h", "port": 1, "prot": 2}]})
+    assert problems == ["destinations[0].prot: unknown key"]
+
+
+def test_wrong_type_is_named() -> None:
+    problems = _problems({"node": {"port": "eleven"}})
+    assert len(problems) == 1 and problems[0].startswith("node.port:")
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    problems = _problems({"node": {"port": 0, "ae_title": "A" * 17}, "study": {"quiet_seconds": "10"}, "extra": 1})
+    keys = sorted(p.split(":")[0] for p in problems)
+    assert keys == ["extra", "node.ae_title", "node.port", "study.quiet_seconds"]
+
+
+def test_match_keyword_must_be_a_dicom_attribute() -> None:
+    problems = _problems({"pipelines": [{"name": "a", "model": "demo:organ-seg", "match": {"Modalty": ["CT"]}}]})
+    assert len(problems) == 1 and problems[0].startswith("pipelines[0].match:") and "Modalty" in problems[0]
+
+
+def test_relative_data_dir_is_relative_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[node]\ndata_dir = "spool-here"\n')
+    assert load_config(path).node.data_dir == tmp_path / "spool-here"
+
+
+def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[node\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pacs_sentinel", "check-config", "-c", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_check_config_command_accepts_the_shipped_config() -> None:
+    result = _check_config(REPO / "config.toml")
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_check_config_command_prints_every_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[node]\nport = "x"\nbogus = 1\n\n[[pipelines]]\nname = "p"\nmodel = "demo:no-such-model"\n')
+    result = _check_config(path)
+    assert result.returncode == 1
+    assert "node.port:" in result.stderr and "node.bogus: unknown key" in result.stderr
+
+
+def test_check_config_command_names_a_missing_model(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[pipelines]]\nname = "p"\nmodel = "demo:no-such-model"\n')
+    result = _check_config(path)
+    assert result.returncode == 1
+    assert "pipelines[0].model:" in result.stderr and "no-such-model" in result.stderr

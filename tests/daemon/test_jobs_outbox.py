@@ -1,0 +1,124 @@
+"""Job state machine and the outbox's retries, against a real storage SCP."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from pacs_sentinel.daemon.config import DestinationConfig, OutboxConfig
+from pacs_sentinel.daemon.jobs import MIGRATIONS, JobState, JobStore
+from pacs_sentinel.daemon.outbox import Outbox
+from pacs_sentinel.dicom_io.index import Database
+from pacs_sentinel.dicom_io.scp import ScpSettings, StorageScp
+from pacs_sentinel.dicom_io.spool import Spool, instance_info
+from tests.conftest import free_port
+
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Database:
+    return Database(tmp_path / "sentinel.db", migrations=MIGRATIONS)
+
+
+def _receive(spool: Spool, path: Path) -> str:
+    ds = pydicom.dcmread(path)
+    info = instance_info(ds, str(ds.file_meta.TransferSyntaxUID))
+    spool.store(path.read_bytes(), info, calling_ae="CT1")
+    return info.study_uid
+
+
+def test_quiet_study_queues_one_job_per_pipeline_once(database: Database, tmp_path: Path) -> None:
+    jobs = JobStore(database)
+    study_uid = _receive(Spool(tmp_path, database), CT_SMALL)
+    created = jobs.queue_study(study_uid, ["a", "b"])
+    assert len(created) == 2
+    assert jobs.queue_study(study_uid, ["a", "b"]) == []  # still QUEUED: nothing new
+    assert [j.state for j in jobs.jobs()] == [JobState.QUEUED, JobState.QUEUED]
+
+
+def test_instances_after_a_job_started_rerun_the_study(database: Database, tmp_path: Path) -> None:
+    jobs = JobStore(database)
+    spool = Spool(tmp_path, database)
+    study_uid = _receive(spool, CT_SMALL)
+    jobs.queue_study(study_uid, ["a"])
+    job = jobs.claim_next()
+    assert job is not None and job.state is JobState.RUNNING
+    assert jobs.queue_study(study_uid, ["a"]) == []  # nothing new arrived
+    time.sleep(0.01)
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    late = tmp_path / "late.dcm"
+    ds.save_as(late, enforce_file_format=True)
+    _receive(spool, late)
+    assert len(jobs.queue_study(study_uid, ["a"])) == 1
+
+
+def test_running_jobs_are_requeued_at_start_up(database: Database) -> None:
+    jobs = JobStore(database)
+    jobs.queue_study("1.2.3", ["a"])
+    claimed = jobs.claim_next()
+    assert claimed is not None
+    assert jobs.requeue_interrupted() == 1
+    again = jobs.claim_next()
+    assert again is not None and again.id == claimed.id and again.runs == 2
+
+
+def _job_with_outbox(database: Database, destination: str) -> int:
+    jobs = JobStore(database)
+    jobs.queue_study("1.2.3", ["a"])
+    job = jobs.claim_next()
+    assert job is not None
+    ds = pydicom.dcmread(CT_SMALL)
+    state = jobs.record_results(job.id, result={"verdict": "Accepted", "quality_score": 0.9, "reasons": []},
+                                outbox_items=[{"destination": destination, "path": str(CT_SMALL),
+                                               "sop_instance_uid": ds.SOPInstanceUID,
+                                               "sop_class_uid": ds.SOPClassUID}])
+    assert state is JobState.DELIVERING
+    return job.id
+
+
+def test_outbox_retries_until_the_destination_comes_up(database: Database, tmp_path: Path) -> None:
+    port = free_port()
+    destination = DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    outbox = Outbox(database, [destination], OutboxConfig(retry_initial_seconds=0.2), calling_ae="SENTINEL")
+    job_id = _job_with_outbox(database, "pacs")
+
+    assert outbox.flush() == 0  # nobody listens yet
+    row = next(database.connection()["outbox"].rows)
+    assert row["state"] == "pending" and row["attempts"] == 1 and row["next_attempt_at"] > time.time()
+    assert JobStore(database).get(job_id).state is JobState.DELIVERING
+
+    pacs = StorageScp(ScpSettings("PACS", "127.0.0.1", port), Spool(tmp_path / "pacs", Database(tmp_path / "p.db")))
+    pacs.start()
+    try:
+        assert outbox.flush() == 0  # backoff not over yet
+        time.sleep(0.3)
+        assert outbox.flush() == 1
+    finally:
+        pacs.stop()
+    assert JobStore(database).get(job_id).state is JobState.DONE
+    assert len(list(pacs.spool.database.connection()["instances"].rows)) == 1
+
+
+def test_failure_status_is_a_failed_attempt_and_gives_up_after_max_attempts(database: Database, tmp_path: Path) -> None:
+    pacs_spool = Spool(tmp_path / "pacs", Database(tmp_path / "p.db"))
+    ds = pydicom.dcmread(CT_SMALL)
+    (pacs_spool.root / ds.StudyInstanceUID).write_bytes(b"blocks the study folder: PACS answers 0xA700")
+    pacs = StorageScp(ScpSettings("PACS", "127.0.0.1", free_port()), pacs_spool)
+    pacs.start()
+    try:
+        destination = DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs.port)
+        outbox = Outbox(database, [destination], OutboxConfig(max_attempts=1), calling_ae="SENTINEL")
+        job_id = _job_with_outbox(database, "pacs")
+        assert outbox.flush() == 0
+    finally:
+        pacs.stop()
+    row = next(database.connection()["outbox"].rows)
+    assert row["state"] == "failed" and "0xA700" in row["last_error"]
+    job = JobStore(database).get(job_id)
+    assert job.state is JobState.FAILED and "0xA700" in (job.error or "")

@@ -1,0 +1,144 @@
+"""The storage SCP on a real socket, talked to by a real pynetdicom client."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pynetdicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from pacs_sentinel.dicom_io.index import Database
+from pacs_sentinel.dicom_io.scp import ScpSettings, StorageScp
+from pacs_sentinel.dicom_io.spool import TEMP_SUFFIX, Spool
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def scp(tmp_path: Path):
+    database = Database(tmp_path / "index.db")
+    spool = Spool(tmp_path, database)
+    stored = []
+    server = StorageScp(ScpSettings("SENTINEL", "127.0.0.1", free_port()), spool,
+                        on_stored=lambda outcome, ae: stored.append((outcome, ae)))
+    server.start()
+    server.stored = stored
+    yield server
+    server.stop()
+
+
+def _associate(scp: StorageScp):
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SENTINEL")
+    assert assoc.is_established
+    return assoc
+
+
+def _ct() -> pydicom.Dataset:
+    return pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+
+
+def _indexed(scp: StorageScp) -> list[dict]:
+    return list(scp.spool.database.connection()["instances"].rows)
+
+
+def test_store_is_on_disk_and_indexed_before_success(scp: StorageScp) -> None:
+    ds = _ct()
+    assoc = _associate(scp)
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0x0000
+    rows = _indexed(scp)
+    assert [r["sop_instance_uid"] for r in rows] == [ds.SOPInstanceUID]
+    stored = pydicom.dcmread(rows[0]["path"])
+    assert stored.SOPInstanceUID == ds.SOPInstanceUID
+    assert stored.PixelData == ds.PixelData
+    assert rows[0]["calling_ae"] == "MODALITY"
+    assert [ae for _, ae in scp.stored] == ["MODALITY"]
+
+
+def test_duplicate_instance_is_stored_once(scp: StorageScp) -> None:
+    ds = _ct()
+    assoc = _associate(scp)
+    first = assoc.send_c_store(ds)
+    second = assoc.send_c_store(ds)
+    assoc.release()
+    assert (first.Status, second.Status) == (0x0000, 0x0000)
+    assert len(_indexed(scp)) == 1
+    files = [p for p in scp.spool.root.rglob("*") if p.is_file()]
+    assert len(files) == 1
+    assert [outcome.duplicate for outcome, _ in scp.stored] == [False, True]
+
+
+def test_failed_write_answers_out_of_resources_and_is_not_indexed(scp: StorageScp) -> None:
+    ds = _ct()
+    # A plain file where the study's folder must go makes the write fail for real.
+    (scp.spool.root / ds.StudyInstanceUID).write_bytes(b"in the way")
+    assoc = _associate(scp)
+    status = assoc.send_c_store(ds)
+    assert status.Status == 0xA700
+    assert _indexed(scp) == []
+    assert not list(scp.spool.root.rglob(f"*{TEMP_SUFFIX}"))
+    # The SCP keeps serving: once the obstacle is gone the same instance is accepted.
+    (scp.spool.root / ds.StudyInstanceUID).unlink()
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    assert len(_indexed(scp)) == 1
+
+
+def test_non_dicom_payload_gets_failure_status_and_scp_keeps_serving(
+    scp: StorageScp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file whose meta says "CT image" but whose data set is garbage, sent byte for byte
+    # (pynetdicom's chunked mode sends the file's data set without decoding it).
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buffer = BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta)
+    buffer.write(b"this is not a DICOM data set at all" * 10)
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(buffer.getvalue())
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    assoc = _associate(scp)
+    assert assoc.send_c_store(garbage).Status == 0xC210
+    assert _indexed(scp) == []
+    assert assoc.send_c_echo().Status == 0x0000
+    assert assoc.send_c_store(_ct()).Status == 0x0000
+    assoc.release()
+    assert len(_indexed(scp)) == 1
+
+
+def test_wrong_called_ae_title_is_rejected(scp: StorageScp) -> None:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SOMEONEELSE")
+    assert assoc.is_rejected
+
+
+def test_reconcile_removes_temp_files_and_reindexes_unindexed_files(tmp_path: Path) -> None:
+    database = Database(tmp_path / "index.db")
+    spool = Spool(tmp_path, database)
+    ds = _ct()
+    target = spool.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    target.parent.mkdir(parents=True)
+    ds.save_as(target, enforce_file_format=True)
+    orphan = target.with_name(f"{target.name}.123.456{TEMP_SUFFIX}")
+    orphan.write_bytes(b"half a file")
+    assert spool.reconcile() == (1, 1)
+    assert not orphan.exists()
+    rows = list(database.connection()["instances"].rows)
+    assert [r["path"] for r in rows] == [str(target)]
+    assert spool.reconcile() == (0, 0)

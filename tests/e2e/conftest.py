@@ -1,0 +1,185 @@
+"""Helpers for whole-system tests: a daemon in its own process, talking on real sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_config(path: Path, *, port: int, data_dir: Path, destination_port: int, destination_ae: str = "PACS",
+                 quiet_seconds: float = 1.0) -> Path:
+    """Write a daemon configuration for a test."""
+    path.write_text(
+        f"""
+[node]
+ae_title = "SENTINEL"
+host = "127.0.0.1"
+port = {port}
+data_dir = "{data_dir}"
+
+[study]
+quiet_seconds = {quiet_seconds}
+
+[outbox]
+retry_initial_seconds = 1.0
+
+[logging]
+format = "json"
+level = "info"
+
+[[destinations]]
+name = "pacs"
+ae_title = "{destination_ae}"
+host = "127.0.0.1"
+port = {destination_port}
+
+[[pipelines]]
+name = "organ-seg"
+kind = "segmentation"
+model = "demo:organ-seg"
+match = {{ Modality = ["CT"] }}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def echo(port: int, ae_title: str = "SENTINEL") -> bool:
+    """True when a DICOM node answers C-ECHO on the port."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 2
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and status.Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+class Daemon:
+    """``sentinel run`` in a subprocess, its output in a log file."""
+
+    def __init__(self, config: Path, port: int, log_path: Path) -> None:
+        self.config = config
+        self.port = port
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child's exit
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pacs_sentinel", "run", "-c", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+        wait_for(lambda: self.process.poll() is not None or echo(self.port), 120, 0.2, "the daemon to listen")
+        if self.process.poll() is not None:
+            pytest.fail(f"daemon exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(30)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """Make daemons that are stopped at the end of the test."""
+    daemons: list[Daemon] = []
+
+    def make(destination_port: int, *, quiet_seconds: float = 1.0) -> Daemon:
+        port = free_port()
+        config = write_config(tmp_path / f"config-{len(daemons)}.toml", port=port, data_dir=tmp_path / "var",
+                              destination_port=destination_port, quiet_seconds=quiet_seconds)
+        daemon = Daemon(config, port, tmp_path / "daemon.log")
+        daemons.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in daemons:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A clean synthetic CT study written as DICOM files."""
+    out = tmp_path_factory.mktemp("phantom")
+    return write_ct_series(make_ct_phantom(7), out, patient_id="E2E001", patient_name="E2E^Clean", seed=7)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path, dcmtk_env: dict[str, str]) -> Iterator:  # type: ignore[type-arg]
+    """DCMTK's storescp as the receiving PACS; yields (port, output folder)."""
+    from tests.conftest import require_program
+
+    program = require_program("/usr/bin/storescp", "dcmtk")
+    port = free_port()
+    out = tmp_path / "pacs"
+    out.mkdir()
+    process = subprocess.Popen([program, "-aet", "PACS", "-od", str(out), str(port)], env=dcmtk_env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: echo(port, "PACS"), 30, 0.1, "storescp to listen")
+    yield port, out
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def sqlite_job_states(db_path: Path) -> list[tuple[int, str, int]]:
+    """(id, state, runs) of every job, read directly from the daemon's database."""
+    import sqlite3
+
+    if not db_path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+    try:
+        return [tuple(r) for r in conn.execute("SELECT id, state, runs FROM jobs ORDER BY id")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
