@@ -35,9 +35,10 @@ def _receive(spool: Spool, path: Path) -> str:
 def test_quiet_study_queues_one_job_per_pipeline_once(database: Database, tmp_path: Path) -> None:
     jobs = JobStore(database)
     study_uid = _receive(Spool(tmp_path, database), CT_SMALL)
-    created = jobs.queue_study(study_uid, ["a", "b"])
+    now = time.time()
+    created = jobs.queue_study(study_uid, {"a": now, "b": now})
     assert len(created) == 2
-    assert jobs.queue_study(study_uid, ["a", "b"]) == []  # still QUEUED: nothing new
+    assert jobs.queue_study(study_uid, {"a": now, "b": now}) == []  # still QUEUED: nothing new
     assert [j.state for j in jobs.jobs()] == [JobState.QUEUED, JobState.QUEUED]
 
 
@@ -45,22 +46,23 @@ def test_instances_after_a_job_started_rerun_the_study(database: Database, tmp_p
     jobs = JobStore(database)
     spool = Spool(tmp_path, database)
     study_uid = _receive(spool, CT_SMALL)
-    jobs.queue_study(study_uid, ["a"])
+    series_uid = pydicom.dcmread(CT_SMALL).SeriesInstanceUID
+    jobs.queue_study(study_uid, {"a": spool.series_last_received(series_uid)})
     job = jobs.claim_next()
     assert job is not None and job.state is JobState.RUNNING
-    assert jobs.queue_study(study_uid, ["a"]) == []  # nothing new arrived
+    assert jobs.queue_study(study_uid, {"a": spool.series_last_received(series_uid)}) == []  # nothing new
     time.sleep(0.01)
     ds = pydicom.dcmread(CT_SMALL)
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     late = tmp_path / "late.dcm"
     ds.save_as(late, enforce_file_format=True)
     _receive(spool, late)
-    assert len(jobs.queue_study(study_uid, ["a"])) == 1
+    assert len(jobs.queue_study(study_uid, {"a": spool.series_last_received(series_uid)})) == 1
 
 
 def test_running_jobs_are_requeued_at_start_up(database: Database) -> None:
     jobs = JobStore(database)
-    jobs.queue_study("1.2.3", ["a"])
+    jobs.queue_study("1.2.3", {"a": time.time()})
     claimed = jobs.claim_next()
     assert claimed is not None
     assert jobs.requeue_interrupted() == 1
@@ -70,7 +72,7 @@ def test_running_jobs_are_requeued_at_start_up(database: Database) -> None:
 
 def _job_with_outbox(database: Database, destination: str) -> int:
     jobs = JobStore(database)
-    jobs.queue_study("1.2.3", ["a"])
+    jobs.queue_study("1.2.3", {"a": time.time()})
     job = jobs.claim_next()
     assert job is not None
     ds = pydicom.dcmread(CT_SMALL)

@@ -10,7 +10,7 @@ import pynetdicom
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -103,7 +103,7 @@ def test_non_dicom_payload_gets_failure_status_and_scp_keeps_serving(
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
-    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
     buffer = BytesIO()
     buffer.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buffer, meta)
@@ -142,3 +142,16 @@ def test_reconcile_removes_temp_files_and_reindexes_unindexed_files(tmp_path: Pa
     rows = list(database.connection()["instances"].rows)
     assert [r["path"] for r in rows] == [str(target)]
     assert spool.reconcile() == (0, 0)
+
+
+def test_changed_instance_under_the_same_uid_replaces_the_stored_one(scp: StorageScp) -> None:
+    ds = _ct()
+    assoc = _associate(scp)
+    assert assoc.send_c_store(ds).Status == 0x0000
+    ds.SeriesDescription = "corrected by the technologist"
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    rows = _indexed(scp)
+    assert len(rows) == 1
+    assert pydicom.dcmread(rows[0]["path"]).SeriesDescription == "corrected by the technologist"
+    assert [outcome.duplicate for outcome, _ in scp.stored] == [False, False]

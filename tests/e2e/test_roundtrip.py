@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -26,6 +28,15 @@ def _content_items(sr: pydicom.Dataset):  # type: ignore[no-untyped-def]
         item = stack.pop()
         yield item
         stack.extend(item.get("ContentSequence", []))
+
+
+def sqlite_jobs(db_path: Path) -> list[dict]:  # type: ignore[type-arg]
+    conn = sqlite3.connect(db_path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in conn.execute("SELECT * FROM jobs ORDER BY id")]
+    finally:
+        conn.close()
 
 
 def _received(out: Path) -> dict[str, list[pydicom.Dataset]]:
@@ -99,4 +110,16 @@ def test_storescu_to_daemon_to_storescp(phantom_study: list[Path], storescp, dae
     assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
     assert sc.pixel_array.ndim == 3 and sc.pixel_array.shape[-1] == 3
 
+    # The job records the verdict; a flagged one is marked for review.
+    jobs = sqlite_jobs(daemon.config.parent / "var" / "sentinel.db")
+    assert [(j["state"], j["verdict"], bool(j["needs_review"])) for j in jobs] == [
+        ("DONE", "Accepted" if scores[0] >= ACCEPT_THRESHOLD else "Needs review", scores[0] < ACCEPT_THRESHOLD)
+    ]
+
     assert daemon.stop() == 0
+    # Every log line about the job carries the study and the job (JSON logs).
+    lines = [json.loads(line) for line in daemon.log.splitlines() if line.startswith("{")]
+    about_job = [line for line in lines if line.get("event") in {"job started", "qc evaluated", "job processed"}]
+    assert len(about_job) == 3
+    for line in about_job:
+        assert line["study_uid"] == study_uid and line["job_id"] == jobs[0]["id"]

@@ -85,3 +85,15 @@ def test_verdict_is_the_score_against_the_threshold(threshold: float) -> None:
     assert 0.0 <= segment.quality_score <= 1.0
     expected = Verdict.ACCEPTED if segment.quality_score >= threshold else Verdict.NEEDS_REVIEW
     assert segment.verdict is expected
+
+
+def test_a_result_sent_to_review_always_names_a_reason() -> None:
+    # Moderate confidence and a slightly large volume: no single check fires, yet together
+    # they fall below a strict threshold.
+    result = _result(_ellipsoid((60, 50, 45)), probability=0.75)
+    result.reference["Liver"]["volume_ml_p99"] = result.reference["Liver"]["volume_ml_p01"] / 0.8 * 0.97
+    qc = evaluate_segmentation(_volume(), result, accept_threshold=0.7)
+    segment = qc.segments[0]
+    assert segment.verdict is Verdict.NEEDS_REVIEW
+    assert all(v >= 0.5 for k, v in segment.signals.items() if k.endswith("_subscore"))
+    assert len(segment.reasons) == 1

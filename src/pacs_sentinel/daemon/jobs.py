@@ -133,11 +133,17 @@ class JobStore:
         names = [c[0] for c in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
-    def queue_study(self, study_uid: str, pipelines: list[str]) -> list[int]:
+    def queue_study(self, study_uid: str, pipelines: dict[str, float]) -> list[int]:
         """Queue one job per pipeline unless an up-to-date job exists.
 
+        Args:
+            study_uid: The study.
+            pipelines: For each matching pipeline, when the newest instance of the series
+                it runs on arrived. Only the pipeline's input counts: our own results sent
+                back to us, or other objects of the study, never re-run it.
+
         A pipeline gets a new job when it has none for the study, or when its newest job
-        is no longer QUEUED and was created before the study's newest instance arrived
+        is no longer QUEUED and was created before its input's newest instance arrived
         (late arrivals re-run the study). A QUEUED job will see every instance anyway.
 
         Returns:
@@ -146,14 +152,12 @@ class JobStore:
         created = []
         now = time.time()
         with self.database.transaction() as tx:
-            row = tx.execute("SELECT last_received_at FROM studies WHERE study_uid = ?", [study_uid]).fetchone()
-            last_received = float(row[0]) if row else now
-            for pipeline in pipelines:
+            for pipeline, input_received_at in pipelines.items():
                 latest = tx.execute(
                     "SELECT state, created_at FROM jobs WHERE study_uid = ? AND pipeline = ? ORDER BY id DESC LIMIT 1",
                     [study_uid, pipeline],
                 ).fetchone()
-                if latest is not None and (latest[0] == JobState.QUEUED.value or float(latest[1]) >= last_received):
+                if latest is not None and (latest[0] == JobState.QUEUED.value or float(latest[1]) >= input_received_at):
                     continue
                 created.append(
                     tx["jobs"].insert(

@@ -62,6 +62,7 @@ def select_series(pipeline: PipelineConfig, candidates: list[SeriesCandidate]) -
     return max(matching, key=lambda c: (len(c.files), c.series_uid))
 
 
-def matching_pipelines(pipelines: list[PipelineConfig], candidates: list[SeriesCandidate]) -> list[str]:
-    """Names of the pipelines that have a series to run on in this study."""
-    return [p.name for p in pipelines if select_series(p, candidates) is not None]
+def matching_pipelines(pipelines: list[PipelineConfig], candidates: list[SeriesCandidate]) -> dict[str, SeriesCandidate]:
+    """The pipelines that have a series to run on in this study, with that series."""
+    selected = {p.name: select_series(p, candidates) for p in pipelines}
+    return {name: series for name, series in selected.items() if series is not None}

@@ -102,9 +102,10 @@ class Sentinel:
                 if job_id is not None:
                     bound.warning("study rejected: no pipeline matches", job_id=job_id)
                 return
-            created = self.jobs.queue_study(study_uid, pipelines)
+            inputs = {name: self.spool.series_last_received(series.series_uid) for name, series in pipelines.items()}
+            created = self.jobs.queue_study(study_uid, inputs)
             if created:
-                bound.info("study complete, jobs queued", job_ids=created, pipelines=pipelines)
+                bound.info("study complete, jobs queued", job_ids=created, pipelines=list(pipelines))
                 self.worker.wake()
         except Exception:
             bound.exception("cannot queue study; retrying later")

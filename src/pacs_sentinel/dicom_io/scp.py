@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
@@ -26,6 +27,10 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
+
+#: Transfer syntaxes accepted, in order of preference when a sender offers several:
+#: explicit VR first (it keeps the value representations of private attributes).
+ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
 
 #: Called after an instance is on disk and indexed, with the sender's AE title.
 StoredCallback = Callable[[StoreOutcome, str], None]
@@ -61,7 +66,7 @@ class StorageScp:
         ae.network_timeout = self.settings.network_timeout
         ae.require_called_aet = True
         for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         return ae
 

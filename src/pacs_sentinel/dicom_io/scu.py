@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydicom
 import structlog
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -21,6 +22,7 @@ from pacs_sentinel.errors import DeliveryError
 log = structlog.get_logger(__name__)
 
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 @dataclass(frozen=True)
@@ -78,19 +80,31 @@ def send_files(paths: Sequence[Path], peer: Peer, *, calling_ae: str = "SENTINEL
     Raises:
         DeliveryError: The association was rejected, aborted or could not be made.
     """
-    datasets = []
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        datasets.append((Path(path), ds))
+    datasets: list[tuple[Path, Dataset]] = []
+    unreadable: dict[Path, str] = {}
+    for path in map(Path, paths):
+        try:
+            ds = pydicom.dcmread(path)
+            _ = (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)  # both must be present
+        except Exception as exc:  # a file we cannot read is a failed attempt, not a crash
+            unreadable[path] = f"cannot read {path}: {exc}"
+            continue
+        datasets.append((path, ds))
+    if not datasets:
+        return [SendResult(path=Path(p), status=None, error=unreadable[Path(p)]) for p in paths]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    contexts: dict[str, set[str]] = {}
+    # One context per (SOP class, transfer syntax) sent, so the peer can accept an object in
+    # the syntax it is encoded in; uncompressed objects also offer the other uncompressed
+    # syntaxes, with the object's own first.
+    wanted: dict[tuple[str, str], None] = {}
     for _, ds in datasets:
-        syntaxes = contexts.setdefault(str(ds.SOPClassUID), set())
-        syntaxes.add(str(ds.file_meta.TransferSyntaxUID))
-    for sop_class, syntaxes in contexts.items():
-        ordered = sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
-        ae.add_requested_context(sop_class, ordered)
+        wanted[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))] = None
+    for sop_class, syntax in wanted:
+        syntaxes = [syntax]
+        if syntax in UNCOMPRESSED:
+            syntaxes += [s for s in UNCOMPRESSED if s != syntax]
+        ae.add_requested_context(sop_class, syntaxes)
     if len(ae.requested_contexts) > 128:
         raise DeliveryError("more than 128 presentation contexts needed in one association")
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
@@ -117,4 +131,5 @@ def send_files(paths: Sequence[Path], peer: Peer, *, calling_ae: str = "SENTINEL
             assoc.release()
     for path, _ in datasets[len(results):]:
         results.append(SendResult(path=path, status=None, error="association ended early"))
-    return results
+    by_path = {r.path: r for r in results}
+    return [by_path.get(Path(p)) or SendResult(path=Path(p), status=None, error=unreadable[Path(p)]) for p in paths]

@@ -77,6 +77,16 @@ def instance_info(dataset: pydicom.Dataset, transfer_syntax: str) -> InstanceInf
         raise DecodeError(f"cannot decode dataset: {exc}") from exc
 
 
+def _same_content(path: Path, encoded: bytes) -> bool:
+    """True when the file holds exactly these bytes."""
+    try:
+        if path.stat().st_size != len(encoded):
+            return False
+        return path.read_bytes() == encoded
+    except OSError:
+        return False
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -116,9 +126,10 @@ class Spool:
         existing = db.execute(
             "SELECT path FROM instances WHERE sop_instance_uid = ?", [info.sop_instance_uid]
         ).fetchone()
-        if existing is not None and Path(existing[0]).exists():
+        if existing is not None and _same_content(Path(existing[0]), encoded):
             # An exact duplicate adds nothing: it neither rewrites the file nor makes the
-            # study look newer (which would re-run a finished job).
+            # study look newer (which would re-run a finished job). A changed instance sent
+            # again under the same UID replaces the stored one.
             return StoreOutcome(info=info, path=Path(existing[0]), duplicate=True)
 
         temp = target.with_name(f"{target.name}.{os.getpid()}.{time.monotonic_ns()}{TEMP_SUFFIX}")
@@ -181,6 +192,13 @@ class Spool:
         for series_uid, path in rows:
             series.setdefault(series_uid, []).append(Path(path))
         return series
+
+    def series_last_received(self, series_uid: str) -> float:
+        """When the newest instance of a series arrived (0 when it has none)."""
+        row = self.database.connection().execute(
+            "SELECT MAX(received_at) FROM instances WHERE series_uid = ?", [series_uid]
+        ).fetchone()
+        return float(row[0] or 0.0)
 
     def reconcile(self) -> tuple[int, int]:
         """Make the spool and the index agree after a crash.

@@ -63,6 +63,10 @@ def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_
             score *= signal.subscore
         score = round(score, 4)  # the verdict is taken on the score as reported
         reasons = [s.reason for s in signals if s.fired]
+        if score < accept_threshold and not reasons:
+            # Several moderate doubts multiplied below the threshold: name the weakest, so a
+            # result sent to review always says why.
+            reasons = [min(signals, key=lambda s: s.subscore).reason]
         values = {s.name: round(s.value, 6) for s in signals}
         values["volume_ml"] = round(volume_mm3 / 1000.0, 3)
         values.update({f"{s.name}_subscore": round(s.subscore, 6) for s in signals})
