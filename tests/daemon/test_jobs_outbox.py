@@ -121,6 +121,6 @@ def test_failure_status_is_a_failed_attempt_and_gives_up_after_max_attempts(data
     finally:
         pacs.stop()
     row = next(database.connection()["outbox"].rows)
-    assert row["state"] == "failed" and "0xA700" in row["last_error"]
+    assert row["state"] == "dead-letter" and "0xA700" in row["last_error"]
     job = JobStore(database).get(job_id)
     assert job.state is JobState.FAILED and "0xA700" in (job.error or "")

@@ -30,6 +30,7 @@ ae_title = "SENTINEL"
 host = "127.0.0.1"
 port = {port}
 data_dir = "{data_dir}"
+min_free_disk_mb = 16
 
 [study]
 quiet_seconds = {quiet_seconds}

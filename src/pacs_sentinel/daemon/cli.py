@@ -68,26 +68,53 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pacs_sentinel.daemon.config import load_config
     from pacs_sentinel.daemon.jobs import MIGRATIONS, JobStore
+    from pacs_sentinel.daemon.outbox import dead_letters, outbox_summary
     from pacs_sentinel.daemon.table import format_table
     from pacs_sentinel.dicom_io.index import Database
+    from pacs_sentinel.dicom_io.scu import Peer, echo
 
     config = load_config(args.config)
+    print("destinations:")
+    rows = []
+    for destination in config.destinations:
+        peer = Peer(destination.ae_title, destination.host, destination.port)
+        result = echo(peer, calling_ae=config.node.ae_title)
+        health = f"OK ({result.seconds * 1000:.0f} ms)" if result.ok else f"UNREACHABLE: {result.error}"
+        rows.append([destination.name, f"{peer.ae_title}@{peer.host}:{peer.port}", health])
+    print(format_table(["name", "address", "C-ECHO"], rows) if rows else "  (none configured)")
+
     db_path = config.node.data_dir / "sentinel.db"
     if not db_path.exists():
-        print(f"no database at {db_path}: the daemon has not run with this configuration yet")
+        print(f"\nno database at {db_path}: the daemon has not run with this configuration yet")
         return EXIT_OK
-    store = JobStore(Database(db_path, migrations=MIGRATIONS))
+    database = Database(db_path, migrations=MIGRATIONS)
+    summary = outbox_summary(database)
+    print("\noutbox:")
+    rows = [[name, counts.get("pending", 0), counts.get("sent", 0), counts.get("dead-letter", 0)]
+            for name, counts in sorted(summary.items())]
+    print(format_table(["destination", "pending", "sent", "dead letters"], rows) if rows else "  (empty)")
+    letters = dead_letters(database)
+    if letters:
+        print("\ndead letters (not delivered after the last attempt):")
+        print(format_table(["item", "job", "destination", "SOP instance", "attempts", "last error"],
+                           [[d["id"], d["job_id"], d["destination"], d["sop_instance_uid"], d["attempts"],
+                             d["last_error"]] for d in letters]))
+    store = JobStore(database)
     rows = [
         [job.id, job.study_uid, job.pipeline or "-", job.state.value, job.verdict or "-",
          "-" if job.quality_score is None else f"{job.quality_score:.2f}",
          ", ".join(job.reasons) or (job.error or "-")]
         for job in store.jobs(limit=args.limit)
     ]
-    print(format_table(["job", "study", "pipeline", "state", "verdict", "score", "reasons / error"], rows))
+    print("\njobs (newest first):")
+    print(format_table(["job", "study", "pipeline", "state", "verdict", "score", "reasons / error"], rows)
+          if rows else "  (none)")
     return EXIT_OK
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from pacs_sentinel.dicom_io.scu import Peer, send_files
 
     try:
@@ -100,7 +127,8 @@ def _cmd_send(args: argparse.Namespace) -> int:
     files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file())
     if not files:
         raise SentinelError(f"{root}: no files to send")
-    results = send_files(files, peer, calling_ae=args.calling_ae)
+    with tqdm(total=len(files), unit="file", desc=f"sending to {peer.ae_title}", disable=args.quiet) as bar:
+        results = send_files(files, peer, calling_ae=args.calling_ae, on_result=lambda _: bar.update())
     failed = [r for r in results if not r.delivered]
     for result in failed:
         print(f"{result.path}: not delivered ({result.error})", file=sys.stderr)
@@ -138,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
     check.set_defaults(func=_cmd_check_config)
 
-    status = sub.add_parser("status", help="list the newest jobs and their states")
+    status = sub.add_parser("status", help="destinations' health (C-ECHO), the outbox and the newest jobs")
     status.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
     status.add_argument("--limit", type=int, default=50, help="how many jobs to list (default: 50)")
     status.set_defaults(func=_cmd_status)
@@ -147,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("path", help="a DICOM file or a folder of them")
     send.add_argument("--to", required=True, help="destination as AE@host:port")
     send.add_argument("--calling-ae", default="SENTINEL", help="our AE title (default: SENTINEL)")
+    send.add_argument("--quiet", action="store_true", help="no progress bar")
     send.set_defaults(func=_cmd_send)
 
     demo = sub.add_parser("demo", help="run the whole product on synthetic studies and print the results")

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pacs_sentinel.errors import ConfigError
 
@@ -29,6 +29,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class AllowedPeer(_Strict):
+    """``[[node.allowed_peers]]``: a caller allowed to associate with us."""
+
+    ae_title: str
+    host: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class TlsConfig(_Strict):
+    """``[node.tls]``: DICOM over TLS for the listener (absent: plain TCP)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @field_validator("cert_file", "key_file", "ca_file", mode="before")
+    @classmethod
+    def _path(cls, value: Any) -> Any:
+        return Path(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _client_certs_need_a_ca(self) -> TlsConfig:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert = true needs ca_file (the CA that signs client certificates)")
+        return self
+
+
 class NodeConfig(_Strict):
     """``[node]``: who we are on the network and where we keep our data."""
 
@@ -40,6 +69,11 @@ class NodeConfig(_Strict):
     acse_timeout: float = Field(30.0, gt=0)
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
+    max_pdu_size: int = Field(262144, ge=0)
+    min_free_disk_mb: int = Field(1024, ge=0)
+    fsync: Literal["always", "never"] = "always"
+    allowed_peers: list[AllowedPeer] = Field(default_factory=list)
+    tls: TlsConfig | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -55,6 +89,18 @@ class StudyConfig(_Strict):
     """``[study]``: when a study counts as complete."""
 
     quiet_seconds: float = Field(10.0, gt=0)
+    quiet_seconds_by_calling_ae: dict[str, float] = Field(default_factory=dict)
+    max_wait_seconds: float = Field(1800.0, gt=0)
+    late_arrival: Literal["rerun", "ignore"] = "rerun"
+
+    @field_validator("quiet_seconds_by_calling_ae")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for ae_title, seconds in value.items():
+            _check_ae_title(ae_title)
+            if seconds <= 0:
+                raise ValueError(f"quiet seconds for {ae_title!r} must be greater than 0, got {seconds}")
+        return value
 
 
 class DestinationConfig(_Strict):
@@ -175,7 +221,8 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Confi
 
     Args:
         data: The TOML document as a dict.
-        base_dir: Relative ``node.data_dir`` paths are resolved against this folder.
+        base_dir: Relative paths (``node.data_dir``, ``node.tls.*_file``) are resolved
+            against this folder.
 
     Returns:
         The typed configuration.
@@ -187,8 +234,17 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Confi
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_messages(exc)) from None
-    if base_dir is not None and not config.node.data_dir.is_absolute():
-        node = config.node.model_copy(update={"data_dir": (base_dir / config.node.data_dir).resolve()})
+    if base_dir is not None:
+        node = config.node
+        if not node.data_dir.is_absolute():
+            node = node.model_copy(update={"data_dir": (base_dir / node.data_dir).resolve()})
+        if node.tls is not None:
+            tls = node.tls.model_copy(update={
+                name: (base_dir / path).resolve()
+                for name in ("cert_file", "key_file", "ca_file")
+                if (path := getattr(node.tls, name)) is not None and not path.is_absolute()
+            })
+            node = node.model_copy(update={"tls": tls})
         config = config.model_copy(update={"node": node})
     return config
 

@@ -133,7 +133,7 @@ class JobStore:
         names = [c[0] for c in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
-    def queue_study(self, study_uid: str, pipelines: dict[str, float]) -> list[int]:
+    def queue_study(self, study_uid: str, pipelines: dict[str, float], *, rerun_late_arrivals: bool = True) -> list[int]:
         """Queue one job per pipeline unless an up-to-date job exists.
 
         Args:
@@ -141,6 +141,8 @@ class JobStore:
             pipelines: For each matching pipeline, when the newest instance of the series
                 it runs on arrived. Only the pipeline's input counts: our own results sent
                 back to us, or other objects of the study, never re-run it.
+            rerun_late_arrivals: False (``[study] late_arrival = "ignore"``): once a
+                pipeline has a job for the study, later instances never queue another.
 
         A pipeline gets a new job when it has none for the study, or when its newest job
         is no longer QUEUED and was created before its input's newest instance arrived
@@ -157,7 +159,11 @@ class JobStore:
                     "SELECT state, created_at FROM jobs WHERE study_uid = ? AND pipeline = ? ORDER BY id DESC LIMIT 1",
                     [study_uid, pipeline],
                 ).fetchone()
-                if latest is not None and (latest[0] == JobState.QUEUED.value or float(latest[1]) >= input_received_at):
+                if latest is not None and (
+                    latest[0] == JobState.QUEUED.value
+                    or float(latest[1]) >= input_received_at
+                    or not rerun_late_arrivals
+                ):
                     continue
                 created.append(
                     tx["jobs"].insert(
@@ -224,6 +230,14 @@ class JobStore:
         if not rows:
             raise KeyError(job_id)
         return Job.from_row(rows[0])
+
+    def newer_queued_job(self, job: Job) -> int | None:
+        """The id of a QUEUED job for the same study and pipeline created after ``job``."""
+        row = self.database.connection().execute(
+            "SELECT id FROM jobs WHERE study_uid = ? AND pipeline = ? AND state = ? AND id > ? ORDER BY id LIMIT 1",
+            [job.study_uid, job.pipeline, JobState.QUEUED.value, job.id],
+        ).fetchone()
+        return int(row[0]) if row else None
 
     def finish(self, job_id: int, state: JobState, *, error: str | None = None) -> None:
         """Move a job to a final state (FAILED or REJECTED, or DONE without results)."""

@@ -2,8 +2,9 @@
 
 Each flush sends, per destination, every due item in one association. A failed attempt
 (association refused, no response, failure status) is retried with exponential backoff;
-after ``max_attempts`` the item is given up and its job FAILED with the reason. A job
-whose items are all delivered becomes DONE.
+after ``max_attempts`` the item moves to the dead letters (state ``dead-letter``, shown by
+``sentinel status``) and its job is FAILED with the reason. A job whose items are all
+delivered becomes DONE.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from pacs_sentinel.dicom_io.scu import Peer, send_files
 from pacs_sentinel.errors import DeliveryError
 
 log = structlog.get_logger(__name__)
+
+#: Outbox item states.
+PENDING = "pending"
+SENT = "sent"
+DEAD_LETTER = "dead-letter"
 
 
 class Outbox:
@@ -104,8 +110,10 @@ class Outbox:
     def _fail_item(self, tx, item: tuple, error: str, *, give_up: bool = False) -> None:  # type: ignore[no-untyped-def, type-arg]
         attempts = int(item[3]) + 1
         if give_up or attempts >= self.settings.max_attempts:
-            tx.execute("UPDATE outbox SET state = 'failed', attempts = ?, last_error = ? WHERE id = ?",
-                       [attempts, error, item[0]])
+            tx.execute("UPDATE outbox SET state = ?, attempts = ?, last_error = ? WHERE id = ?",
+                       [DEAD_LETTER, attempts, error, item[0]])
+            log.error("delivery given up: dead letter", outbox_id=item[0], job_id=item[1], attempts=attempts,
+                      error=error)
         else:
             tx.execute("UPDATE outbox SET attempts = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
                        [attempts, error, time.time() + self.backoff(attempts), item[0]])
@@ -118,9 +126,9 @@ class Outbox:
                                          [job_id]).fetchall())
                 if counts.get("pending"):
                     continue
-                if counts.get("failed"):
+                if counts.get(DEAD_LETTER):
                     error = tx.execute("SELECT destination || ': ' || last_error FROM outbox WHERE job_id = ? "
-                                       "AND state = 'failed' LIMIT 1", [job_id]).fetchone()[0]
+                                       "AND state = ? LIMIT 1", [job_id, DEAD_LETTER]).fetchone()[0]
                     state, message = JobState.FAILED.value, f"delivery failed ({error})"
                 else:
                     state, message = JobState.DONE.value, None
@@ -130,3 +138,21 @@ class Outbox:
     def pending_count(self) -> int:
         """Items not yet delivered nor given up."""
         return int(self.database.connection().execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0])
+
+
+def outbox_summary(database: Database) -> dict[str, dict[str, int]]:
+    """Item counts per destination and state, e.g. ``{"pacs": {"sent": 3, "pending": 1}}``."""
+    summary: dict[str, dict[str, int]] = {}
+    rows = database.connection().execute("SELECT destination, state, COUNT(*) FROM outbox GROUP BY destination, state")
+    for destination, state, count in rows:
+        summary.setdefault(destination, {})[state] = int(count)
+    return summary
+
+
+def dead_letters(database: Database, limit: int = 20) -> list[dict[str, object]]:
+    """The newest dead letters: what could not be delivered, where, and why."""
+    cursor = database.connection().execute(
+        "SELECT id, job_id, destination, sop_class_uid, sop_instance_uid, attempts, last_error FROM outbox "
+        "WHERE state = ? ORDER BY id DESC LIMIT ?", [DEAD_LETTER, limit])
+    names = [c[0] for c in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import structlog
 import torch
@@ -11,6 +11,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 
 from pacs_sentinel.daemon import jobs as jobs_module
+from pacs_sentinel.daemon.arrivals import ArrivalWatcher, StudyArrival, completion_time
 from pacs_sentinel.daemon.config import Config
 from pacs_sentinel.daemon.jobs import JobStore
 from pacs_sentinel.daemon.outbox import Outbox
@@ -18,11 +19,13 @@ from pacs_sentinel.daemon.routing import matching_pipelines, read_candidates
 from pacs_sentinel.daemon.worker import Worker
 from pacs_sentinel.dicom_io.index import Database
 from pacs_sentinel.dicom_io.scp import ScpSettings, StorageScp
-from pacs_sentinel.dicom_io.spool import Spool, StoreOutcome
+from pacs_sentinel.dicom_io.spool import Spool
 
 log = structlog.get_logger(__name__)
 
 OUTBOX_INTERVAL_SECONDS = 1.0
+#: How often the index is checked for new instances (the quiet timers' resolution).
+ARRIVAL_POLL_SECONDS = 0.5
 
 
 class Sentinel:
@@ -43,8 +46,8 @@ class Sentinel:
             ScpSettings(node.ae_title, node.host, node.port, node.max_associations,
                         node.acse_timeout, node.dimse_timeout, node.network_timeout),
             self.spool,
-            on_stored=self._instance_stored,
         )
+        self.arrivals = ArrivalWatcher(self.database, self._schedule_completion)
         self._started = threading.Event()
 
     def start(self) -> None:
@@ -58,8 +61,11 @@ class Sentinel:
         self.scheduler.start()
         self.scheduler.add_job(self.outbox.flush, "interval", seconds=OUTBOX_INTERVAL_SECONDS, id="outbox",
                                max_instances=1, coalesce=True)
-        for study_uid in self.jobs.stale_studies():
-            self._schedule_quiet(study_uid)
+        self.arrivals.start_from_now()
+        for arrival in self.arrivals.all_studies(self.jobs.stale_studies()):
+            self._schedule_completion(arrival)
+        self.scheduler.add_job(self.arrivals.poll, "interval", seconds=ARRIVAL_POLL_SECONDS, id="arrivals",
+                               max_instances=1, coalesce=True)
         self.worker.start()
         self.scp.start()
         self._started.set()
@@ -79,15 +85,16 @@ class Sentinel:
         """Run the outbox at once instead of at its next interval."""
         job = self.scheduler.get_job("outbox")
         if job is not None:
-            job.modify(next_run_time=datetime.now().astimezone())
+            job.modify(next_run_time=datetime.now(tz=timezone.utc))
 
-    def _instance_stored(self, outcome: StoreOutcome, calling_ae: str) -> None:
-        if outcome.duplicate:
-            return
-        self._schedule_quiet(outcome.info.study_uid)
+    def _schedule_completion(self, arrival: StudyArrival) -> None:
+        """(Re)start the study's completion timer after an arrival."""
+        run_at = datetime.fromtimestamp(completion_time(arrival, self.config.study), tz=timezone.utc)
+        self.scheduler.add_job(self.study_quiet, DateTrigger(run_date=run_at), args=[arrival.study_uid],
+                               id=f"quiet:{arrival.study_uid}", replace_existing=True)
 
-    def _schedule_quiet(self, study_uid: str) -> None:
-        run_at = datetime.now().astimezone() + timedelta(seconds=self.config.study.quiet_seconds)
+    def _retry_later(self, study_uid: str) -> None:
+        run_at = datetime.now(tz=timezone.utc) + timedelta(seconds=self.config.study.quiet_seconds)
         self.scheduler.add_job(self.study_quiet, DateTrigger(run_date=run_at), args=[study_uid],
                                id=f"quiet:{study_uid}", replace_existing=True)
 
@@ -103,10 +110,11 @@ class Sentinel:
                     bound.warning("study rejected: no pipeline matches", job_id=job_id)
                 return
             inputs = {name: self.spool.series_last_received(series.series_uid) for name, series in pipelines.items()}
-            created = self.jobs.queue_study(study_uid, inputs)
+            created = self.jobs.queue_study(study_uid, inputs,
+                                            rerun_late_arrivals=self.config.study.late_arrival == "rerun")
             if created:
                 bound.info("study complete, jobs queued", job_ids=created, pipelines=list(pipelines))
                 self.worker.wake()
         except Exception:
             bound.exception("cannot queue study; retrying later")
-            self._schedule_quiet(study_uid)
+            self._retry_later(study_uid)

@@ -117,6 +117,14 @@ class Worker:
         qc = evaluate_segmentation(volume, result, accept_threshold=self.config.qc.accept_threshold)
         result_set = build_result_set(volume, result, qc, series_number_base=pipeline.series_number_base)
 
+        newer = self.jobs.newer_queued_job(job)
+        if newer is not None:
+            # More instances of the input series arrived while this job ran: the re-run sends
+            # the one result set; this job's results are dropped, never delivered.
+            log.info("job superseded by a re-run", newer_job_id=newer)
+            self.jobs.finish(job.id, JobState.DONE, error=f"superseded by job {newer} (instances arrived while it ran)")
+            return JobState.DONE
+
         out_dir = self.results_root / f"job-{job.id}"
         if out_dir.exists():
             shutil.rmtree(out_dir)  # left by an interrupted run of this job

@@ -7,7 +7,9 @@ delivered.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import socket
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import pydicom
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
 
 from pacs_sentinel.errors import DeliveryError
 
@@ -65,7 +69,59 @@ class SendResult:
         return self.status in DELIVERED_STATUSES
 
 
-def send_files(paths: Sequence[Path], peer: Peer, *, calling_ae: str = "SENTINEL", timeout: float = 30.0) -> list[SendResult]:
+def _set_nodelay(event: Event) -> None:
+    """EVT_CONN_OPEN handler: send small PDUs at once instead of waiting for delayed ACKs."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, _set_nodelay)]
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """Outcome of a C-ECHO: ``ok`` with the round trip in seconds, or the error."""
+
+    ok: bool
+    seconds: float
+    error: str = ""
+
+
+def echo(peer: Peer, *, calling_ae: str = "SENTINEL", timeout: float = 5.0) -> EchoResult:
+    """Verify a peer with C-ECHO (association, echo, release)."""
+    started = time.monotonic()
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NODELAY_HANDLERS)
+    except OSError as exc:
+        return EchoResult(False, time.monotonic() - started, str(exc))
+    if not assoc.is_established:
+        reason = "association rejected" if assoc.is_rejected else "no association (unreachable or aborted)"
+        return EchoResult(False, time.monotonic() - started, reason)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    seconds = time.monotonic() - started
+    if not status or "Status" not in status:
+        return EchoResult(False, seconds, "no response to C-ECHO")
+    if int(status.Status) != 0x0000:
+        return EchoResult(False, seconds, f"C-ECHO status 0x{int(status.Status):04X}")
+    return EchoResult(True, seconds)
+
+
+def send_files(
+    paths: Sequence[Path],
+    peer: Peer,
+    *,
+    calling_ae: str = "SENTINEL",
+    timeout: float = 30.0,
+    on_result: Callable[[SendResult], None] | None = None,
+) -> list[SendResult]:
     """Send files to a peer in one association, proposing only the contexts they need.
 
     Args:
@@ -73,6 +129,7 @@ def send_files(paths: Sequence[Path], peer: Peer, *, calling_ae: str = "SENTINEL
         peer: The destination.
         calling_ae: Our AE title.
         timeout: ACSE / DIMSE / network timeout in seconds.
+        on_result: Called after each file sent (for progress bars).
 
     Returns:
         One result per file, in order.
@@ -90,6 +147,9 @@ def send_files(paths: Sequence[Path], peer: Peer, *, calling_ae: str = "SENTINEL
             unreadable[path] = f"cannot read {path}: {exc}"
             continue
         datasets.append((path, ds))
+    if on_result is not None:
+        for path, error in unreadable.items():
+            on_result(SendResult(path=path, status=None, error=error))
     if not datasets:
         return [SendResult(path=Path(p), status=None, error=unreadable[Path(p)]) for p in paths]
     ae = AE(ae_title=calling_ae)
@@ -107,7 +167,7 @@ def send_files(paths: Sequence[Path], peer: Peer, *, calling_ae: str = "SENTINEL
         ae.add_requested_context(sop_class, syntaxes)
     if len(ae.requested_contexts) > 128:
         raise DeliveryError("more than 128 presentation contexts needed in one association")
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NODELAY_HANDLERS)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise DeliveryError(f"association with {peer.ae_title}@{peer.host}:{peer.port} {reason}")
@@ -118,12 +178,16 @@ def send_files(paths: Sequence[Path], peer: Peer, *, calling_ae: str = "SENTINEL
                 status = assoc.send_c_store(ds)
             except Exception as exc:  # no accepted context for this object, or encoding error
                 results.append(SendResult(path=path, status=None, error=str(exc)))
+                if on_result is not None:
+                    on_result(results[-1])
                 continue
             code = int(status.Status) if status and "Status" in status else None
             error = "" if code in DELIVERED_STATUSES else (
                 "no response" if code is None else f"status 0x{code:04X}"
             )
             results.append(SendResult(path=path, status=code, error=error))
+            if on_result is not None:
+                on_result(results[-1])
             if not assoc.is_established:
                 break
     finally:

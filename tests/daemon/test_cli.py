@@ -1,0 +1,85 @@
+"""The operator commands ``sentinel send`` and ``sentinel status``, run as subprocesses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+
+from pacs_sentinel.daemon.jobs import MIGRATIONS, JobStore
+from pacs_sentinel.daemon.outbox import DEAD_LETTER
+from pacs_sentinel.dicom_io.index import Database
+from tests.conftest import free_port
+
+
+def _sentinel(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pacs_sentinel", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_send_a_folder(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        (folder / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
+    result = _sentinel("send", str(folder), "--to", f"PACS@127.0.0.1:{pacs.port}")
+    assert result.returncode == 0, result.stderr
+    assert "sent 2 of 2 file(s)" in result.stdout
+    assert len(list(pacs.spool.database.connection()["instances"].rows)) == 2
+
+
+def test_send_reports_what_was_not_delivered(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"no")
+    result = _sentinel("send", str(broken), "--to", f"PACS@127.0.0.1:{pacs.port}", "--quiet")
+    assert result.returncode == 1
+    assert "not delivered" in result.stderr and "sent 0 of 1" in result.stdout
+
+
+def test_send_with_a_bad_address_is_a_one_line_error(tmp_path: Path) -> None:
+    result = _sentinel("send", str(tmp_path), "--to", "PACS")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "sentinel: 'PACS' is not of the form AE@host:port"
+
+
+def test_status_shows_destination_health_outbox_and_dead_letters(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    down_port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[node]
+data_dir = "var"
+
+[[destinations]]
+name = "up"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {pacs.port}
+
+[[destinations]]
+name = "down"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {down_port}
+""")
+    database = Database(tmp_path / "var" / "sentinel.db", migrations=MIGRATIONS)
+    jobs = JobStore(database)
+    jobs.queue_study("1.2.3", {"organ-seg": 0.0})
+    job = jobs.claim_next()
+    assert job is not None
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    jobs.record_results(job.id, result={"verdict": "Accepted", "quality_score": 0.9, "reasons": []},
+                        outbox_items=[{"destination": "down", "path": "/nowhere.dcm",
+                                       "sop_instance_uid": ds.SOPInstanceUID, "sop_class_uid": ds.SOPClassUID}])
+    database.connection().execute("UPDATE outbox SET state = ?, attempts = 50, last_error = 'association failed'",
+                                  [DEAD_LETTER])
+
+    result = _sentinel("status", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("up ") and "OK" in line for line in lines)
+    assert any(line.startswith("down ") and "UNREACHABLE" in line for line in lines)
+    assert "dead letters" in result.stdout and ds.SOPInstanceUID in result.stdout
+    assert "association failed" in result.stdout
+    assert any(line.startswith(f"{job.id} ") and "DELIVERING" in line for line in lines)
