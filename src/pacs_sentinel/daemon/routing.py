@@ -26,6 +26,12 @@ class SeriesCandidate:
     files: list[Path]
     header: Dataset
 
+    @property
+    def image_count(self) -> int:
+        """Images (slices) in the series: files times frames per file (enhanced multi-frame)."""
+        frames = self.header.get("NumberOfFrames", 1)
+        return len(self.files) * max(1, int(frames or 1))
+
 
 def read_candidates(series_files: dict[str, list[Path]]) -> list[SeriesCandidate]:
     """Read one header per series; series we wrote ourselves or that are not images are left out."""
@@ -55,11 +61,15 @@ def matches(pipeline: PipelineConfig, header: Dataset) -> bool:
 
 
 def select_series(pipeline: PipelineConfig, candidates: list[SeriesCandidate]) -> SeriesCandidate | None:
-    """The series a pipeline runs on: among matching series, the one with most instances."""
-    matching = [c for c in candidates if matches(pipeline, c.header) and len(c.files) >= pipeline.min_slices]
+    """The series a pipeline runs on: among matching series, the one with most images.
+
+    Too few images is not a reason to skip a series here: loading it then fails the job with
+    a message that says so, which tells IT more than "no pipeline matches".
+    """
+    matching = [c for c in candidates if matches(pipeline, c.header)]
     if not matching:
         return None
-    return max(matching, key=lambda c: (len(c.files), c.series_uid))
+    return max(matching, key=lambda c: (c.image_count, c.series_uid))
 
 
 def matching_pipelines(pipelines: list[PipelineConfig], candidates: list[SeriesCandidate]) -> dict[str, SeriesCandidate]:

@@ -1,0 +1,49 @@
+"""Bad studies end as a job state with a clear reason; the daemon keeps working."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from pacs_sentinel.daemon.jobs import FINISHED_STATES, JobState
+from pacs_sentinel.dicom_io.scu import Peer, send_files
+from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
+from tests.daemon.conftest import make_config, received_modalities
+
+
+def _finished(sentinel, count: int, timeout: float = 120):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = sentinel.jobs.jobs()
+        if len(jobs) >= count and all(j.state in FINISHED_STATES for j in jobs) and not sentinel.outbox.pending_count():
+            return {j.study_uid: j for j in jobs}
+        time.sleep(0.1)
+    pytest.fail(f"jobs did not finish: {sentinel.jobs.jobs()}")
+
+
+def test_bad_studies_fail_or_are_rejected_and_good_ones_still_run(tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
+    sentinel = sentinel_factory(make_config(tmp_path, pacs.port))
+    peer = Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)
+    single_slice = Path(get_testdata_file("CT_small.dcm"))
+    mr_only = Path(get_testdata_file("MR_small.dcm"))
+    gappy = write_ct_series(make_ct_phantom(5), tmp_path / "gappy", seed=5)
+    del gappy[20]  # a missing slice
+    good = write_ct_series(make_ct_phantom(6), tmp_path / "good", seed=6)
+    for files in ([single_slice], [mr_only], gappy, good):
+        assert all(r.delivered for r in send_files(files, peer, calling_ae="CT1"))
+
+    jobs = _finished(sentinel, 4)
+    uid = {name: str(pydicom.dcmread(files[0]).StudyInstanceUID)
+           for name, files in {"single": [single_slice], "mr": [mr_only], "gappy": gappy, "good": good}.items()}
+    assert jobs[uid["single"]].state is JobState.FAILED
+    assert jobs[uid["single"]].error == "series has 1 slice; this pipeline needs at least 8"
+    assert jobs[uid["mr"]].state is JobState.REJECTED
+    assert "no pipeline matches" in (jobs[uid["mr"]].error or "")
+    assert jobs[uid["gappy"]].state is JobState.FAILED
+    assert "missing 1 slice" in (jobs[uid["gappy"]].error or "")
+    assert jobs[uid["good"]].state is JobState.DONE
+    assert received_modalities(pacs) == ["OT", "SEG", "SR"]
