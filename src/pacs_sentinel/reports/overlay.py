@@ -1,10 +1,13 @@
 """Secondary-capture overlay: one representative slice with the mask outline and the QC verdict.
 
 Every viewer shows a secondary capture, even those that cannot display SEG or SR. The image
-is the CT slice with the largest mask area, windowed, with each segment outlined in the
-colour of its verdict (green = accepted, orange = needs review), and a banner below it that
-states the verdict, the quality score, the model and the QC reasons in words. The
-annotation is burned in, which the object declares (Burned In Annotation = YES).
+is the CT slice with the largest mask area, windowed with that slice's own VOI window (the
+top-level one of a classic image, the frame's Frame VOI LUT of an enhanced multi-frame one),
+with each segment outlined in the colour of its verdict (green = accepted, orange = needs
+review), and a banner below it that states the verdict, the quality score, the model and the
+QC reasons in words. The annotation is burned in, which the object declares (Burned In
+Annotation = YES). The SC references the source image it shows, and for a multi-frame source
+the frame (Referenced Frame Number).
 """
 
 from __future__ import annotations
@@ -51,9 +54,37 @@ def representative_slice(result: SegmentationResult) -> int:
     return int(np.argmax(areas))
 
 
-def window_of(ds: Dataset) -> tuple[float, float]:
-    """Return (centre, width) of the dataset's first VOI window, or the soft-tissue default."""
-    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+def _frame_macro(ds: Dataset, frame_number: int | None, keyword: str) -> Dataset | None:
+    """The first item of functional group macro ``keyword`` of a frame, or None.
+
+    The per-frame functional group of ``frame_number`` (1-based) is read first, then the
+    shared one; a dataset without functional groups (a classic single-frame image) gives None.
+    """
+    candidates = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame_number is not None and 1 <= frame_number <= len(per_frame):
+        candidates.append(per_frame[frame_number - 1])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        candidates.append(shared[0])
+    for group in candidates:
+        macro = group.get(keyword)
+        if macro:
+            return macro[0]
+    return None
+
+
+def window_of(ds: Dataset, frame_number: int | None = None) -> tuple[float, float]:
+    """Return (centre, width) of the first VOI window of an image, or the soft-tissue default.
+
+    A classic image keeps its window at the top level. An enhanced multi-frame image keeps it
+    in the Frame VOI LUT macro of its per-frame or shared functional groups; there the window
+    of ``frame_number`` (1-based; default: the shared one) is used.
+    """
+    source: Dataset = ds
+    if "WindowCenter" not in ds:
+        source = _frame_macro(ds, frame_number, "FrameVOILUTSequence") or ds
+    centre, width = source.get("WindowCenter"), source.get("WindowWidth")
     if centre is None or width is None:
         return DEFAULT_WINDOW
     try:
@@ -122,7 +153,8 @@ def render_overlay(
     # Square display pixels: stretch rows by the pixel aspect ratio.
     height = int(round(rows * scale * (row_spacing / col_spacing)))
 
-    gray = _windowed(volume.array[slice_index], *window_of(volume.datasets[slice_index]))
+    frame_number = volume.frame_numbers[slice_index] if volume.frame_numbers is not None else None
+    gray = _windowed(volume.array[slice_index], *window_of(volume.datasets[slice_index], frame_number))
     image = Image.fromarray(gray, mode="L").resize((width, height), Image.Resampling.BILINEAR).convert("RGB")
     canvas = np.array(image)
 
@@ -170,13 +202,18 @@ def _render_banner(lines: list[str], width: int, accent: tuple[int, int, int]) -
     return np.array(banner)
 
 
-def patient_orientation(ds: Dataset) -> tuple[str, str]:
+def patient_orientation(ds: Dataset, frame_number: int | None = None) -> tuple[str, str]:
     """Return the Patient Orientation (0020,0020) letters of the row and column directions.
 
-    Only the dominant axis of each direction is named (e.g. ``("L", "P")`` for axial).
+    Only the dominant axis of each direction is named (e.g. ``("L", "P")`` for axial). An
+    enhanced multi-frame image keeps its orientation in the Plane Orientation macro of its
+    functional groups; there the orientation of ``frame_number`` (1-based) is used.
     """
     letters = (("R", "L"), ("A", "P"), ("F", "H"))  # negative, positive direction per axis
-    orientation = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
+    source: Dataset = ds
+    if "ImageOrientationPatient" not in ds:
+        source = _frame_macro(ds, frame_number, "PlaneOrientationSequence") or ds
+    orientation = np.asarray(source.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
 
     def letter(vector: np.ndarray) -> str:
         axis = int(np.argmax(np.abs(vector)))
@@ -192,16 +229,22 @@ PAIRED_BODY_PARTS = frozenset(
 )
 
 
-def _copy_body_part(source: Dataset, sc: Dataset) -> None:
+def _copy_body_part(source: Dataset, sc: Dataset, frame_number: int | None = None) -> None:
     """Copy Body Part Examined and Laterality from the source image into the SC.
 
     The General Series module requires Laterality (2C) unless the body part is known to be
-    unpaired; when the source does not say, the value is left empty ("unknown").
+    unpaired; when the source does not say, the value is left empty ("unknown"). An enhanced
+    multi-frame source states laterality per frame (Frame Anatomy macro, Frame Laterality);
+    ``R`` or ``L`` there is copied. (Its ``U``, unpaired, cannot leave Laterality out: without
+    Body Part Examined, which enhanced images code as Anatomic Region, validators require it.)
     """
     body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
     if body_part:
         sc.BodyPartExamined = body_part
     laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "").strip().upper()
+    if not laterality:
+        anatomy = _frame_macro(source, frame_number, "FrameAnatomySequence")
+        laterality = str(anatomy.get("FrameLaterality", "") or "").strip().upper() if anatomy else ""
     if laterality in ("R", "L"):
         sc.Laterality = laterality
     elif not body_part or body_part in PAIRED_BODY_PARTS:
@@ -232,6 +275,7 @@ def build_overlay(
     slice_index = representative_slice(result)
     pixels = render_overlay(volume, result, qc, slice_index)
     source = volume.datasets[slice_index]
+    frame_number = volume.frame_numbers[slice_index] if volume.frame_numbers is not None else None
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
@@ -243,7 +287,7 @@ def build_overlay(
             series_number=series_number,
             sop_instance_uid=generate_uid(),
             instance_number=1,
-            patient_orientation=patient_orientation(source),
+            patient_orientation=patient_orientation(source, frame_number),
             transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
             series_description=f"AI QC overlay (QC: {verdict_text(qc.verdict)})",
             **equipment_attributes(),
@@ -251,14 +295,17 @@ def build_overlay(
         )
     except (ValueError, TypeError) as exc:
         raise ReportError(f"cannot build SC overlay: {exc}") from exc
-    _copy_body_part(source, sc)
+    _copy_body_part(source, sc, frame_number)
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
+    shown = f"Slice {slice_index + 1}" if frame_number is None else f"Slice {slice_index + 1} (frame {frame_number})"
     sc.DerivationDescription = (
-        f"Slice {slice_index + 1} of series {volume.series_uid} with AI segmentation outline and QC verdict"
+        f"{shown} of series {volume.series_uid} with AI segmentation outline and QC verdict"
     )[:1024]
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
     ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if frame_number is not None:
+        ref.ReferencedFrameNumber = frame_number  # the slice shown is one frame of a multi-frame source
     sc.SourceImageSequence = [ref]
     return sc, pixels

@@ -4,6 +4,11 @@ One binary segment per label of the model. Every frame references the source ins
 its slice (Derivation Image Sequence), so viewers place it without resampling; slices whose
 mask is empty are left out (highdicom's default) unless a whole segment is empty, in which
 case every frame is kept so the segment still exists and can be referenced from the SR.
+
+An enhanced multi-frame source (one instance holding every slice) is referenced frame by
+frame instead: each SEG frame names the source instance and its Referenced Frame Number,
+and copies that frame's plane position. A series split over several multi-frame instances
+is refused; highdicom 0.28 can reference frames of one multi-frame source only.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from highdicom.seg import (
     SegmentAlgorithmTypeValues,
     SegmentationTypeValues,
 )
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -52,7 +58,8 @@ def build_segmentation(
     """Build the binary SEG of ``result`` on the source series of ``volume``.
 
     Args:
-        volume: The source series; ``volume.datasets[i]`` is the instance of mask slice ``i``.
+        volume: The source series; ``volume.datasets[i]`` is the instance (and, for a
+            multi-frame source, ``volume.frame_numbers[i]`` the frame) of mask slice ``i``.
         result: The model output; ``result.mask`` is ``(labels, slices, rows, cols)`` bool.
         qc: The QC judgement; its verdict goes into the series description and the segment
             display colours.
@@ -63,8 +70,8 @@ def build_segmentation(
         The Segmentation instance (one instance, new series, same study and patient).
 
     Raises:
-        ReportError: The mask does not match the volume or the labels, or highdicom refuses
-            the object.
+        ReportError: The mask does not match the volume or the labels, the series is split
+            over several multi-frame instances, or highdicom refuses the object.
     """
     mask = np.asarray(result.mask)
     n_labels = len(result.labels)
@@ -101,12 +108,14 @@ def build_segmentation(
             )
         )
 
-    # highdicom wants (frames, rows, cols, segments): axis 0 must be the source instance index.
-    pixels = np.moveaxis(mask, 0, -1).astype(np.uint8)
+    # highdicom wants (frames, rows, cols, segments): axis 0 must be the source instance index,
+    # or, for one multi-frame source, the source frame index.
+    source_images, slice_order = _source_frames(volume)
+    pixels = np.moveaxis(mask, 0, -1)[slice_order].astype(np.uint8)
     every_segment_present = bool(mask.reshape(n_labels, -1).any(axis=1).all())
     try:
         return hd.seg.Segmentation(
-            source_images=volume.datasets,
+            source_images=source_images,
             pixel_array=pixels,
             segmentation_type=SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
@@ -123,3 +132,36 @@ def build_segmentation(
         )
     except (ValueError, TypeError) as exc:
         raise ReportError(f"cannot build SEG: {exc}") from exc
+
+
+def _source_frames(volume: Volume) -> tuple[list[Dataset], np.ndarray]:
+    """Return the ``source_images`` highdicom expects and the slice index of each of its frames.
+
+    Single-frame sources: every instance in slice order, identity order. One multi-frame
+    source: that instance alone, and the slices sorted by source frame number, so that frame
+    ``k`` of the pixel array is frame ``k + 1`` of the source.
+
+    Raises:
+        ReportError: The series is split over several instances of which one is
+            multi-frame, or the frame numbers do not cover the source's frames exactly once.
+    """
+    n_slices = len(volume.datasets)
+    if volume.frame_numbers is None:
+        return list(volume.datasets), np.arange(n_slices)
+    sources = volume.source_instances
+    if len(sources) != 1:
+        uids = ", ".join(str(ds.get("SOPInstanceUID", "?")) for ds in sources[:3])
+        uids += ", ..." if len(sources) > 3 else ""
+        raise ReportError(
+            f"cannot build SEG: series {volume.series_uid} is split over {len(sources)} multi-frame instances "
+            f"({uids}); a SEG can reference the frames of one multi-frame source only"
+        )
+    source = sources[0]
+    frame_numbers = np.asarray(volume.frame_numbers)
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    if frames != n_slices or sorted(frame_numbers.tolist()) != list(range(1, frames + 1)):
+        raise ReportError(
+            f"cannot build SEG: the {n_slices} slices do not map one to one onto the {frames} frames "
+            f"of multi-frame source {source.get('SOPInstanceUID', '?')}"
+        )
+    return [source], np.argsort(frame_numbers, kind="stable")

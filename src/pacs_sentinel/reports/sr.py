@@ -13,6 +13,7 @@ import math
 
 import highdicom as hd
 import highdicom.coding_schemes
+import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
@@ -101,17 +102,25 @@ def referenced_segment(segmentation: hd.seg.Segmentation, segment_number: int) -
     ``ReferencedSegment.from_segmentation`` (highdicom 0.28) only looks for the segment
     number in the per-frame functional groups; a single-segment SEG keeps it in the shared
     ones. This reads both.
+
+    Each source instance is listed once. When the SEG frames reference frames of a
+    multi-frame source, its item names those frames (Referenced Frame Number), ascending.
     """
     shared = segmentation.SharedFunctionalGroupsSequence[0]
     shared_segment = shared.get("SegmentIdentificationSequence")
     sources: dict[str, str] = {}
+    frames_of: dict[str, set[int]] = {}
     for frame in segmentation.PerFrameFunctionalGroupsSequence:
         identification = frame.get("SegmentIdentificationSequence") or shared_segment
         if identification is None or int(identification[0].ReferencedSegmentNumber) != segment_number:
             continue
         for derivation in frame.get("DerivationImageSequence", []):
             for source in derivation.get("SourceImageSequence", []):
-                sources.setdefault(str(source.ReferencedSOPInstanceUID), str(source.ReferencedSOPClassUID))
+                uid = str(source.ReferencedSOPInstanceUID)
+                sources.setdefault(uid, str(source.ReferencedSOPClassUID))
+                numbers = source.get("ReferencedFrameNumber")
+                if numbers not in (None, ""):
+                    frames_of.setdefault(uid, set()).update(int(n) for n in np.atleast_1d(numbers))
     common = {
         "sop_class_uid": segmentation.SOPClassUID,
         "sop_instance_uid": segmentation.SOPInstanceUID,
@@ -121,7 +130,11 @@ def referenced_segment(segmentation: hd.seg.Segmentation, segment_number: int) -
         return ReferencedSegment(
             **common,
             source_images=[
-                SourceImageForSegmentation(referenced_sop_class_uid=cls, referenced_sop_instance_uid=uid)
+                SourceImageForSegmentation(
+                    referenced_sop_class_uid=cls,
+                    referenced_sop_instance_uid=uid,
+                    referenced_frame_numbers=sorted(frames_of[uid]) if uid in frames_of else None,
+                )
                 for uid, cls in sources.items()
             ],
         )
@@ -141,7 +154,8 @@ def build_qc_report(
     """Build the TID 1500 QC report of one segmentation result.
 
     Args:
-        volume: The source series (evidence, patient and study).
+        volume: The source series (evidence, patient and study); each source instance is
+            listed once in the evidence, however many slices it holds.
         segmentation: The SEG built by :func:`~pacs_sentinel.reports.seg.build_segmentation`;
             each measurement group references one of its segments.
         result: The model output (model name and version).
@@ -233,7 +247,8 @@ def build_qc_report(
     equipment["software_versions"] = [equipment["software_versions"], provenance_text(result, qc)[:64]]
     try:
         return hd.sr.Comprehensive3DSR(
-            evidence=[*volume.datasets, segmentation],
+            # Each source instance once: a multi-frame source stands for all of its slices.
+            evidence=[*volume.source_instances, segmentation],
             content=report,
             series_instance_uid=generate_uid(),
             series_number=series_number,
