@@ -13,7 +13,7 @@ from pacs_sentinel.daemon.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 #: Keys whose value is a free mapping (attribute -> values, AE title -> seconds), not a table.
-MAPPING_KEYS = frozenset({"match", "quiet_seconds_by_calling_ae"})
+MAPPING_KEYS = frozenset({"match", "match_regex", "quiet_seconds_by_calling_ae"})
 
 
 def _schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:

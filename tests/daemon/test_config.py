@@ -91,3 +91,41 @@ def test_check_config_command_names_a_missing_model(tmp_path: Path) -> None:
     result = _check_config(path)
     assert result.returncode == 1
     assert "pipelines[0].model:" in result.stderr and "no-such-model" in result.stderr
+
+
+def test_check_config_explains_which_pipeline_takes_which_series(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
+
+    study = tmp_path / "study"
+    write_ct_series(make_ct_phantom(1, shape=(10, 64, 64)), study / "ct", seed=1)
+    (study / "mr.dcm").write_bytes(Path(get_testdata_file("MR_small.dcm")).read_bytes())
+    config = tmp_path / "c.toml"
+    config.write_text('''
+[[pipelines]]
+name = "organ-seg"
+model = "demo:organ-seg"
+match = { Modality = ["CT"] }
+
+[[pipelines]]
+name = "brain"
+model = "demo:organ-seg"
+match = { Modality = ["MR"] }
+match_regex = { SeriesDescription = "brain|head" }
+''')
+    result = subprocess.run([sys.executable, "-m", "pacs_sentinel", "check-config", "-c", str(config),
+                             "--explain", str(study)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "pipeline 'organ-seg': runs on series" in out and "10 image(s)" in out
+    assert "but the series has 10 image(s)" not in out
+    assert "pipeline 'brain': no matching series" in out
+    assert "SeriesDescription is absent, does not match /brain|head/" in out
+    assert "Modality is 'CT', not one of ['MR']" in out
+    assert "model loaded" not in out  # results only on standard output
+
+
+def test_match_regex_must_compile() -> None:
+    problems = _problems({"pipelines": [{"name": "a", "model": "m", "match_regex": {"SeriesDescription": "(ax"}}]})
+    assert len(problems) == 1 and problems[0].startswith("pipelines[0].match_regex:")

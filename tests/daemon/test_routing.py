@@ -40,3 +40,26 @@ def test_the_series_with_most_images_is_chosen_and_frames_count() -> None:
     assert select_series(PIPELINE, [mr]) is None
     # A series too short for the model is still selected: loading it fails the job with a clear reason.
     assert select_series(PIPELINE, [scout]) is scout
+
+
+def test_series_selection_policies() -> None:
+    axial = [1, 0, 0, 0, 1, 0]
+    coronal = [1, 0, 0, 0, 0, -1]
+    thick_axial = _candidate("1", 60, Modality="CT", ImageOrientationPatient=axial, SliceThickness=5)
+    thin_axial = _candidate("2", 40, Modality="CT", ImageOrientationPatient=axial, SliceThickness=1.25)
+    thin_coronal = _candidate("3", 30, Modality="CT", ImageOrientationPatient=coronal, SliceThickness=0.6)
+    series = [thick_axial, thin_axial, thin_coronal]
+
+    def pipeline(policy: str) -> PipelineConfig:
+        return PipelineConfig(name="p", model="m", match={"Modality": ["CT"]}, series_selection=policy)
+
+    assert select_series(pipeline("most-images"), series) is thick_axial
+    assert select_series(pipeline("thinnest"), series) is thin_coronal
+    assert select_series(pipeline("thinnest-axial"), series) is thin_axial
+
+
+def test_match_regex_is_searched_case_insensitively() -> None:
+    pipeline = PipelineConfig(name="p", model="m", match={"Modality": ["CT"]},
+                              match_regex={"SeriesDescription": "portal|venous"})
+    assert matches(pipeline, _candidate("1", 1, Modality="CT", SeriesDescription="Abdomen PORTAL 1.25mm").header)
+    assert not matches(pipeline, _candidate("1", 1, Modality="CT", SeriesDescription="Arterial").header)

@@ -62,6 +62,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     if problems:
         return EXIT_FAILURE
     print(f"{args.config}: OK ({len(config.pipelines)} pipeline(s), {len(config.destinations)} destination(s))")
+    if args.explain:
+        from pacs_sentinel.daemon.routing import explain
+
+        print()
+        print(explain(config.pipelines, Path(args.explain)))
     return EXIT_OK
 
 
@@ -164,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a configuration file and its models")
     check.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+    check.add_argument("--explain", metavar="PATH",
+                       help="a study folder (or file): show which pipeline would take which series, and why not")
     check.set_defaults(func=_cmd_check_config)
 
     status = sub.add_parser("status", help="destinations' health (C-ECHO), the outbox and the newest jobs")
@@ -195,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sentinel``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    from pacs_sentinel.daemon.logs import configure_logging
+
+    # Commands other than `run` (which configures logging from the file) keep standard
+    # output for their own results: only warnings and errors, on standard error.
+    configure_logging("console", "warning", stream=sys.stderr)
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -121,18 +121,32 @@ class PipelineConfig(_Strict):
     kind: Literal["segmentation", "classification", "seg-qc"] = "segmentation"
     model: str
     match: dict[str, list[str]] = Field(default_factory=lambda: {"Modality": ["CT"]})
+    match_regex: dict[str, str] = Field(default_factory=dict)
+    series_selection: Literal["most-images", "thinnest", "thinnest-axial"] = "most-images"
     threshold: float = Field(0.5, gt=0, lt=1)
     min_slices: int = Field(8, ge=1)
     series_number_base: int = Field(900, ge=1)
 
-    @field_validator("match")
+    @field_validator("match", "match_regex")
     @classmethod
-    def _known_attributes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+    def _known_attributes(cls, value: dict[str, Any]) -> dict[str, Any]:
         from pydicom.datadict import tag_for_keyword
 
         for keyword in value:
             if tag_for_keyword(keyword) is None:
                 raise ValueError(f"{keyword!r} is not a DICOM attribute keyword")
+        return value
+
+    @field_validator("match_regex")
+    @classmethod
+    def _valid_patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for keyword, pattern in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{keyword}: {pattern!r} is not a valid regular expression ({exc})") from None
         return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import structlog
 from pydicom.dataset import Dataset
 
 from pacs_sentinel.daemon.config import PipelineConfig
+from pacs_sentinel.errors import SentinelError
 from pacs_sentinel.reports.identity import is_own_object
 
 log = structlog.get_logger(__name__)
@@ -55,13 +57,59 @@ def _value_matches(value: object, allowed: list[str]) -> bool:
     return any(v.strip().upper() == a.strip().upper() for v in values for a in allowed)
 
 
+def _regex_matches(value: object, pattern: str) -> bool:
+    if value is None:
+        return False
+    values = [str(v) for v in value] if isinstance(value, pydicom.multival.MultiValue) else [str(value)]
+    return any(re.search(pattern, v, flags=re.IGNORECASE) for v in values)
+
+
+def mismatches(pipeline: PipelineConfig, header: Dataset) -> list[str]:
+    """Why a series does not match a pipeline: one line per failed rule (empty = it matches)."""
+    problems = []
+    for keyword, allowed in pipeline.match.items():
+        if not _value_matches(header.get(keyword), allowed):
+            problems.append(f"{keyword} is {_shown(header.get(keyword))}, not one of {allowed}")
+    for keyword, pattern in pipeline.match_regex.items():
+        if not _regex_matches(header.get(keyword), pattern):
+            problems.append(f"{keyword} is {_shown(header.get(keyword))}, does not match /{pattern}/")
+    return problems
+
+
+def _shown(value: object) -> str:
+    if value is None or value == "":
+        return "absent"
+    if isinstance(value, pydicom.multival.MultiValue):
+        return repr("\\".join(str(v) for v in value))
+    return repr(str(value))
+
+
 def matches(pipeline: PipelineConfig, header: Dataset) -> bool:
-    """True when every ``match`` attribute of the pipeline has one of its allowed values."""
-    return all(_value_matches(header.get(keyword), allowed) for keyword, allowed in pipeline.match.items())
+    """True when every ``match`` and ``match_regex`` rule of the pipeline holds."""
+    return not mismatches(pipeline, header)
+
+
+def _is_axial(header: Dataset) -> bool:
+    orientation = header.get("ImageOrientationPatient")
+    if orientation is None or len(orientation) != 6:
+        return False
+    row, col = [float(v) for v in orientation[:3]], [float(v) for v in orientation[3:]]
+    normal_z = row[0] * col[1] - row[1] * col[0]
+    return abs(normal_z) > 0.9
+
+
+def _thickness(header: Dataset) -> float:
+    try:
+        return float(header.get("SliceThickness") or "inf")
+    except (TypeError, ValueError):
+        return float("inf")
 
 
 def select_series(pipeline: PipelineConfig, candidates: list[SeriesCandidate]) -> SeriesCandidate | None:
-    """The series a pipeline runs on: among matching series, the one with most images.
+    """The series a pipeline runs on, among the matching ones, by its ``series_selection``.
+
+    ``most-images`` (default), ``thinnest`` (smallest SliceThickness, then most images) or
+    ``thinnest-axial`` (axial series first, then thinnest, then most images).
 
     Too few images is not a reason to skip a series here: loading it then fails the job with
     a message that says so, which tells IT more than "no pipeline matches".
@@ -69,6 +117,11 @@ def select_series(pipeline: PipelineConfig, candidates: list[SeriesCandidate]) -
     matching = [c for c in candidates if matches(pipeline, c.header)]
     if not matching:
         return None
+    policy = pipeline.series_selection
+    if policy == "thinnest":
+        return min(matching, key=lambda c: (_thickness(c.header), -c.image_count, c.series_uid))
+    if policy == "thinnest-axial":
+        return min(matching, key=lambda c: (not _is_axial(c.header), _thickness(c.header), -c.image_count, c.series_uid))
     return max(matching, key=lambda c: (c.image_count, c.series_uid))
 
 
@@ -76,3 +129,48 @@ def matching_pipelines(pipelines: list[PipelineConfig], candidates: list[SeriesC
     """The pipelines that have a series to run on in this study, with that series."""
     selected = {p.name: select_series(p, candidates) for p in pipelines}
     return {name: series for name, series in selected.items() if series is not None}
+
+
+def explain(pipelines: list[PipelineConfig], path: Path) -> str:
+    """Which pipeline would take which series of the DICOM files under ``path``, and why not.
+
+    Raises:
+        SentinelError: ``path`` holds no readable DICOM file.
+    """
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    by_series: dict[str, list[Path]] = {}
+    studies: set[str] = set()
+    for file in files:
+        try:
+            header = pydicom.dcmread(file, stop_before_pixels=True)
+            by_series.setdefault(str(header.SeriesInstanceUID), []).append(file)
+            studies.add(str(header.StudyInstanceUID))
+        except Exception:  # not DICOM, or no UIDs: not part of any series
+            continue
+    if not by_series:
+        raise SentinelError(f"{path}: no readable DICOM files with a SeriesInstanceUID")
+    candidates = read_candidates(by_series)
+    lines = [f"{len(files)} file(s), {len(studies)} study(ies), {len(by_series)} series, "
+             f"{len(candidates)} usable as input:"]
+    for candidate in candidates:
+        header = candidate.header
+        lines.append(f"  series {candidate.series_uid}: {header.get('Modality', '?')} "
+                     f"{str(header.get('SeriesDescription', '') or '')!r}, {candidate.image_count} image(s)")
+    if len(studies) > 1:
+        lines.append("  note: the daemon treats each study separately")
+    for pipeline in pipelines:
+        selected = select_series(pipeline, candidates)
+        if selected is not None:
+            lines.append(f"pipeline {pipeline.name!r}: runs on series {selected.series_uid} "
+                         f"({selected.image_count} image(s), selection {pipeline.series_selection!r})")
+            if selected.image_count < pipeline.min_slices:
+                lines.append(f"  but the series has {selected.image_count} image(s); the pipeline needs "
+                             f"at least {pipeline.min_slices}: the job would fail")
+        else:
+            lines.append(f"pipeline {pipeline.name!r}: no matching series")
+            for candidate in candidates:
+                reasons = "; ".join(mismatches(pipeline, candidate.header))
+                lines.append(f"  series {candidate.series_uid}: {reasons}")
+    if not any(select_series(p, candidates) for p in pipelines):
+        lines.append("the study would be REJECTED: no pipeline matches any series")
+    return "\n".join(lines)
