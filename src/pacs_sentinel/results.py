@@ -75,6 +75,28 @@ class SegmentLabel:
 
 
 @dataclass
+class UncertaintySamples:
+    """Repeated stochastic predictions of one input, for the QC's uncertainty signals.
+
+    Attributes:
+        probabilities: float16 foreground probabilities per sample, shape
+            ``(samples, labels, z, y, x)`` on the model's working grid (not the source grid:
+            QC only compares samples with each other and with ``mask``).
+        kinds: What each sample is, e.g. ``"mc-dropout"``, ``"tta:flip-z"``.
+        mask: Boolean ``(labels, z, y, x)``: the deterministic prediction thresholded on the
+            working grid, the reference the samples are compared with.
+        spacing: Working-grid spacing ``(z, y, x)`` in mm.
+        seconds: Wall-clock time spent producing the samples.
+    """
+
+    probabilities: np.ndarray
+    kinds: list[str]
+    mask: np.ndarray
+    spacing: tuple[float, float, float]
+    seconds: float = 0.0
+
+
+@dataclass
 class SegmentationResult:
     """Output of a segmentation model, in the geometry of the source series.
 
@@ -88,6 +110,10 @@ class SegmentationResult:
         seconds: Wall-clock time spent in inference.
         reference: Statistics the model card records per label name for QC
             (e.g. ``{"Liver": {"volume_ml_p01": ..., "volume_ml_p99": ...}}``).
+        uncertainty: Stochastic samples (MC dropout, test-time augmentation), or None when
+            the pipeline asks for none.
+        timing: Seconds per stage, e.g. ``{"preprocess": .., "forward": .., "samples": ..,
+            "inverse": ..}``.
     """
 
     probabilities: np.ndarray
@@ -97,6 +123,8 @@ class SegmentationResult:
     model_version: str
     seconds: float = 0.0
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
+    uncertainty: UncertaintySamples | None = None
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -124,6 +124,9 @@ class PipelineConfig(_Strict):
     match_regex: dict[str, str] = Field(default_factory=dict)
     series_selection: Literal["most-images", "thinnest", "thinnest-axial"] = "most-images"
     threshold: float = Field(0.5, gt=0, lt=1)
+    mc_dropout_samples: int = Field(4, ge=0, le=64)
+    tta_flips: list[Literal["x", "y", "z"]] = Field(default_factory=list)
+    sw_overlap: float = Field(0.25, ge=0, lt=1)
     min_slices: int = Field(8, ge=1)
     series_number_base: int = Field(900, ge=1)
 
@@ -169,6 +172,7 @@ class InferenceConfig(_Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0)
+    mixed_precision: bool = True
 
 
 class LoggingConfig(_Strict):
