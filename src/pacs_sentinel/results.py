@@ -32,6 +32,7 @@ QC_VERDICT = Code("QC002", QC_SCHEME, "QC verdict")
 QC_FINDING = Code("QC003", QC_SCHEME, "QC finding")
 QC_VERSION = Code("QC004", QC_SCHEME, "QC version")
 VOLUME = Code("118565006", "SCT", "Volume")
+FINDING_PROBABILITY = Code("QC005", QC_SCHEME, "Finding probability")
 
 
 class Verdict(enum.Enum):
@@ -127,6 +128,58 @@ class SegmentationResult:
     timing: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FindingLabel:
+    """A finding a classification model reports: its name and coded concept."""
+
+    name: str
+    code: Code
+    tracking_id: str
+
+
+@dataclass
+class ClassificationResult:
+    """Output of a multi-label classification model for one image.
+
+    Attributes:
+        probabilities: Calibrated (temperature-scaled) sigmoid probability per label, shape
+            ``(labels,)``.
+        logits: Raw logits per label, shape ``(labels,)``.
+        labels: The finding of each output; finding numbers are ``index + 1``.
+        thresholds: Decision threshold per label: a finding is positive when its
+            probability is at or above it.
+        model_name: Name of the model (e.g. ``"cxr-cls"``).
+        model_version: Version string of the weights.
+        temperature: The temperature the logits were divided by before the sigmoid.
+        samples: Calibrated probabilities of the stochastic passes, ``(samples, labels)``,
+            or None when none were asked for.
+        sample_kinds: What each sample is (``"mc-dropout"``, ``"tta:flip-x"``...).
+        heatmaps: Grad-CAM map in [0, 1] on the source image grid ``(rows, cols)`` for each
+            positive finding, keyed by label index.
+        seconds: Wall-clock inference time.
+        timing: Seconds per stage.
+        reference: Statistics the model card records for QC (per label name).
+    """
+
+    probabilities: np.ndarray
+    logits: np.ndarray
+    labels: list[FindingLabel]
+    thresholds: np.ndarray
+    model_name: str
+    model_version: str
+    temperature: float = 1.0
+    samples: np.ndarray | None = None
+    sample_kinds: list[str] = field(default_factory=list)
+    heatmaps: dict[int, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+    timing: dict[str, float] = field(default_factory=dict)
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def positive(self, index: int) -> bool:
+        """True when finding ``index`` is at or above its threshold."""
+        return bool(self.probabilities[index] >= self.thresholds[index])
+
+
 @dataclass
 class SegmentQC:
     """The QC judgement of one segment."""
@@ -141,30 +194,48 @@ class SegmentQC:
 
 
 @dataclass
+class FindingQC:
+    """The QC judgement of one finding of a classification result."""
+
+    finding_number: int
+    label: FindingLabel
+    probability: float
+    positive: bool
+    quality_score: float
+    verdict: Verdict
+    reasons: list[Reason]
+    signals: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class QCResult:
-    """The QC judgement of one AI output (all of its segments)."""
+    """The QC judgement of one AI output: all of its segments, or all of its findings."""
 
     qc_version: str
     segments: list[SegmentQC]
+    findings: list[FindingQC] = field(default_factory=list)
+
+    def _judged(self) -> list[SegmentQC | FindingQC]:
+        return [*self.segments, *self.findings]
 
     @property
     def verdict(self) -> Verdict:
-        """``NEEDS_REVIEW`` when any segment needs review, else ``ACCEPTED``."""
-        if any(s.verdict is Verdict.NEEDS_REVIEW for s in self.segments):
+        """``NEEDS_REVIEW`` when any segment or finding needs review, else ``ACCEPTED``."""
+        if any(item.verdict is Verdict.NEEDS_REVIEW for item in self._judged()):
             return Verdict.NEEDS_REVIEW
         return Verdict.ACCEPTED
 
     @property
     def quality_score(self) -> float:
-        """The lowest segment score: a result is as trustworthy as its worst segment."""
-        return min((s.quality_score for s in self.segments), default=0.0)
+        """The lowest score: a result is as trustworthy as its worst segment or finding."""
+        return min((item.quality_score for item in self._judged()), default=0.0)
 
     @property
     def reasons(self) -> list[Reason]:
-        """Every distinct reason raised on any segment, in first-seen order."""
+        """Every distinct reason raised on any segment or finding, in first-seen order."""
         seen: list[Reason] = []
-        for segment in self.segments:
-            for reason in segment.reasons:
+        for item in self._judged():
+            for reason in item.reasons:
                 if reason not in seen:
                     seen.append(reason)
         return seen
