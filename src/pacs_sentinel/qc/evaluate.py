@@ -1,8 +1,9 @@
 """Fuse the QC signals of each segment into a quality score and a verdict.
 
-Version 1 fuses the mask heuristics by multiplying their sub-scores: every check can
-only lower trust, and one clearly failed check (sub-score near 0) is enough to send the
-result to review. The verdict is purely ``quality_score >= accept_threshold``.
+The mask heuristics and, when the inference produced stochastic samples, the uncertainty
+signals are fused by multiplying their sub-scores: every check can only lower trust, and
+one clearly failed check (sub-score near 0) is enough to send the result to review. The
+verdict is purely ``quality_score >= accept_threshold``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pacs_sentinel.qc.heuristics import (
     shape_signal,
     volume_signal,
 )
+from pacs_sentinel.qc.uncertainty import uncertainty_signals
 from pacs_sentinel.results import QCResult, Reason, SegmentationResult, SegmentQC, Verdict
 
 log = structlog.get_logger(__name__)
 
-QC_VERSION = "1.0.0-heuristics"
+QC_VERSION = "1.1.0"
 
 
 def verdict_for(score: float, accept_threshold: float) -> Verdict:
@@ -58,11 +60,13 @@ def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_
         volume_check = volume_signal(volume_mm3 / 1000.0, result.reference.get(label.name))
         if volume_check is not None:
             signals.insert(0, volume_check)
+        if result.uncertainty is not None:
+            signals += uncertainty_signals(result.uncertainty, index)
         score = 1.0
         for signal in signals:
             score *= signal.subscore
         score = round(score, 4)  # the verdict is taken on the score as reported
-        reasons = [s.reason for s in signals if s.fired]
+        reasons = list(dict.fromkeys(s.reason for s in signals if s.fired))
         if score < accept_threshold and not reasons:
             # Several moderate doubts multiplied below the threshold: name the weakest, so a
             # result sent to review always says why.

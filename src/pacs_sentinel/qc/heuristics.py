@@ -48,7 +48,7 @@ class Signal:
         return self.subscore < FLAG_BELOW
 
 
-def _ramp(value: float, low: float, high: float) -> float:
+def ramp(value: float, low: float, high: float) -> float:
     """0 at or below ``low``, 1 at or above ``high``, linear in between."""
     if high <= low:
         raise ValueError(f"ramp needs low < high, got {low} and {high}")
@@ -85,7 +85,7 @@ def fragmentation_signal(mask: np.ndarray) -> Signal:
     else:
         sizes = np.bincount(labels.ravel())[1:]
         share = float(sizes.max() / sizes.sum())
-    subscore = _ramp(share, LARGEST_COMPONENT_LOW, LARGEST_COMPONENT_HIGH)
+    subscore = ramp(share, LARGEST_COMPONENT_LOW, LARGEST_COMPONENT_HIGH)
     return Signal("largest_component_share", share, subscore, Reason.FRAGMENTATION)
 
 
@@ -104,7 +104,7 @@ def shape_signal(mask: np.ndarray, spacing: tuple[float, float, float]) -> Signa
     stats.ComputePerimeterOn()
     stats.Execute(image)
     roundness = float(stats.GetRoundness(1)) if stats.HasLabel(1) else 0.0
-    subscore = _ramp(roundness, ROUNDNESS_LOW, ROUNDNESS_HIGH)
+    subscore = ramp(roundness, ROUNDNESS_LOW, ROUNDNESS_HIGH)
     return Signal("roundness", roundness, subscore, Reason.SHAPE_IRREGULARITY)
 
 
@@ -112,5 +112,5 @@ def confidence_signal(probabilities: np.ndarray, mask: np.ndarray) -> Signal:
     """Mean foreground probability inside the mask (the model's own confidence)."""
     inside = probabilities[mask]
     mean = float(inside.mean()) if inside.size else 0.0
-    subscore = _ramp(mean, CONFIDENCE_LOW, CONFIDENCE_HIGH)
+    subscore = ramp(mean, CONFIDENCE_LOW, CONFIDENCE_HIGH)
     return Signal("mean_probability", mean, subscore, Reason.LOW_MODEL_CONFIDENCE)
