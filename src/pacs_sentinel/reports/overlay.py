@@ -171,11 +171,11 @@ def render_overlay(
         colour = VERDICT_COLOURS[verdict_by_segment.get(index + 1, qc.verdict)]
         canvas[outline] = colour
 
-    banner = _render_banner(banner_lines(result, qc), width, VERDICT_COLOURS[qc.verdict])
+    banner = render_banner(banner_lines(result, qc), width, VERDICT_COLOURS[qc.verdict])
     return np.concatenate([canvas, banner], axis=0)
 
 
-def _render_banner(lines: list[str], width: int, accent: tuple[int, int, int]) -> np.ndarray:
+def render_banner(lines: list[str], width: int, accent: tuple[int, int, int]) -> np.ndarray:
     """Draw the banner lines (first one in the verdict colour), wrapped to ``width``."""
     font_size = max(14, width // 30)
     font = ImageFont.load_default(size=font_size)
@@ -229,7 +229,7 @@ PAIRED_BODY_PARTS = frozenset(
 )
 
 
-def _copy_body_part(source: Dataset, sc: Dataset, frame_number: int | None = None) -> None:
+def copy_body_part(source: Dataset, sc: Dataset, frame_number: int | None = None) -> None:
     """Copy Body Part Examined and Laterality from the source image into the SC.
 
     The General Series module requires Laterality (2C) unless the body part is known to be
@@ -295,7 +295,7 @@ def build_overlay(
         )
     except (ValueError, TypeError) as exc:
         raise ReportError(f"cannot build SC overlay: {exc}") from exc
-    _copy_body_part(source, sc, frame_number)
+    copy_body_part(source, sc, frame_number)
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     shown = f"Slice {slice_index + 1}" if frame_number is None else f"Slice {slice_index + 1} (frame {frame_number})"

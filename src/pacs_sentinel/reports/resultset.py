@@ -1,6 +1,7 @@
 """The set of objects one AI result produces: SEG, QC SR and SC overlay(s).
 
-:func:`build_result_set` is what the daemon calls after QC; :meth:`ResultSet.datasets` is
+:func:`build_result_set` (segmentation) and :func:`build_classification_result_set`
+(classification: no SEG) are what the daemon calls after QC; :meth:`ResultSet.datasets` is
 what goes to the PACS and :meth:`ResultSet.write` keeps a copy (and PNGs of the overlays)
 in the job's output folder.
 """
@@ -18,10 +19,11 @@ from pydicom.dataset import Dataset
 
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.errors import ReportError
+from pacs_sentinel.reports.classification import build_classification_report, build_heatmap_overlays
 from pacs_sentinel.reports.overlay import build_overlay
 from pacs_sentinel.reports.seg import build_segmentation
 from pacs_sentinel.reports.sr import build_qc_report
-from pacs_sentinel.results import QCResult, SegmentationResult
+from pacs_sentinel.results import ClassificationResult, QCResult, SegmentationResult
 
 
 @dataclass
@@ -29,23 +31,27 @@ class ResultSet:
     """The result objects of one AI output, in the order they are sent.
 
     Attributes:
-        segmentation: The SEG.
-        report: The TID 1500 SR with the QC verdict; references the SEG.
+        segmentation: The SEG; None for a classification result, which has none.
+        report: The TID 1500 SR with the QC verdict; references the SEG (segmentation) or
+            the classified image (classification).
         overlays: Secondary-capture overlays (one per rendered slice).
         overlay_images: The RGB pixels of each overlay, for PNG files.
     """
 
-    segmentation: hd.seg.Segmentation
+    segmentation: hd.seg.Segmentation | None
     report: hd.sr.Comprehensive3DSR
     overlays: list[hd.sc.SCImage] = field(default_factory=list)
     overlay_images: list[np.ndarray] = field(default_factory=list)
 
     def datasets(self) -> list[Dataset]:
-        """Return SEG, SR and the SCs: the objects sent to the PACS."""
-        return [self.segmentation, self.report, *self.overlays]
+        """Return SEG (when there is one), SR and the SCs: the objects sent to the PACS."""
+        seg = [] if self.segmentation is None else [self.segmentation]
+        return [*seg, self.report, *self.overlays]
 
     def write(self, out_dir: Path) -> list[Path]:
         """Write ``SEG.dcm``, ``SR.dcm``, ``SC_<n>.dcm`` and ``overlay_<n>.png`` into ``out_dir``.
+
+        Without a SEG (classification) there is no ``SEG.dcm``; the other names stay.
 
         Each file is written under a temporary name and renamed, so a crash never leaves a
         truncated file with a final name. ``n`` counts from 1.
@@ -58,10 +64,10 @@ class ResultSet:
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        targets: list[tuple[Path, Dataset | np.ndarray]] = [
-            (out_dir / "SEG.dcm", self.segmentation),
-            (out_dir / "SR.dcm", self.report),
-        ]
+        targets: list[tuple[Path, Dataset | np.ndarray]] = []
+        if self.segmentation is not None:
+            targets.append((out_dir / "SEG.dcm", self.segmentation))
+        targets.append((out_dir / "SR.dcm", self.report))
         targets += [(out_dir / f"SC_{n}.dcm", sc) for n, sc in enumerate(self.overlays, start=1)]
         targets += [(out_dir / f"overlay_{n}.png", image) for n, image in enumerate(self.overlay_images, start=1)]
         written = []
@@ -109,3 +115,37 @@ def build_result_set(
     )
     overlay, pixels = build_overlay(volume, result, qc, series_number=series_number_base + 3)
     return ResultSet(segmentation=segmentation, report=report, overlays=[overlay], overlay_images=[pixels])
+
+
+def build_classification_result_set(
+    source: Dataset,
+    result: ClassificationResult,
+    qc: QCResult,
+    *,
+    series_number_base: int = 900,
+) -> ResultSet:
+    """Build the findings SR (series ``base + 2``) and heat-map SCs (``base + 3``) of one image.
+
+    Series ``base + 1``, the SEG's in a segmentation result set, stays unused, so that a
+    series number means the same kind of object whichever kind of model a pipeline runs.
+
+    Args:
+        source: The classified image.
+        result: The model output.
+        qc: The QC judgement (one :class:`~pacs_sentinel.results.FindingQC` per finding).
+        series_number_base: Series numbers of the new series follow it.
+
+    Returns:
+        The result set, without a SEG; nothing is written or sent.
+
+    Raises:
+        ReportError: One of the objects cannot be built.
+    """
+    report = build_classification_report(source, result, qc, series_number=series_number_base + 2)
+    overlays = build_heatmap_overlays(source, result, qc, series_number=series_number_base + 3)
+    return ResultSet(
+        segmentation=None,
+        report=report,
+        overlays=[sc for sc, _ in overlays],
+        overlay_images=[pixels for _, pixels in overlays],
+    )
