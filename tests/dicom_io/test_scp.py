@@ -155,3 +155,86 @@ def test_changed_instance_under_the_same_uid_replaces_the_stored_one(scp: Storag
     assert len(rows) == 1
     assert pydicom.dcmread(rows[0]["path"]).SeriesDescription == "corrected by the technologist"
     assert [outcome.duplicate for outcome, _ in scp.stored] == [False, False]
+
+
+def _send_file_as_is(scp: StorageScp, path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Send a file byte for byte (pynetdicom's chunked mode reads the context from its meta)."""
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    assoc = _associate(scp)
+    status = assoc.send_c_store(path).Status
+    assoc.release()
+    return int(status)
+
+
+def test_dataset_of_another_sop_class_than_the_context_gets_a900(
+    scp: StorageScp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An MR data set in a file whose meta says CT: it travels over the CT context.
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    mislabelled = tmp_path / "mr-as-ct.dcm"
+    ds.save_as(mislabelled)  # as is: enforce_file_format would rewrite the meta from the data set
+    assert _send_file_as_is(scp, mislabelled, monkeypatch) == 0xA900
+    assert _indexed(scp) == []
+    assert not [p for p in scp.spool.root.rglob("*") if p.is_file()]
+
+
+def test_free_disk_below_threshold_gets_a700_and_nothing_is_written(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, Database(tmp_path / "index.db"))
+    absurd = 1 << 40  # a threshold of 1 EiB, in MB: no disk has that much free
+    scp = StorageScp(ScpSettings("SENTINEL", "127.0.0.1", free_port(), min_free_disk_mb=absurd), spool)
+    scp.start()
+    try:
+        assoc = _associate(scp)
+        assert assoc.send_c_store(_ct()).Status == 0xA700
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        scp.stop()
+    assert _indexed(scp) == []
+    assert not [p for p in spool.root.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("policy, fsyncs", [("always", 2), ("never", 0)])
+def test_fsync_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, fsyncs: int) -> None:
+    import pacs_sentinel.dicom_io.spool as spool_module
+
+    calls: list[int] = []
+    real_fsync = spool_module.os.fsync
+    monkeypatch.setattr(spool_module.os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    spool = Spool(tmp_path, Database(tmp_path / "index.db"))
+    scp = StorageScp(ScpSettings("SENTINEL", "127.0.0.1", free_port(), fsync=policy), spool)  # type: ignore[arg-type]
+    scp.start()
+    try:
+        assoc = _associate(scp)
+        assert assoc.send_c_store(_ct()).Status == 0x0000
+        assoc.release()
+    finally:
+        scp.stop()
+    assert len(calls) == fsyncs  # the file and its folder, or nothing
+    assert len(_indexed(scp)) == 1
+
+
+def test_receiver_with_two_listener_processes_shares_the_port(tmp_path: Path) -> None:
+    from pacs_sentinel.dicom_io.scp import Receiver
+
+    receiver = Receiver(ScpSettings("SENTINEL", "127.0.0.1", 0), tmp_path, tmp_path / "index.db", processes=2)
+    receiver.start()
+    try:
+        uids = []
+        for k in range(6):  # six associations: the kernel spreads them over the listeners
+            ds = _ct()
+            ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{k + 1}"
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(CTImageStorage)
+            assoc = ae.associate("127.0.0.1", receiver.port, ae_title="SENTINEL")
+            assert assoc.is_established
+            assert assoc.send_c_store(ds).Status == 0x0000
+            assoc.release()
+            uids.append(ds.SOPInstanceUID)
+    finally:
+        receiver.stop()
+    rows = list(Database(tmp_path / "index.db").connection()["instances"].rows)
+    assert sorted(r["sop_instance_uid"] for r in rows) == sorted(uids)
+    assert all(pydicom.dcmread(r["path"]).SOPInstanceUID == r["sop_instance_uid"] for r in rows)

@@ -72,6 +72,7 @@ class NodeConfig(_Strict):
     max_pdu_size: int = Field(262144, ge=0)
     min_free_disk_mb: int = Field(1024, ge=0)
     fsync: Literal["always", "never"] = "always"
+    receive_processes: int = Field(1, ge=1, le=32)
     allowed_peers: list[AllowedPeer] = Field(default_factory=list)
     tls: TlsConfig | None = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from functools import partial
 from datetime import datetime, timedelta, timezone
 
 import structlog
@@ -14,11 +15,12 @@ from pacs_sentinel.daemon import jobs as jobs_module
 from pacs_sentinel.daemon.arrivals import ArrivalWatcher, StudyArrival, completion_time
 from pacs_sentinel.daemon.config import Config
 from pacs_sentinel.daemon.jobs import JobStore
+from pacs_sentinel.daemon.logs import configure_logging
 from pacs_sentinel.daemon.outbox import Outbox
 from pacs_sentinel.daemon.routing import matching_pipelines, read_candidates
 from pacs_sentinel.daemon.worker import Worker
 from pacs_sentinel.dicom_io.index import Database
-from pacs_sentinel.dicom_io.scp import ScpSettings, StorageScp
+from pacs_sentinel.dicom_io.scp import Receiver, ScpSettings, TlsSettings
 from pacs_sentinel.dicom_io.spool import Spool
 
 log = structlog.get_logger(__name__)
@@ -42,11 +44,21 @@ class Sentinel:
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"misfire_grace_time": None})
         self.worker = Worker(config, self.jobs, self.spool, on_results=self.deliver_now)
         node = config.node
-        self.scp = StorageScp(
-            ScpSettings(node.ae_title, node.host, node.port, node.max_associations,
-                        node.acse_timeout, node.dimse_timeout, node.network_timeout),
-            self.spool,
+        tls = node.tls
+        settings = ScpSettings(
+            node.ae_title, node.host, node.port, node.max_associations,
+            node.acse_timeout, node.dimse_timeout, node.network_timeout,
+            max_pdu_size=node.max_pdu_size,
+            min_free_disk_mb=node.min_free_disk_mb,
+            fsync=node.fsync,
+            allowed_peers=tuple((peer.ae_title, peer.host) for peer in node.allowed_peers),
+            tls=TlsSettings(tls.cert_file, tls.key_file, tls.ca_file, tls.require_client_cert) if tls else None,
         )
+        # New instances are noticed by polling the index (ArrivalWatcher), so the receiver
+        # may run in several listener processes.
+        self.scp = Receiver(settings, data_dir, self.database.path, processes=node.receive_processes,
+                            database=self.database,
+                            log_setup=partial(configure_logging, config.logging.format, config.logging.level))
         self.arrivals = ArrivalWatcher(self.database, self._schedule_completion)
         self._started = threading.Event()
 

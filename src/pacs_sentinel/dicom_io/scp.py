@@ -2,24 +2,55 @@
 
 The C-STORE handler runs inside the association, so it only persists and indexes: no
 inference, no network calls. It answers 0x0000 only once the instance is on disk and
-indexed; every failure has its own status so the sender knows to keep its copy.
+indexed; every failure has its own status so the sender knows to keep its copy:
+
+- 0x0000 success, also for an exact duplicate of a stored instance (stored once);
+- 0xA700 out of resources: free disk under the data folder below ``min_free_disk_mb``, or
+  the file could not be written or indexed;
+- 0xA900 the data set's SOP Class UID differs from the presentation context's;
+- 0xC210 cannot understand: the data set cannot be decoded or lacks a valid UID.
+
+Associations are refused at association time (A-ASSOCIATE-RJ, rejected-permanent,
+service-user) when the called AE title is not ours (reason 7) or, with a non-empty
+``allowed_peers``, when the calling AE title (and host, where the entry names one) is not
+in the list (reason 3). With ``tls`` the listener speaks DICOM over TLS only.
+
+:class:`StorageScp` serves in background threads of the current process.
+:class:`Receiver` runs one :class:`StorageScp` in-process, or several listener processes
+sharing the port (``SO_REUSEPORT``), each writing the spool and the index itself: one
+Python process holds one GIL, and on these machines two listener processes receive
+markedly more instances per second over parallel associations (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import shutil
+import socket
+import ssl
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import structlog
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from pacs_sentinel.dicom_io.index import Database, Synchronous
 from pacs_sentinel.dicom_io.spool import Spool, StoreOutcome, instance_info
-from pacs_sentinel.errors import DecodeError, StorageError
+from pacs_sentinel.errors import DecodeError, SentinelError, StorageError
 
 log = structlog.get_logger(__name__)
 
@@ -28,17 +59,63 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 
+#: A-ASSOCIATE-RJ fields: result rejected-permanent, source service-user, reason.
+REJECT_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE_NOT_RECOGNIZED = 0x01, 0x01, 0x03
+
 #: Transfer syntaxes accepted, in order of preference when a sender offers several:
 #: explicit VR first (it keeps the value representations of private attributes).
 ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
 
+#: How long a free-disk measurement is trusted (seconds): ``disk_usage`` is a system call
+#: per instance otherwise, and a second's worth of instances cannot fill a disk unnoticed
+#: when the threshold is the usual gigabyte.
+DISK_CHECK_INTERVAL_S = 1.0
+
+#: How often a listener process checks that the process that started it is still alive.
+PARENT_CHECK_INTERVAL_S = 1.0
+
 #: Called after an instance is on disk and indexed, with the sender's AE title.
 StoredCallback = Callable[[StoreOutcome, str], None]
+
+FsyncPolicy = Literal["always", "never"]
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS for the listener (``[node.tls]``)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    def server_context(self) -> ssl.SSLContext:
+        """The server's TLS context: our certificate, the CA that signs clients, TLS >= 1.2.
+
+        Raises:
+            OSError: A file cannot be read.
+            ssl.SSLError: A file holds no usable certificate or key.
+            ValueError: ``require_client_cert`` without ``ca_file``.
+        """
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(certfile=str(self.cert_file), keyfile=str(self.key_file))
+        if self.ca_file is not None:
+            context.load_verify_locations(cafile=str(self.ca_file))
+            context.verify_mode = ssl.CERT_REQUIRED if self.require_client_cert else ssl.CERT_OPTIONAL
+        elif self.require_client_cert:
+            raise ValueError("require_client_cert needs ca_file (the CA that signs client certificates)")
+        return context
 
 
 @dataclass(frozen=True)
 class ScpSettings:
-    """Network identity and limits of the SCP."""
+    """Network identity, limits and durability of the SCP (mirrors ``[node]``).
+
+    ``allowed_peers`` holds ``(calling AE title, host or None)``; empty admits every caller
+    that calls our AE title. ``max_pdu_size`` 0 means unlimited. ``index_synchronous`` and
+    ``fast_poll`` are tuning knobs measured by ``bench/ingest.py``; keep the defaults.
+    """
 
     ae_title: str
     host: str
@@ -47,16 +124,212 @@ class ScpSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    max_pdu_size: int = 262144
+    min_free_disk_mb: int = 1024
+    fsync: FsyncPolicy = "always"
+    allowed_peers: tuple[tuple[str, str | None], ...] = ()
+    tls: TlsSettings | None = None
+    index_synchronous: Synchronous = "NORMAL"
+    fast_poll: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fsync not in ("always", "never"):
+            raise ValueError(f"fsync must be 'always' or 'never', got {self.fsync!r}")
+
+
+# --------------------------------------------------------------------------- pynetdicom tuning
+#
+# pynetdicom 3 moves data between its two threads per association by polling:
+# ``Association._run_reactor`` sleeps 1 ms before every look at the DIMSE message queue, and
+# the DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever a loop found nothing to do, then
+# reads each PDU from the socket 4 KB per ``recv``. Each received instance waits ~1 ms for
+# the reactor and ~1 ms for its response to be picked up: as long as DCMTK needs for the
+# whole instance. Neither module nor AE offers a knob for the reactor's sleep, so this is
+# the one place where the SCP changes pynetdicom's behaviour, on its own acceptor
+# associations only (the SCU and other AEs in the process are untouched):
+#
+# 1. the association reactor waits on the DIMSE queue (wakes when a message is complete)
+#    instead of sleeping; the rest of its loop is pynetdicom's, unchanged;
+# 2. the DUL's idle delay (a documented instance attribute) is lowered to 0.1 ms;
+# 3. a plain (non-TLS) socket reads a whole PDU with one ``recv_into(MSG_WAITALL)``.
+#
+# Written against pynetdicom 3.0.x (``Association._run_reactor``, ``AssociationSocket.recv``,
+# ``RequestHandler._create_association``); tests/dicom_io cover all three paths. Setting
+# ``ScpSettings.fast_poll = False`` turns all of it off.
+
+#: The association reactor's longest wait for a DIMSE message before it checks for
+#: release, abort and the network timeout (pynetdicom's own loop checks them every 1 ms).
+REACTOR_WAIT_S = 0.005
+#: The DUL thread's idle delay (pynetdicom's default: 0.001).
+DUL_IDLE_DELAY_S = 0.0001
+
+
+class _EventDrivenAssociation(Association):
+    """An acceptor association whose reactor blocks on the DIMSE queue instead of polling."""
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        msg_queue: queue.Queue[Any] = self.dimse.msg_queue
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            try:
+                context_id, msg = msg_queue.get(timeout=REACTOR_WAIT_S)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, context_id)
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # fires EVT_ACSE_RECV for subscribers
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                log.warning("network timeout reached, aborting association")
+                self.abort()
+                self.kill()
+                return
+
+
+class _WholePduSocket(AssociationSocket):
+    """A plain TCP association socket that reads a PDU in one system call."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        if sock is None or isinstance(sock, ssl.SSLSocket):
+            return super().recv(nr_bytes)
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        nr_read = 0
+        while nr_read < nr_bytes:
+            got = sock.recv_into(view[nr_read:], nr_bytes - nr_read, socket.MSG_WAITALL)
+            if not got:  # connection broken: return what we have, as pynetdicom does
+                del buffer[nr_read:]
+                break
+            nr_read += got
+        return buffer
+
+
+class _TunedRequestHandler(RequestHandler):
+    """Creates pynetdicom's acceptor association, then applies the tuning above."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        if getattr(self.server, "fast_poll", False):
+            assoc.__class__ = _EventDrivenAssociation
+            dul: DULServiceProvider = assoc.dul
+            dul._run_loop_delay = DUL_IDLE_DELAY_S
+            sock = dul.socket
+            if sock is not None and type(sock) is AssociationSocket:
+                sock.__class__ = _WholePduSocket
+        return assoc
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server plus ``SO_REUSEPORT`` and a bounded TLS handshake."""
+
+    reuse_port = False
+    fast_poll = False
+    handshake_timeout: float | None = 30.0
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            # pynetdicom sets only SO_REUSEADDR; listener processes sharing a port need this.
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            # The handshake runs in the accepting thread: bound it, or one silent client
+            # would stop every other caller from being accepted.
+            client.settimeout(self.handshake_timeout)
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+            client.settimeout(None)
+        return client, address
+
+
+class _DiskGuard:
+    """Answers "is there room for one more instance?", measuring at most once a second."""
+
+    def __init__(self, path: Path, min_free_mb: int) -> None:
+        self.path = path
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+        self._checked_at = -DISK_CHECK_INTERVAL_S
+        self._free = 0
+        self._lock = threading.Lock()
+
+    def free_bytes(self) -> int:
+        """Free bytes under ``path`` (at most :data:`DISK_CHECK_INTERVAL_S` old)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked_at >= DISK_CHECK_INTERVAL_S:
+                self._free = shutil.disk_usage(self.path).free
+                self._checked_at = now
+            return self._free
+
+    def has_room(self) -> bool:
+        return self.min_free_bytes <= 0 or self.free_bytes() >= self.min_free_bytes
+
+
+def _resolve_peers(peers: tuple[tuple[str, str | None], ...]) -> dict[str, set[str] | None]:
+    """Calling AE title -> addresses it may call from (``None``: any address)."""
+    allowed: dict[str, set[str] | None] = {}
+    for ae_title, host in peers:
+        if host is None:
+            allowed[ae_title] = None
+            continue
+        addresses = {host}
+        try:
+            addresses |= {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+        except OSError as exc:
+            log.warning("allowed peer host does not resolve; matching it literally", host=host, error=str(exc))
+        if ae_title in allowed and allowed[ae_title] is None:
+            continue
+        allowed[ae_title] = (allowed.get(ae_title) or set()) | addresses
+    return allowed
 
 
 class StorageScp:
     """A storage + verification SCP writing into a :class:`Spool`."""
 
-    def __init__(self, settings: ScpSettings, spool: Spool, on_stored: StoredCallback | None = None) -> None:
+    def __init__(self, settings: ScpSettings, spool: Spool, on_stored: StoredCallback | None = None,
+                 *, reuse_port: bool = False) -> None:
+        """Prepare the SCP (nothing listens before :meth:`start`).
+
+        Args:
+            settings: Identity, limits, access control, TLS and durability.
+            spool: Where instances are stored and indexed.
+            on_stored: Called after each stored instance (in the association's thread).
+            reuse_port: Bind with ``SO_REUSEPORT`` so that other processes may listen on
+                the same port (used by :class:`Receiver`).
+        """
         self.settings = settings
         self.spool = spool
         self.on_stored = on_stored
-        self._server: ThreadedAssociationServer | None = None
+        self.reuse_port = reuse_port
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._disk = _DiskGuard(spool.root, settings.min_free_disk_mb)
+        self._allowed = _resolve_peers(settings.allowed_peers)
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
@@ -64,11 +337,32 @@ class StorageScp:
         ae.acse_timeout = self.settings.acse_timeout
         ae.dimse_timeout = self.settings.dimse_timeout
         ae.network_timeout = self.settings.network_timeout
+        ae.maximum_pdu_size = self.settings.max_pdu_size
         ae.require_called_aet = True
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         return ae
+
+    def handle_requested(self, event: Event) -> None:
+        """EVT_REQUESTED handler: refuse callers missing from ``allowed_peers``.
+
+        pynetdicom's ``require_calling_aet`` checks AE titles only; this handler checks the
+        title and the caller's address, and rejects the way pynetdicom itself does
+        (A-ASSOCIATE-RJ rejected-permanent, service-user, calling AE title not recognized).
+        """
+        if not self._allowed:
+            return
+        assoc = event.assoc
+        calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = str(assoc.requestor.address)
+        hosts = self._allowed.get(calling_ae, set())
+        if calling_ae in self._allowed and (hosts is None or address in hosts):
+            return
+        log.warning("association refused: caller not in allowed_peers", calling_ae=calling_ae, address=address)
+        assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE_NOT_RECOGNIZED)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
     def handle_store(self, event: Event) -> int:
         """EVT_C_STORE handler: persist and index, then return the DIMSE status."""
@@ -88,8 +382,14 @@ class StorageScp:
                           sop_class_uid=info.sop_class_uid, context=str(event.context.abstract_syntax))
             return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
-            outcome = self.spool.store(event.encoded_dataset(), info, calling_ae=calling_ae)
-        except StorageError as exc:
+            if not self._disk.has_room():
+                bound.error("instance refused: free disk below min_free_disk_mb",
+                            free_mb=self._disk.free_bytes() // (1024 * 1024),
+                            min_free_disk_mb=self.settings.min_free_disk_mb)
+                return STATUS_OUT_OF_RESOURCES
+            outcome = self.spool.store(event.encoded_dataset(), info, calling_ae=calling_ae,
+                                       fsync=self.settings.fsync == "always")
+        except (StorageError, OSError) as exc:
             bound.error("instance refused: cannot store", error=str(exc))
             return STATUS_OUT_OF_RESOURCES
         except Exception:  # never answer success for an instance that is not stored
@@ -104,13 +404,33 @@ class StorageScp:
         return STATUS_SUCCESS
 
     def start(self) -> None:
-        """Start serving in background threads (returns at once)."""
+        """Start serving in background threads (returns at once).
+
+        Raises:
+            OSError: The port cannot be bound, or a TLS file cannot be read.
+            ssl.SSLError: A TLS file holds no usable certificate or key.
+        """
         ae = self._make_ae()
-        handlers = [(evt.EVT_C_STORE, self.handle_store)]
-        self._server = ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+        ssl_context = self.settings.tls.server_context() if self.settings.tls is not None else None
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REQUESTED, self.handle_requested)]
+        server_class = type("SentinelAssociationServer", (_Server,), {
+            "reuse_port": self.reuse_port,
+            "fast_poll": self.settings.fast_poll,
+            "handshake_timeout": self.settings.acse_timeout,
+        })
+        server = ae.make_server(
+            (self.settings.host, self.settings.port),
+            ssl_context=ssl_context,
+            evt_handlers=handlers,
+            server_class=server_class,
+            request_handler=_TunedRequestHandler,
         )
-        log.info("SCP listening", ae_title=self.settings.ae_title, host=self.settings.host, port=self.port)
+        ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{self.port}", daemon=True)
+        self._thread.start()
+        log.info("SCP listening", ae_title=self.settings.ae_title, host=self.settings.host, port=self.port,
+                 tls=ssl_context is not None, allowed_peers=len(self.settings.allowed_peers))
 
     @property
     def port(self) -> int:
@@ -124,3 +444,166 @@ class StorageScp:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def _listener_main(settings: ScpSettings, data_dir: Path, db_path: Path, index_synchronous: Synchronous,
+                   ready: multiprocessing.connection.Connection, stop: Any,
+                   log_setup: Callable[[], None] | None, parent_pid: int) -> None:
+    """A listener process: serve on the shared port until ``stop`` is set or the parent dies.
+
+    Watching the parent matters: a listener orphaned by a SIGKILL of the daemon would go
+    on accepting instances on the shared port beside the next daemon's listeners.
+    """
+    if log_setup is not None:
+        log_setup()
+    try:
+        database = Database(db_path)
+        spool = Spool(data_dir, database, index_synchronous=index_synchronous)
+        scp = StorageScp(settings, spool, reuse_port=True)
+        scp.start()
+    except BaseException as exc:
+        ready.send(f"{type(exc).__name__}: {exc}")
+        raise
+    ready.send("ready")
+    ready.close()
+    try:
+        while not stop.wait(PARENT_CHECK_INTERVAL_S):
+            if os.getppid() != parent_pid:
+                log.warning("daemon process gone; listener stopping", parent_pid=parent_pid)
+                break
+    finally:
+        scp.stop()
+        database.close()
+
+
+@dataclass
+class _Listener:
+    process: multiprocessing.process.BaseProcess
+    ready: multiprocessing.connection.Connection = field(repr=False)
+
+
+class Receiver:
+    """The node's receiving side: a :class:`StorageScp` in this process or in several.
+
+    With ``processes == 1`` the SCP runs in background threads of this process and
+    ``on_stored`` is called for each stored instance. With ``processes > 1`` that many
+    listener processes bind the same port with ``SO_REUSEPORT`` (the kernel spreads
+    incoming associations over them); each writes the spool and the index itself, so the
+    daemon learns of new instances by polling the ``instances``/``studies`` tables
+    (``on_stored`` is not available). Run :meth:`Spool.reconcile` before :meth:`start`.
+    """
+
+    def __init__(self, settings: ScpSettings, data_dir: Path, db_path: Path, *, processes: int = 1,
+                 on_stored: StoredCallback | None = None, database: Database | None = None,
+                 log_setup: Callable[[], None] | None = None) -> None:
+        """Prepare the receiver (nothing listens before :meth:`start`).
+
+        Args:
+            settings: The SCP's settings; with ``port`` 0 a free port is chosen.
+            data_dir: The node's data folder (spool under ``<data_dir>/spool``).
+            db_path: The SQLite index (``instances``/``studies`` tables).
+            processes: Listener processes; 1 serves in this process.
+            on_stored: Per-instance callback; only with ``processes == 1``.
+            database: The index to use in this process (default: opens ``db_path``).
+            log_setup: Picklable callable run first in each listener process to configure
+                logging as the parent did (processes start with a fresh interpreter).
+
+        Raises:
+            ValueError: ``processes`` below 1, or ``on_stored`` with several processes.
+        """
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, got {processes}")
+        if processes > 1 and on_stored is not None:
+            raise ValueError("on_stored needs processes = 1; with several listener processes poll the index")
+        self.settings = settings
+        self.data_dir = Path(data_dir)
+        self.db_path = Path(db_path)
+        self.processes = processes
+        self.on_stored = on_stored
+        self.log_setup = log_setup
+        # Opening the database runs the migrations once, before any listener process does.
+        self.database = database if database is not None else Database(self.db_path)
+        self.spool = Spool(self.data_dir, self.database, index_synchronous=settings.index_synchronous)
+        self._scp: StorageScp | None = None
+        self._listeners: list[_Listener] = []
+        self._stop: Any = None
+        self._port = settings.port
+
+    def start(self) -> None:
+        """Start listening; returns once every listener accepts associations.
+
+        Raises:
+            SentinelError: A listener process failed to start (its error in the message).
+            OSError: The port cannot be bound.
+        """
+        if self.processes == 1:
+            self._scp = StorageScp(self.settings, self.spool, on_stored=self.on_stored)
+            self._scp.start()
+            self._port = self._scp.port
+            return
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+        self._stop = context.Event()
+        with socket.socket(socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET) as reservation:
+            # Hold the port (a bound socket that does not listen gets no connections) so
+            # that every listener binds the same one when the configured port is 0.
+            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            reservation.bind((self.settings.host, self.settings.port))
+            self._port = int(reservation.getsockname()[1])
+            settings = _replace_port(self.settings, self._port)
+            for _ in range(self.processes):
+                parent_end, child_end = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=_listener_main,
+                    args=(settings, self.data_dir, self.db_path, self.settings.index_synchronous, child_end,
+                          self._stop, self.log_setup, os.getpid()),
+                    name=f"sentinel-listener-{len(self._listeners) + 1}",
+                    daemon=True,
+                )
+                process.start()
+                child_end.close()
+                self._listeners.append(_Listener(process, parent_end))
+            problems = []
+            for listener in self._listeners:
+                try:
+                    message = listener.ready.recv() if listener.ready.poll(60) else "did not start within 60 s"
+                except EOFError:
+                    message = f"exited with {listener.process.exitcode}"
+                if message != "ready":
+                    problems.append(f"{listener.process.name}: {message}")
+        if problems:
+            self.stop()
+            raise SentinelError("listener processes failed to start: " + "; ".join(problems))
+        log.info("receiver listening", port=self._port, processes=self.processes)
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return self._port
+
+    def stop(self) -> None:
+        """Stop every listener (in-flight associations are finished by the OS or dropped)."""
+        if self._scp is not None:
+            self._scp.stop()
+            self._scp = None
+        if self._stop is not None:
+            self._stop.set()
+        for listener in self._listeners:
+            listener.process.join(timeout=10)
+            if listener.process.is_alive():
+                listener.process.terminate()
+                listener.process.join(timeout=5)
+            listener.ready.close()
+        self._listeners = []
+
+
+def _replace_port(settings: ScpSettings, port: int) -> ScpSettings:
+    from dataclasses import replace
+
+    return replace(settings, port=port)

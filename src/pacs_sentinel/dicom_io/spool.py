@@ -3,7 +3,22 @@
 An instance is stored by writing its bytes to a temporary file in the target folder,
 flushing it to disk, renaming it into place and then indexing it. A crash at any point
 leaves either no index row (the file, if complete, is re-indexed at start-up) or a
-complete file with its row; a half-written file is never indexed.
+complete file with its row; a half-written file is never indexed (only renamed files are,
+and a file is renamed only once it is complete).
+
+Durability (``fsync`` of :meth:`Spool.store`):
+
+- ``True`` (``[node] fsync = "always"``): the file is fsynced before the rename and its
+  folder after it, so the file and its name are on the disk before the instance is indexed
+  and acknowledged; it survives a power cut.
+- ``False`` (``"never"``): the operating system writes the file back when it likes; a
+  process crash loses nothing, a power cut may lose the last seconds of acknowledged
+  instances. For spools on battery-backed storage or test systems.
+
+The index row is committed with SQLite ``synchronous=NORMAL`` by default (see
+:mod:`pacs_sentinel.dicom_io.index`): it survives a process crash, and a row lost to a power
+cut is rebuilt from its fsynced file by :meth:`Spool.reconcile` at start-up. The file, not
+the row, is what makes an acknowledged instance durable.
 """
 
 from __future__ import annotations
@@ -17,7 +32,7 @@ from pathlib import Path
 import pydicom
 import structlog
 
-from pacs_sentinel.dicom_io.index import Database
+from pacs_sentinel.dicom_io.index import Database, Synchronous
 from pacs_sentinel.errors import DecodeError, StorageError
 
 log = structlog.get_logger(__name__)
@@ -98,22 +113,34 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Received instances on disk under ``<data_dir>/spool/<study>/<series>/<sop>.dcm``."""
 
-    def __init__(self, data_dir: Path, database: Database) -> None:
+    def __init__(self, data_dir: Path, database: Database, *, index_synchronous: Synchronous = "NORMAL") -> None:
+        """Open (and create) the spool under ``data_dir``.
+
+        Args:
+            data_dir: The node's data folder; files go to ``<data_dir>/spool``.
+            database: The index.
+            index_synchronous: SQLite durability of the index rows (see the module docstring);
+                ``FULL`` adds a log fsync to every stored instance and buys nothing that
+                :meth:`reconcile` does not restore.
+        """
         self.root = Path(data_dir) / "spool"
         self.root.mkdir(parents=True, exist_ok=True)
         self.database = database
+        self.index_synchronous: Synchronous = index_synchronous
 
     def path_for(self, info: InstanceInfo) -> Path:
         """Where an instance lives in the spool."""
         return self.root / info.study_uid / info.series_uid / f"{info.sop_instance_uid}.dcm"
 
-    def store(self, encoded: bytes, info: InstanceInfo, *, calling_ae: str) -> StoreOutcome:
+    def store(self, encoded: bytes, info: InstanceInfo, *, calling_ae: str, fsync: bool = True) -> StoreOutcome:
         """Write an instance durably and index it; an exact duplicate is stored once.
 
         Args:
             encoded: The complete DICOM file (preamble, file meta, dataset).
             info: The instance's identifying attributes.
             calling_ae: AE title of the sender, recorded with the instance.
+            fsync: Flush the file and its folder to the disk before indexing (see the
+                module docstring).
 
         Returns:
             The outcome; only returned once the file is on disk and indexed.
@@ -138,9 +165,11 @@ class Spool:
             with open(temp, "wb") as handle:
                 handle.write(encoded)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if fsync:
+                    os.fsync(handle.fileno())
             os.replace(temp, target)
-            _fsync_dir(target.parent)
+            if fsync:
+                _fsync_dir(target.parent)
         except OSError as exc:
             try:
                 temp.unlink(missing_ok=True)
@@ -155,21 +184,20 @@ class Spool:
 
     def _index(self, info: InstanceInfo, path: Path, size: int, calling_ae: str) -> None:
         now = time.time()
-        with self.database.transaction() as tx:
-            tx["instances"].upsert(
-                {
-                    "sop_instance_uid": info.sop_instance_uid,
-                    "sop_class_uid": info.sop_class_uid,
-                    "study_uid": info.study_uid,
-                    "series_uid": info.series_uid,
-                    "modality": info.modality,
-                    "path": str(path),
-                    "size": size,
-                    "transfer_syntax": info.transfer_syntax,
-                    "calling_ae": calling_ae,
-                    "received_at": now,
-                },
-                pk="sop_instance_uid",
+        with self.database.transaction(synchronous=self.index_synchronous) as tx:
+            # Plain SQL: sqlite-utils' upsert reads the table's schema on every call, which
+            # costs as much as the insert itself on the SCP's hot path.
+            tx.execute(
+                """INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, modality, path,
+                                          size, transfer_syntax, calling_ae, received_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(sop_instance_uid) DO UPDATE SET
+                       sop_class_uid = excluded.sop_class_uid, study_uid = excluded.study_uid,
+                       series_uid = excluded.series_uid, modality = excluded.modality, path = excluded.path,
+                       size = excluded.size, transfer_syntax = excluded.transfer_syntax,
+                       calling_ae = excluded.calling_ae, received_at = excluded.received_at""",
+                [info.sop_instance_uid, info.sop_class_uid, info.study_uid, info.series_uid, info.modality,
+                 str(path), size, info.transfer_syntax, calling_ae, now],
             )
             self._upsert_study(tx, info, calling_ae, now)
 
@@ -204,7 +232,9 @@ class Spool:
         """Make the spool and the index agree after a crash.
 
         Removes orphan temporary files and re-indexes complete files that have no index row
-        (written and renamed, but the process died before indexing).
+        (written and renamed, but the process died before indexing, or the row was lost to a
+        power cut under ``synchronous=NORMAL``). Run it before the SCP starts: a temporary
+        file of a transfer in progress would be taken for an orphan.
 
         Returns:
             ``(temporary files removed, files re-indexed)``.
