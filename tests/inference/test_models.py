@@ -16,8 +16,8 @@ from pacs_sentinel.inference.models import (
     DEMO_MODELS_DIR,
     build_demo_unet,
     load_segmentation_model,
-    resample,
-    to_canonical,
+    preprocess_array,
+    resolve_device,
 )
 from pacs_sentinel.inference.phantoms import CTPhantom, make_ct_phantom
 from pacs_sentinel.inference.training import train_demo
@@ -79,6 +79,7 @@ def test_predict_on_held_out_phantom(organ_seg) -> None:
     assert result.seconds > 0
     stricter = organ_seg.predict(as_volume(phantom), threshold=0.9)
     assert stricter.mask.sum() <= result.mask.sum()
+    assert result.uncertainty is None and set(result.timing) == {"preprocess", "forward", "samples", "inverse"}
 
 
 def test_predict_any_grid(organ_seg) -> None:
@@ -97,18 +98,20 @@ def test_predict_follows_orientation(organ_seg) -> None:
     assert dice(mirrored.mask[0][:, :, ::-1], normal.mask[0]) > 0.99
 
 
-def test_reorientation_round_trip() -> None:
-    direction = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # sagittal-like
-    reorientation = to_canonical(direction)
-    array = np.arange(2 * 3 * 4).reshape(1, 2, 3, 4)
-    assert np.array_equal(reorientation.undo(reorientation.apply(array)), array)
+def test_training_sees_the_predict_preprocessing(organ_seg) -> None:
+    phantom = make_ct_phantom(5)
+    trained_on = preprocess_array(phantom.hu, phantom.spacing, organ_seg.card)
+    assert trained_on.shape == (1, 1, 48, 80, 80)
+    assert torch.equal(trained_on, organ_seg.prepare(as_volume(phantom)).image)
 
 
-def test_resample_keeps_constant_and_shape() -> None:
-    tensor = torch.full((1, 1, 9, 40, 40), 3.0)
-    out = resample(tensor, (5, 7, 80))
-    assert out.shape == (1, 1, 5, 7, 80)
-    assert torch.allclose(out, torch.tensor(3.0))
+def test_device_and_precision(organ_seg) -> None:
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA"):
+            load_segmentation_model("demo:organ-seg", device="cuda")
+    half = load_segmentation_model("demo:organ-seg", device="cpu", mixed_precision=False)
+    assert half.network is organ_seg.network and half.mixed_precision is not organ_seg.mixed_precision
 
 
 def test_unknown_spec_is_a_model_error() -> None:

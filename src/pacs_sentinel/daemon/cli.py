@@ -50,11 +50,15 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     problems = []
     for index, pipeline in enumerate(config.pipelines):
-        if pipeline.kind != "segmentation":
-            problems.append(f"pipelines[{index}].kind: {pipeline.kind!r} is not supported by this version")
-            continue
         try:
-            load_segmentation_model(pipeline.model, device="cpu")
+            if pipeline.kind == "segmentation":
+                load_segmentation_model(pipeline.model, device=config.inference.device)
+            elif pipeline.kind == "classification":
+                from pacs_sentinel.inference.classification import load_classification_model
+
+                load_classification_model(pipeline.model, device=config.inference.device)
+            else:
+                problems.append(f"pipelines[{index}].kind: {pipeline.kind!r} is not supported by this version")
         except SentinelError as exc:
             problems.append(f"pipelines[{index}].model: {exc}")
     for problem in problems:
@@ -148,10 +152,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_demo(args: argparse.Namespace) -> int:
-    from pacs_sentinel.inference.training import train_demo
+    out_dir = Path(args.out) if args.out else None
+    if args.name == "cxr-cls":
+        from pacs_sentinel.inference.train_cxr import train_cxr
 
-    metrics = train_demo(args.name, out_dir=Path(args.out) if args.out else None, seed=args.seed,
-                         epochs=args.epochs, progress=not args.quiet)
+        metrics = train_cxr(out_dir, seed=args.seed, epochs=args.epochs, progress=not args.quiet)
+    else:
+        from pacs_sentinel.inference.training import train_demo
+
+        metrics = train_demo(args.name, out_dir=out_dir, seed=args.seed, epochs=args.epochs, progress=not args.quiet)
     for key, value in sorted(metrics.items()):
         print(f"{key}: {value}")
     return EXIT_OK
@@ -190,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train-demo", help="train a shipped demo model on synthetic phantoms")
-    train.add_argument("name", choices=["organ-seg"], help="which demo model")
+    train.add_argument("name", choices=["organ-seg", "cxr-cls"], help="which demo model")
     train.add_argument("--out", help="output folder (default: the shipped model folder)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import structlog
@@ -20,13 +21,17 @@ from pacs_sentinel.daemon.jobs import Job, JobState, JobStore
 from pacs_sentinel.daemon.routing import read_candidates, select_series
 from pacs_sentinel.dicom_io.series import load_series_files
 from pacs_sentinel.dicom_io.spool import Spool
-from pacs_sentinel.errors import SentinelError
+from pacs_sentinel.errors import SentinelError, SeriesError
 from pacs_sentinel.inference.models import load_segmentation_model
 from pacs_sentinel.qc.evaluate import evaluate_segmentation
-from pacs_sentinel.reports.resultset import build_result_set
-from pacs_sentinel.results import Verdict
+from pacs_sentinel.reports.resultset import ResultSet, build_result_set
+from pacs_sentinel.results import QCResult, Verdict
 
 log = structlog.get_logger(__name__)
+
+
+#: What a pipeline's analysis hands to delivery: the objects, the raw result, QC, series.
+Analysis = tuple[ResultSet, Any, QCResult, str]
 
 
 class JobRejected(SentinelError):
@@ -105,17 +110,17 @@ class Worker:
 
     def _process(self, job: Job) -> JobState:
         pipeline = self._pipeline(job.pipeline)
-        if pipeline.kind != "segmentation":
+        if pipeline.kind not in ("segmentation", "classification"):
             raise SentinelError(f"pipeline kind {pipeline.kind!r} is not supported yet")
         candidates = read_candidates(self.spool.study_files(job.study_uid))
         series = select_series(pipeline, candidates)
         if series is None:
             raise JobRejected(f"no series of the study matches pipeline {pipeline.name!r}")
-        volume = load_series_files(series.files, min_slices=pipeline.min_slices)
-        model = load_segmentation_model(pipeline.model, device=self.config.inference.device)
-        result = model.predict(volume, threshold=pipeline.threshold)
-        qc = evaluate_segmentation(volume, result, accept_threshold=self.config.qc.accept_threshold)
-        result_set = build_result_set(volume, result, qc, series_number_base=pipeline.series_number_base)
+        if pipeline.kind == "segmentation":
+            analysis = self._segment(pipeline, series.files)
+        else:
+            analysis = self._classify(pipeline, series.files)
+        result_set, result, qc, series_uid = analysis
 
         newer = self.jobs.newer_queued_job(job)
         if newer is not None:
@@ -144,7 +149,7 @@ class Worker:
         return self.jobs.record_results(
             job.id,
             result={
-                "series_uid": volume.series_uid,
+                "series_uid": series_uid,
                 "model": result.model_name,
                 "model_version": result.model_version,
                 "qc_version": qc.qc_version,
@@ -156,6 +161,59 @@ class Worker:
             },
             outbox_items=outbox_items,
         )
+
+
+    def _segment(self, pipeline: PipelineConfig, files: list[Path]) -> Analysis:
+        volume = load_series_files(files, min_slices=pipeline.min_slices)
+        inference = self.config.inference
+        model = load_segmentation_model(pipeline.model, device=inference.device,
+                                        mixed_precision=inference.mixed_precision)
+        result = model.predict(volume, threshold=pipeline.threshold, mc_dropout_samples=pipeline.mc_dropout_samples,
+                               tta_flips=tuple(pipeline.tta_flips), sw_overlap=pipeline.sw_overlap)
+        qc = evaluate_segmentation(volume, result, accept_threshold=self.config.qc.accept_threshold)
+        result_set = build_result_set(volume, result, qc, series_number_base=pipeline.series_number_base)
+        return result_set, result, qc, volume.series_uid
+
+    def _classify(self, pipeline: PipelineConfig, files: list[Path]) -> Analysis:
+        from pacs_sentinel.inference.classification import image_from_dataset, load_classification_model
+        from pacs_sentinel.qc.classification import evaluate_classification
+        from pacs_sentinel.reports.resultset import build_classification_result_set
+
+        source = first_image(files)
+        image = image_from_dataset(source)
+        spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+        inference = self.config.inference
+        model = load_classification_model(pipeline.model, device=inference.device,
+                                          mixed_precision=inference.mixed_precision)
+        result = model.predict(image, tuple(float(v) for v in spacing) if spacing else None,
+                               mc_dropout_samples=pipeline.mc_dropout_samples, tta_flips=tuple(pipeline.tta_flips))
+        qc = evaluate_classification(result, accept_threshold=self.config.qc.accept_threshold, image=image)
+        result_set = build_classification_result_set(source, result, qc,
+                                                     series_number_base=pipeline.series_number_base)
+        return result_set, result, qc, str(source.SeriesInstanceUID)
+
+
+def first_image(files: list[Path]) -> pydicom.Dataset:
+    """The image a 2D classification runs on: the series' lowest InstanceNumber.
+
+    Raises:
+        SeriesError: No file of the series can be read as a single-frame image.
+    """
+    best: tuple[int, pydicom.Dataset] | None = None
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:  # a broken file is skipped, not fatal, when others are fine
+            log.warning("unreadable instance skipped", path=str(path), error=str(exc))
+            continue
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1 or "PixelData" not in ds:
+            continue
+        number = int(ds.get("InstanceNumber", 0) or 0)
+        if best is None or number < best[0]:
+            best = (number, ds)
+    if best is None:
+        raise SeriesError("series has no single-frame image to classify")
+    return best[1]
 
 
 def output_files(job: Job) -> list[Path]:

@@ -1,41 +1,56 @@
 """Segmentation models: the demo 3D U-Net, the model registry and inference on a volume.
 
-A model lives in a folder holding ``model.pt`` (a ``state_dict``) and ``card.json`` (its
-machine-readable model card: architecture, preprocessing, labels, metrics and the reference
-statistics QC compares results against). The demo models ship in :data:`DEMO_MODELS_DIR`
-and are named by specs such as ``"demo:organ-seg"``; a spec may also be a folder path.
+A spec names a model source (:mod:`pacs_sentinel.inference.sources`): ``"demo:<name>"`` (a
+shipped demo model), a MONAI bundle folder, a TorchScript file with a sidecar JSON, or a card
+folder (``card.json`` + ``model.pt``). :func:`load_segmentation_model` loads each spec once per
+process and device and keeps it warm.
 
-Preprocessing is defined once here (:func:`to_canonical`, :func:`resample`,
-:func:`scale_intensity`) and used both by :meth:`SegmentationModel.predict` and by the
-training code, so that a model always sees at inference what it saw in training.
+:meth:`SegmentationModel.predict` runs the MONAI preprocessing
+(:mod:`pacs_sentinel.inference.preprocess`: orientation, spacing, intensity window),
+sliding-window inference, optional uncertainty samples
+(:mod:`pacs_sentinel.inference.uncertainty`) and the exact inverse back to the source grid.
+Training uses the same preprocessing (:func:`preprocess_array`, :func:`preprocess_mask`), so
+that a model always sees at inference what it saw in training.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import structlog
 import torch
-import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.errors import ModelError
-from pacs_sentinel.results import Code, SegmentationResult, SegmentLabel
+from pacs_sentinel.inference.preprocess import ModelGeometry, Prepared, Preprocessor, identity_volume
+from pacs_sentinel.inference.sources import (
+    CARD_DEFAULT_ORIENTATION,
+    CARD_FILE,
+    DEMO_MODELS_DIR,
+    WEIGHTS_FILE,
+    ModelDefinition,
+    labels_from_entries,
+    load_definition,
+    resolve_spec,
+)
+from pacs_sentinel.inference.uncertainty import as_uncertainty, draw_samples
+from pacs_sentinel.results import SegmentationResult, SegmentLabel
 
 log = structlog.get_logger(__name__)
 
-#: Folder of the demo models shipped with the package, one sub-folder per model name.
-DEMO_MODELS_DIR = Path(__file__).parent / "demo_models"
-WEIGHTS_FILE = "model.pt"
-CARD_FILE = "card.json"
+__all__ = [
+    "CARD_FILE", "DEMO_MODELS_DIR", "DEMO_UNET_KWARGS", "WEIGHTS_FILE", "SegmentationModel",
+    "build_demo_unet", "clear_model_cache", "geometry_from_card", "labels_from_card", "load_segmentation_model",
+    "preprocess_array", "preprocess_mask", "resolve_device",
+]
 
 #: Architecture of the demo U-Net (keyword arguments of :func:`build_demo_unet`).
 DEMO_UNET_KWARGS: dict[str, Any] = {
@@ -73,180 +88,197 @@ def build_demo_unet(
     )
 
 
-# --------------------------------------------------------------------------- preprocessing
+def geometry_from_card(card: dict[str, Any]) -> ModelGeometry:
+    """The geometry a model card declares (orientation defaults to the demo models' ``"SPL"``)."""
+    return ModelGeometry(
+        axcodes=str(card.get("orientation", CARD_DEFAULT_ORIENTATION)),
+        spacing_mm=tuple(float(v) for v in card["spacing_mm"]),  # type: ignore[arg-type]
+        intensity_window=tuple(float(v) for v in card["intensity_window"]),  # type: ignore[arg-type]
+        roi_size=tuple(int(v) for v in card["roi_size"]),  # type: ignore[arg-type]
+        sw_batch_size=int(card.get("sw_batch_size", 1)),
+        sw_overlap=float(card.get("sw_overlap", 0.25)),
+    )
 
 
-@dataclass(frozen=True)
-class Reorientation:
-    """How an array was permuted and flipped into canonical (inferior->superior, anterior->
-    posterior, right->left) axis order; :meth:`undo` maps a result back to the source grid."""
-
-    axes: tuple[int, int, int]  # canonical axis i is source axis axes[i]
-    flips: tuple[bool, bool, bool]  # flip applied to canonical axis i
-
-    def apply(self, array: np.ndarray) -> np.ndarray:
-        """Return ``array`` (``(..., slices, rows, cols)``) in canonical order."""
-        lead = array.ndim - 3
-        out = np.transpose(array, tuple(range(lead)) + tuple(lead + a for a in self.axes))
-        flip_axes = tuple(lead + i for i, f in enumerate(self.flips) if f)
-        return np.flip(out, flip_axes) if flip_axes else out
-
-    def undo(self, array: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`apply`."""
-        lead = array.ndim - 3
-        flip_axes = tuple(lead + i for i, f in enumerate(self.flips) if f)
-        out = np.flip(array, flip_axes) if flip_axes else array
-        inverse = tuple(int(i) for i in np.argsort(self.axes))
-        return np.transpose(out, tuple(range(lead)) + tuple(lead + a for a in inverse))
+def labels_from_card(card: dict[str, Any]) -> list[SegmentLabel]:
+    """The segment labels a card declares (``labels``: name, category, type, tracking id)."""
+    return labels_from_entries(card["labels"], "softmax")[0]
 
 
-def to_canonical(direction: np.ndarray) -> Reorientation:
-    """Find the axis permutation and flips that bring a volume closest to axial LPS order.
-
-    Args:
-        direction: 3x3 matrix whose columns are the patient-space directions of the column,
-            row and slice indices (:attr:`Volume.direction`).
-
-    Returns:
-        The reorientation; identity for a standard axial series.
-    """
-    direction = np.asarray(direction, dtype=float)
-    # Array axis 0 (slices) follows direction column 2, axis 1 (rows) column 1, axis 2 column 0.
-    array_dirs = [direction[:, 2], direction[:, 1], direction[:, 0]]
-    wanted = [2, 1, 0]  # patient axis (z, y, x) that canonical axes 0, 1, 2 follow
-    axes: list[int] = []
-    flips: list[bool] = []
-    remaining = [0, 1, 2]
-    for patient_axis in wanted:
-        best = max(remaining, key=lambda a: abs(array_dirs[a][patient_axis]))
-        remaining.remove(best)
-        axes.append(best)
-        flips.append(bool(array_dirs[best][patient_axis] < 0))
-    return Reorientation(axes=(axes[0], axes[1], axes[2]), flips=(flips[0], flips[1], flips[2]))
-
-
-def working_shape(shape: tuple[int, ...], spacing: tuple[float, ...], working_spacing: tuple[float, ...]) -> tuple[int, int, int]:
-    """Grid size that covers the same extent as ``shape`` at ``spacing`` at the working spacing."""
-    return tuple(max(1, int(round(n * s / w))) for n, s, w in zip(shape, spacing, working_spacing))  # type: ignore[return-value]
-
-
-def resample(tensor: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Resample a ``(batch, channels, d, h, w)`` tensor to ``shape``, keeping its extent.
-
-    Axes shrunk by two or more are first box-averaged (integer factor), so that downsampling
-    averages noise instead of aliasing it; the rest is trilinear (``align_corners=False``).
-    """
-    factors = [max(1, int(src // dst)) for src, dst in zip(tensor.shape[2:], shape)]
-    if any(f > 1 for f in factors):
-        tensor = F.avg_pool3d(tensor, kernel_size=factors, stride=factors, ceil_mode=True, count_include_pad=False)
-    if tuple(tensor.shape[2:]) != tuple(shape):
-        tensor = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)
-    return tensor
-
-
-def scale_intensity(tensor: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
-    """Clip to the HU ``window`` and scale it to ``[0, 1]``."""
-    low, high = window
-    return ((tensor.clamp(low, high) - low) / (high - low)).to(torch.float32)
+# --------------------------------------------------------------------------- preprocessing for training
 
 
 def preprocess_array(array: np.ndarray, spacing: tuple[float, float, float], card: dict[str, Any],
                      device: torch.device | str = "cpu") -> torch.Tensor:
-    """Turn a canonical ``(slices, rows, cols)`` HU array into the network input.
+    """The network input for an axial ``(slices, rows, cols)`` HU array, as :meth:`predict` makes it.
 
     Returns:
-        A ``(1, 1, d, h, w)`` float32 tensor at the card's working spacing, scaled to [0, 1].
+        A ``(1, 1, d, h, w)`` float32 tensor on the card's working grid.
     """
-    tensor = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32), device=device)[None, None]
-    shape = working_shape(array.shape, spacing, tuple(card["spacing_mm"]))
-    return scale_intensity(resample(tensor, shape), tuple(card["intensity_window"]))
+    volume = identity_volume(np.asarray(array, dtype=np.float32), spacing)
+    return Preprocessor(geometry_from_card(card)).forward(volume, device).image
 
 
 def preprocess_mask(mask: np.ndarray, spacing: tuple[float, float, float], card: dict[str, Any]) -> torch.Tensor:
-    """Bring a canonical ground-truth mask onto the working grid (``(1, 1, d, h, w)``, 0/1)."""
-    tensor = torch.as_tensor(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    shape = working_shape(mask.shape, spacing, tuple(card["spacing_mm"]))
-    return (resample(tensor, shape) >= 0.5).to(torch.float32)
+    """Bring an axial ground-truth mask onto the working grid (``(1, 1, d, h, w)``, 0/1)."""
+    geometry = geometry_from_card(card)
+    unscaled = ModelGeometry(axcodes=geometry.axcodes, spacing_mm=geometry.spacing_mm, roi_size=geometry.roi_size)
+    volume = identity_volume(np.asarray(mask, dtype=np.float32), spacing)
+    return (Preprocessor(unscaled).forward(volume).image >= 0.5).to(torch.float32)
 
 
 # --------------------------------------------------------------------------- the model
 
 
 class SegmentationModel:
-    """A loaded segmentation network with its card; :meth:`predict` runs it on a volume.
+    """A loaded segmentation network with its geometry; :meth:`predict` runs it on a volume.
 
     Attributes:
         name: Model name (e.g. ``"organ-seg"``).
-        version: Version of the weights, from the card.
-        labels: One label per foreground output channel.
-        card: The parsed ``card.json``.
+        version: Version of the weights.
+        labels: One label per foreground output.
+        channels: Output channel of each label.
+        card: A card-like description (the demo ``card.json`` as is).
+        geometry: Orientation, spacing, intensity window and window size the network expects.
+        reference: Reference statistics per label name, for QC.
         device: Where the network runs.
+        mixed_precision: Run forward passes in float16 autocast (CUDA only).
         network: The ``torch`` module, in eval mode.
     """
 
     def __init__(self, *, name: str, version: str, labels: list[SegmentLabel], card: dict[str, Any],
-                 network: torch.nn.Module, device: torch.device) -> None:
+                 network: torch.nn.Module, device: torch.device, geometry: ModelGeometry | None = None,
+                 channels: list[int] | None = None, reference: dict[str, dict[str, float]] | None = None,
+                 mixed_precision: bool = False) -> None:
         self.name = name
         self.version = version
         self.labels = labels
         self.card = card
-        self.device = device
-        self.network = network.to(device).eval()
+        self.geometry = geometry or geometry_from_card(card)
+        self.channels = channels or list(range(1, len(labels) + 1))
+        self.reference = reference if reference is not None else {k: dict(v) for k, v in card.get("reference", {}).items()}
+        self.device = torch.device(device)
+        self.mixed_precision = bool(mixed_precision)
+        self.network = network.to(self.device).eval()
+        self.preprocessor = Preprocessor(self.geometry)
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_definition(cls, definition: ModelDefinition, device: torch.device, *,
+                        mixed_precision: bool = False) -> SegmentationModel:
+        """Wrap a loaded :class:`~pacs_sentinel.inference.sources.ModelDefinition`."""
+        return cls(name=definition.name, version=definition.version, labels=definition.labels, card=definition.card,
+                   network=definition.network, device=device, geometry=definition.geometry,
+                   channels=definition.channels, reference=definition.reference, mixed_precision=mixed_precision)
 
     def __repr__(self) -> str:
         return f"SegmentationModel(name={self.name!r}, version={self.version!r}, device={str(self.device)!r})"
 
-    def network_input(self, array: np.ndarray, spacing: tuple[float, float, float]) -> torch.Tensor:
-        """Network input for a canonical HU array (see :func:`preprocess_array`)."""
-        return preprocess_array(array, spacing, self.card, self.device)
+    def with_mixed_precision(self, enabled: bool) -> SegmentationModel:
+        """This model with another precision setting, sharing the loaded network and its lock."""
+        if bool(enabled) == self.mixed_precision:
+            return self
+        other = copy.copy(self)
+        other.mixed_precision = bool(enabled)
+        return other
 
-    def infer_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Run the network over ``inputs`` with sliding windows of the card's ``roi_size``.
+    # ---------------------------------------------------------------- stages
 
-        Runs in whatever train/eval mode the network is in (Monte Carlo dropout sets train).
+    def prepare(self, volume: Volume) -> Prepared:
+        """Preprocess ``volume`` onto the working grid (see :mod:`~pacs_sentinel.inference.preprocess`).
+
+        Raises:
+            ModelError: The volume is empty or cannot be transformed.
         """
-        with torch.no_grad():
-            return sliding_window_inference(
+        if volume.array.ndim != 3 or volume.array.size == 0:
+            raise ModelError(f"model {self.name}: cannot segment an array of shape {volume.array.shape}")
+        try:
+            return self.preprocessor.forward(volume, self.device)
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"model {self.name}: cannot preprocess a {volume.array.shape} volume: {exc}") from exc
+
+    def probabilities(self, inputs: torch.Tensor, *, sw_overlap: float | None = None) -> torch.Tensor:
+        """Label probabilities of a ``(batch, 1, *grid)`` input by sliding-window inference.
+
+        Runs in whatever train/eval mode the network is in (MC dropout switches dropout on).
+        All batch items go through each window in one forward pass.
+
+        Returns:
+            float32 ``(batch, labels, *grid)`` probabilities on the model's device.
+        """
+        overlap = self.geometry.sw_overlap if sw_overlap is None else float(sw_overlap)
+        autocast = (torch.autocast("cuda", dtype=torch.float16)
+                    if self.mixed_precision and self.device.type == "cuda" else nullcontext())
+        with torch.no_grad(), autocast:
+            logits = sliding_window_inference(
                 inputs,
-                roi_size=tuple(self.card["roi_size"]),
-                sw_batch_size=int(self.card.get("sw_batch_size", 1)),
+                roi_size=self.geometry.roi_size,
+                sw_batch_size=self.geometry.sw_batch_size * int(inputs.shape[0]),
                 predictor=self.network,
-                overlap=float(self.card.get("sw_overlap", 0.25)),
+                overlap=overlap,
                 mode="gaussian",
             )
+        logits = logits.float()
+        probs = torch.softmax(logits, dim=1) if self.geometry.activation == "softmax" else torch.sigmoid(logits)
+        if max(self.channels) >= probs.shape[1]:
+            raise ModelError(f"model {self.name}: the network gives {probs.shape[1]} output channels, "
+                             f"labels need channel {max(self.channels)}")
+        return probs[:, self.channels].clamp(0, 1)
 
-    def predict(self, volume: Volume, *, threshold: float = 0.5) -> SegmentationResult:
+    def predict(self, volume: Volume, *, threshold: float = 0.5, mc_dropout_samples: int = 0,
+                tta_flips: Sequence[str] = (), sw_overlap: float | None = None) -> SegmentationResult:
         """Segment the volume and return probabilities and masks on its exact grid.
 
         Args:
             volume: Source series; slice ``i`` of the result is ``volume.datasets[i]``.
             threshold: Probability at or above which a voxel is in the mask.
+            mc_dropout_samples: Monte Carlo dropout samples (0: none). A network without
+                dropout layers gives none (logged).
+            tta_flips: Patient axes (``"x"``, ``"y"``, ``"z"``) to mirror for test-time
+                augmentation, one sample each.
+            sw_overlap: Sliding-window overlap; default the model's.
 
         Returns:
-            ``probabilities`` (float32) and ``mask`` (bool), both
-            ``(labels, slices, rows, cols)``, with the card's reference statistics.
+            ``probabilities`` (float32) and ``mask`` (bool), both ``(labels, slices, rows,
+            cols)`` on the source grid; ``uncertainty`` (working grid) when samples were asked
+            for, else None; ``timing`` in seconds for ``preprocess``, ``forward``, ``samples``
+            and ``inverse``.
 
         Raises:
-            ModelError: The volume is empty or the network fails.
+            ModelError: The volume is empty, a flip axis is unknown, or the network fails.
         """
         started = time.perf_counter()
-        if volume.array.ndim != 3 or volume.array.size == 0:
-            raise ModelError(f"model {self.name}: cannot segment an array of shape {volume.array.shape}")
-        reorientation = to_canonical(volume.direction)
-        array = reorientation.apply(volume.array)
-        spacing = tuple(float(volume.spacing[a]) for a in reorientation.axes)
+        prepared = self.prepare(volume)
+        timing = {"preprocess": time.perf_counter() - started}
         try:
             with self._lock:
-                logits = self.infer_logits(self.network_input(array, spacing))  # type: ignore[arg-type]
-            probs = torch.softmax(logits, dim=1)[:, 1:]
-            probs = F.interpolate(probs, size=array.shape, mode="trilinear", align_corners=False)
+                mark = time.perf_counter()
+                deterministic = self.probabilities(prepared.image, sw_overlap=sw_overlap)[0]
+                self._synchronize()
+                timing["forward"] = time.perf_counter() - mark
+                mark = time.perf_counter()
+                samples, kinds = draw_samples(
+                    lambda batch: self.probabilities(batch, sw_overlap=sw_overlap), self.network, prepared.image,
+                    self.geometry, mc_dropout_samples=mc_dropout_samples, tta_flips=tta_flips)
+                self._synchronize()
+                timing["samples"] = time.perf_counter() - mark
+            if mc_dropout_samples > 0 and kinds.count("mc-dropout") == 0:
+                log.warning("model has no dropout layer; no MC dropout samples", model=self.name)
+            uncertainty = None
+            if kinds:
+                uncertainty = as_uncertainty(samples, kinds, deterministic, threshold, prepared.spacing_mm,
+                                             timing["samples"])
+            mark = time.perf_counter()
+            probabilities = self.preprocessor.inverse(deterministic, prepared).clamp(0, 1).cpu().numpy()
+            timing["inverse"] = time.perf_counter() - mark
+        except ValueError as exc:
+            raise ModelError(f"model {self.name}: {exc}") from exc
         except RuntimeError as exc:
             raise ModelError(f"model {self.name} failed on a {volume.array.shape} volume: {exc}") from exc
-        probabilities = reorientation.undo(probs[0].clamp(0, 1).cpu().numpy().astype(np.float32))
-        probabilities = np.ascontiguousarray(probabilities)
+        probabilities = np.ascontiguousarray(probabilities, dtype=np.float32)
         seconds = time.perf_counter() - started
-        log.debug("segmentation done", model=self.name, shape=volume.array.shape, seconds=round(seconds, 3))
+        log.debug("segmentation done", model=self.name, shape=volume.array.shape, seconds=round(seconds, 3),
+                  samples=len(kinds))
         return SegmentationResult(
             probabilities=probabilities,
             mask=probabilities >= threshold,
@@ -254,23 +286,14 @@ class SegmentationModel:
             model_name=self.name,
             model_version=self.version,
             seconds=seconds,
-            reference={k: dict(v) for k, v in self.card.get("reference", {}).items()},
+            reference={k: dict(v) for k, v in self.reference.items()},
+            uncertainty=uncertainty,
+            timing=timing,
         )
 
-
-def labels_from_card(card: dict[str, Any]) -> list[SegmentLabel]:
-    """The segment labels a card declares (``labels``: name, category, type, tracking id)."""
-    labels = []
-    for entry in card["labels"]:
-        labels.append(
-            SegmentLabel(
-                name=entry["name"],
-                property_category=Code(*entry["property_category"]),
-                property_type=Code(*entry["property_type"]),
-                tracking_id=entry["tracking_id"],
-            )
-        )
-    return labels
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 # --------------------------------------------------------------------------- registry
@@ -279,86 +302,50 @@ _cache: dict[tuple[str, str], SegmentationModel] = {}
 _cache_lock = threading.Lock()
 
 
-def resolve_model_dir(spec: str) -> Path:
-    """The folder a spec names: ``demo:<name>`` is a shipped demo model, else a folder path.
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; any other value is given to ``torch``.
 
     Raises:
-        ModelError: Unknown demo name.
+        ModelError: An invalid device name, or CUDA asked for where there is none.
     """
-    if spec.startswith("demo:"):
-        name = spec.removeprefix("demo:")
-        known = sorted(p.name for p in DEMO_MODELS_DIR.iterdir() if p.is_dir()) if DEMO_MODELS_DIR.is_dir() else []
-        if name not in known:
-            raise ModelError(f"unknown demo model {spec!r}; known demo models: {', '.join(known) or 'none'}")
-        return DEMO_MODELS_DIR / name
-    return Path(spec).expanduser()
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; any other value is given to ``torch``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as exc:
         raise ModelError(f"invalid device {device!r}: {exc}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r}: CUDA is not available on this machine")
+    return resolved
 
 
-def load_model_dir(model_dir: Path, device: torch.device, *, spec: str | None = None) -> SegmentationModel:
-    """Load a model folder (``card.json`` + ``model.pt``) without caching.
-
-    Raises:
-        ModelError: Missing or unreadable card or weights, or weights that do not fit.
-    """
-    what = spec or str(model_dir)
-    card_path = model_dir / CARD_FILE
-    weights_path = model_dir / WEIGHTS_FILE
-    if not card_path.is_file():
-        raise ModelError(f"model {what}: no model card at {card_path}")
-    if not weights_path.is_file():
-        hint = f" (run `sentinel train-demo {model_dir.name}`)" if spec and spec.startswith("demo:") else ""
-        raise ModelError(f"model {what}: no weights at {weights_path}{hint}")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        labels = labels_from_card(card)
-        network = build_demo_unet(**card["architecture"])
-        for key in ("spacing_mm", "intensity_window", "roi_size", "version", "name"):
-            if key not in card:
-                raise KeyError(key)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"model {what}: invalid model card {card_path}: {exc!r}") from exc
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        network.load_state_dict(state)
-    except Exception as exc:  # torch raises many types for a corrupt or mismatched file
-        raise ModelError(f"model {what}: cannot load weights {weights_path}: {exc}") from exc
-    return SegmentationModel(name=card["name"], version=str(card["version"]), labels=labels, card=card,
-                             network=network, device=device)
-
-
-def load_segmentation_model(spec: str, *, device: str = "auto") -> SegmentationModel:
+def load_segmentation_model(spec: str, *, device: str = "auto", mixed_precision: bool = True) -> SegmentationModel:
     """Return the model a spec names, loading its weights once per process and device.
 
     Args:
-        spec: ``"demo:<name>"`` for a shipped demo model, or a folder with ``card.json`` and
-            ``model.pt``.
-        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda:0"``...
+        spec: ``"demo:<name>"``, a MONAI bundle folder, a TorchScript file with a sidecar JSON,
+            or a card folder (see :mod:`pacs_sentinel.inference.sources`).
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        mixed_precision: float16 autocast in forward passes; only takes effect on CUDA.
 
     Returns:
-        The loaded model, shared by every caller asking for the same spec and device.
+        The loaded model; callers asking for the same resolved spec and device share its
+        network (a different ``mixed_precision`` gives a view on the same weights).
 
     Raises:
-        ModelError: Unknown spec, missing or broken card or weights.
+        ModelError: Unknown spec, missing or broken model files (the message names the path),
+            or an unavailable device.
     """
     torch_device = resolve_device(device)
-    key = (spec, str(torch_device))
+    key = (str(resolve_spec(spec)), str(torch_device))
     with _cache_lock:
         model = _cache.get(key)
         if model is None:
-            model = load_model_dir(resolve_model_dir(spec), torch_device, spec=spec)
+            model = SegmentationModel.from_definition(load_definition(spec), torch_device,
+                                                      mixed_precision=mixed_precision)
             _cache[key] = model
             log.info("model loaded", spec=spec, version=model.version, device=str(torch_device))
-        return model
+    return model.with_mixed_precision(mixed_precision)
 
 
 def clear_model_cache() -> None:

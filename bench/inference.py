@@ -1,0 +1,192 @@
+"""Seconds per study of the segmentation pipeline, split by stage, and the daemon overhead ratio.
+
+For each input (the demo organ-seg at a 128x128x64 phantom (rows x cols x slices) and at the
+default 160x160x48 phantom) and each device (CPU, and CUDA when present) it times what the
+daemon's worker does for one study, with the model already warm:
+
+- ``load``: reading the series' DICOM files into a volume (``load_series_files``);
+- ``preprocess``, ``forward``, ``samples`` (MC dropout), ``inverse``: from
+  ``SegmentationResult.timing``;
+- ``qc``: ``qc.evaluate.evaluate_segmentation``;
+- ``report``: ``reports.resultset.build_result_set`` + ``ResultSet.write`` to a temp folder.
+
+The **daemon overhead ratio** is ``(load + preprocess + inverse + qc + report) / (forward +
+samples)``: everything that is not the network over what the network costs. It also measures
+the cost of ``N`` uncertainty samples batched in one pass against ``N`` separate passes, peak
+memory (tracemalloc for numpy/Python allocations, ``ru_maxrss`` for the process) and the cold
+model load. Medians of ``--runs`` runs. Prints a Markdown section and writes it to the
+``inference`` section of docs/benchmarks.md (unless ``--no-doc``).
+
+Run ``.venv/bin/python bench/inference.py [--runs 5] [--threads 2] [--samples 4] [--no-doc]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine_line, write_section  # noqa: E402
+
+from pacs_sentinel.dicom_io.series import load_series_files  # noqa: E402
+from pacs_sentinel.inference.models import clear_model_cache, load_segmentation_model  # noqa: E402
+from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series  # noqa: E402
+from pacs_sentinel.inference.uncertainty import draw_samples  # noqa: E402
+from pacs_sentinel.qc.evaluate import evaluate_segmentation  # noqa: E402
+from pacs_sentinel.reports.resultset import build_result_set  # noqa: E402
+
+MODEL_SPEC = "demo:organ-seg"
+#: (label, phantom shape (slices, rows, cols), spacing (mm)); both cover the same 240x400x400 mm.
+INPUTS = [
+    ("128x128x64", (64, 128, 128), (3.75, 3.125, 3.125)),
+    ("160x160x48", (48, 160, 160), (5.0, 2.5, 2.5)),
+]
+STAGES = ("load", "preprocess", "forward", "samples", "inverse", "qc", "report")
+OVERHEAD = ("load", "preprocess", "inverse", "qc", "report")
+NETWORK = ("forward", "samples")
+
+
+def one_study(model, paths: list[Path], samples: int, out_root: Path, run: int) -> dict[str, float]:
+    """Run one study as the worker does; seconds per stage."""
+    started = time.perf_counter()
+    volume = load_series_files(paths)
+    seconds = {"load": time.perf_counter() - started}
+    result = model.predict(volume, threshold=0.5, mc_dropout_samples=samples)
+    seconds.update({k: result.timing[k] for k in ("preprocess", "forward", "samples", "inverse")})
+    mark = time.perf_counter()
+    qc = evaluate_segmentation(volume, result, accept_threshold=0.5)
+    seconds["qc"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    build_result_set(volume, result, qc).write(out_root / f"run-{run}")
+    seconds["report"] = time.perf_counter() - mark
+    seconds["total"] = time.perf_counter() - started
+    return seconds
+
+
+def sample_cost(model, paths: list[Path], n: int, runs: int) -> dict[str, float]:
+    """Median seconds of one forward pass, of ``n`` batched samples and of ``n`` sequential ones."""
+    image = model.prepare(load_series_files(paths)).image
+
+    def timed(fn) -> float:
+        values = []
+        for _ in range(runs):
+            mark = time.perf_counter()
+            fn()
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            values.append(time.perf_counter() - mark)
+        return statistics.median(values)
+
+    def draw(batch_size):
+        return lambda: draw_samples(model.probabilities, model.network, image, model.geometry,
+                                    mc_dropout_samples=n, tta_flips=(), batch_size=batch_size)
+
+    single = timed(lambda: model.probabilities(image))
+    return {"single": single, "batched": timed(draw(None)), "sequential": timed(draw(1))}
+
+
+def measure(device: str, runs: int, samples: int, tmp: Path) -> tuple[list[str], list[str], list[str]]:
+    """Rows of the stage table, the sample-cost table and the memory table for one device."""
+    clear_model_cache()
+    mark = time.perf_counter()
+    model = load_segmentation_model(MODEL_SPEC, device=device)
+    cold_load = time.perf_counter() - mark
+    stage_rows, sample_rows, memory_rows = [], [], []
+    for label, shape, spacing in INPUTS:
+        paths = write_ct_series(make_ct_phantom(4_000_000, shape=shape, spacing=spacing), tmp / f"{label}-series", seed=1)
+        one_study(model, paths, samples, tmp / f"{device}-{label}-warm", 0)  # warm-up
+        per_run = [one_study(model, paths, samples, tmp / f"{device}-{label}", i) for i in range(runs)]
+        tracemalloc.start()  # a separate, untimed run: tracing slows Python-heavy stages down
+        one_study(model, paths, samples, tmp / f"{device}-{label}-memory", 0)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        median = {k: statistics.median(r[k] for r in per_run) for k in (*STAGES, "total")}
+        overhead = sum(median[k] for k in OVERHEAD)
+        network = sum(median[k] for k in NETWORK)
+        ratio = overhead / network
+        own = (median["preprocess"] + median["inverse"]) / network
+        print(f"{device} {label}: " + ", ".join(f"{k} {median[k]:.3f}" for k in (*STAGES, "total"))
+              + f" s; overhead ratio {ratio:.2f}", file=sys.stderr)
+        stage_rows.append(f"| {device} | {label} | " + " | ".join(f"{median[k]:.3f}" for k in STAGES)
+                          + f" | **{median['total']:.3f}** | **{ratio:.2f}** | {own:.2f} |")
+        maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        memory_rows.append(f"| {device} | {label} | {peak / 2**20:.0f} | {maxrss_mb:.0f} |")
+        for n in (4, 8):
+            cost = sample_cost(model, paths, n, runs)
+            speedup = cost["sequential"] / cost["batched"]
+            print(f"{device} {label} N={n}: single {cost['single']:.3f} s, batched {cost['batched']:.3f} s, "
+                  f"sequential {cost['sequential']:.3f} s, speed-up {speedup:.2f}x", file=sys.stderr)
+            sample_rows.append(
+                f"| {device} | {label} | {n} | {cost['single']:.3f} | {cost['batched']:.3f} "
+                f"({cost['batched'] / n:.3f}/sample) | {cost['sequential']:.3f} | {speedup:.2f}x |")
+    memory_rows.append(f"| {device} | cold model load | {cold_load:.2f} s | |")
+    return stage_rows, sample_rows, memory_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs per measurement; the median is reported")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the daemon's inference.threads)")
+    parser.add_argument("--samples", type=int, default=4, help="MC dropout samples per study (pipeline default 4)")
+    parser.add_argument("--no-doc", action="store_true", help="print only; do not write docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    stage_rows, sample_rows, memory_rows = [], [], []
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        for device in devices:
+            s, u, m = measure(device, args.runs, args.samples, Path(tmp))
+            stage_rows += s
+            sample_rows += u
+            memory_rows += m
+    load_after = os.getloadavg()[0]
+    text = f"""## Inference: seconds per study, by stage (demo organ-seg)
+
+Generated by `bench/inference.py --runs {args.runs} --threads {args.threads} --samples {args.samples}`.
+{machine_line()} torch {torch.__version__}, {args.threads} torch thread(s); medians of {args.runs} runs after one
+warm-up, model already loaded (kept warm by the daemon); 1-minute load average {load_before:.1f} before,
+{load_after:.1f} after (other work on a shared machine makes single runs noisy). Phantom seed 4000000; both inputs cover
+240x400x400 mm and are resampled to the model's 48x80x80 working grid (5 mm), one sliding window.
+A study = read the DICOM series, predict with {args.samples} MC dropout samples (pipeline default), QC,
+SEG+SR+SC encoding and writing.
+
+| device | input (rows x cols x slices) | load | preprocess | forward | samples (N={args.samples}) | inverse | QC | report | total | overhead ratio | pre+inverse / network |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(stage_rows)}
+
+Overhead ratio = (load + preprocess + inverse + QC + report) / (forward + samples); target <= 1.5.
+The last column is the inference stage's own share: (preprocess + inverse) / (forward + samples).
+
+### Uncertainty samples: one batch vs separate passes
+
+| device | input | N | one forward pass (s) | N batched (s) | N sequential (s) | speed-up |
+|---|---|---|---|---|---|---|
+{chr(10).join(sample_rows)}
+
+Extra time per sample = batched / N. Speed-up = sequential / batched.
+
+### Memory
+
+| device | input | tracemalloc peak of one study (MiB, numpy/Python) | process max RSS so far (MiB) |
+|---|---|---|---|
+{chr(10).join(memory_rows)}
+"""
+    print(text)
+    if not args.no_doc:
+        write_section("inference", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+"""Multi-label classification of 2D images: the demo DenseNet-121, loading, prediction,
+calibration and Grad-CAM.
+
+A classification model lives in a folder holding ``model.pt`` (a ``state_dict``, float16 or
+float32) and ``card.json`` (``"task": "classification"``: architecture, input size, labels with
+their codes, decision thresholds, the calibration temperature, training recipe, held-out
+metrics and the reference statistics QC compares results against). The demo model ships in
+``demo_models/cxr-cls`` and is named ``"demo:cxr-cls"``.
+
+Preprocessing is defined once (:func:`preprocess_image`) and used both by
+:meth:`ClassificationModel.predict` and by training (:mod:`pacs_sentinel.inference.train_cxr`):
+resize to the card's input size (bilinear with anti-aliasing, aspect ratio not kept, as
+CheXNet-style models do), then map the 1st..99th intensity percentiles to [0, 1]. The model is
+therefore indifferent to the stored value range, bit depth and window of the image.
+
+Outputs are ``sigmoid(logits / T)`` with the temperature ``T`` fitted on a held-out
+calibration split (temperature scaling, Guo et al. 2017); the thresholds and ``T`` come from
+the card.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import structlog
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DenseNet121
+from monai.visualize import GradCAM
+from pydicom.pixels import apply_modality_lut
+
+from pacs_sentinel.errors import DecodeError, ModelError, SeriesError
+from pacs_sentinel.inference.models import resolve_device
+from pacs_sentinel.inference.sources import CARD_FILE, WEIGHTS_FILE, resolve_spec
+from pacs_sentinel.results import ClassificationResult, Code, FindingLabel
+
+log = structlog.get_logger(__name__)
+
+#: Architecture of the demo classifier: MONAI DenseNet-121 (block layout 6-12-24-16) with a
+#: narrower growth rate and stem than the ImageNet model (1.8 M instead of 7 M parameters),
+#: dropout in every dense layer so that Monte Carlo dropout can estimate uncertainty.
+DEMO_DENSENET_KWARGS: dict[str, Any] = {
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "out_channels": 3,
+    "init_features": 32,
+    "growth_rate": 16,
+    "block_config": [6, 12, 24, 16],
+    "dropout_prob": 0.1,
+}
+#: Network input (rows, cols) of the demo model.
+DEMO_INPUT_SIZE = (128, 128)
+#: Intensity percentiles mapped to 0 and 1.
+DEMO_PERCENTILES = (1.0, 99.0)
+#: Layer whose activations and gradients Grad-CAM weighs (MONAI DenseNet names).
+DEMO_GRADCAM_LAYER = "class_layers.relu"
+#: Test-time flips a 2D model understands; ``"z"`` (valid for 3D pipelines) is ignored.
+FLIP_DIMS = {"x": -1, "y": -2}
+#: Normalised values are clipped to this range (outliers such as metal do not dominate).
+_CLIP = (-1.0, 2.0)
+
+
+def build_classifier(**kwargs: Any) -> torch.nn.Module:
+    """Build a MONAI ``DenseNet121`` from card architecture keyword arguments."""
+    arch = dict(kwargs)
+    if "block_config" in arch:
+        arch["block_config"] = tuple(arch["block_config"])
+    return DenseNet121(**arch)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def preprocess_image(image: np.ndarray | torch.Tensor, input_size: Sequence[int] = DEMO_INPUT_SIZE,
+                     percentiles: Sequence[float] = DEMO_PERCENTILES) -> torch.Tensor:
+    """Turn a 2D image (any value range) into the network input.
+
+    Args:
+        image: ``(rows, cols)`` array.
+        input_size: Network input ``(rows, cols)``.
+        percentiles: Low and high percentile mapped to 0 and 1 (after resizing).
+
+    Returns:
+        A ``(1, 1, *input_size)`` float32 tensor; a flat image gives zeros.
+    """
+    tensor = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
+    size = (int(input_size[0]), int(input_size[1]))
+    if tuple(tensor.shape[2:]) != size:
+        tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)
+    q = torch.tensor([percentiles[0] / 100.0, percentiles[1] / 100.0])
+    low, high = torch.quantile(tensor.flatten(), q)
+    span = float(high - low)
+    if not np.isfinite(span) or span <= 1e-6:
+        return torch.zeros_like(tensor)
+    return ((tensor - low) / span).clamp(*_CLIP)
+
+
+def image_from_dataset(ds: pydicom.Dataset, *, frame: int | None = None) -> np.ndarray:
+    """The image of a single-frame grayscale dataset (DX, CR, CT, MR...) in modality units.
+
+    The Modality LUT (rescale slope/intercept or LUT sequence) is applied; a MONOCHROME1 image
+    is inverted over its possible value range so that, as in MONOCHROME2, higher is brighter.
+
+    Args:
+        ds: The dataset, with pixel data.
+        frame: Frame index of a multi-frame dataset; None requires a single frame.
+
+    Returns:
+        A float32 ``(rows, cols)`` array.
+
+    Raises:
+        SeriesError: Not a 2D grayscale image (colour, several frames without ``frame``).
+        DecodeError: Missing or undecodable pixel data.
+    """
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise DecodeError(f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise SeriesError(f"instance {ds.get('SOPInstanceUID', '?')} is a colour image "
+                          f"({ds.get('PhotometricInterpretation', '?')}); classification needs grayscale")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1 and frame is None:
+        raise SeriesError(f"instance {ds.get('SOPInstanceUID', '?')} has {frames} frames; name the frame to classify")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for unsupported or corrupt pixel data
+        raise DecodeError(f"cannot decode pixel data of {ds.get('SOPInstanceUID', '?')}: {exc}") from exc
+    if frames > 1:
+        if not 0 <= int(frame or 0) < frames:
+            raise SeriesError(f"frame {frame} out of range 0..{frames - 1}")
+        pixels = pixels[int(frame or 0)]
+    if pixels.ndim != 2:
+        raise SeriesError(f"instance {ds.get('SOPInstanceUID', '?')}: pixel array of shape {pixels.shape} is not 2D")
+    image = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        bits = int(ds.get("BitsStored", 16))
+        if int(ds.get("PixelRepresentation", 0)) == 1:
+            stored_range = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1])
+        else:
+            stored_range = np.array([0, 2**bits - 1])
+        ends = np.asarray(apply_modality_lut(stored_range, ds), dtype=np.float64)
+        image = (float(ends.min()) + float(ends.max()) - image).astype(np.float32)
+    return np.ascontiguousarray(image)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def expected_calibration_error(probabilities: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[float],
+                               n_bins: int = 10) -> float:
+    """Expected calibration error of binary (or multi-label) probabilities.
+
+    Every (case, label) pair is one binary prediction. Predictions are put in ``n_bins``
+    equal-width bins of their probability (1.0 in the last bin); the ECE is the mean over bins,
+    weighted by their share of predictions, of ``|observed frequency - mean probability|``.
+
+    Args:
+        probabilities: Predicted probabilities of the positive class, any shape.
+        labels: 0/1 ground truth of the same shape.
+        n_bins: Number of bins.
+
+    Returns:
+        The ECE in [0, 1]; 0.0 for empty input.
+
+    Raises:
+        ValueError: Shapes differ, probabilities outside [0, 1], or ``n_bins`` < 1.
+    """
+    p = np.asarray(probabilities, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    if np.shape(probabilities) != np.shape(labels):
+        raise ValueError(f"probabilities shape {np.shape(probabilities)} differs from labels shape {np.shape(labels)}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    if p.size == 0:
+        return 0.0
+    if np.any((p < 0) | (p > 1)) or not np.all(np.isfinite(p)):
+        raise ValueError("probabilities must lie in [0, 1]")
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for k in range(n_bins):
+        in_bin = bins == k
+        if in_bin.any():
+            ece += in_bin.mean() * abs(y[in_bin].mean() - p[in_bin].mean())
+    return float(ece)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, max_iter: int = 200) -> float:
+    """Fit one temperature ``T`` minimising the binary NLL of ``sigmoid(logits / T)``.
+
+    Args:
+        logits: ``(cases, labels)`` raw logits of a held-out calibration split.
+        labels: 0/1 array of the same shape.
+        max_iter: LBFGS iterations.
+
+    Returns:
+        ``T`` (> 0); > 1 softens an over-confident model.
+    """
+    z = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
+    optimiser = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return float(log_t.exp().item())
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _set_dropout(network: torch.nn.Module, active: bool) -> None:
+    """Switch only the dropout layers to train (sampling) mode; batch norm stays in eval."""
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.train(active)
+
+
+def _scale_maps(maps: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """Resize ``(n, 1, h, w)`` Grad-CAM maps to ``shape`` and min-max each into [0, 1]."""
+    maps = F.interpolate(maps.float(), size=shape, mode="bilinear", align_corners=False)[:, 0]
+    flat = maps.flatten(1)
+    low = flat.min(1).values.view(-1, 1, 1)
+    span = (flat.max(1).values.view(-1, 1, 1) - low)
+    scaled = torch.where(span > 1e-12, (maps - low) / span.clamp_min(1e-12), torch.zeros_like(maps))
+    return scaled.clamp(0, 1).cpu().numpy().astype(np.float32)
+
+
+class ClassificationModel:
+    """A loaded multi-label classifier with its card; :meth:`predict` runs it on one image.
+
+    Attributes:
+        name: Model name (e.g. ``"cxr-cls"``).
+        version: Version of the weights.
+        labels: One finding per output.
+        card: The parsed ``card.json``.
+        device: Where the network runs.
+        temperature: Logits are divided by it before the sigmoid.
+        thresholds: Decision threshold per label.
+        network: The ``torch`` module, in eval mode.
+    """
+
+    def __init__(self, *, name: str, version: str, labels: list[FindingLabel], card: dict[str, Any],
+                 network: torch.nn.Module, device: torch.device, mixed_precision: bool = True) -> None:
+        self.name = name
+        self.version = version
+        self.labels = labels
+        self.card = card
+        self.device = device
+        self.temperature = float(card.get("temperature", 1.0))
+        self.thresholds = np.asarray(card.get("thresholds", [0.5] * len(labels)), dtype=np.float64)
+        self.input_size = tuple(int(n) for n in card.get("input_size", DEMO_INPUT_SIZE))
+        self.percentiles = tuple(float(p) for p in card.get("intensity_percentiles", DEMO_PERCENTILES))
+        self.mixed_precision = bool(mixed_precision) and device.type == "cuda"
+        self.network = network.to(device).eval()
+        self._gradcam: GradCAM | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ClassificationModel(name={self.name!r}, version={self.version!r}, device={str(self.device)!r})"
+
+    def network_input(self, image: np.ndarray) -> torch.Tensor:
+        """The ``(1, 1, rows, cols)`` network input of an image (:func:`preprocess_image`)."""
+        return preprocess_image(image, self.input_size, self.percentiles).to(self.device)
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Raw float32 logits ``(batch, labels)`` of preprocessed inputs, without gradients.
+
+        Runs in whatever mode the dropout layers are in (Monte Carlo dropout sets train).
+        """
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=self.mixed_precision):
+            return self.network(inputs).float()
+
+    def calibrate(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
+        """``sigmoid(logits / temperature)`` as float64."""
+        z = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+        return torch.sigmoid(z / self.temperature).numpy()
+
+    def _gradcam_maps(self, inputs: torch.Tensor, indices: list[int], shape: tuple[int, int]) -> dict[int, np.ndarray]:
+        """Grad-CAM of each label in ``indices`` in one batched forward/backward pass."""
+        if self._gradcam is None:
+            layer = str(self.card.get("gradcam_layer", DEMO_GRADCAM_LAYER))
+            try:
+                cam = GradCAM(nn_module=self.network, target_layers=layer,
+                              upsampler=lambda _size: (lambda x: x), postprocessing=lambda x: x)
+            except (AttributeError, KeyError, ValueError) as exc:
+                raise ModelError(f"model {self.name}: no Grad-CAM layer {layer!r}: {exc}") from exc
+            # One copy of the image per finding, each scoring its own finding's logit.
+            cam.nn_module.class_score = lambda logits, idx: logits.gather(1, idx.view(-1, 1)).squeeze(1)  # type: ignore[method-assign]
+            self._gradcam = cam
+        batch = inputs.expand(len(indices), *inputs.shape[1:]).contiguous()
+        index = torch.as_tensor(indices, device=inputs.device)
+        with torch.enable_grad():
+            maps = self._gradcam(batch, class_idx=index)
+        self.network.zero_grad(set_to_none=True)
+        return dict(zip(indices, _scale_maps(maps.detach(), shape)))
+
+    def predict(
+        self,
+        image: np.ndarray,
+        pixel_spacing: tuple[float, float] | None = None,
+        *,
+        mc_dropout_samples: int = 0,
+        tta_flips: Sequence[str] = (),
+        gradcam: bool = True,
+    ) -> ClassificationResult:
+        """Classify one 2D image.
+
+        Args:
+            image: ``(rows, cols)`` image in any value range, brighter = denser
+                (:func:`image_from_dataset` gives it for a DICOM instance).
+            pixel_spacing: Row and column spacing in mm; the demo model resizes every image
+                to its input size, so it is only logged.
+            mc_dropout_samples: Number of Monte Carlo dropout passes (batched into one forward
+                pass); 0 disables them.
+            tta_flips: Test-time flips, ``"x"`` (left-right) and/or ``"y"`` (up-down), one
+                deterministic sample each; ``"z"`` is ignored for 2D images. The demo model was
+                trained with left-right flips only, so ``"y"`` samples are out of distribution
+                by design.
+            gradcam: Compute a Grad-CAM map for every positive finding.
+
+        Returns:
+            Calibrated probabilities, logits, thresholds, samples (MC dropout first, then the
+            flips) and Grad-CAM maps on the source grid; timing keys ``preprocess``,
+            ``forward``, ``samples`` and ``gradcam`` (seconds).
+
+        Raises:
+            ModelError: The image is not a non-empty finite 2D array, an unknown flip is asked
+                for, or the network fails.
+        """
+        started = time.perf_counter()
+        array = np.asarray(image)
+        if array.ndim != 2 or array.size == 0 or min(array.shape) < 2:
+            raise ModelError(f"model {self.name}: cannot classify an array of shape {array.shape}; a 2D image is needed")
+        if not np.all(np.isfinite(array)):
+            raise ModelError(f"model {self.name}: the image contains NaN or infinite values")
+        unknown = [f for f in tta_flips if f not in FLIP_DIMS and f != "z"]
+        if unknown:
+            raise ModelError(f"model {self.name}: unknown test-time flip(s) {unknown}; use 'x' and/or 'y'")
+        if mc_dropout_samples < 0:
+            raise ModelError(f"model {self.name}: mc_dropout_samples must be >= 0, got {mc_dropout_samples}")
+        timing: dict[str, float] = {}
+        shape = (int(array.shape[0]), int(array.shape[1]))
+        try:
+            with self._lock:
+                mark = time.perf_counter()
+                inputs = self.network_input(array)
+                timing["preprocess"] = time.perf_counter() - mark
+
+                mark = time.perf_counter()
+                logits = self.logits(inputs)[0].cpu().numpy().astype(np.float64)
+                timing["forward"] = time.perf_counter() - mark
+
+                mark = time.perf_counter()
+                sample_logits: list[np.ndarray] = []
+                kinds: list[str] = []
+                if mc_dropout_samples > 0:
+                    _set_dropout(self.network, True)
+                    try:
+                        batch = inputs.expand(mc_dropout_samples, *inputs.shape[1:])
+                        sample_logits.append(self.logits(batch).cpu().numpy())
+                    finally:
+                        _set_dropout(self.network, False)
+                    kinds += ["mc-dropout"] * mc_dropout_samples
+                flips = [f for f in tta_flips if f in FLIP_DIMS]
+                if flips:
+                    batch = torch.cat([torch.flip(inputs, dims=(FLIP_DIMS[f],)) for f in flips])
+                    sample_logits.append(self.logits(batch).cpu().numpy())
+                    kinds += [f"tta:flip-{f}" for f in flips]
+                timing["samples"] = time.perf_counter() - mark
+
+                probabilities = self.calibrate(logits)
+                positives = [i for i in range(len(self.labels)) if probabilities[i] >= self.thresholds[i]]
+                mark = time.perf_counter()
+                heatmaps = self._gradcam_maps(inputs, positives, shape) if gradcam and positives else {}
+                timing["gradcam"] = time.perf_counter() - mark
+        except RuntimeError as exc:
+            raise ModelError(f"model {self.name} failed on a {array.shape} image: {exc}") from exc
+        samples = self.calibrate(np.concatenate(sample_logits)) if sample_logits else None
+        seconds = time.perf_counter() - started
+        log.debug("classification done", model=self.name, shape=shape, pixel_spacing=pixel_spacing,
+                  positive=[self.labels[i].name for i in positives], seconds=round(seconds, 3))
+        return ClassificationResult(
+            probabilities=probabilities,
+            logits=logits,
+            labels=list(self.labels),
+            thresholds=self.thresholds.copy(),
+            model_name=self.name,
+            model_version=self.version,
+            temperature=self.temperature,
+            samples=samples,
+            sample_kinds=kinds,
+            heatmaps=heatmaps,
+            seconds=seconds,
+            timing=timing,
+            reference={k: dict(v) for k, v in self.card.get("reference", {}).items()},
+        )
+
+
+def labels_from_card(card: dict[str, Any]) -> list[FindingLabel]:
+    """The findings a classification card declares (``labels``: name, code, tracking id)."""
+    return [FindingLabel(name=e["name"], code=Code(*e["code"]), tracking_id=e["tracking_id"]) for e in card["labels"]]
+
+
+# --------------------------------------------------------------------------- registry
+
+_cache: dict[tuple[str, str, bool], ClassificationModel] = {}
+_cache_lock = threading.Lock()
+
+
+def load_classification_dir(model_dir: Path, device: torch.device, *, spec: str | None = None,
+                            mixed_precision: bool = True) -> ClassificationModel:
+    """Load a classification model folder (``card.json`` + ``model.pt``) without caching.
+
+    Raises:
+        ModelError: Missing or unreadable card or weights, a card of another task, or weights
+            that do not fit the architecture; the message names the spec and the path.
+    """
+    what = spec or str(model_dir)
+    card_path = Path(model_dir) / CARD_FILE
+    weights_path = Path(model_dir) / WEIGHTS_FILE
+    if not card_path.is_file():
+        raise ModelError(f"model {what}: no model card at {card_path}")
+    if not weights_path.is_file():
+        hint = f" (run `sentinel train-demo {Path(model_dir).name}`)" if spec and spec.startswith("demo:") else ""
+        raise ModelError(f"model {what}: no weights at {weights_path}{hint}")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        if card.get("task", "classification") != "classification":
+            raise ValueError(f"task is {card.get('task')!r}, not 'classification'")
+        for key in ("name", "version", "architecture", "labels"):
+            if key not in card:
+                raise KeyError(key)
+        labels = labels_from_card(card)
+        network = build_classifier(**card["architecture"])
+        if len(card.get("thresholds", labels)) != len(labels):
+            raise ValueError(f"{len(card['thresholds'])} thresholds for {len(labels)} labels")
+        if float(card.get("temperature", 1.0)) <= 0:
+            raise ValueError(f"temperature {card['temperature']} is not positive")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"model {what}: invalid model card {card_path}: {exc!r}") from exc
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        state = {k: v.float() if torch.is_floating_point(v) else v for k, v in state.items()}
+        network.load_state_dict(state)
+    except Exception as exc:  # torch raises many types for a corrupt or mismatched file
+        raise ModelError(f"model {what}: cannot load weights {weights_path}: {exc}") from exc
+    return ClassificationModel(name=card["name"], version=str(card["version"]), labels=labels, card=card,
+                               network=network, device=device, mixed_precision=mixed_precision)
+
+
+def load_classification_model(spec: str, *, device: str = "auto", mixed_precision: bool = True) -> ClassificationModel:
+    """Return the classifier a spec names, loading its weights once per process and device.
+
+    Args:
+        spec: ``"demo:<name>"`` for a shipped demo model, or a folder with ``card.json`` and
+            ``model.pt``.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda:0"``...
+        mixed_precision: float16 autocast on CUDA; ignored on CPU.
+
+    Returns:
+        The loaded model, shared by every caller asking for the same spec, device and
+        precision.
+
+    Raises:
+        ModelError: Unknown spec, missing or broken card or weights.
+    """
+    torch_device = resolve_device(device)
+    model_dir = resolve_spec(spec)
+    key = (str(model_dir), str(torch_device), bool(mixed_precision))
+    with _cache_lock:
+        model = _cache.get(key)
+        if model is None:
+            model = load_classification_dir(model_dir, torch_device, spec=spec,
+                                            mixed_precision=mixed_precision)
+            _cache[key] = model
+            log.info("model loaded", spec=spec, version=model.version, device=str(torch_device))
+        return model
+
+
+def clear_classification_cache() -> None:
+    """Forget every loaded classifier (tests; after retraining in the same process)."""
+    with _cache_lock:
+        _cache.clear()

@@ -1,0 +1,131 @@
+"""Stochastic samples of one prediction for QC: Monte Carlo dropout and test-time flips.
+
+Both kinds are **batched**: the ``N`` dropout samples are ``N`` copies of the input in one
+batch (each batch item draws its own dropout mask), and the flipped inputs go through the
+network together in another batch. A batch of ``N`` costs less than ``N`` passes because the
+per-pass overhead (sliding-window bookkeeping, kernel launches, small-tensor inefficiency) is
+paid once; ``bench/inference.py`` measures the speed-up.
+
+Only dropout modules are switched to training mode for MC dropout; normalisation layers stay
+in eval mode so the samples differ by dropout alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from pacs_sentinel.inference.preprocess import ModelGeometry
+from pacs_sentinel.results import UncertaintySamples
+
+#: Patient axes a test-time flip may mirror.
+FLIP_AXES = ("x", "y", "z")
+
+
+def dropout_modules(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The dropout layers of ``network`` (eager ``nn.Dropout*`` or their TorchScript copies)."""
+    found = []
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            found.append(module)
+        elif isinstance(module, torch.jit.ScriptModule) and "Dropout" in str(getattr(module, "original_name", "")):
+            found.append(module)
+    return found
+
+
+@contextlib.contextmanager
+def mc_dropout(network: torch.nn.Module) -> Iterator[int]:
+    """Put only the dropout layers of ``network`` in training mode for the duration.
+
+    Yields:
+        How many dropout layers are active (0: the model cannot do MC dropout).
+    """
+    layers = dropout_modules(network)
+    modes = [layer.training for layer in layers]
+    try:
+        for layer in layers:
+            layer.train(True)
+        yield len(layers)
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.train(mode)
+
+
+def flip_dims(geometry: ModelGeometry, flips: Sequence[str]) -> list[tuple[str, int]]:
+    """``(kind, tensor dim)`` of each requested flip on a ``(batch, channel, a, b, c)`` tensor.
+
+    Raises:
+        ValueError: A flip that is not ``"x"``, ``"y"`` or ``"z"``.
+    """
+    out = []
+    for axis in flips:
+        if axis not in FLIP_AXES:
+            raise ValueError(f"unknown test-time flip {axis!r}; expected one of {', '.join(FLIP_AXES)}")
+        out.append((f"tta:flip-{axis}", 2 + geometry.array_axis(axis)))
+    return out
+
+
+def draw_samples(
+    probabilities: Callable[[torch.Tensor], torch.Tensor],
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    geometry: ModelGeometry,
+    *,
+    mc_dropout_samples: int,
+    tta_flips: Sequence[str],
+    batch_size: int | None = None,
+) -> tuple[torch.Tensor, list[str]]:
+    """Run MC dropout and test-time-flip samples of one input, batched.
+
+    Args:
+        probabilities: Maps a ``(batch, 1, *grid)`` input to ``(batch, labels, *grid)``
+            probabilities, in whatever mode the network is in.
+        network: The module :func:`mc_dropout` switches.
+        image: The ``(1, 1, *grid)`` network input.
+        geometry: Maps flip axes to array axes.
+        mc_dropout_samples: Number of dropout samples (0: none; also none when the network
+            has no dropout layer).
+        tta_flips: Patient axes to mirror, one sample each.
+        batch_size: Samples per forward pass; default all of a kind in one pass (1 gives
+            the sequential baseline the benchmark compares with).
+
+    Returns:
+        ``(samples, labels, *grid)`` probabilities (flipped samples flipped back, so every
+        sample is aligned with the unflipped input) and the kind of each sample.
+    """
+    chunks: list[torch.Tensor] = []
+    kinds: list[str] = []
+    if mc_dropout_samples > 0:
+        with mc_dropout(network) as active:
+            if active:
+                step = batch_size or mc_dropout_samples
+                for start in range(0, mc_dropout_samples, step):
+                    n = min(step, mc_dropout_samples - start)
+                    chunks.append(probabilities(image.expand(n, *image.shape[1:])))
+                    kinds.extend(["mc-dropout"] * n)
+    flips = flip_dims(geometry, tta_flips)
+    if flips:
+        step = batch_size or len(flips)
+        for start in range(0, len(flips), step):
+            group = flips[start:start + step]
+            batch = torch.cat([torch.flip(image, dims=(dim,)) for _, dim in group])
+            out = probabilities(batch)
+            chunks.extend(torch.flip(out[i:i + 1], dims=(dim,)) for i, (_, dim) in enumerate(group))
+            kinds.extend(kind for kind, _ in group)
+    if not chunks:
+        return image.new_zeros((0,)), []
+    return torch.cat(chunks), kinds
+
+
+def as_uncertainty(samples: torch.Tensor, kinds: list[str], deterministic: torch.Tensor, threshold: float,
+                   spacing_mm: tuple[float, float, float], seconds: float) -> UncertaintySamples:
+    """Package samples for QC: float16 maps and the thresholded deterministic mask (working grid)."""
+    return UncertaintySamples(
+        probabilities=samples.to(torch.float16).cpu().numpy(),
+        kinds=list(kinds),
+        mask=(deterministic >= threshold).cpu().numpy().astype(bool),
+        spacing=(float(spacing_mm[0]), float(spacing_mm[1]), float(spacing_mm[2])),
+        seconds=float(seconds),
+    )

@@ -1,0 +1,205 @@
+"""Tests of the classification pipeline: the demo cxr-cls model, calibration, Grad-CAM, training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+
+from pacs_sentinel.errors import ModelError, SeriesError
+from pacs_sentinel.inference.classification import (
+    ClassificationModel,
+    expected_calibration_error,
+    fit_temperature,
+    image_from_dataset,
+    load_classification_model,
+)
+from pacs_sentinel.inference.radiographs import FINDINGS, make_cxr_phantom
+from pacs_sentinel.inference.train_cxr import auprc, auroc, sensitivity_at_specificity, train_cxr
+from pacs_sentinel.results import ClassificationResult
+
+DEMO_DIR = Path(__file__).parents[2] / "src" / "pacs_sentinel" / "inference" / "demo_models" / "cxr-cls"
+
+
+@pytest.fixture(scope="module")
+def model() -> ClassificationModel:
+    torch.set_num_threads(2)
+    return load_classification_model("demo:cxr-cls", device="cpu")
+
+
+def test_demo_model_is_cached_and_described(model: ClassificationModel) -> None:
+    assert load_classification_model("demo:cxr-cls", device="cpu") is model
+    assert model.name == "cxr-cls" and model.version == "1.0.0"
+    assert [label.name for label in model.labels] == list(FINDINGS)
+    assert {label.code.value for label in model.labels} == {"786838002", "60046008", "8186001"}
+    assert all(label.code.scheme == "SCT" for label in model.labels)
+    assert model.temperature > 0 and model.temperature == model.card["temperature"]
+    assert model.device == torch.device("cpu")
+    assert set(model.card["metrics"]["per_finding"]) == set(FINDINGS)
+
+
+def test_predicts_findings_on_phantoms(model: ClassificationModel) -> None:
+    cases = [
+        {},
+        {"effusion": True},
+        {"cardiomegaly": True},
+        {"nodule": True},
+        {"effusion": True, "cardiomegaly": True},
+        {"nodule": True, "effusion": True, "cardiomegaly": True},
+    ]
+    correct, total = 0, 0
+    for i, findings in enumerate(cases):
+        phantom = make_cxr_phantom(900_000 + i, findings=findings)
+        result = model.predict(phantom.image, phantom.pixel_spacing)
+        assert isinstance(result, ClassificationResult)
+        for j, name in enumerate(FINDINGS):
+            correct += result.positive(j) == phantom.findings[name]
+            total += 1
+    assert correct / total >= 0.75  # a sanity check, not a benchmark
+
+
+def test_result_fields_and_temperature(model: ClassificationModel) -> None:
+    phantom = make_cxr_phantom(4, findings={"effusion": True, "cardiomegaly": True})
+    result = model.predict(phantom.image)
+    assert result.probabilities.shape == result.logits.shape == result.thresholds.shape == (len(FINDINGS),)
+    assert result.temperature == model.temperature
+    expected = 1.0 / (1.0 + np.exp(-result.logits / model.temperature))
+    assert np.allclose(result.probabilities, expected, atol=1e-9)
+    assert result.samples is None and result.sample_kinds == []
+    assert result.model_name == "cxr-cls" and result.seconds > 0
+    assert {"preprocess", "forward", "samples", "gradcam"} <= set(result.timing)
+    assert set(result.reference) == set(FINDINGS)
+
+
+def test_heatmaps_only_for_positive_findings_on_the_source_grid(model: ClassificationModel) -> None:
+    phantom = make_cxr_phantom(6, findings={"effusion": True, "cardiomegaly": True}, shape=(300, 240))
+    result = model.predict(phantom.image)
+    positives = {j for j in range(len(FINDINGS)) if result.positive(j)}
+    assert positives, "expected at least one positive finding"
+    assert set(result.heatmaps) == positives
+    for heatmap in result.heatmaps.values():
+        assert heatmap.shape == (300, 240) and heatmap.dtype == np.float32
+        assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 and heatmap.max() > 0.5
+    assert model.predict(phantom.image, gradcam=False).heatmaps == {}
+
+
+def test_mc_dropout_and_flips(model: ClassificationModel) -> None:
+    phantom = make_cxr_phantom(8, findings={"nodule": True})
+    result = model.predict(phantom.image, mc_dropout_samples=6, tta_flips=("x", "y", "z"))
+    assert result.samples is not None and result.samples.shape == (8, len(FINDINGS))
+    assert result.sample_kinds == ["mc-dropout"] * 6 + ["tta:flip-x", "tta:flip-y"]
+    assert np.all((result.samples >= 0) & (result.samples <= 1))
+    assert np.ptp(result.samples[:6], axis=0).max() > 1e-4  # the dropout samples differ
+    # Sampling leaves the model deterministic afterwards.
+    again = model.predict(phantom.image)
+    assert np.allclose(again.logits, model.predict(phantom.image).logits)
+    assert np.allclose(again.logits, result.logits)
+    with pytest.raises(ModelError, match="flip"):
+        model.predict(phantom.image, tta_flips=("w",))
+
+
+def test_rejects_non_2d_input(model: ClassificationModel) -> None:
+    with pytest.raises(ModelError, match="shape"):
+        model.predict(np.zeros((4, 64, 64), dtype=np.float32))
+    with pytest.raises(ModelError, match="NaN"):
+        model.predict(np.full((64, 64), np.nan, dtype=np.float32))
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    # Two bins used: [0.2, 0.3) with 0.2, 0.2 (observed 0/2 -> error 0.2) and [0.8, 0.9) with
+    # 0.8, 0.8 (observed 2/2 -> error 0.2) -> 0.2. A third bin [0.5, 0.6): p 0.5, y 1 -> 0.5.
+    p = np.array([0.2, 0.2, 0.8, 0.8, 0.5])
+    y = np.array([0, 0, 1, 1, 1])
+    assert expected_calibration_error(p, y) == pytest.approx((2 * 0.2 + 2 * 0.2 + 0.5) / 5)
+    assert expected_calibration_error(np.array([1.0, 0.0]), np.array([1, 0])) == 0.0
+    assert expected_calibration_error(np.array([[0.9, 0.1]]), np.array([[1, 0]])) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="shape"):
+        expected_calibration_error(np.array([0.5]), np.array([1, 0]))
+
+
+def test_fit_temperature_recovers_overconfidence() -> None:
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2, size=(4000, 3))
+    labels = (rng.random((4000, 3)) < 1 / (1 + np.exp(-true_logits))).astype(float)
+    assert fit_temperature(3.0 * true_logits, labels) == pytest.approx(3.0, rel=0.1)
+
+
+def test_ranking_metrics() -> None:
+    y = np.array([0, 0, 1, 1])
+    assert auroc(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert auroc(y, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
+    assert auprc(y, np.array([0.1, 0.2, 0.8, 0.9])) == pytest.approx(1.0)
+    assert auprc(y, np.array([0.9, 0.2, 0.8, 0.1])) == pytest.approx((1 / 2 + 2 / 4) / 2)
+    negatives = np.linspace(0, 1, 100)
+    scores = np.concatenate([negatives, [0.97, 0.5]])
+    labels = np.concatenate([np.zeros(100), [1, 1]])
+    assert sensitivity_at_specificity(labels, scores) == pytest.approx(0.5)
+
+
+def test_image_from_dataset_applies_the_modality_lut() -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    image = image_from_dataset(ds)
+    assert image.shape == (ds.Rows, ds.Columns) and image.dtype == np.float32
+    assert np.allclose(image, ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+    result = load_classification_model("demo:cxr-cls", device="cpu").predict(image)
+    assert np.all((result.probabilities >= 0) & (result.probabilities <= 1))
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    with pytest.raises(SeriesError, match="colour"):
+        image_from_dataset(ds)
+
+
+def test_training_smoke_run_writes_a_loadable_model(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    metrics = train_cxr(tmp_path, epochs=1, progress=False, n_train=32, n_val=8, n_cal=8, n_test=8, n_per_variant=0)
+    assert set(metrics["per_finding"]) == set(FINDINGS)
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["name"] == "cxr-cls" and card["temperature"] > 0 and card["training"]["epochs_run"] == 1
+    assert (tmp_path / "MODEL_CARD.md").read_text().startswith("# Model card: cxr-cls")
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if torch.is_floating_point(v))
+    trained = load_classification_model(str(tmp_path), device="cpu")
+    result = trained.predict(make_cxr_phantom(1).image, mc_dropout_samples=2)
+    assert result.probabilities.shape == (len(FINDINGS),)
+
+
+def test_broken_models_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="demo:no-such-model"):
+        load_classification_model("demo:no-such-model", device="cpu")
+    missing = tmp_path / "missing"
+    with pytest.raises(ModelError, match=str(missing)):
+        load_classification_model(str(missing), device="cpu")
+
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(DEMO_DIR / "card.json", no_weights / "card.json")
+    with pytest.raises(ModelError, match="no weights"):
+        load_classification_model(str(no_weights), device="cpu")
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    shutil.copy(DEMO_DIR / "card.json", corrupt / "card.json")
+    (corrupt / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match=str(corrupt / "model.pt")):
+        load_classification_model(str(corrupt), device="cpu")
+
+    wrong_task = tmp_path / "segmentation"
+    wrong_task.mkdir()
+    card = json.loads((DEMO_DIR / "card.json").read_text())
+    (wrong_task / "card.json").write_text(json.dumps({**card, "task": "segmentation"}))
+    shutil.copy(DEMO_DIR / "model.pt", wrong_task / "model.pt")
+    with pytest.raises(ModelError, match="classification"):
+        load_classification_model(str(wrong_task), device="cpu")
+
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "card.json").write_text("{")
+    shutil.copy(DEMO_DIR / "model.pt", bad_json / "model.pt")
+    with pytest.raises(ModelError, match="invalid model card"):
+        load_classification_model(str(bad_json), device="cpu")
