@@ -58,6 +58,7 @@ class Reason(enum.Enum):
     HIGH_UNCERTAINTY = Code("QC025", QC_SCHEME, "High uncertainty")
     POOR_INPUT_QUALITY = Code("QC026", QC_SCHEME, "Poor input image quality")
     BORDER_CONTACT = Code("QC027", QC_SCHEME, "Mask touches image border")
+    IMPLAUSIBLE_LOCATION = Code("QC028", QC_SCHEME, "Implausible location")
 
     @property
     def label(self) -> str:

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from pacs_sentinel.dicom_io.series import Volume
-from pacs_sentinel.qc.evaluate import evaluate_segmentation
+from pacs_sentinel.qc.evaluate import QC_VERSION, evaluate_segmentation
+from pacs_sentinel.qc.heuristics import (
+    FLAG_BELOW,
+    Signal,
+    border_contact_signal,
+    hole_signal,
+    left_share,
+    location_signal,
+)
 from pacs_sentinel.results import Code, Reason, SegmentationResult, SegmentLabel, Verdict
 
 LIVER = SegmentLabel("Liver", Code("91723000", "SCT", "Anatomical Structure"), Code("10200004", "SCT", "Liver"), "liver")
@@ -16,7 +24,11 @@ VOXEL_ML = np.prod(SPACING) / 1000.0
 
 
 def _volume() -> Volume:
-    return Volume(np.zeros(SHAPE, np.float32), SPACING, (0.0, 0.0, 0.0), np.eye(3), [])
+    """A clean CT-like volume: air around an elliptic soft-tissue body, mild noise."""
+    _, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    body = ((y - 48) * SPACING[1] / 100.0) ** 2 + ((x - 48) * SPACING[2] / 110.0) ** 2 <= 1.0
+    array = np.where(body, 40.0, -1000.0) + np.random.default_rng(0).normal(0.0, 12.0, SHAPE)
+    return Volume(np.broadcast_to(array, SHAPE).astype(np.float32), SPACING, (0.0, 0.0, 0.0), np.eye(3), [])
 
 
 def _ellipsoid(radii_mm: tuple[float, float, float], centre: tuple[int, int, int] = (20, 48, 48)) -> np.ndarray:
@@ -97,3 +109,79 @@ def test_a_result_sent_to_review_always_names_a_reason() -> None:
     assert segment.verdict is Verdict.NEEDS_REVIEW
     assert all(v >= 0.5 for k, v in segment.signals.items() if k.endswith("_subscore"))
     assert len(segment.reasons) == 1
+
+
+def test_a_solid_mask_has_no_holes_and_a_cavity_is_flagged() -> None:
+    solid = _ellipsoid((60, 50, 45))
+    assert hole_signal(solid).value == 0.0
+    assert not hole_signal(solid).fired
+    hollow = solid & ~_ellipsoid((30, 25, 22))
+    signal = hole_signal(hollow)
+    assert signal.value == pytest.approx((solid.sum() - hollow.sum()) / solid.sum())
+    assert signal.fired and signal.reason is Reason.SHAPE_IRREGULARITY
+    qc = evaluate_segmentation(_volume(), _result(hollow))
+    assert Reason.SHAPE_IRREGULARITY in qc.reasons
+    assert qc.segments[0].signals["hole_share"] > 0.05
+
+
+def test_a_mask_cut_by_the_image_border_is_flagged() -> None:
+    inside = _ellipsoid((60, 50, 45))
+    assert border_contact_signal(inside).value == 0.0
+    cut = _ellipsoid((60, 50, 60), centre=(20, 48, 90))  # runs out of the field of view at the right
+    signal = border_contact_signal(cut)
+    assert signal.fired and signal.reason is Reason.BORDER_CONTACT
+    qc = evaluate_segmentation(_volume(), _result(cut))
+    assert Reason.BORDER_CONTACT in qc.reasons
+    assert qc.verdict is Verdict.NEEDS_REVIEW
+
+
+def test_left_share_follows_the_patient_orientation() -> None:
+    mask = _ellipsoid((40, 30, 30), centre=(20, 48, 20))  # low column indices
+    assert left_share(mask, 48 * SPACING[2], SPACING, np.eye(3)) == 0.0  # column index -> patient left
+    flipped = np.diag([-1.0, 1.0, -1.0])  # column index -> patient right (e.g. feet-first prone)
+    assert left_share(mask, -48 * SPACING[2], SPACING, flipped) == 1.0
+
+
+def test_a_mask_on_the_wrong_side_of_the_body_is_flagged() -> None:
+    reference = {"left_share_p01": 0.05, "left_share_p99": 0.2}
+    right = _ellipsoid((40, 30, 30), centre=(20, 48, 30))  # patient right (low x)
+    left = _ellipsoid((40, 30, 30), centre=(20, 48, 66))  # patient left
+    for mask, expect_fired in ((right, False), (left, True)):
+        result = _result(mask)
+        result.reference["Liver"].update(reference)
+        qc = evaluate_segmentation(_volume(), result)
+        segment = qc.segments[0]
+        assert segment.signals["left_share"] == pytest.approx(0.0 if not expect_fired else 1.0)
+        assert (Reason.IMPLAUSIBLE_LOCATION in segment.reasons) is expect_fired
+        assert (segment.verdict is Verdict.NEEDS_REVIEW) is expect_fired
+
+
+def test_location_is_skipped_without_a_card_reference() -> None:
+    assert location_signal(0.9, {"volume_ml_p01": 1.0, "volume_ml_p99": 2.0}) is None
+    assert location_signal(0.9, None) is None
+    qc = evaluate_segmentation(_volume(), _result(_ellipsoid((40, 30, 30), centre=(20, 48, 66))))
+    assert "left_share" not in qc.segments[0].signals
+
+
+def test_every_signal_is_recorded_and_the_version_is_bumped() -> None:
+    qc = evaluate_segmentation(_volume(), _result(_ellipsoid((60, 50, 45))))
+    assert qc.qc_version == QC_VERSION == "1.2.0"
+    signals = qc.segments[0].signals
+    for name in ("hole_share", "border_contact_share", "noise_hu", "edge_width_px", "metal_ml",
+                 "air_level_hu", "out_of_range_share", "contrast_range_hu", "truncated_slice_share"):
+        assert name in signals and f"{name}_subscore" in signals
+
+
+def test_a_floored_signal_lowers_but_cannot_veto_alone() -> None:
+    floored = Signal("noise_hu", 120.0, 0.0, Reason.POOR_INPUT_QUALITY, fusion_floor=0.6)
+    assert floored.fired and floored.fusion_factor == pytest.approx(0.6)
+    assert Signal("x", 1.0, 0.3, Reason.FRAGMENTATION).fusion_factor == pytest.approx(0.3)
+    assert FLAG_BELOW == 0.5
+
+
+def test_a_noisy_input_is_reported_but_a_good_mask_stays_accepted() -> None:
+    volume = _volume()
+    volume.array = volume.array + np.random.default_rng(1).normal(0.0, 120.0, SHAPE).astype(np.float32)
+    qc = evaluate_segmentation(volume, _result(_ellipsoid((60, 50, 45))))
+    assert Reason.POOR_INPUT_QUALITY in qc.reasons
+    assert qc.verdict is Verdict.ACCEPTED

@@ -87,6 +87,16 @@ def organ_seg_card_template() -> dict[str, Any]:
     }
 
 
+def _left_share(phantom: CTPhantom) -> float:
+    """Share of the ground-truth liver on the patient's left of the body midline (as QC measures it)."""
+    from pacs_sentinel.qc.heuristics import left_share
+    from pacs_sentinel.qc.image import assess_image
+
+    volume = phantom_volume(phantom)
+    midline = assess_image(volume).midline_x_mm(volume)
+    return left_share(phantom.liver, midline if midline is not None else 0.0, volume.spacing, volume.direction)
+
+
 def phantom_volume(phantom: CTPhantom) -> Volume:
     """Wrap a phantom as a :class:`Volume` (axial, no source datasets) for evaluation."""
     return Volume(
@@ -183,6 +193,7 @@ def train_demo(
     images = torch.cat([preprocess_array(p.hu, p.spacing, card) for p in train_phantoms])
     targets = torch.cat([preprocess_mask(p.liver, p.spacing, card) for p in train_phantoms])
     train_volumes_ml = np.array([p.liver_volume_ml for p in train_phantoms])
+    train_left_shares = np.array([_left_share(p) for p in train_phantoms])
     del train_phantoms
 
     network = build_demo_unet(**card["architecture"])
@@ -226,6 +237,9 @@ def train_demo(
             **percentiles,
             "volume_ml_mean": round(float(train_volumes_ml.mean()), 1),
             "volume_ml_std": round(float(train_volumes_ml.std(ddof=1)) if len(train_volumes_ml) > 1 else 0.0, 1),
+            # Where the organ lies (QC's location check): share on the patient's left of the midline.
+            "left_share_p01": round(float(np.percentile(train_left_shares, 1)), 3),
+            "left_share_p99": round(float(np.percentile(train_left_shares, 99)), 3),
         }
     }
     val = _evaluate(model, [make_ct_phantom(base + VAL_SEED_OFFSET + i) for i in range(recipe["n_val"])])

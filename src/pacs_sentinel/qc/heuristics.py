@@ -31,6 +31,18 @@ ROUNDNESS_LOW = 0.45
 #: Mean foreground probability inside the mask: sub-score 1 at or above HIGH, 0 at LOW.
 CONFIDENCE_HIGH = 0.85
 CONFIDENCE_LOW = 0.55
+#: Share of the filled mask in enclosed cavities: sub-score 1 at or below LOW, 0 at or above HIGH.
+#: Ground truth and predictions on the 64 training phantoms: 0 (a solid organ has none).
+HOLE_SHARE_LOW = 0.01
+HOLE_SHARE_HIGH = 0.05
+#: Share of mask surface voxels on the volume's faces: sub-score 1 at or below LOW, 0 at HIGH.
+#: Normal phantoms: at most 0.006 (a liver grazing the top slice); a quarter of an organ cut off: 0.04.
+BORDER_CONTACT_LOW = 0.01
+BORDER_CONTACT_HIGH = 0.05
+#: Excess of the left share beyond the card's p01..p99 at which the location sub-score is 0
+#: (0.5 at half of it). Training phantoms: liver left share 0.07-0.19; situs inversus
+#: predictions 0.38-0.75.
+LEFT_SHARE_ZERO_EXCESS = 0.20
 
 
 @dataclass(frozen=True)
@@ -41,11 +53,19 @@ class Signal:
     value: float
     subscore: float
     reason: Reason
+    #: What the check leaves of the quality score at sub-score 0 (0: it can veto alone).
+    #: Input-quality checks that explain rather than prove a failure use a floor > 0.
+    fusion_floor: float = 0.0
 
     @property
     def fired(self) -> bool:
         """True when the check raises its reason."""
         return self.subscore < FLAG_BELOW
+
+    @property
+    def fusion_factor(self) -> float:
+        """The factor this signal contributes to the product fusion, in [fusion_floor, 1]."""
+        return self.fusion_floor + (1.0 - self.fusion_floor) * self.subscore
 
 
 def ramp(value: float, low: float, high: float) -> float:
@@ -114,3 +134,76 @@ def confidence_signal(probabilities: np.ndarray, mask: np.ndarray) -> Signal:
     mean = float(inside.mean()) if inside.size else 0.0
     subscore = ramp(mean, CONFIDENCE_LOW, CONFIDENCE_HIGH)
     return Signal("mean_probability", mean, subscore, Reason.LOW_MODEL_CONFIDENCE)
+
+
+def hole_signal(mask: np.ndarray) -> Signal:
+    """Share of the filled mask that is internal cavities (3D holes, 6-connected background).
+
+    A solid organ's mask has no enclosed cavity; a cavity means the model missed tissue
+    inside the organ (a lesion, an artefact) and is reported as a shape irregularity.
+    """
+    filled = ndimage.binary_fill_holes(mask)
+    filled_count = int(filled.sum())
+    share = float(filled_count - int(mask.sum())) / filled_count if filled_count else 0.0
+    subscore = 1.0 - ramp(share, HOLE_SHARE_LOW, HOLE_SHARE_HIGH)
+    return Signal("hole_share", share, subscore, Reason.SHAPE_IRREGULARITY)
+
+
+def border_contact_signal(mask: np.ndarray) -> Signal:
+    """Share of the mask's surface voxels that lie on the volume's outer faces.
+
+    Surface voxels are mask voxels with a 6-neighbour outside the mask; a mask cut off by the
+    field of view (in-plane) or the scan range (first/last slice) has part of its surface on
+    the border, and its volume and shape are then unreliable.
+    """
+    surface = mask & ~ndimage.binary_erosion(mask, border_value=1)
+    total = int(surface.sum())
+    if total == 0:
+        return Signal("border_contact_share", 0.0, 1.0, Reason.BORDER_CONTACT)
+    on_border = np.zeros_like(mask, dtype=bool)
+    on_border[[0, -1], :, :] = True
+    on_border[:, [0, -1], :] = True
+    on_border[:, :, [0, -1]] = True
+    share = float(int((surface & on_border).sum())) / total
+    subscore = 1.0 - ramp(share, BORDER_CONTACT_LOW, BORDER_CONTACT_HIGH)
+    return Signal("border_contact_share", share, subscore, Reason.BORDER_CONTACT)
+
+
+def patient_x_mm(indices: np.ndarray, spacing: tuple[float, float, float], direction: np.ndarray) -> np.ndarray:
+    """Patient x (LPS: + = patient left) of voxel indices ``(n, 3)`` as (slice, row, col), up to a constant.
+
+    ``direction``'s columns are the patient-space unit vectors of the column, row and slice
+    index (:class:`~pacs_sentinel.dicom_io.series.Volume`).
+    """
+    direction = np.asarray(direction, dtype=np.float64)
+    weights = np.array([direction[0, 2] * spacing[0], direction[0, 1] * spacing[1], direction[0, 0] * spacing[2]])
+    return indices.astype(np.float64) @ weights
+
+
+def left_share(mask: np.ndarray, midline_x_mm: float, spacing: tuple[float, float, float],
+               direction: np.ndarray) -> float:
+    """Share of the mask's voxels on the patient's left of ``midline_x_mm`` (same origin as :func:`patient_x_mm`)."""
+    indices = np.argwhere(mask)
+    if indices.size == 0:
+        return 0.0
+    return float(np.mean(patient_x_mm(indices, spacing, direction) > midline_x_mm))
+
+
+def location_signal(share_left: float, reference: dict[str, float] | None) -> Signal | None:
+    """Side of the body the mask lies on, against the range the model card records.
+
+    The card records ``left_share_p01`` / ``left_share_p99``: the share of the label's mask on
+    the patient's left of the body's midline on its training data (a liver: about 0.1, on
+    the right; situs inversus: mostly left). The sub-score falls from 1 at the recorded range
+    to 0 at ``LEFT_SHARE_ZERO_EXCESS`` beyond it. A mask in an implausible place is reported
+    as QC028 "Implausible location".
+
+    Returns:
+        The signal, or None when the card records no range for the label.
+    """
+    if not reference or "left_share_p01" not in reference or "left_share_p99" not in reference:
+        return None
+    low, high = float(reference["left_share_p01"]), float(reference["left_share_p99"])
+    excess = max(0.0, share_left - high, low - share_left)
+    subscore = 1.0 - ramp(excess, 0.0, LEFT_SHARE_ZERO_EXCESS)
+    return Signal("left_share", share_left, subscore, Reason.IMPLAUSIBLE_LOCATION)
