@@ -24,7 +24,7 @@ def test_shipped_config_is_valid_and_is_the_embedded_default() -> None:
     config = load_config(REPO / "config.toml")
     assert config.node.ae_title == "SENTINEL"
     assert config.node.data_dir == (REPO / "var").resolve()
-    assert [p.model for p in config.pipelines] == ["demo:organ-seg"]
+    assert [p.model for p in config.pipelines] == ["demo:organ-seg", "demo:cxr-cls"]
     assert default_config_text() == (REPO / "config.toml").read_text(encoding="utf-8")
 
 

@@ -53,6 +53,13 @@ name = "organ-seg"
 kind = "segmentation"
 model = "demo:organ-seg"
 match = {{ Modality = ["CT"] }}
+
+[[pipelines]]
+name = "cxr-cls"
+kind = "classification"
+model = "demo:cxr-cls"
+match = {{ Modality = ["DX", "CR"] }}
+min_slices = 1
 """,
         encoding="utf-8",
     )

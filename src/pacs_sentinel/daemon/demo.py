@@ -1,6 +1,7 @@
 """``sentinel demo``: the whole product on embedded defaults, end to end.
 
-Makes three synthetic CT studies (one clean, two that QC should flag), starts a local
+Makes three synthetic CT studies (one clean, two that QC should flag) and a chest
+radiograph with two findings, starts a local
 receiving PACS (an in-process storage SCP) and the daemon, pushes the studies over
 DICOM, waits for the results and prints what came back.
 """
@@ -28,6 +29,7 @@ from pacs_sentinel.dicom_io.scu import Peer, send_files
 from pacs_sentinel.dicom_io.spool import Spool
 from pacs_sentinel.errors import SentinelError
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
+from pacs_sentinel.inference.radiographs import make_cxr_phantom, write_dx_image
 
 #: Longest wait for all results, in seconds.
 DEMO_TIMEOUT_SECONDS = 600
@@ -36,18 +38,23 @@ PACS_AE_TITLE = "DEMOPACS"
 
 @dataclass(frozen=True)
 class DemoStudy:
-    """One synthetic study of the demo."""
+    """One synthetic study of the demo: an abdomen CT (organ-seg) or a chest radiograph (cxr-cls)."""
 
     title: str
     variant: str
     seed: int
+    kind: str = "ct"
 
 
 DEMO_STUDIES = (
     DemoStudy("clean abdomen CT", "normal", 1001),
     DemoStudy("heavy metal artefact", "metal-artifact", 1002),
     DemoStudy("unusual anatomy", "unusual-anatomy", 1003),
+    DemoStudy("chest radiograph", "normal", 1004, kind="dx"),
 )
+
+#: Findings drawn into the demo radiograph (the classifier should report both).
+DEMO_CXR_FINDINGS = {"nodule": False, "effusion": True, "cardiomegaly": True}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -83,15 +90,21 @@ def run_demo(workdir: Path) -> int:
 
     studies: dict[str, tuple[DemoStudy, list[Path]]] = {}
     for index, study in enumerate(DEMO_STUDIES, start=1):
-        phantom = make_ct_phantom(study.seed, variant=study.variant)
-        files = write_ct_series(
-            phantom, workdir / "studies" / study.variant, patient_id=f"DEMO{index:03d}",
-            patient_name=f"Demo^{study.variant.replace('-', ' ').title().replace(' ', '')}",
-            study_description=f"Demo: {study.title}", seed=study.seed,
-        )
+        patient_name = f"Demo^{study.title.title().replace(' ', '')}"
+        if study.kind == "dx":
+            radiograph = make_cxr_phantom(study.seed, findings=DEMO_CXR_FINDINGS, variant=study.variant)
+            files = [write_dx_image(radiograph, workdir / "studies" / "chest", patient_id=f"DEMO{index:03d}",
+                                    patient_name=patient_name, study_description=f"Demo: {study.title}",
+                                    seed=study.seed)]
+        else:
+            phantom = make_ct_phantom(study.seed, variant=study.variant)
+            files = write_ct_series(
+                phantom, workdir / "studies" / study.variant, patient_id=f"DEMO{index:03d}",
+                patient_name=patient_name, study_description=f"Demo: {study.title}", seed=study.seed,
+            )
         study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         studies[study_uid] = (study, files)
-    print(f"synthesized {len(studies)} CT studies ({sum(len(f) for _, f in studies.values())} instances)")
+    print(f"synthesized {len(studies)} studies ({sum(len(f) for _, f in studies.values())} instances)")
 
     configure_logging("console", "warning", stream=sys.stderr)
     pacs_db = Database(workdir / "pacs" / "pacs.db")
