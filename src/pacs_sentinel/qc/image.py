@@ -84,8 +84,8 @@ TRUNCATION_BORDER_SHARE = 0.05
 TRUNCATED_LOW = 0.2
 TRUNCATED_HIGH = 0.6
 #: Fusion floors: what a check at sub-score 0 still leaves of the quality score.
-NOISE_FUSION_FLOOR = 0.6
-BLUR_FUSION_FLOOR = 0.6
+NOISE_FUSION_FLOOR = 0.8
+BLUR_FUSION_FLOOR = 0.8
 #: Subsampling: at most this many slices, at most this many pixels per slice.
 MAX_SLICES = 16
 MAX_SLICE_PIXELS = 256 * 256
