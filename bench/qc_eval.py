@@ -37,6 +37,9 @@ torch.set_num_threads(1)  # a light benchmark: the test machine is shared
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name, write_section  # noqa: E402
+
 from pacs_sentinel.inference.models import load_segmentation_model  # noqa: E402
 from pacs_sentinel.inference.phantoms import PHANTOM_VARIANTS, make_ct_phantom  # noqa: E402
 from pacs_sentinel.inference.training import (  # noqa: E402
@@ -60,7 +63,6 @@ SEEDS_PER_VARIANT = 10_000
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- qc_eval:start -->", "<!-- qc_eval:end -->"
 #: Signals shown per variant (QC ``signals`` keys).
 SIGNALS = ("volume_ml", "largest_component_share", "roundness", "mean_probability")
 
@@ -178,17 +180,6 @@ def _f(x: float, digits: int = 3) -> str:
     return "n/a" if np.isnan(x) else f"{x:.{digits}f}"
 
 
-def cpu_name() -> str:
-    """The CPU model name (Linux /proc/cpuinfo), else what :mod:`platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def summarise(cases: list[Case], args: argparse.Namespace, device: str, model_version: str, wall_s: float) -> str:
     """The markdown section (without markers)."""
     lines: list[str] = []
@@ -289,25 +280,6 @@ def summarise(cases: list[Case], args: argparse.Namespace, device: str, model_ve
     return "\n".join(lines)
 
 
-def write_doc(section: str, path: Path) -> None:
-    """Create ``path`` or replace only the marked section in it."""
-    block = f"{START}\n{section}\n{END}"
-    if path.exists():
-        text = path.read_text(encoding="utf-8")
-        if START in text and END in text and text.index(START) < text.index(END):
-            head, rest = text.split(START, 1)
-            tail = rest.split(END, 1)[1]
-            text = head + block + tail
-        else:
-            text = text.rstrip("\n") + "\n\n" + block + "\n"
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = "# Benchmarks\n\nFigures written by the scripts in `bench/` (see `bench/README.md`).\n\n" + block + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-per-variant", type=int, default=20, help="phantoms per variant (default 20)")
@@ -341,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     section = summarise(cases, args, str(model.device), model.version, time.perf_counter() - started)
     print(section)
     if not args.no_doc:
-        write_doc(section, args.doc)
+        write_section("qc_eval", section, args.doc)
         print(f"\nwritten to {args.doc}", file=sys.stderr)
     return 0
 
