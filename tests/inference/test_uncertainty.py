@@ -104,3 +104,22 @@ def test_mc_dropout_context_restores_modes() -> None:
     with mc_dropout(net) as active:
         assert active == 1 and net[2].training and not net[1].training
     assert not any(m.training for m in net.modules())
+
+
+def test_mc_dropout_samples_are_reproducible_and_leave_the_global_rng_alone() -> None:
+    import torch
+
+    from pacs_sentinel.inference.models import load_segmentation_model
+    from pacs_sentinel.inference.phantoms import make_ct_phantom
+    from pacs_sentinel.inference.training import phantom_volume
+
+    model = load_segmentation_model("demo:organ-seg")
+    volume = phantom_volume(make_ct_phantom(3, shape=(24, 64, 64)))
+    torch.manual_seed(1)
+    first = model.predict(volume, mc_dropout_samples=3).uncertainty
+    after_first = torch.rand(1)
+    torch.manual_seed(1)
+    second = model.predict(volume, mc_dropout_samples=3).uncertainty
+    assert first is not None and second is not None
+    assert (first.probabilities == second.probabilities).all()
+    assert torch.equal(torch.rand(1), after_first)  # the caller's random stream is untouched

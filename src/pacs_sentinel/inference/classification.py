@@ -39,6 +39,7 @@ from pydicom.pixels import apply_modality_lut
 from pacs_sentinel.errors import DecodeError, ModelError, SeriesError
 from pacs_sentinel.inference.models import resolve_device
 from pacs_sentinel.inference.sources import CARD_FILE, WEIGHTS_FILE, resolve_spec
+from pacs_sentinel.inference.uncertainty import seeded_dropout
 from pacs_sentinel.results import ClassificationResult, Code, FindingLabel
 
 log = structlog.get_logger(__name__)
@@ -368,7 +369,8 @@ class ClassificationModel:
                     _set_dropout(self.network, True)
                     try:
                         batch = inputs.expand(mc_dropout_samples, *inputs.shape[1:])
-                        sample_logits.append(self.logits(batch).cpu().numpy())
+                        with seeded_dropout():  # same image, same samples, same verdict
+                            sample_logits.append(self.logits(batch).cpu().numpy())
                     finally:
                         _set_dropout(self.network, False)
                     kinds += ["mc-dropout"] * mc_dropout_samples

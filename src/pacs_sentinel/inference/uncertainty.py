@@ -35,9 +35,25 @@ def dropout_modules(network: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+#: Seed of the dropout masks: the same study gives the same samples, so the same QC verdict.
+MC_DROPOUT_SEED = 20251123
+
+
+@contextlib.contextmanager
+def seeded_dropout() -> Iterator[None]:
+    """Draw dropout masks from a fixed seed without disturbing the process's random state."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(MC_DROPOUT_SEED)
+        yield
+
+
 @contextlib.contextmanager
 def mc_dropout(network: torch.nn.Module) -> Iterator[int]:
     """Put only the dropout layers of ``network`` in training mode for the duration.
+
+    Dropout masks come from a fixed seed (:func:`seeded_dropout`): a study sent twice gets
+    the same samples and therefore the same quality score and verdict.
 
     Yields:
         How many dropout layers are active (0: the model cannot do MC dropout).
@@ -47,7 +63,8 @@ def mc_dropout(network: torch.nn.Module) -> Iterator[int]:
     try:
         for layer in layers:
             layer.train(True)
-        yield len(layers)
+        with seeded_dropout():
+            yield len(layers)
     finally:
         for layer, mode in zip(layers, modes):
             layer.train(mode)

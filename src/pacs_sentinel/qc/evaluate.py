@@ -11,6 +11,7 @@ names at least one reason.
 
 from __future__ import annotations
 
+import numpy as np
 import structlog
 
 from pacs_sentinel.dicom_io.series import Volume
@@ -39,6 +40,14 @@ def verdict_for(score: float, accept_threshold: float) -> Verdict:
     return Verdict.ACCEPTED if score >= accept_threshold else Verdict.NEEDS_REVIEW
 
 
+def crop_to_mask(mask: np.ndarray, margin: int = 1) -> np.ndarray:
+    """The mask's bounding box, padded with ``margin`` empty voxels on every side."""
+    coords = np.argwhere(mask)
+    low, high = coords.min(axis=0), coords.max(axis=0) + 1
+    box = mask[tuple(slice(lo, hi) for lo, hi in zip(low, high, strict=True))]
+    return np.pad(box, margin, constant_values=False)
+
+
 def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_threshold: float = 0.5) -> QCResult:
     """Judge every segment of a segmentation result.
 
@@ -64,10 +73,13 @@ def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_
             )
             continue
         reference = result.reference.get(label.name)
+        # Shape checks only need the mask's neighbourhood: components, roundness and holes
+        # are the same on its bounding box with a one-voxel empty margin, at a fraction of the cost.
+        around = crop_to_mask(mask)
         signals: list[Signal] = [
-            fragmentation_signal(mask),
-            shape_signal(mask, volume.spacing),
-            hole_signal(mask),
+            fragmentation_signal(around),
+            shape_signal(around, volume.spacing),
+            hole_signal(around),
             border_contact_signal(mask),
             confidence_signal(probabilities, mask),
         ]

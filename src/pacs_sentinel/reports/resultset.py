@@ -25,6 +25,10 @@ from pacs_sentinel.reports.seg import build_segmentation
 from pacs_sentinel.reports.sr import build_qc_report
 from pacs_sentinel.results import ClassificationResult, QCResult, SegmentationResult
 
+#: zlib level of the overlay PNGs. PNG is lossless at every level: 1 writes the same pixels
+#: about 2.5x faster than Pillow's default 6, for files about a fifth larger (~80 kB).
+PNG_COMPRESS_LEVEL = 1
+
 
 @dataclass
 class ResultSet:
@@ -77,7 +81,7 @@ class ResultSet:
                 if isinstance(payload, Dataset):
                     payload.save_as(tmp, enforce_file_format=True)
                 else:
-                    Image.fromarray(payload, mode="RGB").save(tmp, format="PNG")
+                    Image.fromarray(payload, mode="RGB").save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
                 os.replace(tmp, path)
             except (OSError, ValueError, TypeError) as exc:
                 tmp.unlink(missing_ok=True)
