@@ -47,3 +47,26 @@ def test_bad_studies_fail_or_are_rejected_and_good_ones_still_run(tmp_path: Path
     assert "missing 1 slice" in (jobs[uid["gappy"]].error or "")
     assert jobs[uid["good"]].state is JobState.DONE
     assert received_modalities(pacs) == ["OT", "SEG", "SR"]
+
+
+def test_withhold_seg_policy_sends_sr_and_overlay_but_keeps_the_seg(tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
+    from pacs_sentinel.daemon.config import parse_config
+
+    base = make_config(tmp_path, pacs.port).model_dump(mode="json")
+    base["pipelines"][0]["reports"] = {"on_review": "withhold-seg"}
+    sentinel = sentinel_factory(parse_config(base))
+    flagged = write_ct_series(make_ct_phantom(8, variant="metal-artifact"), tmp_path / "metal", seed=8)
+    clean = write_ct_series(make_ct_phantom(9), tmp_path / "clean", seed=9)
+    peer = Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)
+    for files in (flagged, clean):
+        assert all(r.delivered for r in send_files(files, peer, calling_ae="CT1"))
+    jobs = _finished(sentinel, 2)
+    flagged_job = jobs[str(pydicom.dcmread(flagged[0]).StudyInstanceUID)]
+    clean_job = jobs[str(pydicom.dcmread(clean[0]).StudyInstanceUID)]
+    assert flagged_job.verdict == "Needs review" and clean_job.verdict == "Accepted"
+    # The flagged study: SR + overlay at the PACS, the SEG kept here; the clean one: all three.
+    assert received_modalities(pacs) == ["OT", "OT", "SEG", "SR", "SR"]
+    assert (Path(flagged_job.output_dir or "") / "SEG_withheld.dcm").is_file()
+    outbox = sentinel.database.connection().execute(
+        "SELECT path FROM outbox WHERE job_id = ?", [flagged_job.id]).fetchall()
+    assert not any("SEG" in Path(p).name for (p,) in outbox)

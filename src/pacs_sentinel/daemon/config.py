@@ -115,6 +115,12 @@ class DestinationConfig(_Strict):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+class PipelineReportsConfig(_Strict):
+    """``[pipelines.reports]``: what is sent for a result that needs review."""
+
+    on_review: Literal["send", "withhold-seg"] = "send"
+
+
 class PipelineConfig(_Strict):
     """``[[pipelines]]``: which series go to which model."""
 
@@ -130,6 +136,7 @@ class PipelineConfig(_Strict):
     sw_overlap: float = Field(0.25, ge=0, lt=1)
     min_slices: int = Field(8, ge=1)
     series_number_base: int = Field(900, ge=1)
+    reports: PipelineReportsConfig = PipelineReportsConfig()
 
     @field_validator("match", "match_regex")
     @classmethod

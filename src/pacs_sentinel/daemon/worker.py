@@ -171,7 +171,11 @@ class Worker:
         result = model.predict(volume, threshold=pipeline.threshold, mc_dropout_samples=pipeline.mc_dropout_samples,
                                tta_flips=tuple(pipeline.tta_flips), sw_overlap=pipeline.sw_overlap)
         qc = evaluate_segmentation(volume, result, accept_threshold=self.config.qc.accept_threshold)
-        result_set = build_result_set(volume, result, qc, series_number_base=pipeline.series_number_base)
+        withhold = pipeline.reports.on_review == "withhold-seg" and qc.verdict is Verdict.NEEDS_REVIEW
+        result_set = build_result_set(volume, result, qc, series_number_base=pipeline.series_number_base,
+                                      withheld_seg=withhold)
+        if withhold:
+            log.info("segmentation withheld for review; SR and overlay say so")
         return result_set, result, qc, volume.series_uid
 
     def _classify(self, pipeline: PipelineConfig, files: list[Path]) -> Analysis:

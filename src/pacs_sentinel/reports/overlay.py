@@ -5,9 +5,10 @@ is the CT slice with the largest mask area, windowed with that slice's own VOI w
 top-level one of a classic image, the frame's Frame VOI LUT of an enhanced multi-frame one),
 with each segment outlined in the colour of its verdict (green = accepted, orange = needs
 review), and a banner below it that states the verdict, the quality score, the model and the
-QC reasons in words. The annotation is burned in, which the object declares (Burned In
-Annotation = YES). The SC references the source image it shows, and for a multi-frame source
-the frame (Referenced Frame Number).
+QC reasons in words; when policy withholds the SEG, the banner's first line says so
+("AI result - QC: Needs review - segmentation withheld"). The annotation is burned in, which
+the object declares (Burned In Annotation = YES). The SC references the source image it
+shows, and for a multi-frame source the frame (Referenced Frame Number).
 """
 
 from __future__ import annotations
@@ -97,10 +98,21 @@ def window_of(ds: Dataset, frame_number: int | None = None) -> tuple[float, floa
     return centre, width
 
 
-def banner_lines(result: SegmentationResult, qc: QCResult) -> list[str]:
-    """Return the banner text: verdict, score and model, reasons (not yet wrapped)."""
+#: Added to the banner title and series description when the SEG is withheld by policy.
+WITHHELD_BANNER = "segmentation withheld"
+
+
+def banner_lines(result: SegmentationResult, qc: QCResult, *, withheld_seg: bool = False) -> list[str]:
+    """Return the banner text: verdict, score and model, reasons (not yet wrapped).
+
+    With ``withheld_seg`` the title reads ``"AI result - QC: Needs review - segmentation
+    withheld"`` and a line says that the segmentation is held for review, not sent to PACS.
+    """
+    title = f"AI result {DASH} QC: {qc.verdict.label}"
+    if withheld_seg:
+        title += f" {DASH} {WITHHELD_BANNER}"
     lines = [
-        f"AI result {DASH} QC: {qc.verdict.label}",
+        title,
         f"score {qc.quality_score:.2f}   model {result.model_name} {result.model_version}   QC {qc.qc_version}",
     ]
     reasons = qc.reasons
@@ -108,6 +120,8 @@ def banner_lines(result: SegmentationResult, qc: QCResult) -> list[str]:
         lines.append("Reasons: " + ", ".join(reason.label for reason in reasons))
     elif qc.verdict is Verdict.ACCEPTED:
         lines.append("No QC findings")
+    if withheld_seg:
+        lines.append("Segmentation held for review, not sent to PACS")
     return lines
 
 
@@ -122,6 +136,8 @@ def render_overlay(
     result: SegmentationResult,
     qc: QCResult,
     slice_index: int | None = None,
+    *,
+    withheld_seg: bool = False,
 ) -> np.ndarray:
     """Render one slice with mask outlines and a QC banner as an RGB image.
 
@@ -130,6 +146,7 @@ def render_overlay(
         result: The model output; one outline per label.
         qc: The QC judgement; sets outline colours and the banner text.
         slice_index: The slice to show; ``None`` picks the slice of largest mask area.
+        withheld_seg: The SEG is withheld by policy; the banner says so.
 
     Returns:
         uint8 array ``(height, width, 3)``: the (upscaled) slice on top, the banner below.
@@ -171,7 +188,7 @@ def render_overlay(
         colour = VERDICT_COLOURS[verdict_by_segment.get(index + 1, qc.verdict)]
         canvas[outline] = colour
 
-    banner = render_banner(banner_lines(result, qc), width, VERDICT_COLOURS[qc.verdict])
+    banner = render_banner(banner_lines(result, qc, withheld_seg=withheld_seg), width, VERDICT_COLOURS[qc.verdict])
     return np.concatenate([canvas, banner], axis=0)
 
 
@@ -257,6 +274,7 @@ def build_overlay(
     qc: QCResult,
     *,
     series_number: int = 903,
+    withheld_seg: bool = False,
 ) -> tuple[hd.sc.SCImage, np.ndarray]:
     """Build the secondary-capture overlay of the representative slice.
 
@@ -265,6 +283,7 @@ def build_overlay(
         result: The model output.
         qc: The QC judgement.
         series_number: Series Number of the new series.
+        withheld_seg: The SEG is withheld by policy; banner and series description say so.
 
     Returns:
         The SC image and its RGB pixels (for a PNG copy).
@@ -273,7 +292,8 @@ def build_overlay(
         ReportError: The overlay cannot be rendered or highdicom refuses the object.
     """
     slice_index = representative_slice(result)
-    pixels = render_overlay(volume, result, qc, slice_index)
+    pixels = render_overlay(volume, result, qc, slice_index, withheld_seg=withheld_seg)
+    withheld = f"; {WITHHELD_BANNER}" if withheld_seg else ""
     source = volume.datasets[slice_index]
     frame_number = volume.frame_numbers[slice_index] if volume.frame_numbers is not None else None
     try:
@@ -289,7 +309,7 @@ def build_overlay(
             instance_number=1,
             patient_orientation=patient_orientation(source, frame_number),
             transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
-            series_description=f"AI QC overlay (QC: {verdict_text(qc.verdict)})",
+            series_description=f"AI QC overlay (QC: {verdict_text(qc.verdict)}{withheld})",
             **equipment_attributes(),
             **creation_times(),
         )

@@ -4,6 +4,10 @@
 (classification: no SEG) are what the daemon calls after QC; :meth:`ResultSet.datasets` is
 what goes to the PACS and :meth:`ResultSet.write` keeps a copy (and PNGs of the overlays)
 in the job's output folder.
+
+With ``withheld_seg=True`` (policy on_review = "withhold-seg") the SEG is built but not sent:
+it is in :attr:`ResultSet.withheld` instead of :meth:`ResultSet.datasets`, written as
+``SEG_withheld.dcm`` for the local review, and neither the SR nor the SC references it.
 """
 
 from __future__ import annotations
@@ -40,28 +44,37 @@ class ResultSet:
             the classified image (classification).
         overlays: Secondary-capture overlays (one per rendered slice).
         overlay_images: The RGB pixels of each overlay, for PNG files.
+        withheld: Objects built but held back by policy (the SEG under "withhold-seg"): kept
+            for the local review, never sent; ``segmentation`` is then None.
     """
 
     segmentation: hd.seg.Segmentation | None
     report: hd.sr.Comprehensive3DSR
     overlays: list[hd.sc.SCImage] = field(default_factory=list)
     overlay_images: list[np.ndarray] = field(default_factory=list)
+    withheld: list[Dataset] = field(default_factory=list)
 
     def datasets(self) -> list[Dataset]:
-        """Return SEG (when there is one), SR and the SCs: the objects sent to the PACS."""
+        """Return SEG (when there is one), SR and the SCs: the objects sent to the PACS.
+
+        Objects in :attr:`withheld` are never part of it.
+        """
         seg = [] if self.segmentation is None else [self.segmentation]
         return [*seg, self.report, *self.overlays]
 
     def write(self, out_dir: Path) -> list[Path]:
         """Write ``SEG.dcm``, ``SR.dcm``, ``SC_<n>.dcm`` and ``overlay_<n>.png`` into ``out_dir``.
 
-        Without a SEG (classification) there is no ``SEG.dcm``; the other names stay.
+        Without a SEG (classification) there is no ``SEG.dcm``; the other names stay. A
+        withheld SEG is written as ``SEG_withheld.dcm`` (see :meth:`withheld_paths`) but is
+        NOT in the returned list: callers send every returned ``.dcm``.
 
         Each file is written under a temporary name and renamed, so a crash never leaves a
         truncated file with a final name. ``n`` counts from 1.
 
         Returns:
-            The paths written, DICOM files first (in :meth:`datasets` order), then PNGs.
+            The paths of what is sent, DICOM files first (in :meth:`datasets` order), then
+            PNGs. Withheld files are written too, but only :meth:`withheld_paths` names them.
 
         Raises:
             ReportError: A file cannot be written.
@@ -73,6 +86,7 @@ class ResultSet:
             targets.append((out_dir / "SEG.dcm", self.segmentation))
         targets.append((out_dir / "SR.dcm", self.report))
         targets += [(out_dir / f"SC_{n}.dcm", sc) for n, sc in enumerate(self.overlays, start=1)]
+        targets += list(zip(self.withheld_paths(out_dir), self.withheld, strict=True))
         targets += [(out_dir / f"overlay_{n}.png", image) for n, image in enumerate(self.overlay_images, start=1)]
         written = []
         for path, payload in targets:
@@ -87,7 +101,19 @@ class ResultSet:
                 tmp.unlink(missing_ok=True)
                 raise ReportError(f"cannot write {path}: {exc}") from exc
             written.append(path)
-        return written
+        held = set(self.withheld_paths(out_dir))
+        return [path for path in written if path not in held]
+
+    def withheld_paths(self, out_dir: Path) -> list[Path]:
+        """Return where :meth:`write` puts the :attr:`withheld` objects (kept, never sent).
+
+        The withheld SEG is ``SEG_withheld.dcm``; any other withheld object ``withheld_<n>.dcm``.
+        """
+        paths = []
+        for n, ds in enumerate(self.withheld, start=1):
+            name = "SEG_withheld.dcm" if ds.get("Modality") == "SEG" and n == 1 else f"withheld_{n}.dcm"
+            paths.append(Path(out_dir) / name)
+        return paths
 
 
 def build_result_set(
@@ -105,7 +131,10 @@ def build_result_set(
         result: The model output.
         qc: The QC judgement.
         series_number_base: Series numbers of the three new series follow it.
-        withheld_seg: Passed to the SR (policy keeps the SEG from the PACS).
+        withheld_seg: Policy "withhold-seg": the SEG is built but put in
+            :attr:`ResultSet.withheld` (not sent); the SR does not reference it and says
+            that it is held for review and why; the overlay banner says so too. Series
+            number ``base + 1`` stays the SEG's.
 
     Returns:
         The result set; nothing is written or sent.
@@ -117,7 +146,13 @@ def build_result_set(
     report = build_qc_report(
         volume, segmentation, result, qc, series_number=series_number_base + 2, withheld_seg=withheld_seg
     )
-    overlay, pixels = build_overlay(volume, result, qc, series_number=series_number_base + 3)
+    overlay, pixels = build_overlay(
+        volume, result, qc, series_number=series_number_base + 3, withheld_seg=withheld_seg
+    )
+    if withheld_seg:
+        return ResultSet(
+            segmentation=None, report=report, overlays=[overlay], overlay_images=[pixels], withheld=[segmentation]
+        )
     return ResultSet(segmentation=segmentation, report=report, overlays=[overlay], overlay_images=[pixels])
 
 

@@ -5,6 +5,13 @@ segment of the SEG, one Volumetric ROI Measurements group (TID 1411) that refere
 segment and holds the quality score (QC001), the volume (SCT 118565006, mm3), the verdict
 (QC002 -> QC010/QC011) and one QC finding (QC003) per raised reason. Codes of the private
 scheme 99PSQC are declared in the Coding Scheme Identification Sequence.
+
+When policy withholds the SEG (``withheld_seg=True``, on_review = "withhold-seg"), the SR must
+not reference an object that is never sent: the SEG is left out of the evidence and each
+segment gets a Measurements and Qualitative Evaluations group (TID 1501) instead, with the
+same tracking identifier and UID, the segment's finding type/category/site, the source images
+the segment lies on, the same QC items, and a Comment (DCM 121106) that says the segmentation
+is held for review, why, and that it was not sent to the PACS.
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
+    FindingSite,
     Measurement,
     MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
     ReferencedSegment,
+    SourceImageForMeasurementGroup,
     SourceImageForSegmentation,
     SourceSeriesForSegmentation,
     TextContentItem,
@@ -54,6 +64,7 @@ from pacs_sentinel.results import (
     VOLUME,
     QCResult,
     SegmentationResult,
+    SegmentQC,
 )
 
 #: Name of the device observer (TID 1004 "Device Observer Name").
@@ -64,11 +75,29 @@ NO_UNITS = CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 CUBIC_MILLIMETER = CodedConcept(value="mm3", scheme_designator="UCUM", meaning="cubic millimeter")
 #: Concept name of free-text comments (DCM 121106 "Comment").
 COMMENT = CodedConcept(value="121106", scheme_designator="DCM", meaning="Comment")
-#: Text of the comment added when the segmentation is withheld by policy.
-WITHHELD_SEG_TEXT = (
-    "The AI segmentation is held for review and was not sent to the PACS: "
-    "its QC verdict requires a human check before it is used."
-)
+#: Start of the comment added to each segment's group when the segmentation is withheld by
+#: policy; :func:`withheld_seg_text` completes it with the reasons.
+WITHHELD_SEG_TEXT = "AI segmentation held for review"
+#: SNOMED CT "Anatomical Structure": a segment of this category names a finding site.
+ANATOMICAL_STRUCTURE = "123037004"
+
+
+def withheld_seg_text(segment_qc: SegmentQC, qc: QCResult) -> str:
+    """Return the comment of a withheld segment, e.g.
+    ``"AI segmentation held for review: Fragmentation, Low model confidence; not sent to PACS"``.
+
+    The reasons are the segment's own; a segment without any (the SEG is withheld because of
+    another segment) gives the result's reasons, or the verdict when QC raised none.
+    """
+    reasons = segment_qc.reasons or qc.reasons
+    why = ", ".join(reason.label for reason in reasons) if reasons else f"QC verdict {qc.verdict.label}"
+    return f"{WITHHELD_SEG_TEXT}: {why}; not sent to PACS"
+
+
+def sr_series_description(qc: QCResult, *, withheld_seg: bool = False) -> str:
+    """Return e.g. ``"AI QC report (QC: needs review; segmentation withheld)"``."""
+    withheld = "; segmentation withheld" if withheld_seg else ""
+    return f"AI QC report (QC: {verdict_text(qc.verdict)}{withheld})"
 
 
 def coding_scheme_item() -> hd.coding_schemes.CodingSchemeIdentificationItem:
@@ -96,15 +125,14 @@ def procedure_reported(volume: Volume) -> CodedConcept:
     return CodedConcept(value=code.value, scheme_designator=code.scheme_designator, meaning=code.meaning)
 
 
-def referenced_segment(segmentation: hd.seg.Segmentation, segment_number: int) -> ReferencedSegment:
-    """Return the SR reference to one segment of ``segmentation`` and to its source images.
+def segment_sources(
+    segmentation: hd.seg.Segmentation, segment_number: int
+) -> tuple[dict[str, str], dict[str, set[int]]]:
+    """Return the source instances of one segment's frames: SOP Instance UID -> SOP Class UID
+    (in frame order, each once) and, for multi-frame sources, UID -> referenced frame numbers.
 
-    ``ReferencedSegment.from_segmentation`` (highdicom 0.28) only looks for the segment
-    number in the per-frame functional groups; a single-segment SEG keeps it in the shared
-    ones. This reads both.
-
-    Each source instance is listed once. When the SEG frames reference frames of a
-    multi-frame source, its item names those frames (Referenced Frame Number), ascending.
+    Reads the segment number from the per-frame and the shared functional groups (a
+    single-segment SEG keeps it in the shared ones).
     """
     shared = segmentation.SharedFunctionalGroupsSequence[0]
     shared_segment = shared.get("SegmentIdentificationSequence")
@@ -121,6 +149,20 @@ def referenced_segment(segmentation: hd.seg.Segmentation, segment_number: int) -
                 numbers = source.get("ReferencedFrameNumber")
                 if numbers not in (None, ""):
                     frames_of.setdefault(uid, set()).update(int(n) for n in np.atleast_1d(numbers))
+    return sources, frames_of
+
+
+def referenced_segment(segmentation: hd.seg.Segmentation, segment_number: int) -> ReferencedSegment:
+    """Return the SR reference to one segment of ``segmentation`` and to its source images.
+
+    ``ReferencedSegment.from_segmentation`` (highdicom 0.28) only looks for the segment
+    number in the per-frame functional groups; a single-segment SEG keeps it in the shared
+    ones. This reads both.
+
+    Each source instance is listed once. When the SEG frames reference frames of a
+    multi-frame source, its item names those frames (Referenced Frame Number), ascending.
+    """
+    sources, frames_of = segment_sources(segmentation, segment_number)
     common = {
         "sop_class_uid": segmentation.SOPClassUID,
         "sop_instance_uid": segmentation.SOPInstanceUID,
@@ -142,6 +184,45 @@ def referenced_segment(segmentation: hd.seg.Segmentation, segment_number: int) -
     return ReferencedSegment(**common, source_series=SourceSeriesForSegmentation(series_uid))
 
 
+def withheld_segment_group(
+    segmentation: hd.seg.Segmentation,
+    segment_qc: SegmentQC,
+    *,
+    algorithm: AlgorithmIdentification,
+    measurements: list[Measurement],
+    qualitative_evaluations: list[QualitativeEvaluation],
+) -> MeasurementsAndQualitativeEvaluations:
+    """Return the TID 1501 group of a segment whose SEG is withheld: no reference to the SEG.
+
+    It keeps the segment's tracking identifier and UID (so the withheld SEG, kept locally,
+    can be matched later), its finding type and category (and finding site when the segment
+    is an anatomical structure), the source images the segment lies on, and the QC items.
+    """
+    number = segment_qc.segment_number
+    seg_item = next(item for item in segmentation.SegmentSequence if int(item.SegmentNumber) == number)
+    label = segment_qc.label
+    sources, frames_of = segment_sources(segmentation, number)
+    site = [FindingSite(coded(label.property_type))] if label.property_category.value == ANATOMICAL_STRUCTURE else None
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=str(seg_item.TrackingUID), identifier=str(seg_item.TrackingID)),
+        finding_type=coded(label.property_type),
+        finding_category=coded(label.property_category),
+        finding_sites=site,
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=qualitative_evaluations,
+        source_images=[
+            SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=cls,
+                referenced_sop_instance_uid=uid,
+                referenced_frame_numbers=sorted(frames_of[uid]) if uid in frames_of else None,
+            )
+            for uid, cls in sources.items()
+        ]
+        or None,
+    )
+
+
 def build_qc_report(
     volume: Volume,
     segmentation: hd.seg.Segmentation,
@@ -161,7 +242,10 @@ def build_qc_report(
         result: The model output (model name and version).
         qc: The QC judgement; one measurement group per :class:`~pacs_sentinel.results.SegmentQC`.
         series_number: Series Number of the new series.
-        withheld_seg: True when policy keeps the SEG from the PACS; a comment says so.
+        withheld_seg: True when policy keeps the SEG from the PACS: the SR then does not
+            reference the SEG at all (not in the evidence; TID 1501 groups instead of
+            TID 1411, see the module docstring), and each group says in a comment that the
+            segmentation is held for review, why, and that it was not sent.
 
     Returns:
         The SR document: complete, unverified.
@@ -195,31 +279,43 @@ def build_qc_report(
         if not math.isfinite(volume_mm3) or volume_mm3 < 0:
             raise ReportError(f"volume {volume_mm3!r} mm3 of segment {number} is not a finite non-negative number")
         seg_item = seg_segments[number]
+        measurements = [
+            Measurement(name=coded(QUALITY_SCORE), value=score, unit=NO_UNITS),
+            Measurement(name=coded(VOLUME), value=volume_mm3, unit=CUBIC_MILLIMETER),
+        ]
+        evaluations = [
+            QualitativeEvaluation(name=coded(QC_VERDICT), value=coded(segment_qc.verdict.value)),
+            *(
+                QualitativeEvaluation(name=coded(QC_FINDING), value=coded(reason.value))
+                for reason in segment_qc.reasons
+            ),
+        ]
         try:
-            group = VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(
-                    uid=str(seg_item.TrackingUID),
-                    identifier=str(seg_item.TrackingID),
-                ),
-                referenced_segment=referenced_segment(segmentation, number),
-                finding_type=coded(segment_qc.label.property_type),
-                finding_category=coded(segment_qc.label.property_category),
-                algorithm_id=algorithm,
-                measurements=[
-                    Measurement(name=coded(QUALITY_SCORE), value=score, unit=NO_UNITS),
-                    Measurement(name=coded(VOLUME), value=volume_mm3, unit=CUBIC_MILLIMETER),
-                ],
-                qualitative_evaluations=[
-                    QualitativeEvaluation(name=coded(QC_VERDICT), value=coded(segment_qc.verdict.value)),
-                    *(
-                        QualitativeEvaluation(name=coded(QC_FINDING), value=coded(reason.value))
-                        for reason in segment_qc.reasons
+            if withheld_seg:
+                group = withheld_segment_group(
+                    segmentation,
+                    segment_qc,
+                    algorithm=algorithm,
+                    measurements=measurements,
+                    qualitative_evaluations=evaluations,
+                )
+            else:
+                group = VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=TrackingIdentifier(
+                        uid=str(seg_item.TrackingUID),
+                        identifier=str(seg_item.TrackingID),
                     ),
-                ],
-            )
+                    referenced_segment=referenced_segment(segmentation, number),
+                    finding_type=coded(segment_qc.label.property_type),
+                    finding_category=coded(segment_qc.label.property_category),
+                    algorithm_id=algorithm,
+                    measurements=measurements,
+                    qualitative_evaluations=evaluations,
+                )
         except (ValueError, TypeError) as exc:
             raise ReportError(f"cannot build SR group of segment {number}: {exc}") from exc
-        # TID 1411 allows TEXT qualitative evaluations: record which QC produced the verdict.
+        # TID 1411 and TID 1501 allow TEXT qualitative evaluations: record which QC produced
+        # the verdict.
         group[0].ContentSequence.append(
             TextContentItem(
                 name=coded(QC_VERSION),
@@ -231,7 +327,7 @@ def build_qc_report(
             group[0].ContentSequence.append(
                 TextContentItem(
                     name=COMMENT,
-                    value=WITHHELD_SEG_TEXT,
+                    value=withheld_seg_text(segment_qc, qc),
                     relationship_type=RelationshipTypeValues.CONTAINS,
                 )
             )
@@ -248,7 +344,8 @@ def build_qc_report(
     try:
         return hd.sr.Comprehensive3DSR(
             # Each source instance once: a multi-frame source stands for all of its slices.
-            evidence=[*volume.source_instances, segmentation],
+            # A withheld SEG is never sent, so it must not be in the evidence.
+            evidence=[*volume.source_instances, *([] if withheld_seg else [segmentation])],
             content=report,
             series_instance_uid=generate_uid(),
             series_number=series_number,
@@ -257,7 +354,7 @@ def build_qc_report(
             is_complete=True,
             is_final=False,
             is_verified=False,
-            series_description=f"AI QC report (QC: {verdict_text(qc.verdict)})",
+            series_description=sr_series_description(qc, withheld_seg=withheld_seg),
             coding_schemes=[coding_scheme_item()],
             **equipment,
             **creation_times(),
