@@ -132,10 +132,13 @@ def test_missing_or_broken_weights(tmp_path: Path) -> None:
 
 
 def test_train_demo_smoke(tmp_path: Path) -> None:
-    metrics = train_demo("organ-seg", out_dir=tmp_path, epochs=1, n_train=2, n_val=1, n_per_variant=1, progress=False)
+    metrics = train_demo("organ-seg", out_dir=tmp_path, epochs=1, n_train=2, n_val=1, n_test=1, n_per_variant=1,
+                         progress=False)
     assert set(metrics["dice_by_variant"]) >= {"normal", "metal-artifact", "unusual-anatomy"}
+    assert set(metrics["recall_by_variant"]) == set(metrics["dice_by_variant"]) and 0 <= metrics["recall_mean"] <= 1
     card = json.loads((tmp_path / "card.json").read_text(encoding="utf-8"))
     assert card["training"]["n_train"] == 2 and "Liver" in card["reference"]
+    assert card["training"]["best_epoch"] == 1 and card["training"]["epochs_run"] == 1
     assert (tmp_path / "MODEL_CARD.md").read_text(encoding="utf-8").startswith("# Model card: organ-seg")
     model = load_segmentation_model(str(tmp_path), device="cpu")
     result = model.predict(as_volume(make_ct_phantom(1, shape=(8, 32, 32), spacing=(10.0, 12.5, 12.5))))
