@@ -70,3 +70,17 @@ def test_withhold_seg_policy_sends_sr_and_overlay_but_keeps_the_seg(tmp_path: Pa
     outbox = sentinel.database.connection().execute(
         "SELECT path FROM outbox WHERE job_id = ?", [flagged_job.id]).fetchall()
     assert not any("SEG" in Path(p).name for (p,) in outbox)
+
+
+def test_labelmap_seg_type_is_sent_as_a_label_map_segmentation(tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
+    from pacs_sentinel.daemon.config import parse_config
+
+    base = make_config(tmp_path, pacs.port).model_dump(mode="json")
+    base["reports"] = {"seg_type": "LABELMAP"}
+    sentinel = sentinel_factory(parse_config(base))
+    files = write_ct_series(make_ct_phantom(10), tmp_path / "ct", seed=10)
+    assert all(r.delivered for r in send_files(files, Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)))
+    _finished(sentinel, 1)
+    classes = [row[0] for row in pacs.spool.database.connection().execute(
+        "SELECT sop_class_uid FROM instances WHERE modality = 'SEG'")]
+    assert classes == ["1.2.840.10008.5.1.4.1.1.66.7"]  # Label Map Segmentation Storage

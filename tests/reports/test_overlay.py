@@ -14,6 +14,7 @@ from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.identity import MANUFACTURER, is_own_object
 from pacs_sentinel.reports.overlay import (
     MIN_WIDTH,
+    REASON_COLOURS,
     banner_lines,
     build_overlay,
     patient_orientation,
@@ -48,15 +49,17 @@ def test_outline_colour_follows_the_verdict(volume, seg_result, qc_accepted, qc_
     image = render_overlay(volume, seg_result, qc)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     assert image.shape[1] >= MIN_WIDTH
-    other = Verdict.NEEDS_REVIEW if verdict is Verdict.ACCEPTED else Verdict.ACCEPTED
+    # Needs review: the colour of the segment's first QC reason (qc_review: Fragmentation).
+    expected = VERDICT_COLOURS[verdict] if verdict is Verdict.ACCEPTED else REASON_COLOURS[qc.segments[0].reasons[0]]
+    others = [VERDICT_COLOURS[Verdict.ACCEPTED], VERDICT_COLOURS[Verdict.NEEDS_REVIEW], *REASON_COLOURS.values()]
     rows = volume.array.shape[1] * image.shape[1] // volume.array.shape[2]
     slice_part = image[:rows]
-    assert count_colour(slice_part, VERDICT_COLOURS[verdict]) > 100
-    assert count_colour(slice_part, VERDICT_COLOURS[other]) == 0
+    assert count_colour(slice_part, expected) > 100
+    assert all(count_colour(slice_part, other) == 0 for other in others if other != expected)
     # A thin outline, not a filled mask.
     scale = image.shape[1] / volume.array.shape[2]
     big_mask_area = seg_result.mask[0, representative_slice(seg_result)].sum() * scale**2
-    assert count_colour(slice_part, VERDICT_COLOURS[verdict]) < 0.3 * big_mask_area
+    assert count_colour(slice_part, expected) < 0.3 * big_mask_area
 
 
 def test_banner_states_verdict_score_model_and_reasons(seg_result, qc_review, qc_accepted):

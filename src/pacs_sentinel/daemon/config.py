@@ -167,6 +167,12 @@ class QCConfig(_Strict):
     accept_threshold: float = Field(0.5, ge=0, le=1)
 
 
+class ReportsConfig(_Strict):
+    """``[reports]``: how result objects are written."""
+
+    seg_type: Literal["BINARY", "LABELMAP"] = "BINARY"
+
+
 class OutboxConfig(_Strict):
     """``[outbox]``: retries of results a destination has not acknowledged yet."""
 
@@ -198,6 +204,7 @@ class Config(_Strict):
     destinations: list[DestinationConfig] = Field(default_factory=list)
     pipelines: list[PipelineConfig] = Field(default_factory=list)
     qc: QCConfig = QCConfig()
+    reports: ReportsConfig = ReportsConfig()
     outbox: OutboxConfig = OutboxConfig()
     inference: InferenceConfig = InferenceConfig()
     logging: LoggingConfig = LoggingConfig()

@@ -173,7 +173,7 @@ class Worker:
         qc = evaluate_segmentation(volume, result, accept_threshold=self.config.qc.accept_threshold)
         withhold = pipeline.reports.on_review == "withhold-seg" and qc.verdict is Verdict.NEEDS_REVIEW
         result_set = build_result_set(volume, result, qc, series_number_base=pipeline.series_number_base,
-                                      withheld_seg=withhold)
+                                      withheld_seg=withhold, seg_type=self.config.reports.seg_type)
         if withhold:
             log.info("segmentation withheld for review; SR and overlay say so")
         return result_set, result, qc, volume.series_uid

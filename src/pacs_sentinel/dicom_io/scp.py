@@ -74,6 +74,11 @@ DISK_CHECK_INTERVAL_S = 1.0
 #: How often a listener process checks that the process that started it is still alive.
 PARENT_CHECK_INTERVAL_S = 1.0
 
+#: Storage classes accepted beyond pynetdicom's default list of 120 (which stops short of the
+#: 128-context limit): Label Map Segmentation, which our own ``[reports] seg_type =
+#: "LABELMAP"`` writes and which viewers send back as corrections.
+EXTRA_STORAGE_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.7",)
+
 #: Called after an instance is on disk and indexed, with the sender's AE title.
 StoredCallback = Callable[[StoreOutcome, str], None]
 
@@ -341,6 +346,8 @@ class StorageScp:
         ae.require_called_aet = True
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        for sop_class in EXTRA_STORAGE_CLASSES:
+            ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         return ae
 

@@ -3,9 +3,12 @@
 Every viewer shows a secondary capture, even those that cannot display SEG or SR. The image
 is the CT slice with the largest mask area, windowed with that slice's own VOI window (the
 top-level one of a classic image, the frame's Frame VOI LUT of an enhanced multi-frame one),
-with each segment outlined in the colour of its verdict (green = accepted, orange = needs
-review), and a banner below it that states the verdict, the quality score, the model and the
-QC reasons in words; when policy withholds the SEG, the banner's first line says so
+with each segment outlined in a colour: green when accepted; when it needs review, the colour
+of its first QC reason (:data:`REASON_COLOURS`: red = volume anomaly, yellow = shape
+irregularity, blue = fragmentation, purple = low model confidence, ...), or orange when it has
+none. A banner below states the verdict, the quality score, the model and the QC reasons in
+words, and a legend line names each reason next to a swatch of its colour (colour is never the
+only carrier of the meaning); when policy withholds the SEG, the banner's first line says so
 ("AI result - QC: Needs review - segmentation withheld"). The annotation is burned in, which
 the object declares (Burned In Annotation = YES). The SC references the source image it
 shows, and for a multi-frame source the frame (Referenced Frame Number).
@@ -28,7 +31,7 @@ from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.identity import creation_times, equipment_attributes
 from pacs_sentinel.reports.seg import VERDICT_COLOURS, verdict_text
-from pacs_sentinel.results import QCResult, SegmentationResult, Verdict
+from pacs_sentinel.results import QCResult, Reason, SegmentationResult, Verdict
 
 #: Default soft-tissue window (centre, width) in HU, used when the dataset has none.
 DEFAULT_WINDOW = (40.0, 400.0)
@@ -39,6 +42,22 @@ OUTLINE_PX = 2
 #: Banner background and text colours.
 BANNER_BACKGROUND = (16, 16, 16)
 BANNER_TEXT = (235, 235, 235)
+#: Outline colour of a needs-review segment, by its first QC reason (RGB). The first four are
+#: the original error detector's; all differ from each other, from the verdict colours
+#: (green accepted, orange needs review without reasons) and from grey (r = g = b) CT pixels.
+REASON_COLOURS: dict[Reason, tuple[int, int, int]] = {
+    Reason.VOLUME_ANOMALY: (230, 25, 25),  # red
+    Reason.SHAPE_IRREGULARITY: (255, 225, 25),  # yellow
+    Reason.FRAGMENTATION: (30, 110, 255),  # blue
+    Reason.LOW_MODEL_CONFIDENCE: (150, 60, 220),  # purple
+    Reason.EMPTY_MASK: (240, 50, 230),  # magenta (legend only: an empty mask has no outline)
+    Reason.HIGH_UNCERTAINTY: (0, 215, 215),  # cyan
+    Reason.POOR_INPUT_QUALITY: (165, 105, 40),  # brown
+    Reason.BORDER_CONTACT: (255, 150, 190),  # pink
+    Reason.IMPLAUSIBLE_LOCATION: (140, 140, 0),  # olive
+}
+#: Title of the banner's colour legend line.
+LEGEND_TITLE = "Outline colour:"
 #: The banner's dash. Pillow's built-in font (Aileron) has no em dash glyph, so a hyphen.
 DASH = "-"
 
@@ -125,6 +144,21 @@ def banner_lines(result: SegmentationResult, qc: QCResult, *, withheld_seg: bool
     return lines
 
 
+def outline_colour(verdict: Verdict, reasons: list[Reason]) -> tuple[int, int, int]:
+    """The outline colour of a segment: green when accepted, else its first reason's colour.
+
+    A needs-review segment without reasons keeps the needs-review (orange) colour.
+    """
+    if verdict is Verdict.NEEDS_REVIEW and reasons:
+        return REASON_COLOURS[reasons[0]]
+    return VERDICT_COLOURS[verdict]
+
+
+def legend_entries(qc: QCResult) -> list[tuple[tuple[int, int, int], str]]:
+    """(colour, words) of each QC reason, in the order of :attr:`QCResult.reasons`."""
+    return [(REASON_COLOURS[reason], reason.label) for reason in qc.reasons]
+
+
 def _windowed(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
     low = centre - width / 2
     scaled = (hu.astype(np.float32) - low) * (255.0 / width)
@@ -175,7 +209,7 @@ def render_overlay(
     image = Image.fromarray(gray, mode="L").resize((width, height), Image.Resampling.BILINEAR).convert("RGB")
     canvas = np.array(image)
 
-    verdict_by_segment = {s.segment_number: s.verdict for s in qc.segments}
+    colour_by_segment = {s.segment_number: outline_colour(s.verdict, s.reasons) for s in qc.segments}
     structure = ndimage.generate_binary_structure(2, 1)
     for index in range(mask.shape[0]):
         label_slice = mask[index, slice_index]
@@ -185,15 +219,30 @@ def render_overlay(
         big = np.array(label_image.resize((width, height), Image.Resampling.NEAREST)) > 127
         inner = ndimage.binary_erosion(big, structure=structure, iterations=OUTLINE_PX, border_value=0)
         outline = big & ~inner
-        colour = VERDICT_COLOURS[verdict_by_segment.get(index + 1, qc.verdict)]
+        colour = colour_by_segment.get(index + 1, VERDICT_COLOURS[qc.verdict])
         canvas[outline] = colour
 
-    banner = render_banner(banner_lines(result, qc, withheld_seg=withheld_seg), width, VERDICT_COLOURS[qc.verdict])
+    banner = render_banner(
+        banner_lines(result, qc, withheld_seg=withheld_seg),
+        width,
+        VERDICT_COLOURS[qc.verdict],
+        legend=legend_entries(qc),
+    )
     return np.concatenate([canvas, banner], axis=0)
 
 
-def render_banner(lines: list[str], width: int, accent: tuple[int, int, int]) -> np.ndarray:
-    """Draw the banner lines (first one in the verdict colour), wrapped to ``width``."""
+def render_banner(
+    lines: list[str],
+    width: int,
+    accent: tuple[int, int, int],
+    *,
+    legend: list[tuple[tuple[int, int, int], str]] | None = None,
+) -> np.ndarray:
+    """Draw the banner lines (first one in the verdict colour), wrapped to ``width``.
+
+    ``legend`` entries (colour, words) are drawn after the lines as
+    ``"Outline colour: [swatch] words  [swatch] words ..."``, flowing onto further lines.
+    """
     font_size = max(14, width // 30)
     font = ImageFont.load_default(size=font_size)
     margin = max(6, font_size // 2)
@@ -208,7 +257,22 @@ def render_banner(lines: list[str], width: int, accent: tuple[int, int, int]) ->
             chars -= 2
             pieces = textwrap.wrap(line, chars)
         wrapped.extend((piece, number == 0) for piece in pieces)
-    height = 2 * margin + line_height * len(wrapped)
+    # Legend layout: (x, row) of the title and of each swatch + words, rows after the text.
+    swatch = max(8, int(font_size * 0.8))
+    gap = max(4, font_size // 3)
+    placed: list[tuple[int, int, tuple[int, int, int] | None, str]] = []
+    if legend:
+        x, row = margin, len(wrapped)
+        placed.append((x, row, None, LEGEND_TITLE))
+        x += int(font.getlength(LEGEND_TITLE)) + 2 * gap
+        for colour, words in legend:
+            needed = swatch + gap + int(font.getlength(words))
+            if x > margin and x + needed > width - margin:
+                x, row = margin, row + 1
+            placed.append((x, row, colour, words))
+            x += needed + 2 * gap
+    rows = len(wrapped) + (placed[-1][1] - len(wrapped) + 1 if placed else 0)
+    height = 2 * margin + line_height * rows
     banner = Image.new("RGB", (width, height), BANNER_BACKGROUND)
     draw = ImageDraw.Draw(banner)
     draw.rectangle([0, 0, width - 1, max(2, font_size // 6)], fill=accent)
@@ -216,6 +280,13 @@ def render_banner(lines: list[str], width: int, accent: tuple[int, int, int]) ->
     for text, is_title in wrapped:
         draw.text((margin, y), text, font=font, fill=accent if is_title else BANNER_TEXT)
         y += line_height
+    for x, row, colour, words in placed:
+        y = margin + row * line_height
+        if colour is not None:
+            top = y + (line_height - swatch) // 2
+            draw.rectangle([x, top, x + swatch - 1, top + swatch - 1], fill=colour, outline=BANNER_TEXT)
+            x += swatch + gap
+        draw.text((x, y), words, font=font, fill=BANNER_TEXT)
     return np.array(banner)
 
 

@@ -123,6 +123,7 @@ def build_result_set(
     *,
     series_number_base: int = 900,
     withheld_seg: bool = False,
+    seg_type: str = "BINARY",
 ) -> ResultSet:
     """Build SEG (series ``base + 1``), SR (``base + 2``) and SC overlay (``base + 3``).
 
@@ -135,6 +136,9 @@ def build_result_set(
             :attr:`ResultSet.withheld` (not sent); the SR does not reference it and says
             that it is held for review and why; the overlay banner says so too. Series
             number ``base + 1`` stays the SEG's.
+        seg_type: ``[reports] seg_type``, passed to
+            :func:`~pacs_sentinel.reports.seg.build_segmentation`: ``"BINARY"`` (default)
+            or ``"LABELMAP"``.
 
     Returns:
         The result set; nothing is written or sent.
@@ -142,7 +146,9 @@ def build_result_set(
     Raises:
         ReportError: One of the objects cannot be built.
     """
-    segmentation = build_segmentation(volume, result, qc, series_number=series_number_base + 1)
+    segmentation = build_segmentation(
+        volume, result, qc, series_number=series_number_base + 1, seg_type=seg_type
+    )
     report = build_qc_report(
         volume, segmentation, result, qc, series_number=series_number_base + 2, withheld_seg=withheld_seg
     )

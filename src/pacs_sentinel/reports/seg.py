@@ -9,6 +9,13 @@ An enhanced multi-frame source (one instance holding every slice) is referenced 
 frame instead: each SEG frame names the source instance and its Referenced Frame Number,
 and copies that frame's plane position. A series split over several multi-frame instances
 is refused; highdicom 0.28 can reference frames of one multi-frame source only.
+
+Segmentation type (``[reports] seg_type``): ``"BINARY"`` (default; Segmentation Storage,
+1-bit frames, one frame per segment and slice) or ``"LABELMAP"`` (Label Map Segmentation
+Storage, 1.2.840.10008.5.1.4.1.1.66.7; one 8/16-bit frame per slice whose pixel values are
+segment numbers, 0 = background). A label map cannot hold overlapping segments: where masks
+overlap, the later segment (higher segment number) wins and the earlier one loses those
+pixels. Label-map frames carry no Segment Identification Sequence.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from pacs_sentinel.results import Code, QCResult, SegmentationResult, Verdict
 
 #: Content Label (0070,0080) of our SEG objects (CS: upper case, digits, underscore).
 CONTENT_LABEL = "AI_SEG"
+#: Accepted values of ``seg_type`` (``[reports] seg_type``).
+SEG_TYPES: tuple[str, ...] = ("BINARY", "LABELMAP")
 #: Display colours (sRGB) of segments by QC verdict; the overlay uses the same ones.
 VERDICT_COLOURS: dict[Verdict, tuple[int, int, int]] = {
     Verdict.ACCEPTED: (40, 200, 80),
@@ -54,8 +63,9 @@ def build_segmentation(
     *,
     series_number: int = 901,
     series_description: str | None = None,
+    seg_type: str = "BINARY",
 ) -> hd.seg.Segmentation:
-    """Build the binary SEG of ``result`` on the source series of ``volume``.
+    """Build the SEG (binary or label map) of ``result`` on the source series of ``volume``.
 
     Args:
         volume: The source series; ``volume.datasets[i]`` is the instance (and, for a
@@ -65,14 +75,19 @@ def build_segmentation(
             display colours.
         series_number: Series Number of the new series (deterministic, from configuration).
         series_description: Overrides the default ``"AI organ segmentation (QC: ...)"``.
+        seg_type: ``"BINARY"`` (default) or ``"LABELMAP"``. In a label map overlapping
+            masks cannot be represented: the later segment (higher number) wins.
 
     Returns:
         The Segmentation instance (one instance, new series, same study and patient).
 
     Raises:
-        ReportError: The mask does not match the volume or the labels, the series is split
+        ReportError: ``seg_type`` is not one of :data:`SEG_TYPES`, the mask does not match
+            the volume or the labels, the series is split
             over several multi-frame instances, or highdicom refuses the object.
     """
+    if seg_type not in SEG_TYPES:
+        raise ReportError(f"unknown SEG type {seg_type!r} ([reports] seg_type); expected one of {', '.join(SEG_TYPES)}")
     mask = np.asarray(result.mask)
     n_labels = len(result.labels)
     if mask.ndim != 4 or mask.shape[0] != n_labels or mask.shape[1:] != volume.array.shape:
@@ -111,13 +126,22 @@ def build_segmentation(
     # highdicom wants (frames, rows, cols, segments): axis 0 must be the source instance index,
     # or, for one multi-frame source, the source frame index.
     source_images, slice_order = _source_frames(volume)
-    pixels = np.moveaxis(mask, 0, -1)[slice_order].astype(np.uint8)
+    if seg_type == "LABELMAP":
+        # One integer frame per slice, pixel value = segment number; later segments win.
+        labels = np.zeros(mask.shape[1:], dtype=np.uint8 if n_labels < 256 else np.uint16)
+        for index in range(n_labels):
+            labels[mask[index].astype(bool)] = index + 1
+        pixels = labels[slice_order]
+        segmentation_type = SegmentationTypeValues.LABELMAP
+    else:
+        pixels = np.moveaxis(mask, 0, -1)[slice_order].astype(np.uint8)
+        segmentation_type = SegmentationTypeValues.BINARY
     every_segment_present = bool(mask.reshape(n_labels, -1).any(axis=1).all())
     try:
         return hd.seg.Segmentation(
             source_images=source_images,
             pixel_array=pixels,
-            segmentation_type=SegmentationTypeValues.BINARY,
+            segmentation_type=segmentation_type,
             segment_descriptions=descriptions,
             series_instance_uid=generate_uid(),
             series_number=series_number,
