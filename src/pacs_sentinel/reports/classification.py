@@ -39,29 +39,22 @@ from highdicom.sr import (
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
-    ObserverContext,
     QualitativeEvaluation,
     SourceImageForMeasurementGroup,
-    TextContentItem,
     TrackingIdentifier,
 )
-from highdicom.sr.enum import RelationshipTypeValues
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.identity import (
-    MANUFACTURER,
     creation_times,
-    device_serial_number,
-    device_uid,
     equipment_attributes,
 )
 
-# Private helpers of the segmentation overlay, shared so both overlays look the same.
+# Helpers of the segmentation overlay, shared so both overlays look the same.
 from pacs_sentinel.reports.overlay import (
     DASH,
     DEFAULT_WINDOW,
@@ -72,11 +65,17 @@ from pacs_sentinel.reports.overlay import (
     window_of,
 )
 from pacs_sentinel.reports.seg import VERDICT_COLOURS, coded, verdict_text
-from pacs_sentinel.reports.sr import COMMENT, DEVICE_OBSERVER_NAME, NO_UNITS, coding_scheme_item
+from pacs_sentinel.reports.sr import (
+    COMMENT,
+    NO_UNITS,
+    build_document,
+    device_observer,
+    procedure_reported,
+    qc_evaluations,
+    text_item,
+)
 from pacs_sentinel.results import (
     FINDING_PROBABILITY,
-    QC_FINDING,
-    QC_VERDICT,
     QC_VERSION,
     QUALITY_SCORE,
     ClassificationResult,
@@ -149,23 +148,6 @@ def _findings_by_number(result: ClassificationResult, qc: QCResult) -> dict[int,
     return by_number
 
 
-def procedure_reported(source: Dataset) -> CodedConcept:
-    """Return the CID 100 code of the imaging procedure: CT, radiography, or unspecified."""
-    modality = str(source.get("Modality", ""))
-    if modality == "CT":
-        code = codes.cid100.CTUnspecifiedBodyRegion
-    elif modality in ("DX", "CR", "RG", "DR"):
-        code = codes.cid100.XRUnspecifiedBodyRegion
-    else:
-        code = codes.cid100.ImagingProcedure
-    return CodedConcept(value=code.value, scheme_designator=code.scheme_designator, meaning=code.meaning)
-
-
-def provenance_text(result: ClassificationResult, qc: QCResult) -> str:
-    """Return ``"model <name> <version>; QC <qc_version>"`` for Software Versions."""
-    return f"model {result.model_name} {result.model_version}; QC {qc.qc_version}"
-
-
 def tracking_uid(source: Dataset, tracking_id: str) -> str:
     """Tracking UID of a finding on one image: the same on every run over that image."""
     return generate_uid(entropy_srcs=[str(source.SOPInstanceUID), tracking_id])
@@ -196,16 +178,7 @@ def build_classification_report(
     """
     _check_source(source)
     findings = _findings_by_number(result, qc)
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid(),
-            name=DEVICE_OBSERVER_NAME,
-            manufacturer_name=MANUFACTURER,
-            model_name=result.model_name,
-            serial_number=device_serial_number(),
-        ),
-    )
+    observer = device_observer(result.model_name)
     algorithm = AlgorithmIdentification(name=result.model_name, version=result.model_version)
     source_image = SourceImageForMeasurementGroup(
         referenced_sop_class_uid=str(source.SOPClassUID),
@@ -235,11 +208,7 @@ def build_classification_report(
                 ],
                 qualitative_evaluations=[
                     QualitativeEvaluation(name=PRESENCE, value=PRESENT if finding.positive else ABSENT),
-                    QualitativeEvaluation(name=coded(QC_VERDICT), value=coded(finding.verdict.value)),
-                    *(
-                        QualitativeEvaluation(name=coded(QC_FINDING), value=coded(reason.value))
-                        for reason in finding.reasons
-                    ),
+                    *qc_evaluations(finding.verdict, finding.reasons),
                 ],
             )
         except (ValueError, TypeError) as exc:
@@ -247,14 +216,8 @@ def build_classification_report(
         # TID 1501 allows TEXT qualitative evaluations: which QC produced the verdict, and the
         # threshold the presence was decided at.
         group[0].ContentSequence.extend([
-            TextContentItem(
-                name=coded(QC_VERSION), value=qc.qc_version, relationship_type=RelationshipTypeValues.CONTAINS
-            ),
-            TextContentItem(
-                name=COMMENT,
-                value=f"Present when the finding probability is at or above {threshold:.4g}",
-                relationship_type=RelationshipTypeValues.CONTAINS,
-            ),
+            text_item(coded(QC_VERSION), qc.qc_version),
+            text_item(COMMENT, f"Present when the finding probability is at or above {threshold:.4g}"),
         ])
         groups.append(group)
 
@@ -264,26 +227,14 @@ def build_classification_report(
         imaging_measurements=groups,
         referenced_images=[source],
     )
-    equipment: dict = equipment_attributes()
-    equipment["software_versions"] = [equipment["software_versions"], provenance_text(result, qc)[:64]]
-    try:
-        return hd.sr.Comprehensive3DSR(
-            evidence=[source],
-            content=report,
-            series_instance_uid=generate_uid(),
-            series_number=series_number,
-            sop_instance_uid=generate_uid(),
-            instance_number=1,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            series_description=f"AI findings report (QC: {verdict_text(qc.verdict)})",
-            coding_schemes=[coding_scheme_item()],
-            **equipment,
-            **creation_times(),
-        )
-    except (ValueError, TypeError) as exc:
-        raise ReportError(f"cannot build SR: {exc}") from exc
+    return build_document(
+        report=report,
+        evidence=[source],
+        series_number=series_number,
+        series_description=f"AI findings report (QC: {verdict_text(qc.verdict)})",
+        result=result,
+        qc=qc,
+    )
 
 
 # --- the overlays ------------------------------------------------------------------------

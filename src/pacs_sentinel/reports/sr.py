@@ -40,6 +40,7 @@ from highdicom.sr import (
     VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
 from highdicom.sr.enum import RelationshipTypeValues
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -62,9 +63,12 @@ from pacs_sentinel.results import (
     QC_VERSION,
     QUALITY_SCORE,
     VOLUME,
+    ClassificationResult,
     QCResult,
+    Reason,
     SegmentationResult,
     SegmentQC,
+    Verdict,
 )
 
 #: Name of the device observer (TID 1004 "Device Observer Name").
@@ -113,16 +117,85 @@ def coding_scheme_item() -> hd.coding_schemes.CodingSchemeIdentificationItem:
     return item
 
 
-def provenance_text(result: SegmentationResult, qc: QCResult) -> str:
+def provenance_text(result: SegmentationResult | ClassificationResult, qc: QCResult) -> str:
     """Return ``"model <name> <version>; QC <qc_version>"`` for the equipment and observer."""
     return f"model {result.model_name} {result.model_version}; QC {qc.qc_version}"
 
 
-def procedure_reported(volume: Volume) -> CodedConcept:
-    """Return the CID 100 code of the imaging procedure the report is about."""
-    modality = str(volume.datasets[0].get("Modality", ""))
-    code = codes.cid100.CTUnspecifiedBodyRegion if modality == "CT" else codes.cid100.ImagingProcedure
+def procedure_reported(source: Dataset) -> CodedConcept:
+    """Return the CID 100 code of the imaging procedure: CT, radiography, or unspecified."""
+    modality = str(source.get("Modality", ""))
+    if modality == "CT":
+        code = codes.cid100.CTUnspecifiedBodyRegion
+    elif modality in ("DX", "CR", "RG", "DR"):
+        code = codes.cid100.XRUnspecifiedBodyRegion
+    else:
+        code = codes.cid100.ImagingProcedure
     return CodedConcept(value=code.value, scheme_designator=code.scheme_designator, meaning=code.meaning)
+
+
+def device_observer(model_name: str) -> ObserverContext:
+    """The observer context of every report we write: this device, running ``model_name``."""
+    return ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(),
+            name=DEVICE_OBSERVER_NAME,
+            manufacturer_name=MANUFACTURER,
+            model_name=model_name,
+            serial_number=device_serial_number(),
+        ),
+    )
+
+
+def qc_evaluations(verdict: Verdict, reasons: list[Reason]) -> list[QualitativeEvaluation]:
+    """The QC contract's coded items of one segment or finding: the verdict, one item per reason."""
+    return [
+        QualitativeEvaluation(name=coded(QC_VERDICT), value=coded(verdict.value)),
+        *(QualitativeEvaluation(name=coded(QC_FINDING), value=coded(reason.value)) for reason in reasons),
+    ]
+
+
+def text_item(name: CodedConcept, value: str) -> TextContentItem:
+    """A TEXT item CONTAINed in a measurement group (QC version, comments)."""
+    return TextContentItem(name=name, value=value, relationship_type=RelationshipTypeValues.CONTAINS)
+
+
+def build_document(
+    *,
+    report: MeasurementReport,
+    evidence: list[Dataset],
+    series_number: int,
+    series_description: str,
+    result: SegmentationResult | ClassificationResult,
+    qc: QCResult,
+) -> hd.sr.Comprehensive3DSR:
+    """Wrap a TID 1500 report into our Comprehensive 3D SR: identity, provenance, 99PSQC, flags.
+
+    Raises:
+        ReportError: highdicom refuses the content.
+    """
+    equipment: dict = equipment_attributes()
+    # Software Versions: the product's, then which model and QC produced the content.
+    equipment["software_versions"] = [equipment["software_versions"], provenance_text(result, qc)[:64]]
+    try:
+        return hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=generate_uid(),
+            series_number=series_number,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            series_description=series_description,
+            coding_schemes=[coding_scheme_item()],
+            **equipment,
+            **creation_times(),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ReportError(f"cannot build SR: {exc}") from exc
 
 
 def segment_sources(
@@ -255,16 +328,7 @@ def build_qc_report(
             [0, 1], or highdicom refuses the content.
     """
     seg_segments = {int(item.SegmentNumber): item for item in segmentation.SegmentSequence}
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid(),
-            name=DEVICE_OBSERVER_NAME,
-            manufacturer_name=MANUFACTURER,
-            model_name=result.model_name,
-            serial_number=device_serial_number(),
-        ),
-    )
+    observer = device_observer(result.model_name)
     algorithm = AlgorithmIdentification(name=result.model_name, version=result.model_version)
 
     groups = []
@@ -283,13 +347,7 @@ def build_qc_report(
             Measurement(name=coded(QUALITY_SCORE), value=score, unit=NO_UNITS),
             Measurement(name=coded(VOLUME), value=volume_mm3, unit=CUBIC_MILLIMETER),
         ]
-        evaluations = [
-            QualitativeEvaluation(name=coded(QC_VERDICT), value=coded(segment_qc.verdict.value)),
-            *(
-                QualitativeEvaluation(name=coded(QC_FINDING), value=coded(reason.value))
-                for reason in segment_qc.reasons
-            ),
-        ]
+        evaluations = qc_evaluations(segment_qc.verdict, segment_qc.reasons)
         try:
             if withheld_seg:
                 group = withheld_segment_group(
@@ -316,48 +374,23 @@ def build_qc_report(
             raise ReportError(f"cannot build SR group of segment {number}: {exc}") from exc
         # TID 1411 and TID 1501 allow TEXT qualitative evaluations: record which QC produced
         # the verdict.
-        group[0].ContentSequence.append(
-            TextContentItem(
-                name=coded(QC_VERSION),
-                value=qc.qc_version,
-                relationship_type=RelationshipTypeValues.CONTAINS,
-            )
-        )
+        group[0].ContentSequence.append(text_item(coded(QC_VERSION), qc.qc_version))
         if withheld_seg:
-            group[0].ContentSequence.append(
-                TextContentItem(
-                    name=COMMENT,
-                    value=withheld_seg_text(segment_qc, qc),
-                    relationship_type=RelationshipTypeValues.CONTAINS,
-                )
-            )
+            group[0].ContentSequence.append(text_item(COMMENT, withheld_seg_text(segment_qc, qc)))
         groups.append(group)
 
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure_reported(volume),
+        procedure_reported=procedure_reported(volume.datasets[0]),
         imaging_measurements=groups,
     )
-    equipment: dict = equipment_attributes()
-    # Software Versions: the product's, then which model and QC produced the content.
-    equipment["software_versions"] = [equipment["software_versions"], provenance_text(result, qc)[:64]]
-    try:
-        return hd.sr.Comprehensive3DSR(
-            # Each source instance once: a multi-frame source stands for all of its slices.
-            # A withheld SEG is never sent, so it must not be in the evidence.
-            evidence=[*volume.source_instances, *([] if withheld_seg else [segmentation])],
-            content=report,
-            series_instance_uid=generate_uid(),
-            series_number=series_number,
-            sop_instance_uid=generate_uid(),
-            instance_number=1,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            series_description=sr_series_description(qc, withheld_seg=withheld_seg),
-            coding_schemes=[coding_scheme_item()],
-            **equipment,
-            **creation_times(),
-        )
-    except (ValueError, TypeError) as exc:
-        raise ReportError(f"cannot build SR: {exc}") from exc
+    return build_document(
+        report=report,
+        # Each source instance once: a multi-frame source stands for all of its slices.
+        # A withheld SEG is never sent, so it must not be in the evidence.
+        evidence=[*volume.source_instances, *([] if withheld_seg else [segmentation])],
+        series_number=series_number,
+        series_description=sr_series_description(qc, withheld_seg=withheld_seg),
+        result=result,
+        qc=qc,
+    )
