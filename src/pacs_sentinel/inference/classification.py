@@ -38,7 +38,7 @@ from pydicom.pixels import apply_modality_lut
 
 from pacs_sentinel.errors import DecodeError, ModelError, SeriesError
 from pacs_sentinel.inference.models import resolve_device
-from pacs_sentinel.inference.sources import CARD_FILE, WEIGHTS_FILE, resolve_spec
+from pacs_sentinel.inference.sources import card_folder_files, resolve_spec
 from pacs_sentinel.inference.uncertainty import seeded_dropout
 from pacs_sentinel.results import ClassificationResult, Code, FindingLabel
 
@@ -429,13 +429,7 @@ def load_classification_dir(model_dir: Path, device: torch.device, *, spec: str 
             that do not fit the architecture; the message names the spec and the path.
     """
     what = spec or str(model_dir)
-    card_path = Path(model_dir) / CARD_FILE
-    weights_path = Path(model_dir) / WEIGHTS_FILE
-    if not card_path.is_file():
-        raise ModelError(f"model {what}: no model card at {card_path}")
-    if not weights_path.is_file():
-        hint = f" (run `sentinel train-demo {Path(model_dir).name}`)" if spec and spec.startswith("demo:") else ""
-        raise ModelError(f"model {what}: no weights at {weights_path}{hint}")
+    card_path, weights_path = card_folder_files(Path(model_dir), spec)
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
         if card.get("task", "classification") != "classification":

@@ -226,6 +226,23 @@ def _load_torchscript_module(path: Path, what: str) -> torch.nn.Module:
 # --------------------------------------------------------------------------- card folder
 
 
+def card_folder_files(folder: Path, spec: str | None = None) -> tuple[Path, Path]:
+    """The ``card.json`` and ``model.pt`` of a card folder (demo model or our own layout).
+
+    Raises:
+        ModelError: One of them is missing; the message names the spec and the path, and for
+            a shipped demo model says how to recreate the weights.
+    """
+    what = spec or str(folder)
+    card_path, weights_path = Path(folder) / CARD_FILE, Path(folder) / WEIGHTS_FILE
+    if not card_path.is_file():
+        raise ModelError(f"model {what}: no model card at {card_path}")
+    if not weights_path.is_file():
+        hint = f" (run `sentinel train-demo {Path(folder).name}`)" if spec and spec.startswith("demo:") else ""
+        raise ModelError(f"model {what}: no weights at {weights_path}{hint}")
+    return card_path, weights_path
+
+
 def load_card_folder(folder: Path, *, spec: str | None = None) -> ModelDefinition:
     """Load a card folder (``card.json`` + ``model.pt`` of the demo U-Net architecture).
 
@@ -235,12 +252,7 @@ def load_card_folder(folder: Path, *, spec: str | None = None) -> ModelDefinitio
     from pacs_sentinel.inference.models import build_demo_unet  # the architecture lives with the model
 
     what = spec or str(folder)
-    card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
-    if not card_path.is_file():
-        raise ModelError(f"model {what}: no model card at {card_path}")
-    if not weights_path.is_file():
-        hint = f" (run `sentinel train-demo {folder.name}`)" if spec and spec.startswith("demo:") else ""
-        raise ModelError(f"model {what}: no weights at {weights_path}{hint}")
+    card_path, weights_path = card_folder_files(folder, spec)
     try:
         card = _read_json(card_path)
         for key in ("spacing_mm", "intensity_window", "roi_size", "version", "name", "labels", "architecture"):
