@@ -229,13 +229,14 @@ class Config(_Strict):
 
 
 def _dotted(location: tuple[int | str, ...]) -> str:
-    parts: list[str] = []
+    """``("pipelines", 0, "match")`` -> ``"pipelines[0].match"``."""
+    text = ""
     for item in location:
         if isinstance(item, int):
-            parts[-1 if parts else 0 :] = [f"{parts[-1]}[{item}]" if parts else f"[{item}]"]
+            text += f"[{item}]"
         else:
-            parts.append(str(item))
-    return ".".join(parts) or "(top level)"
+            text += f".{item}" if text else str(item)
+    return text or "(top level)"
 
 
 def _messages(error: ValidationError) -> list[str]:
