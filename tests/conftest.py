@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom import config as pydicom_config
+
+from pacs_sentinel.dicom_io.index import Database
+from pacs_sentinel.dicom_io.scp import ScpSettings, StorageScp
+from pacs_sentinel.dicom_io.spool import Spool
 
 # Strict when writing: every object we build must be valid (STYLE.md, highdicom habit).
 pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
@@ -40,3 +47,19 @@ def free_port() -> int:
 def dcmtk_env() -> dict[str, str]:
     """Environment for DCMTK programs on loopback (no delayed-ACK waits)."""
     return {**os.environ, "TCP_NODELAY": "1"}
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StorageScp]:
+    """An in-process storage SCP standing in for the PACS (AE title PACS)."""
+    spool = Spool(tmp_path / "pacs", Database(tmp_path / "pacs" / "pacs.db"))
+    server = StorageScp(ScpSettings("PACS", "127.0.0.1", free_port()), spool)
+    server.start()
+    yield server
+    server.stop()
+
+
+def received_modalities(pacs: StorageScp) -> list[str]:
+    """Modalities of everything the PACS fixture received, sorted."""
+    paths = [row[0] for row in pacs.spool.database.connection().execute("SELECT path FROM instances")]
+    return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for p in paths)

@@ -1,4 +1,4 @@
-"""Fixtures for daemon tests: an in-process Sentinel and an in-process receiving PACS."""
+"""Fixtures for daemon tests: in-process Sentinels (the receiving PACS is tests/conftest.py's)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,7 @@ import pytest
 
 from pacs_sentinel.daemon.config import Config, parse_config
 from pacs_sentinel.daemon.service import Sentinel
-from pacs_sentinel.dicom_io.index import Database
-from pacs_sentinel.dicom_io.scp import ScpSettings, StorageScp
-from pacs_sentinel.dicom_io.spool import Spool
 from tests.conftest import free_port
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[StorageScp]:
-    """An in-process storage SCP standing in for the PACS (AE title PACS)."""
-    spool = Spool(tmp_path / "pacs", Database(tmp_path / "pacs" / "pacs.db"))
-    server = StorageScp(ScpSettings("PACS", "127.0.0.1", free_port()), spool)
-    server.start()
-    yield server
-    server.stop()
 
 
 def make_config(tmp_path: Path, pacs_port: int, **study: Any) -> Config:
@@ -51,11 +38,3 @@ def sentinel_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     yield start
     for sentinel in started:
         sentinel.stop()
-
-
-def received_modalities(pacs: StorageScp) -> list[str]:
-    """Modalities of everything the PACS fixture received, sorted."""
-    import pydicom
-
-    paths = [row[0] for row in pacs.spool.database.connection().execute("SELECT path FROM instances")]
-    return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for p in paths)

@@ -16,7 +16,8 @@ from pacs_sentinel.dicom_io.index import Database
 from pacs_sentinel.dicom_io.spool import instance_info
 from pacs_sentinel.dicom_io.scu import Peer, send_files
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
-from tests.daemon.conftest import make_config, received_modalities
+from tests.conftest import received_modalities
+from tests.daemon.conftest import make_config
 
 
 def test_quiet_time_per_calling_ae_and_maximum_wait() -> None:

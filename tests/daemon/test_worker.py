@@ -12,7 +12,8 @@ from pydicom.data import get_testdata_file
 from pacs_sentinel.daemon.jobs import FINISHED_STATES, JobState
 from pacs_sentinel.dicom_io.scu import Peer, send_files
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
-from tests.daemon.conftest import make_config, received_modalities
+from tests.conftest import received_modalities
+from tests.daemon.conftest import make_config
 
 
 def _finished(sentinel, count: int, timeout: float = 120):  # type: ignore[no-untyped-def]

@@ -8,21 +8,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from pacs_sentinel.dicom_io.index import Database
-from pacs_sentinel.dicom_io.scp import ScpSettings, StorageScp
+from pacs_sentinel.dicom_io.scp import StorageScp
 from pacs_sentinel.dicom_io.scu import Peer, send_files
-from pacs_sentinel.dicom_io.spool import Spool
 from pacs_sentinel.errors import DeliveryError
-from tests.conftest import free_port
-
-
-@pytest.fixture
-def pacs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = StorageScp(ScpSettings("PACS", "127.0.0.1", free_port()),
-                        Spool(tmp_path / "pacs", Database(tmp_path / "pacs.db")))
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_peer_parse() -> None:

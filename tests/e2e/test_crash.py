@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pydicom
 import pytest
 
-from pacs_sentinel.dicom_io.index import Database
-from pacs_sentinel.dicom_io.scp import ScpSettings, StorageScp
 from pacs_sentinel.dicom_io.scu import Peer, send_files
-from pacs_sentinel.dicom_io.spool import Spool
-from tests.conftest import free_port
+from tests.conftest import received_modalities
 from tests.e2e.conftest import sqlite_job_states, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def pacs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """An in-process storage SCP standing in for the PACS."""
-    spool = Spool(tmp_path / "pacs", Database(tmp_path / "pacs" / "pacs.db"))
-    server = StorageScp(ScpSettings("PACS", "127.0.0.1", free_port()), spool)
-    server.start()
-    yield server
-    server.stop()
-
-
-def _received_modalities(pacs: StorageScp) -> list[str]:
-    files = [p for paths in pacs.spool.database.connection().execute("SELECT path FROM instances") for p in paths]
-    return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for p in files)
 
 
 def test_sigkill_while_running_then_restart_completes_once(phantom_study, pacs, daemon_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -43,11 +22,11 @@ def test_sigkill_while_running_then_restart_completes_once(phantom_study, pacs, 
              "the job to be RUNNING")
     daemon.kill()
     assert [state for _, state, _ in sqlite_job_states(db_path)] == ["RUNNING"]
-    assert _received_modalities(pacs) == []
+    assert received_modalities(pacs) == []
 
     daemon.start()  # the same configuration and data folder
     wait_for(lambda: [s for _, s, _ in sqlite_job_states(db_path)] == ["DONE"], 180, 0.2, "the job to be DONE")
     jobs = sqlite_job_states(db_path)
     assert len(jobs) == 1 and jobs[0][2] == 2, jobs  # one job, run twice (interrupted + resumed)
-    assert _received_modalities(pacs) == ["OT", "SEG", "SR"]
+    assert received_modalities(pacs) == ["OT", "SEG", "SR"]
     assert "interrupted jobs re-queued" in daemon.log

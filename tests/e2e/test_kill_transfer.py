@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
-from tests.conftest import require_program
+from tests.conftest import received_modalities, require_program
 from tests.e2e.conftest import sqlite_job_states, wait_for
-from tests.e2e.test_crash import _received_modalities, pacs  # noqa: F401 - the in-process PACS fixture
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +27,7 @@ def _indexed(db_path: Path) -> int:
         conn.close()
 
 
-def test_kill_sender_and_daemon_mid_transfer(tmp_path: Path, pacs, daemon_factory, dcmtk_env) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_kill_sender_and_daemon_mid_transfer(tmp_path: Path, pacs, daemon_factory, dcmtk_env) -> None:  # type: ignore[no-untyped-def]
     storescu = require_program("/usr/bin/storescu", "dcmtk")
     phantom = make_ct_phantom(21, shape=(120, 256, 256), spacing=(2.0, 1.6, 1.6))
     files = write_ct_series(phantom, tmp_path / "study", seed=21)
@@ -52,4 +51,4 @@ def test_kill_sender_and_daemon_mid_transfer(tmp_path: Path, pacs, daemon_factor
     wait_for(lambda: [s for _, s, _ in sqlite_job_states(db_path)] == ["DONE"], 240, 0.2, "the job to be DONE")
     assert _indexed(db_path) == len(files)
     assert [runs for _, _, runs in sqlite_job_states(db_path)] == [1]
-    assert _received_modalities(pacs) == ["OT", "SEG", "SR"]
+    assert received_modalities(pacs) == ["OT", "SEG", "SR"]

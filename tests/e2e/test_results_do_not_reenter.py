@@ -9,12 +9,11 @@ import pytest
 
 from pacs_sentinel.dicom_io.scu import Peer, send_files
 from tests.e2e.conftest import sqlite_job_states, wait_for
-from tests.e2e.test_crash import pacs  # noqa: F401 - the in-process PACS fixture
 
 pytestmark = pytest.mark.slow
 
 
-def test_returned_results_are_stored_but_not_processed(phantom_study, pacs, daemon_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_returned_results_are_stored_but_not_processed(phantom_study, pacs, daemon_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
     daemon = daemon_factory(pacs.port, quiet_seconds=1.0)
     daemon.start()
     peer = Peer("SENTINEL", "127.0.0.1", daemon.port)
