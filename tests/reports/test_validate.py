@@ -75,3 +75,14 @@ def test_without_dciodvfy_the_read_back_decides(result_sets, monkeypatch) -> Non
     check_before_sending([seg, sr, sc], "dciodvfy")
     with pytest.raises(ReportError, match="does not read back"):
         check_before_sending([seg, sr, _truncated_pixels(sc)], "dciodvfy")
+
+
+def test_written_files_are_checked_as_written(result_sets, tmp_path, require_tool) -> None:  # type: ignore[no-untyped-def]
+    require_tool("dciodvfy")
+    paths = [p for p in result_sets["BINARY"].write(tmp_path) if p.suffix == ".dcm"]
+    assert [p.name for p in paths] == ["SEG.dcm", "SR.dcm", "SC_1.dcm"]
+    check_before_sending(paths, "dciodvfy")
+    data = paths[0].read_bytes()
+    paths[0].write_bytes(data[: len(data) // 2])  # a half-written file is never sent
+    with pytest.raises(ReportError, match="SEG .* does not read back"):
+        check_before_sending(paths, "dciodvfy")

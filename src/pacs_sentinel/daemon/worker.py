@@ -137,9 +137,10 @@ class Worker:
         paths = result_set.write(out_dir)
         # Nothing leaves unchecked: a failure fails the job (the files stay in out_dir to look at).
         started = time.perf_counter()
-        check_before_sending(result_set.datasets(), self.config.reports.validate_)
+        sent = [path for path in paths if path.suffix == ".dcm"]
+        check_before_sending(sent, self.config.reports.validate_)
         log.info("results validated", mode=self.config.reports.validate_,
-                 objects=len(result_set.datasets()), seconds=round(time.perf_counter() - started, 3))
+                 objects=len(sent), seconds=round(time.perf_counter() - started, 3))
         outbox_items = []
         for path in paths:
             if path.suffix != ".dcm":

@@ -93,11 +93,12 @@ def dciodvfy_path() -> str | None:
     return shutil.which("dciodvfy")
 
 
-def run_dciodvfy(ds: Dataset, *, executable: str | None = None) -> ValidationReport | None:
-    """Write ``ds`` to a temporary Part 10 file and run ``dciodvfy`` on it.
+def run_dciodvfy(ds: Dataset | Path, *, executable: str | None = None) -> ValidationReport | None:
+    """Run ``dciodvfy`` on a Part 10 file, or on ``ds`` written to a temporary one.
 
     Args:
-        ds: The object to check; it must have file meta information (highdicom objects do).
+        ds: The object to check (it must have file meta information; highdicom objects do),
+            or the path of a DICOM file.
         executable: Path of dciodvfy; default: found on ``PATH``.
 
     Returns:
@@ -109,19 +110,19 @@ def run_dciodvfy(ds: Dataset, *, executable: str | None = None) -> ValidationRep
     executable = executable or dciodvfy_path()
     if executable is None:
         return None
-    with tempfile.TemporaryDirectory(prefix="sentinel-dciodvfy-") as tmp:
-        path = Path(tmp) / "object.dcm"
-        try:
-            ds.save_as(path, enforce_file_format=True)
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise ReportError(f"cannot write {ds.get('SOPInstanceUID', '?')} for validation: {exc}") from exc
-        try:
-            completed = subprocess.run(
-                [executable, str(path)], capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False
-            )
-        except subprocess.TimeoutExpired:
-            message = f"Error - dciodvfy did not finish in {TIMEOUT_SECONDS:.0f} s"
-            return ValidationReport(iod="", errors=[message], warnings=[])
+    if isinstance(ds, Path):
+        completed = _dciodvfy(executable, ds)
+    else:
+        with tempfile.TemporaryDirectory(prefix="sentinel-dciodvfy-") as tmp:
+            path = Path(tmp) / "object.dcm"
+            try:
+                ds.save_as(path, enforce_file_format=True)
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise ReportError(f"cannot write {ds.get('SOPInstanceUID', '?')} for validation: {exc}") from exc
+            completed = _dciodvfy(executable, path)
+    if completed is None:
+        message = f"Error - dciodvfy did not finish in {TIMEOUT_SECONDS:.0f} s"
+        return ValidationReport(iod="", errors=[message], warnings=[])
     lines = [line.rstrip() for line in (completed.stderr + completed.stdout).splitlines() if line.strip()]
     iod = lines[0] if lines and " - " not in lines[0] else ""
     return ValidationReport(
@@ -131,13 +132,39 @@ def run_dciodvfy(ds: Dataset, *, executable: str | None = None) -> ValidationRep
     )
 
 
-def validate(ds: Dataset, *, strict: bool = False, executable: str | None = None) -> list[str] | None:
+def _dciodvfy(executable: str, path: Path) -> subprocess.CompletedProcess[str] | None:
+    """Run dciodvfy on one file; None when it does not finish in time."""
+    try:
+        return subprocess.run(
+            [executable, str(path)], capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _counted_errors(ds: Dataset, report: ValidationReport | None) -> list[str]:
+    """The errors of a dciodvfy report that count: not the ones of an outdated validator."""
+    if report is None:
+        return []
+    known = outdated_validator_complaints(ds)
+    errors = [e for e in report.errors if not any(k in e for k in known)]
+    if len(errors) < len(report.errors):
+        log.debug("dciodvfy predates this IOD; its known complaints are ignored",
+                  sop_class_uid=str(ds.get("SOPClassUID", "")), ignored=len(report.errors) - len(errors))
+    return errors
+
+
+def validate(
+    ds: Dataset, *, strict: bool = False, executable: str | None = None, path: Path | None = None
+) -> list[str] | None:
     """Return the ``dciodvfy`` error lines of ``ds`` (empty when it is valid).
 
     Args:
         ds: The object to check.
         strict: Raise instead of returning when there are errors.
         executable: Path of dciodvfy; default: found on ``PATH``.
+        path: A Part 10 file that holds ``ds``: checked as it is, instead of writing ``ds``
+            to a temporary file.
 
     Complaints that only say the validator predates the object's IOD
     (:func:`outdated_validator_complaints`) are not counted.
@@ -149,14 +176,9 @@ def validate(ds: Dataset, *, strict: bool = False, executable: str | None = None
         ReportError: ``strict`` is true and dciodvfy reported errors, or ``ds`` cannot be
             written.
     """
-    report = run_dciodvfy(ds, executable=executable)
+    report = run_dciodvfy(ds if path is None else path, executable=executable)
     if report is not None:
-        known = outdated_validator_complaints(ds)
-        if known:
-            errors = [e for e in report.errors if not any(k in e for k in known)]
-            log.debug("dciodvfy predates this IOD; its known complaints are ignored",
-                      sop_class_uid=str(ds.SOPClassUID), ignored=len(report.errors) - len(errors))
-            report = ValidationReport(iod=report.iod, errors=errors, warnings=report.warnings)
+        report = ValidationReport(iod=report.iod, errors=_counted_errors(ds, report), warnings=report.warnings)
     if report is None:
         log.debug("dciodvfy not installed; validation skipped", sop_instance_uid=str(ds.get("SOPInstanceUID", "")))
         return None
@@ -174,11 +196,12 @@ def validate(ds: Dataset, *, strict: bool = False, executable: str | None = None
     return report.errors
 
 
-def read_back(ds: Dataset) -> Dataset:
-    """Encode ``ds`` as a Part 10 file, read it back and parse it as highdicom does.
+def read_back(source: Dataset | Path) -> Dataset:
+    """Read an object back as a receiver would and parse it as highdicom does.
 
-    Segmentations and images also decode their pixel data (a compressed frame that cannot
-    be decoded fails here, not in the viewer); structured reports rebuild their content tree.
+    A dataset is encoded as a Part 10 file first; a path is read as written. Segmentations and
+    images also decode their pixel data (a compressed frame that cannot be decoded fails
+    here, not in the viewer); structured reports rebuild their content tree.
 
     Returns:
         The highdicom object read back from the bytes.
@@ -186,50 +209,57 @@ def read_back(ds: Dataset) -> Dataset:
     Raises:
         ReportError: The object cannot be encoded, read back or parsed.
     """
-    uid = str(ds.get("SOPInstanceUID", "?"))
+    name = str(source) if isinstance(source, Path) else f"{source.get('Modality', 'object')} {source.get('SOPInstanceUID', '?')}"
     try:
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        again = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+        if isinstance(source, Path):
+            data = source.read_bytes()
+        else:
+            buffer = io.BytesIO()
+            source.save_as(buffer, enforce_file_format=True)
+            data = buffer.getvalue()
+        again = pydicom.dcmread(io.BytesIO(data))
+        name = f"{again.get('Modality', 'object')} {again.get('SOPInstanceUID', '?')}"
         modality = str(again.get("Modality", ""))
         if modality == "SEG":
             parsed = hd.seg.Segmentation.from_dataset(again, copy=False)
             _ = parsed.pixel_array
         elif modality == "SR":
-            parsed = hd.sr.srread(io.BytesIO(buffer.getvalue()))
+            parsed = hd.sr.srread(io.BytesIO(data))
         else:
             parsed = hd.Image.from_dataset(again, copy=False)
             _ = parsed.pixel_array
     except Exception as exc:  # any failure to read our own object back is a reason not to send it
-        raise ReportError(f"{ds.get('Modality', 'object')} {uid} does not read back: {type(exc).__name__}: {exc}") from exc
+        raise ReportError(f"{name} does not read back: {type(exc).__name__}: {exc}") from exc
     return parsed
 
 
-def check_before_sending(datasets: Sequence[Dataset], mode: ValidationMode) -> None:
+def check_before_sending(objects: Sequence[Dataset | Path], mode: ValidationMode) -> None:
     """Check every object of a result set; raise on the first that must not be sent.
 
     Args:
-        datasets: The objects about to be sent.
+        objects: The objects about to be sent, as datasets or as the Part 10 files written
+            from them (checked as they are: nothing is encoded twice).
         mode: ``[reports] validate``: ``"dciodvfy"`` (read-back + IOD validator when
             installed), ``"roundtrip"`` (read-back only) or ``"off"``.
 
     Raises:
         ReportError: An object fails; the message names it and quotes the validator.
     """
-    if mode == "off" or not datasets:
+    if mode == "off" or not objects:
         return
     executable = dciodvfy_path() if mode == "dciodvfy" else None
     if mode == "dciodvfy" and executable is None:
         log.warning("dciodvfy is not installed; result objects checked by read-back only")
     # dciodvfy runs as one process per object, side by side, while this thread reads back.
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="dciodvfy") as pool:
-        pending = [] if executable is None else [
-            (ds, pool.submit(validate, ds, executable=executable)) for ds in datasets
-        ]
-        for ds in datasets:
-            read_back(ds)
-        for ds, future in pending:
-            errors = future.result()
+        pending = []
+        for item in objects:
+            report = None if executable is None else pool.submit(run_dciodvfy, item, executable=executable)
+            pending.append((read_back(item), item, report))
+        for ds, item, report in pending:
+            if report is None:
+                continue
+            errors = _counted_errors(ds, report.result())
             if errors:
                 raise ReportError(
                     f"{ds.get('Modality', 'object')} {ds.get('SOPInstanceUID', '?')} fails dciodvfy: "
