@@ -230,11 +230,18 @@ def _orthanc_answers(orthanc: Orthanc) -> bool:
 
 
 @pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+def orthanc_options() -> dict[str, Any]:
+    """Extra Orthanc configuration options; override with ``@pytest.mark.parametrize("orthanc_options", ...)``."""
+    return {}
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path, orthanc_options: dict[str, Any]) -> Iterator[Orthanc]:
     """Orthanc as the PACS: a temporary JSON configuration, storage in ``tmp_path``, no plugins.
 
     HTTP and DICOM on free ports, remote (non-loopback) access and authentication off, so the
-    test reads the REST API without credentials. Stopped (SIGTERM, then SIGKILL) at the end.
+    test reads the REST API without credentials; ``orthanc_options`` are added to the
+    configuration. Stopped (SIGTERM, then SIGKILL) at the end.
     """
     from tests.conftest import require_program
 
@@ -255,6 +262,7 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "Plugins": [],
+        **orthanc_options,
     }
     config_path = root / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -26,7 +26,7 @@ from pydicom.uid import (
 
 from pacs_sentinel.inference.radiographs import make_cxr_phantom, write_dx_image
 from tests.conftest import require_program
-from tests.e2e.conftest import Daemon, Orthanc
+from tests.e2e.conftest import Daemon, Orthanc, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -163,3 +163,67 @@ def test_findings_results_join_the_source_study_in_orthanc(tmp_path: Path, ortha
     assert len(by_modality["OT"]) >= 1  # one overlay per positive finding, or one saying there is none
     for tags in (t for series in by_series.values() for t in series):
         assert (tags["PatientID"], tags["StudyInstanceUID"]) == ("E2EORTHANC", source.StudyInstanceUID)
+
+
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+
+
+def _labelmap_daemon(orthanc: Orthanc, daemon_factory) -> Daemon:  # type: ignore[no-untyped-def]
+    """A daemon delivering to Orthanc that writes Label Map Segmentations (``[reports] seg_type``)."""
+    daemon = daemon_factory(orthanc.dicom_port, destination_ae=orthanc.ae_title)
+    daemon.config.write_text(daemon.config.read_text() + '\n[reports]\nseg_type = "LABELMAP"\n', encoding="utf-8")
+    return daemon
+
+
+@pytest.mark.parametrize("orthanc_options", [{"UnknownSopClassAccepted": True}])
+def test_labelmap_seg_joins_the_study_when_orthanc_accepts_unknown_sop_classes(
+        phantom_study: list[Path], orthanc: Orthanc, daemon_factory, dcmtk_env) -> None:  # type: ignore[no-untyped-def]
+    source = pydicom.dcmread(phantom_study[0], stop_before_pixels=True)
+    _storescu(phantom_study, orthanc.ae_title, orthanc.dicom_port, dcmtk_env)
+    daemon = _labelmap_daemon(orthanc, daemon_factory)
+    daemon.start()
+    _storescu(phantom_study, "SENTINEL", daemon.port, dcmtk_env)
+    _wait_until_done(daemon, orthanc, 300)
+    studies = orthanc.get("/studies")
+    assert len(studies) == 1
+    _assert_one_patient_one_study(orthanc, studies[0], str(source.StudyInstanceUID), str(source.PatientID))
+    by_modality = {tags[0]["Modality"]: {t["SOPClassUID"] for t in tags}
+                   for tags in _instances_by_series(orthanc, studies[0]).values()}
+    assert by_modality == {"CT": {CTImageStorage}, "SEG": {LABEL_MAP_SEGMENTATION_STORAGE},
+                           "SR": {Comprehensive3DSRStorage}, "OT": {SecondaryCaptureImageStorage}}
+
+
+
+def test_labelmap_seg_refused_by_default_orthanc_stays_in_the_outbox(
+        phantom_study: list[Path], orthanc: Orthanc, daemon_factory, dcmtk_env) -> None:  # type: ignore[no-untyped-def]
+    """Orthanc 1.10.1 (Debian 12) knows no Label Map Segmentation Storage: with its default
+    ``UnknownSopClassAccepted: false`` it rejects that presentation context. The SR and the
+    overlay still join the study; the SEG waits in the outbox, retried, with an error that
+    names the refused SOP class, and the job stays DELIVERING.
+    """
+    source = pydicom.dcmread(phantom_study[0], stop_before_pixels=True)
+    _storescu(phantom_study, orthanc.ae_title, orthanc.dicom_port, dcmtk_env)
+    daemon = _labelmap_daemon(orthanc, daemon_factory)
+    daemon.start()
+    _storescu(phantom_study, "SENTINEL", daemon.port, dcmtk_env)
+    db_path = daemon.config.parent / "var" / "sentinel.db"
+
+    def seg_retried() -> list[dict] | None:  # type: ignore[type-arg]
+        rows = _rows(db_path, "SELECT * FROM outbox ORDER BY id")
+        seg = [r for r in rows if r["sop_class_uid"] == LABEL_MAP_SEGMENTATION_STORAGE]
+        return rows if seg and seg[0]["attempts"] >= 2 else None
+
+    rows = wait_for(seg_retried, 300, 0.5, "the Label Map SEG to be refused twice")
+    by_class = {row["sop_class_uid"]: row for row in rows}
+    assert {uid: row["state"] for uid, row in by_class.items()} == {
+        LABEL_MAP_SEGMENTATION_STORAGE: "pending", Comprehensive3DSRStorage: "sent", SecondaryCaptureImageStorage: "sent"}
+    seg_row = by_class[LABEL_MAP_SEGMENTATION_STORAGE]
+    assert f"{LABEL_MAP_SEGMENTATION_STORAGE}: abstract syntax not supported" in seg_row["last_error"], seg_row
+    assert Path(seg_row["path"]).is_file()
+    assert [job["state"] for job in _rows(db_path, "SELECT state FROM jobs")] == ["DELIVERING"]
+
+    studies = orthanc.get("/studies")
+    _assert_one_patient_one_study(orthanc, studies[0], str(source.StudyInstanceUID), str(source.PatientID))
+    by_modality = {tags[0]["Modality"]: {t["SOPClassUID"] for t in tags}
+                   for tags in _instances_by_series(orthanc, studies[0]).values()}
+    assert by_modality == {"CT": {CTImageStorage}, "SR": {Comprehensive3DSRStorage}, "OT": {SecondaryCaptureImageStorage}}
