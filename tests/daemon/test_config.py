@@ -129,3 +129,20 @@ match_regex = { SeriesDescription = "brain|head" }
 def test_match_regex_must_compile() -> None:
     problems = _problems({"pipelines": [{"name": "a", "model": "m", "match_regex": {"SeriesDescription": "(ax"}}]})
     assert len(problems) == 1 and problems[0].startswith("pipelines[0].match_regex:")
+
+
+def test_seg_qc_pipeline_runs_no_model_of_its_own() -> None:
+    config = parse_config({"pipelines": [{"name": "q", "kind": "seg-qc", "agreement_model": "demo:organ-seg"}]})
+    pipeline = config.pipelines[0]
+    assert pipeline.model is None and pipeline.agreement_model == "demo:organ-seg" and pipeline.agreement is True
+    problems = _problems({"pipelines": [{"name": "q", "kind": "seg-qc", "model": "demo:organ-seg"}]})
+    assert len(problems) == 1 and problems[0].startswith("pipelines[0]: ") and "agreement_model" in problems[0]
+
+
+def test_model_is_required_outside_seg_qc_and_agreement_keys_only_there() -> None:
+    assert _problems({"pipelines": [{"name": "s", "kind": "segmentation"}]}) == [
+        "pipelines[0]: Value error, a segmentation pipeline needs model"]
+    problems = _problems({"pipelines": [{"name": "s", "model": "demo:organ-seg", "agreement_model": "demo:organ-seg"}]})
+    assert problems == ["pipelines[0]: Value error, agreement_model is for seg-qc pipelines only"]
+    assert _problems({"pipelines": [{"name": "q", "kind": "seg-qc", "agreement": "yes"}]}) == [
+        "pipelines[0].agreement: Input should be a valid boolean"]
