@@ -78,7 +78,8 @@ def make_third_party_seg(sources: list[pydicom.Dataset], masks: list, labels: li
             (any order: the SEG keeps it).
         masks: One boolean ``(len(sources), rows, cols)`` array per segment.
         labels: (code value, scheme, meaning) of each segment's segmented property type.
-        seg_type: ``"BINARY"`` or ``"LABELMAP"``.
+        seg_type: ``"BINARY"``, ``"FRACTIONAL"`` (0.8 inside, 0.3 in a ring around each
+            mask) or ``"LABELMAP"``.
         tracking: Give each segment a Tracking ID/UID (both are optional in a SEG).
 
     Returns:
@@ -106,7 +107,14 @@ def make_third_party_seg(sources: list[pydicom.Dataset], masks: list, labels: li
             tracking_id=f"vendor {meaning} {number}" if tracking else None,
         ))
     stacked = np.stack([np.asarray(m, dtype=bool) for m in masks], axis=-1)
-    if seg_type == "LABELMAP":
+    if seg_type == "FRACTIONAL":
+        # 0.8 inside each mask; 0.3 (below half of the maximum: outside) in a ring around it.
+        from scipy import ndimage
+
+        ring = np.stack([ndimage.binary_dilation(stacked[..., i], iterations=2) & ~stacked[..., i]
+                         for i in range(stacked.shape[-1])], axis=-1)
+        pixels = np.where(stacked, 0.8, np.where(ring, 0.3, 0.0)).astype(np.float32)
+    elif seg_type == "LABELMAP":
         pixels = np.zeros(stacked.shape[:3], dtype=np.uint8)
         for index in range(stacked.shape[-1]):
             pixels[stacked[..., index]] = index + 1

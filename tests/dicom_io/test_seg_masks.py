@@ -83,6 +83,18 @@ def test_label_map_seg(series) -> None:
     np.testing.assert_array_equal(mapped.segments[1].mask, second)
 
 
+def test_fractional_seg_is_thresholded_at_half_the_maximum(series) -> None:
+    datasets, volume = series
+    first, second = distinct_masks(volume.array.shape)
+    seg = make_third_party_seg(volume.datasets, [first, second], [LIVER, SPLEEN], seg_type="FRACTIONAL")
+    assert seg.SegmentationType == "FRACTIONAL"
+
+    mapped = map_segments(seg, volume)
+
+    np.testing.assert_array_equal(mapped.segments[0].mask, first)
+    np.testing.assert_array_equal(mapped.segments[1].mask, second)
+
+
 def test_labels_and_missing_tracking_ids_are_read(series) -> None:
     datasets, volume = series
     first, _ = distinct_masks(volume.array.shape)

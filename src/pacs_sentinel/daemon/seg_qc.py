@@ -54,6 +54,8 @@ def third_party_segs(config: Config, spool: Spool, jobs: JobStore, study_uid: st
     a source series for which a segmentation pipeline's result was delivered before the SEG
     arrived.
     """
+    if not any(p.kind == "seg-qc" for p in config.pipelines):
+        return []  # nothing would judge them: spare reading every series' header again
     segs = read_third_party_segs(series_files)
     if not segs:
         return []
