@@ -130,3 +130,28 @@ def test_a_seg_on_another_matrix_is_refused(series) -> None:
 
     with pytest.raises(SeriesError, match="32x32 frames"):
         map_segments(seg, volume)
+
+
+def test_frames_of_a_multi_frame_source_are_placed_by_referenced_frame_number(series, tmp_path) -> None:
+    """A SEG on a Legacy Converted Enhanced CT whose frames run in reverse slice order."""
+    import highdicom as hd
+    import pydicom
+
+    datasets, volume = series
+    sources = list(reversed(volume.datasets))
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        sources, series_instance_uid=str(sources[0].SeriesInstanceUID), series_number=10,
+        sop_instance_uid=hd.UID(), instance_number=1)
+    enhanced.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    multi = load_volume([pydicom.dcmread(tmp_path / "enhanced.dcm")])
+    assert multi.frame_numbers == list(range(len(sources), 0, -1))
+    first, second = distinct_masks(multi.array.shape)
+    in_frame_order = np.argsort(multi.frame_numbers)
+    seg = make_third_party_seg(multi.source_instances, [first[in_frame_order], second[in_frame_order]],
+                               [LIVER, SPLEEN])
+
+    mapped = map_segments(seg, multi)
+
+    assert mapped.frames_placed_by_position == 0
+    np.testing.assert_array_equal(mapped.segments[0].mask, first)
+    np.testing.assert_array_equal(mapped.segments[1].mask, second)
