@@ -26,6 +26,7 @@ from pacs_sentinel.errors import SentinelError, SeriesError
 from pacs_sentinel.inference.models import load_segmentation_model
 from pacs_sentinel.qc.evaluate import evaluate_segmentation
 from pacs_sentinel.reports.resultset import ResultSet, build_result_set
+from pacs_sentinel.reports.validate import check_before_sending
 from pacs_sentinel.results import QCResult, Verdict
 
 log = structlog.get_logger(__name__)
@@ -172,6 +173,12 @@ class Worker:
         paths = []
         for result_set, folder in result_sets:
             paths += result_set.write(out_dir if folder is None else out_dir / folder)
+        # Nothing leaves unchecked: a failure fails the job (the files stay in out_dir to look at).
+        started = time.perf_counter()
+        sent = [path for path in paths if path.suffix == ".dcm"]
+        check_before_sending(sent, self.config.reports.validate_)
+        log.info("results validated", mode=self.config.reports.validate_,
+                 objects=len(sent), seconds=round(time.perf_counter() - started, 3))
         outbox_items = []
         for path in paths:
             if path.suffix != ".dcm":
