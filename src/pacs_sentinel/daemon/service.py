@@ -18,6 +18,7 @@ from pacs_sentinel.daemon.jobs import JobStore
 from pacs_sentinel.daemon.logs import configure_logging
 from pacs_sentinel.daemon.outbox import Outbox
 from pacs_sentinel.daemon.routing import matching_pipelines, read_candidates
+from pacs_sentinel.daemon.seg_qc import third_party_segs
 from pacs_sentinel.daemon.worker import Worker
 from pacs_sentinel.dicom_io.index import Database
 from pacs_sentinel.dicom_io.scp import Receiver, ScpSettings, TlsSettings
@@ -114,14 +115,17 @@ class Sentinel:
         """The study got no new instance for ``quiet_seconds``: queue its jobs."""
         bound = log.bind(study_uid=study_uid)
         try:
-            candidates = read_candidates(self.spool.study_files(study_uid))
-            pipelines = matching_pipelines(self.config.pipelines, candidates)
+            series_files = self.spool.study_files(study_uid)
+            candidates = read_candidates(series_files)
+            segs = third_party_segs(self.config, self.spool, self.jobs, study_uid, series_files)
+            pipelines = matching_pipelines(self.config.pipelines, candidates, segs)
             if not pipelines:
                 job_id = self.jobs.reject_study(study_uid, "no pipeline matches any series of the study")
                 if job_id is not None:
                     bound.warning("study rejected: no pipeline matches", job_id=job_id)
                 return
-            inputs = {name: self.spool.series_last_received(series.series_uid) for name, series in pipelines.items()}
+            inputs = {name: max(self.spool.series_last_received(uid) for uid in series_uids)
+                      for name, series_uids in pipelines.items()}
             created = self.jobs.queue_study(study_uid, inputs,
                                             rerun_late_arrivals=self.config.study.late_arrival == "rerun")
             if created:
