@@ -31,7 +31,10 @@ def test_kill_sender_and_daemon_mid_transfer(tmp_path: Path, pacs, daemon_factor
     storescu = require_program("/usr/bin/storescu", "dcmtk")
     phantom = make_ct_phantom(21, shape=(120, 256, 256), spacing=(2.0, 1.6, 1.6))
     files = write_ct_series(phantom, tmp_path / "study", seed=21)
-    daemon = daemon_factory(pacs.port, quiet_seconds=3.0)
+    # The quiet time must outlast a daemon restart on a loaded machine (3-4 s seen), or the
+    # study counts as complete before the re-send starts: then a correct but different path
+    # runs (a job superseded by its re-run; tests/daemon/test_study_completion.py covers it).
+    daemon = daemon_factory(pacs.port, quiet_seconds=12.0)
     daemon.start()
     db_path = tmp_path / "var" / "sentinel.db"
     command = [storescu, "-aet", "MODALITY", "-aec", "SENTINEL", "127.0.0.1", str(daemon.port), *map(str, files)]
