@@ -121,6 +121,82 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _review_store(config_path: str):  # type: ignore[no-untyped-def]
+    """The configuration and the worklist of the daemon that runs with ``config_path``."""
+    from pacs_sentinel.daemon.config import load_config
+    from pacs_sentinel.daemon.jobs import MIGRATIONS
+    from pacs_sentinel.daemon.review import ReviewStore
+    from pacs_sentinel.dicom_io.index import Database
+
+    config = load_config(config_path)
+    db_path = config.node.data_dir / "sentinel.db"
+    if not db_path.exists():
+        raise SentinelError(f"no database at {db_path}: the daemon has not run with this configuration yet")
+    return config, ReviewStore(Database(db_path, migrations=MIGRATIONS))
+
+
+def _when(timestamp: float | None) -> str:
+    import datetime
+
+    if timestamp is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    import os
+
+    from pacs_sentinel.daemon.review import explain_reason, parse_since, viewer_link
+    from pacs_sentinel.daemon.table import format_table
+
+    config, store = _review_store(args.config)
+    if args.action == "list":
+        since = parse_since(args.since) if args.since else None
+        items = store.items(status=args.status, pipeline=args.pipeline, since=since, limit=args.limit)
+        if not items:
+            print("no review items match")
+            return EXIT_OK
+        print(format_table(
+            ["item", "status", "score", "pipeline", "study", "reasons", "created", "reviewer", "decision"],
+            [[i.id, i.status.value, "-" if i.quality_score is None else f"{i.quality_score:.2f}", i.pipeline,
+              i.study_uid, ", ".join(i.reasons) or "-", _when(i.created_at), i.reviewer or "-",
+              i.decision.value if i.decision else "-"] for i in items],
+            max_width=64))
+        return EXIT_OK
+    reviewer = args.reviewer if getattr(args, "reviewer", None) else os.environ.get("USER", "")
+    if args.action == "claim":
+        item = store.claim(args.item, reviewer)
+        print(f"review item {item.id} claimed by {item.reviewer}")
+        return EXIT_OK
+    if args.action == "resolve":
+        item = store.resolve(args.item, args.decision, reviewer, args.comment)
+        print(f"review item {item.id} resolved by {item.reviewer}: {item.decision.value if item.decision else '-'}")
+        return EXIT_OK
+    item = store.get(args.item)
+    rows = [
+        ["item", item.id], ["status", item.status.value], ["study", item.study_uid],
+        ["series", item.series_uid or "-"], ["pipeline", item.pipeline], ["job", f"{item.job_id} (run {item.runs})"],
+        ["model", f"{item.model or '-'} {item.model_version or ''}".strip()], ["QC version", item.qc_version or "-"],
+        ["quality score", "-" if item.quality_score is None else f"{item.quality_score:.2f}"],
+        ["created", _when(item.created_at)], ["claimed", _when(item.claimed_at)],
+        ["resolved", _when(item.resolved_at)], ["reviewer", item.reviewer or "-"],
+        ["decision", item.decision.value if item.decision else "-"], ["comments", item.comments or "-"],
+    ]
+    link = viewer_link(config.review.viewer_url, item.study_uid)
+    if link:
+        rows.append(["viewer", link])
+    print(format_table(["field", "value"], rows, max_width=200))
+    print("\nreasons:")
+    for reason in item.reasons or ["(none)"]:
+        print(f"  - {explain_reason(reason)}")
+    overlays = item.overlay_paths()
+    if overlays:
+        print("\noverlays:")
+        for path in overlays:
+            print(f"  {path}")
+    return EXIT_OK
+
+
 def _cmd_send(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -193,6 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--calling-ae", default="SENTINEL", help="our AE title (default: SENTINEL)")
     send.add_argument("--quiet", action="store_true", help="no progress bar")
     send.set_defaults(func=_cmd_send)
+
+    review = sub.add_parser("review", help="the review worklist: list, show, claim and resolve flagged results")
+    actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="review items, lowest quality score first")
+    listing.add_argument("--status", choices=["open", "claimed", "resolved"], help="only items in this status")
+    listing.add_argument("--pipeline", help="only items of this pipeline")
+    listing.add_argument("--since", help="only items created since: a duration (7d, 12h, 30m) or an ISO date")
+    listing.add_argument("--limit", type=int, default=200, help="at most this many (default: 200)")
+    show = actions.add_parser("show", help="one item: score, reasons in words, overlays, viewer link")
+    claim = actions.add_parser("claim", help="claim an open item")
+    resolve = actions.add_parser("resolve", help="resolve an item with a decision")
+    for action in (show, claim, resolve):
+        action.add_argument("item", type=int, help="the item's number (from `review list`)")
+    for action in (claim, resolve):
+        action.add_argument("--reviewer", help="who (default: $USER)")
+    resolve.add_argument("--decision", required=True, choices=["ai-correct", "ai-corrected", "ai-rejected"],
+                         help="what the AI result was: correct, corrected by the reviewer, or rejected")
+    resolve.add_argument("--comment", help="free text kept with the decision")
+    for action in (listing, show, claim, resolve):
+        action.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+        action.set_defaults(func=_cmd_review)
 
     demo = sub.add_parser("demo", help="run the whole product on synthetic studies and print the results")
     demo.add_argument("--workdir", default="sentinel-demo", help="working folder (default: ./sentinel-demo)")

@@ -18,7 +18,9 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import sqlite_utils
 
@@ -67,6 +69,13 @@ def explain_reason(label: str) -> str:
     """``"Fragmentation"`` -> ``"Fragmentation: the mask is split into several separate pieces"``."""
     explanation = REASON_EXPLANATIONS.get(label)
     return f"{label}: {explanation}" if explanation else label
+
+
+def viewer_link(template: str, study_uid: str) -> str | None:
+    """The PACS viewer URL of a study from ``[review] viewer_url`` (None when not configured)."""
+    if not template:
+        return None
+    return template.format(StudyInstanceUID=quote(study_uid, safe=""))
 
 
 def _review_v1(db: sqlite_utils.Database) -> None:
@@ -128,6 +137,14 @@ class ReviewItem:
     claimed_at: float | None
     resolved_at: float | None
     runs: int
+
+    def overlay_paths(self) -> list[Path]:
+        """The overlay PNGs the job wrote (``overlay_<n>.png`` in its output folder), in order."""
+        if not self.output_dir:
+            return []
+        folder = Path(self.output_dir)
+        found = [p for p in folder.glob("overlay_*.png") if re.fullmatch(r"overlay_\d+\.png", p.name)]
+        return sorted(found, key=lambda p: int(p.stem.split("_")[1]))
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ReviewItem:
