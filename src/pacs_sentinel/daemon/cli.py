@@ -49,6 +49,12 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             print(f"{args.config}: {problem}", file=sys.stderr)
         return EXIT_FAILURE
     problems = []
+    try:
+        from pacs_sentinel.daemon.web import check_web_access
+
+        check_web_access(config.review.web)
+    except ConfigError as exc:
+        problems += exc.problems
     for index, pipeline in enumerate(config.pipelines):
         try:
             if pipeline.kind == "segmentation":

@@ -17,6 +17,7 @@ from pacs_sentinel.daemon.config import Config
 from pacs_sentinel.daemon.jobs import JobStore
 from pacs_sentinel.daemon.logs import configure_logging
 from pacs_sentinel.daemon.outbox import Outbox
+from pacs_sentinel.daemon.review import ReviewStore
 from pacs_sentinel.daemon.routing import matching_pipelines, read_candidates
 from pacs_sentinel.daemon.worker import Worker
 from pacs_sentinel.dicom_io.index import Database
@@ -40,6 +41,12 @@ class Sentinel:
         self.database = Database(data_dir / "sentinel.db", migrations=jobs_module.MIGRATIONS)
         self.spool = Spool(data_dir, self.database)
         self.jobs = JobStore(self.database)
+        self.review = ReviewStore(self.database)
+        self.web = None
+        if config.review.web.enabled:
+            from pacs_sentinel.daemon.web import ReviewWebServer
+
+            self.web = ReviewWebServer(self.review, config.review)  # ConfigError: exposed without a token
         self.outbox = Outbox(self.database, config.destinations, config.outbox, calling_ae=config.node.ae_title)
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"misfire_grace_time": None})
         self.worker = Worker(config, self.jobs, self.spool, on_results=self.deliver_now)
@@ -80,6 +87,8 @@ class Sentinel:
                                max_instances=1, coalesce=True)
         self.worker.start()
         self.scp.start()
+        if self.web is not None:
+            self.web.start()
         self._started.set()
         log.info("sentinel started", ae_title=self.config.node.ae_title, port=self.scp.port,
                  data_dir=str(self.config.node.data_dir), pipelines=[p.name for p in self.config.pipelines],
@@ -88,6 +97,8 @@ class Sentinel:
     def stop(self) -> None:
         """Stop receiving, finish the current job, stop timers."""
         self.scp.stop()
+        if self.web is not None:
+            self.web.stop()
         self.worker.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
