@@ -104,6 +104,7 @@ class Job:
     reasons: list[str]
     needs_review: bool
     output_dir: str | None
+    series_uid: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
@@ -121,6 +122,7 @@ class Job:
             reasons=json.loads(row["reasons"]) if row["reasons"] else [],
             needs_review=bool(row["needs_review"]),
             output_dir=row["output_dir"],
+            series_uid=row.get("series_uid"),
         )
 
 

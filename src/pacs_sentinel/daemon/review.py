@@ -110,7 +110,35 @@ def _review_v1(db: sqlite_utils.Database) -> None:
     db["review_items"].create_index(["status"])
 
 
-MIGRATIONS: list[Migration] = [("review-v1", _review_v1)]
+def _feedback_v1(db: sqlite_utils.Database) -> None:
+    db["feedback"].create(
+        {
+            "id": int,
+            "sop_instance_uid": str,
+            "study_uid": str,
+            "series_uid": str,
+            "pipeline": str,
+            "job_id": int,
+            "review_item_id": int,
+            "segment_number": int,
+            "segment_label": str,
+            "correction_segment_number": int,
+            "dice": float,
+            "hd95_mm": float,
+            "path": str,
+            "creator": str,
+            "error": str,
+            "recorded_at": float,
+        },
+        pk="id",
+        not_null={"sop_instance_uid", "study_uid", "job_id", "recorded_at"},
+    )
+    db["feedback"].create_index(["sop_instance_uid", "segment_number"], unique=True)
+    db["feedback"].create_index(["study_uid"])
+
+
+#: The worklist and the feedback (corrected segmentations) that resolves its items.
+MIGRATIONS: list[Migration] = [("review-v1", _review_v1), ("feedback-v1", _feedback_v1)]
 
 
 @dataclass(frozen=True)
@@ -376,6 +404,30 @@ class ReviewStore:
                 "comments": (comments or "").strip() or None, "resolved_at": now, "updated_at": now,
             })
         return self.get(item_id)
+
+
+    @staticmethod
+    def resolve_corrected(tx: sqlite_utils.Database, study_uid: str, pipeline: str, reviewer: str,
+                          comments: str) -> int | None:
+        """Inside ``tx``: resolve the item of a study and pipeline as ``ai-corrected``.
+
+        A corrected segmentation received from a viewer is the reviewer's decision, whoever
+        claimed the item. An item resolved already keeps its decision.
+
+        Returns:
+            The item's id, or None when the study and pipeline have no item.
+        """
+        row = tx.execute("SELECT id, status FROM review_items WHERE study_uid = ? AND pipeline = ?",
+                         [study_uid, pipeline]).fetchone()
+        if row is None:
+            return None
+        if row[1] != ReviewStatus.RESOLVED.value:
+            now = time.time()
+            tx["review_items"].update(int(row[0]), {
+                "status": ReviewStatus.RESOLVED.value, "decision": Decision.AI_CORRECTED.value,
+                "reviewer": reviewer[:64] or "viewer", "comments": comments, "resolved_at": now, "updated_at": now,
+            })
+        return int(row[0])
 
 
 def _reviewer(name: str) -> str:

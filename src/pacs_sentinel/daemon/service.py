@@ -14,6 +14,7 @@ from apscheduler.triggers.date import DateTrigger
 from pacs_sentinel.daemon import jobs as jobs_module
 from pacs_sentinel.daemon.arrivals import ArrivalWatcher, StudyArrival, completion_time
 from pacs_sentinel.daemon.config import Config
+from pacs_sentinel.daemon.feedback import FeedbackRecorder
 from pacs_sentinel.daemon.jobs import JobStore
 from pacs_sentinel.daemon.logs import configure_logging
 from pacs_sentinel.daemon.outbox import Outbox
@@ -42,6 +43,7 @@ class Sentinel:
         self.spool = Spool(data_dir, self.database)
         self.jobs = JobStore(self.database)
         self.review = ReviewStore(self.database)
+        self.feedback = FeedbackRecorder(self.database, self.spool, self.jobs)
         self.web = None
         if config.review.web.enabled:
             from pacs_sentinel.daemon.web import ReviewWebServer
@@ -122,8 +124,12 @@ class Sentinel:
                                id=f"quiet:{study_uid}", replace_existing=True)
 
     def study_quiet(self, study_uid: str) -> None:
-        """The study got no new instance for ``quiet_seconds``: queue its jobs."""
+        """The study got no new instance for ``quiet_seconds``: record corrections, queue its jobs."""
         bound = log.bind(study_uid=study_uid)
+        try:
+            self.feedback.check_study(study_uid)
+        except Exception:  # feedback must never stop a study from being processed
+            bound.exception("cannot check the study for corrected segmentations")
         try:
             candidates = read_candidates(self.spool.study_files(study_uid))
             pipelines = matching_pipelines(self.config.pipelines, candidates)
