@@ -203,6 +203,41 @@ def _cmd_review(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from pacs_sentinel.daemon import monitoring
+    from pacs_sentinel.daemon.review import parse_since
+    from pacs_sentinel.daemon.table import format_table
+
+    config, store = _review_store(args.config)
+    now = time.time()
+    since = parse_since(args.since, now=now)
+    records = monitoring.load_records(store.database, until=now)
+    window = [r for r in records if r.finished_at >= since]
+    history = [r for r in records if r.finished_at < since]
+    flagged = sum(r.needs_review for r in window)
+    share = f" ({100 * flagged / len(window):.1f} %)" if window else ""
+    print(f"{_when(since)} .. {_when(now)}: {len(window)} job(s) with a result, {flagged} flagged for review{share}")
+    if not window:
+        return EXIT_OK
+    for title, key in monitoring.DIMENSIONS.items():
+        stats = monitoring.slices(window, key)
+        print(f"\nper {title}:")
+        print(format_table([title, "jobs", "flagged", "flag rate", "mean score"],
+                           [[s.name, s.jobs, s.flagged, f"{100 * s.flag_rate:.1f} %",
+                             "-" if s.mean_score is None else f"{s.mean_score:.2f}"] for s in stats]))
+    warnings = monitoring.drift_warnings(window, history)
+    print("\ndrift warnings:" if warnings else "\ndrift warnings: none")
+    for warning in warnings:
+        print(f"  WARNING {warning}")
+    chart = Path(args.chart) if args.chart else config.node.data_dir / "reports" / "flag-rate.png"
+    bucket, series = monitoring.flag_rate_series(window, since, now)
+    monitoring.render_flag_rate_chart(series, chart, bucket=bucket)
+    print(f"\nchart (flag rate per {bucket}): {chart}")
+    return EXIT_OK
+
+
 def _cmd_send(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -296,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     for action in (listing, show, claim, resolve):
         action.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
         action.set_defaults(func=_cmd_review)
+
+    report = sub.add_parser("report", help="volumes, flag rates and scores per pipeline, sender, station, "
+                                           "manufacturer and reason; drift warnings; a flag-rate chart")
+    report.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+    report.add_argument("--since", default="7d", help="window: a duration (7d, 12h) or an ISO date (default: 7d)")
+    report.add_argument("--chart", help="where to write the PNG chart (default: <data_dir>/reports/flag-rate.png)")
+    report.set_defaults(func=_cmd_report)
 
     demo = sub.add_parser("demo", help="run the whole product on synthetic studies and print the results")
     demo.add_argument("--workdir", default="sentinel-demo", help="working folder (default: ./sentinel-demo)")
