@@ -230,12 +230,9 @@ def render_flag_rate_chart(series: list[tuple[float, dict[str, float]]], path: P
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if backend is None:
-        try:
-            import matplotlib  # noqa: F401
+        from importlib.util import find_spec
 
-            backend = "matplotlib"
-        except ImportError:
-            backend = "pillow"
+        backend = "matplotlib" if find_spec("matplotlib") is not None else "pillow"
     pipelines = sorted({p for _, per in series for p in per})
     if backend == "matplotlib":
         import matplotlib
