@@ -3,10 +3,14 @@ our own objects sent back, and third-party SEGs of other series, are not feedbac
 
 from __future__ import annotations
 
+import csv
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import highdicom as hd
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -19,6 +23,7 @@ from pacs_sentinel.daemon.review import Decision, ReviewStatus
 from pacs_sentinel.dicom_io.scu import Peer, send_files
 from pacs_sentinel.dicom_io.series import load_series_files
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
+from pacs_sentinel.inference.preprocess import volume_affine
 from tests.daemon.conftest import make_config
 
 
@@ -99,6 +104,57 @@ def test_a_corrected_seg_resolves_the_item_with_its_dice(tmp_path: Path, pacs, s
     assert f"Dice {expected_dice:.3f}" in (resolved.comments or "")
     # Nothing re-ran: a received SEG is not an input of the pipeline.
     assert len(sentinel.jobs.jobs()) == 1
+
+    # The data set: `sentinel feedback export` writes the case as NIfTI + a CSV row.
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'[node]\ndata_dir = "{sentinel.config.node.data_dir}"\n')
+    export = subprocess.run([sys.executable, "-m", "pacs_sentinel", "feedback", "export", "--out",
+                             str(tmp_path / "export"), "-c", str(config_file)], capture_output=True, text=True,
+                            timeout=120)
+    assert export.returncode == 0, export.stderr
+    assert "exported 1 case(s), 1 with NIfTI images and masks" in export.stdout
+    with (tmp_path / "export" / "cases.csv").open(encoding="utf-8") as handle:
+        (case,) = list(csv.DictReader(handle))
+    assert (case["study_uid"], case["decision"], case["reviewer"]) == (job.study_uid, "ai-corrected", "Review^Dr")
+    assert float(case["dice"]) == pytest.approx(expected_dice, abs=1e-5) and case["note"] == ""
+    folder = tmp_path / "export"
+    image = nib.load(folder / case["image"])
+    ai_mask = np.asarray(nib.load(folder / case["ai_mask"]).dataobj)
+    corrected_mask = np.asarray(nib.load(folder / case["corrected_mask"]).dataobj)
+    assert image.shape == volume.array.shape == ai_mask.shape == corrected_mask.shape
+    assert np.allclose(image.affine, volume_affine(volume))
+    assert np.array_equal(ai_mask > 0, ours) and np.array_equal(corrected_mask > 0, corrected)
+    assert set(np.unique(corrected_mask)) == {0, 1}
+
+
+def test_export_keeps_a_case_without_a_segmentation_with_a_note(tmp_path: Path) -> None:
+    from pacs_sentinel.daemon.jobs import MIGRATIONS, JobStore
+    from pacs_sentinel.daemon.review import ReviewStore
+    from pacs_sentinel.dicom_io.index import Database
+
+    database = Database(tmp_path / "var" / "sentinel.db", migrations=MIGRATIONS)
+    jobs = JobStore(database)
+    jobs.queue_study("1.2.3", {"cxr-cls": 0.0})
+    job = jobs.claim_next()
+    assert job is not None
+    (tmp_path / "out").mkdir()
+    jobs.record_results(job.id, outbox_items=[], result={
+        "series_uid": "1.2.3.4", "model": "cxr-cls", "model_version": "1.0.0", "qc_version": "1.2.0",
+        "verdict": "Needs review", "quality_score": 0.2, "reasons": ["Low model confidence"], "needs_review": True,
+        "output_dir": str(tmp_path / "out")})
+    ReviewStore(database).resolve(1, "ai-rejected", "dr-a", "no effusion")
+    config_file = tmp_path / "config.toml"
+    config_file.write_text('[node]\ndata_dir = "var"\n')
+    export = subprocess.run([sys.executable, "-m", "pacs_sentinel", "feedback", "export", "--out",
+                             str(tmp_path / "export"), "-c", str(config_file)], capture_output=True, text=True,
+                            timeout=120)
+    assert export.returncode == 0, export.stderr
+    assert "exported 1 case(s), 0 with NIfTI images and masks" in export.stdout
+    with (tmp_path / "export" / "cases.csv").open(encoding="utf-8") as handle:
+        (case,) = list(csv.DictReader(handle))
+    assert (case["decision"], case["reviewer"], case["comments"], case["reasons"]) == \
+        ("ai-rejected", "dr-a", "no effusion", "Low model confidence")
+    assert case["image"] == "" and "no segmentation of ours" in case["note"]
 
 
 def _job(tmp_path: Path, *, series_uid: str, with_seg: bool = True, state: JobState = JobState.DONE) -> Job:

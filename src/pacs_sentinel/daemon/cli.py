@@ -238,6 +238,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_feedback_export(args: argparse.Namespace) -> int:
+    from pacs_sentinel.daemon.export import export_feedback
+    from pacs_sentinel.daemon.review import parse_since
+    from pacs_sentinel.dicom_io.spool import Spool
+
+    config, store = _review_store(args.config)
+    since = parse_since(args.since) if args.since else None
+    summary = export_feedback(store.database, Spool(config.node.data_dir, store.database), Path(args.out), since=since)
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"exported {summary.cases} case(s), {summary.with_images} with NIfTI images and masks: {summary.csv_path}")
+    return EXIT_OK
+
+
 def _cmd_send(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -338,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--since", default="7d", help="window: a duration (7d, 12h) or an ISO date (default: 7d)")
     report.add_argument("--chart", help="where to write the PNG chart (default: <data_dir>/reports/flag-rate.png)")
     report.set_defaults(func=_cmd_report)
+
+    feedback = sub.add_parser("feedback", help="reviewers' decisions and corrections as a data set")
+    feedback_actions = feedback.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = feedback_actions.add_parser("export", help="write decided and corrected cases as NIfTI + CSV")
+    export.add_argument("--out", required=True, help="export folder (cases.csv and one folder per case)")
+    export.add_argument("--since", help="only decisions recorded since: a duration (30d) or an ISO date")
+    export.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+    export.set_defaults(func=_cmd_feedback_export)
 
     demo = sub.add_parser("demo", help="run the whole product on synthetic studies and print the results")
     demo.add_argument("--workdir", default="sentinel-demo", help="working folder (default: ./sentinel-demo)")

@@ -124,7 +124,8 @@ def match_segments(ours: hd.seg.Segmentation, correction: hd.seg.Segmentation) -
     return pairs
 
 
-def _mask(seg: hd.seg.Segmentation, volume: Volume, segment_number: int) -> np.ndarray:
+def segment_mask(seg: hd.seg.Segmentation, volume: Volume, segment_number: int) -> np.ndarray:
+    """One segment of a SEG as a boolean ``(slices, rows, cols)`` mask on the source volume's grid."""
     uids = [str(ds.SOPInstanceUID) for ds in volume.datasets]
     pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[segment_number], combine_segments=False,
                                                assert_missing_frames_are_empty=True)
@@ -170,7 +171,8 @@ def compare_segmentations(ours_path: Path, correction_path: Path, volume: Volume
     results = []
     for number, label, theirs in pairs:
         try:
-            dice, hd95 = agreement(_mask(ours, volume, number), _mask(correction, volume, theirs), volume.spacing)
+            dice, hd95 = agreement(segment_mask(ours, volume, number), segment_mask(correction, volume, theirs),
+                                    volume.spacing)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise FeedbackError(f"segment {theirs} cannot be put on the source grid: {exc}") from exc
         results.append(SegmentAgreement(number, label, theirs, dice, hd95))
