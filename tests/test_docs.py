@@ -18,7 +18,8 @@ MAPPING_KEYS = frozenset({"match", "match_regex", "quiet_seconds_by_calling_ae"}
 
 def _schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     keys = set()
-    for name, field in model.model_fields.items():
+    for attribute, field in model.model_fields.items():
+        name = field.alias or attribute  # the key as written in config.toml
         # list[Model] and Model | None document the model's own keys.
         models = [t for t in getattr(field.annotation, "__args__", (field.annotation,))
                   if isinstance(t, type) and issubclass(t, BaseModel)]

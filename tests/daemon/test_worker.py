@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from pacs_sentinel.daemon.jobs import FINISHED_STATES, JobState
 from pacs_sentinel.dicom_io.scu import Peer, send_files
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
-from tests.conftest import received_modalities
+from tests.conftest import received_modalities, require_program
 from tests.daemon.conftest import make_config
 
 
@@ -85,6 +85,34 @@ def test_labelmap_seg_type_is_sent_as_a_label_map_segmentation(tmp_path: Path, p
     classes = [row[0] for row in pacs.spool.database.connection().execute(
         "SELECT sop_class_uid FROM instances WHERE modality = 'SEG'")]
     assert classes == ["1.2.840.10008.5.1.4.1.1.66.7"]  # Label Map Segmentation Storage
+
+
+def test_an_object_that_fails_validation_fails_the_job_and_nothing_is_sent(
+    tmp_path: Path, pacs, sentinel_factory, monkeypatch  # type: ignore[no-untyped-def]
+) -> None:
+    from pacs_sentinel.daemon import worker
+
+    def broken_report(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result_set = build_result_set(*args, **kwargs)
+        result_set.report.CompletionFlag = "BOGUS"  # reads back fine; dciodvfy knows it is wrong
+        return result_set
+
+    build_result_set = worker.build_result_set
+    monkeypatch.setattr(worker, "build_result_set", broken_report)
+    require_program("/usr/bin/dciodvfy", "dicom3tools")
+    config = make_config(tmp_path, pacs.port)
+    sentinel = sentinel_factory(config)
+    files = write_ct_series(make_ct_phantom(11), tmp_path / "ct", seed=11)
+    assert all(r.delivered for r in send_files(files, Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)))
+    (job,) = _finished(sentinel, 1).values()
+    assert job.state is JobState.FAILED
+    assert "SR" in (job.error or "") and "fails dciodvfy" in (job.error or "")
+    assert "Completion Flag" in (job.error or "")
+    assert received_modalities(pacs) == []
+    outbox = sentinel.database.connection().execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    assert outbox == 0
+    # The written objects stay in the job folder for whoever looks into it.
+    assert (config.node.data_dir / "results" / f"job-{job.id}" / "SR.dcm").is_file()
 
 
 def test_send_kos_adds_a_quality_issue_kos_to_flagged_results_only(tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]

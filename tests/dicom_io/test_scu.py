@@ -7,6 +7,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import ParametricMapStorage
 
 from pacs_sentinel.dicom_io.scp import StorageScp
 from pacs_sentinel.dicom_io.scu import Peer, send_files
@@ -42,3 +43,29 @@ def test_unreadable_file_is_a_failed_item_not_a_crash(pacs: StorageScp, tmp_path
 def test_refused_association_raises_delivery_error(pacs: StorageScp) -> None:
     with pytest.raises(DeliveryError, match="rejected"):
         send_files([Path(get_testdata_file("CT_small.dcm"))], Peer("WRONGAE", "127.0.0.1", pacs.port))
+
+
+def _parametric_map_file(tmp_path: Path) -> Path:
+    """CT_small relabelled as Parametric Map Storage, a SOP class the SCP does not accept."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ParametricMapStorage
+    path = tmp_path / "pmap.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_sop_class_the_peer_refuses_is_named_in_the_error(pacs: StorageScp, tmp_path: Path) -> None:
+    refused = _parametric_map_file(tmp_path)
+    good = Path(get_testdata_file("CT_small.dcm"))
+    results = send_files([refused, good], Peer("PACS", "127.0.0.1", pacs.port))
+    assert [r.delivered for r in results] == [False, True]
+    assert results[0].error == f"PACS does not accept Parametric Map Storage ({ParametricMapStorage}): abstract syntax not supported"
+
+
+def test_association_aborted_for_refused_sop_classes_says_which(pacs: StorageScp, tmp_path: Path) -> None:
+    with pytest.raises(DeliveryError) as raised:
+        send_files([_parametric_map_file(tmp_path)], Peer("PACS", "127.0.0.1", pacs.port))
+    assert str(raised.value) == (
+        f"association with PACS@127.0.0.1:{pacs.port} aborted: it accepted none of the proposed presentation contexts "
+        f"(Parametric Map Storage ({ParametricMapStorage}): abstract syntax not supported)"
+    )

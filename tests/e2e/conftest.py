@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom import AE
@@ -135,10 +138,11 @@ def daemon_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     """Make daemons that are stopped at the end of the test."""
     daemons: list[Daemon] = []
 
-    def make(destination_port: int, *, quiet_seconds: float = 1.0) -> Daemon:
+    def make(destination_port: int, *, quiet_seconds: float = 1.0, destination_ae: str = "PACS") -> Daemon:
         port = free_port()
         config = write_config(tmp_path / f"config-{len(daemons)}.toml", port=port, data_dir=tmp_path / "var",
-                              destination_port=destination_port, quiet_seconds=quiet_seconds)
+                              destination_port=destination_port, destination_ae=destination_ae,
+                              quiet_seconds=quiet_seconds)
         daemon = Daemon(config, port, tmp_path / "daemon.log")
         daemons.append(daemon)
         return daemon
@@ -190,3 +194,91 @@ def sqlite_job_states(db_path: Path) -> list[tuple[int, str, int]]:
         conn.close()
 
 
+class Orthanc:
+    """A running Orthanc server (Debian package) with its own storage, on loopback ports."""
+
+    def __init__(self, ae_title: str, dicom_port: int, http_port: int, log_path: Path) -> None:
+        self.ae_title = ae_title
+        self.dicom_port = dicom_port
+        self.http_port = http_port
+        self.log_path = log_path
+
+    def get(self, path: str) -> Any:
+        """GET a REST resource (``/studies``, ``/instances/<id>/simplified-tags``, ...) as JSON.
+
+        Raises:
+            urllib.error.URLError: Orthanc did not answer, or answered with an HTTP error.
+        """
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as response:
+            return json.load(response)
+
+    def get_bytes(self, path: str) -> bytes:
+        """GET a REST resource as raw bytes (``/instances/<id>/file``)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as response:
+            return bytes(response.read())
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _orthanc_answers(orthanc: Orthanc) -> bool:
+    try:
+        return orthanc.get("/system").get("DicomPort") == orthanc.dicom_port
+    except (OSError, ValueError):  # not listening yet (URLError is an OSError)
+        return False
+
+
+@pytest.fixture
+def orthanc_options() -> dict[str, Any]:
+    """Extra Orthanc configuration options; override with ``@pytest.mark.parametrize("orthanc_options", ...)``."""
+    return {}
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path, orthanc_options: dict[str, Any]) -> Iterator[Orthanc]:
+    """Orthanc as the PACS: a temporary JSON configuration, storage in ``tmp_path``, no plugins.
+
+    HTTP and DICOM on free ports, remote (non-loopback) access and authentication off, so the
+    test reads the REST API without credentials; ``orthanc_options`` are added to the
+    configuration. Stopped (SIGTERM, then SIGKILL) at the end.
+    """
+    from tests.conftest import require_program
+
+    program = require_program("/usr/sbin/Orthanc", "orthanc")
+    root = tmp_path / "orthanc"
+    root.mkdir()
+    dicom_port = free_port()
+    http_port = free_port()
+    while http_port == dicom_port:
+        http_port = free_port()
+    config = {
+        "Name": "PACS Sentinel e2e",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+        **orthanc_options,
+    }
+    config_path = root / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    server = Orthanc("ORTHANC", dicom_port, http_port, root / "orthanc.log")
+    with open(server.log_path, "wb") as log:
+        process = subprocess.Popen([program, str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    try:
+        wait_for(lambda: process.poll() is not None or (_orthanc_answers(server) and echo(dicom_port, "ORTHANC")),
+                 60, 0.2, "Orthanc to answer GET /system and C-ECHO")
+        if process.poll() is not None:
+            pytest.fail(f"Orthanc exited with {process.returncode}:\n{server.log}")
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

@@ -46,3 +46,12 @@ def test_kos_refuses_sources_from_several_studies_and_no_sources(volume, qc_revi
         build_quality_issue_kos([volume.datasets[0], other], qc_review, model_name="organ-seg", series_number=904)
     with pytest.raises(ReportError, match="no source instance"):
         build_quality_issue_kos([], qc_review, model_name="organ-seg", series_number=904)
+
+
+def test_kos_passes_the_check_before_sending(volume, qc_review, require_tool) -> None:  # type: ignore[no-untyped-def]
+    from pacs_sentinel.reports.validate import check_before_sending, read_back
+
+    require_tool("dciodvfy")
+    kos = build_quality_issue_kos(volume.datasets, qc_review, model_name="organ-seg", series_number=904)
+    assert isinstance(read_back(kos), hd.ko.KeyObjectSelectionDocument)
+    check_before_sending([kos], "dciodvfy")  # the worker's check: read back + dciodvfy, raises on failure

@@ -168,9 +168,15 @@ class QCConfig(_Strict):
 
 
 class ReportsConfig(_Strict):
-    """``[reports]``: how result objects are written."""
+    """``[reports]``: how result objects are written and checked."""
+
+    # The key is ``validate``, a name pydantic's BaseModel already uses: the attribute is
+    # ``validate_``, and dumps write the key as it is spelled in config.toml.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, serialize_by_alias=True,
+                              validate_by_alias=True, validate_by_name=True)
 
     seg_type: Literal["BINARY", "LABELMAP"] = "BINARY"
+    validate_: Literal["dciodvfy", "roundtrip", "off"] = Field("dciodvfy", alias="validate")
 
 
 class ReviewWebConfig(_Strict):

@@ -25,6 +25,7 @@ from pacs_sentinel.errors import SentinelError, SeriesError
 from pacs_sentinel.inference.models import load_segmentation_model
 from pacs_sentinel.qc.evaluate import evaluate_segmentation
 from pacs_sentinel.reports.resultset import ResultSet, build_result_set
+from pacs_sentinel.reports.validate import check_before_sending
 from pacs_sentinel.results import QCResult, Verdict
 
 log = structlog.get_logger(__name__)
@@ -134,6 +135,12 @@ class Worker:
         if out_dir.exists():
             shutil.rmtree(out_dir)  # left by an interrupted run of this job
         paths = result_set.write(out_dir)
+        # Nothing leaves unchecked: a failure fails the job (the files stay in out_dir to look at).
+        started = time.perf_counter()
+        sent = [path for path in paths if path.suffix == ".dcm"]
+        check_before_sending(sent, self.config.reports.validate_)
+        log.info("results validated", mode=self.config.reports.validate_,
+                 objects=len(sent), seconds=round(time.perf_counter() - started, 3))
         outbox_items = []
         for path in paths:
             if path.suffix != ".dcm":

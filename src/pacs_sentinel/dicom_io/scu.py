@@ -16,8 +16,9 @@ from pathlib import Path
 import pydicom
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 
@@ -114,6 +115,20 @@ def echo(peer: Peer, *, calling_ae: str = "SENTINEL", timeout: float = 5.0) -> E
     return EchoResult(True, seconds)
 
 
+def _refused_classes(assoc: Association) -> dict[str, str]:
+    """SOP class UID -> ``"<name> (<UID>): <reason>"`` for each context the peer rejected.
+
+    A SOP class the peer does not support is refused for good: the error says which one, so
+    an operator does not take it for a network fault.
+    """
+    refused: dict[str, str] = {}
+    for context in assoc.rejected_contexts:
+        uid = UID(str(context.abstract_syntax))
+        label = uid if uid.name == uid else f"{uid.name} ({uid})"
+        refused.setdefault(str(uid), f"{label}: {str(context.status).lower()}")
+    return refused
+
+
 def send_files(
     paths: Sequence[Path],
     peer: Peer,
@@ -168,8 +183,11 @@ def send_files(
     if len(ae.requested_contexts) > 128:
         raise DeliveryError("more than 128 presentation contexts needed in one association")
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NODELAY_HANDLERS)
+    refused = _refused_classes(assoc)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        if refused and not assoc.accepted_contexts:  # pynetdicom aborts when nothing was accepted
+            reason += ": it accepted none of the proposed presentation contexts (" + "; ".join(refused.values()) + ")"
         raise DeliveryError(f"association with {peer.ae_title}@{peer.host}:{peer.port} {reason}")
     results = []
     try:
@@ -177,7 +195,9 @@ def send_files(
             try:
                 status = assoc.send_c_store(ds)
             except Exception as exc:  # no accepted context for this object, or encoding error
-                results.append(SendResult(path=path, status=None, error=str(exc)))
+                sop_class = str(ds.SOPClassUID)
+                error = f"{peer.ae_title} does not accept {refused[sop_class]}" if sop_class in refused else str(exc)
+                results.append(SendResult(path=path, status=None, error=error))
                 if on_result is not None:
                     on_result(results[-1])
                 continue

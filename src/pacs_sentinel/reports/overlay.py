@@ -68,7 +68,11 @@ def representative_slice(result: SegmentationResult) -> int:
     An entirely empty mask gives the middle slice.
     """
     mask = np.asarray(result.mask)
-    areas = mask.reshape(mask.shape[0], mask.shape[1], -1).any(axis=0).sum(axis=1)
+    if mask.shape[0] == 1:
+        areas = np.count_nonzero(mask[0].reshape(mask.shape[1], -1), axis=1)
+    else:
+        # Slice by slice: the union of all labels over the whole volume would be a full copy.
+        areas = np.array([np.count_nonzero(mask[:, k].any(axis=0)) for k in range(mask.shape[1])])
     if not areas.any():
         return mask.shape[1] // 2
     return int(np.argmax(areas))

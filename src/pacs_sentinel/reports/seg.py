@@ -28,7 +28,12 @@ from highdicom.seg import (
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
 
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.errors import ReportError
@@ -39,6 +44,10 @@ from pacs_sentinel.results import Code, QCResult, SegmentationResult, Verdict
 CONTENT_LABEL = "AI_SEG"
 #: Accepted values of ``seg_type`` (``[reports] seg_type``).
 SEG_TYPES: tuple[str, ...] = ("BINARY", "LABELMAP")
+#: Transfer syntaxes a SEG can be written in: uncompressed first (the default), then JPEG 2000
+#: lossless (BINARY and LABELMAP), then RLE lossless (LABELMAP only: highdicom cannot RLE a
+#: 1-bit frame).
+SEG_TRANSFER_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless)
 #: Display colours (sRGB) of segments by QC verdict; the overlay uses the same ones.
 VERDICT_COLOURS: dict[Verdict, tuple[int, int, int]] = {
     Verdict.ACCEPTED: (40, 200, 80),
@@ -64,6 +73,8 @@ def build_segmentation(
     series_number: int = 901,
     series_description: str | None = None,
     seg_type: str = "BINARY",
+    transfer_syntax_uid: str = ExplicitVRLittleEndian,
+    workers: int = 0,
 ) -> hd.seg.Segmentation:
     """Build the SEG (binary or label map) of ``result`` on the source series of ``volume``.
 
@@ -77,17 +88,31 @@ def build_segmentation(
         series_description: Overrides the default ``"AI organ segmentation (QC: ...)"``.
         seg_type: ``"BINARY"`` (default) or ``"LABELMAP"``. In a label map overlapping
             masks cannot be represented: the later segment (higher number) wins.
+        transfer_syntax_uid: Explicit VR Little Endian (default: every peer accepts it) or
+            one of :data:`SEG_TRANSFER_SYNTAXES`; a BINARY SEG can only be compressed with
+            JPEG 2000 lossless.
+        workers: highdicom's frame-compression worker processes (0 = compress in this
+            process). Has no effect on an uncompressed transfer syntax.
 
     Returns:
         The Segmentation instance (one instance, new series, same study and patient).
 
     Raises:
-        ReportError: ``seg_type`` is not one of :data:`SEG_TYPES`, the mask does not match
+        ReportError: ``seg_type`` is not one of :data:`SEG_TYPES`, the transfer syntax does
+            not suit it, the mask does not match
             the volume or the labels, the series is split
             over several multi-frame instances, or highdicom refuses the object.
     """
     if seg_type not in SEG_TYPES:
         raise ReportError(f"unknown SEG type {seg_type!r} ([reports] seg_type); expected one of {', '.join(SEG_TYPES)}")
+    allowed = SEG_TRANSFER_SYNTAXES if seg_type == "LABELMAP" else SEG_TRANSFER_SYNTAXES[:2]
+    if transfer_syntax_uid not in allowed:
+        raise ReportError(
+            f"transfer syntax {transfer_syntax_uid} is not available for a {seg_type} SEG; "
+            f"expected one of {', '.join(allowed)}"
+        )
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ReportError(f"workers must be an integer >= 0, not {workers!r}")
     mask = np.asarray(result.mask)
     n_labels = len(result.labels)
     if mask.ndim != 4 or mask.shape[0] != n_labels or mask.shape[1:] != volume.array.shape:
@@ -125,18 +150,24 @@ def build_segmentation(
 
     # highdicom wants (frames, rows, cols, segments): axis 0 must be the source instance index,
     # or, for one multi-frame source, the source frame index.
+    # A 512x512x300 mask is 75 MiB: no copy of it unless the frames must be reordered (one
+    # multi-frame source) or the mask is not boolean.
     source_images, slice_order = _source_frames(volume)
+    reorder = not np.array_equal(slice_order, np.arange(len(slice_order)))
+    binary = mask if mask.dtype == np.bool_ else mask != 0
     if seg_type == "LABELMAP":
         # One integer frame per slice, pixel value = segment number; later segments win.
         labels = np.zeros(mask.shape[1:], dtype=np.uint8 if n_labels < 256 else np.uint16)
         for index in range(n_labels):
-            labels[mask[index].astype(bool)] = index + 1
-        pixels = labels[slice_order]
+            labels[binary[index]] = index + 1
+        pixels = labels[slice_order] if reorder else labels
         segmentation_type = SegmentationTypeValues.LABELMAP
     else:
-        pixels = np.moveaxis(mask, 0, -1)[slice_order].astype(np.uint8)
+        # bool and uint8 have the same size: the 0/1 bytes are viewed as uint8, not converted.
+        pixels = np.moveaxis(binary, 0, -1).view(np.uint8)
+        pixels = pixels[slice_order] if reorder else pixels
         segmentation_type = SegmentationTypeValues.BINARY
-    every_segment_present = bool(mask.reshape(n_labels, -1).any(axis=1).all())
+    every_segment_present = bool(binary.reshape(n_labels, -1).any(axis=1).all())
     try:
         return hd.seg.Segmentation(
             source_images=source_images,
@@ -150,6 +181,8 @@ def build_segmentation(
             **equipment_attributes(),
             **creation_times(),
             omit_empty_frames=every_segment_present,
+            transfer_syntax_uid=transfer_syntax_uid,
+            workers=workers,
             content_label=CONTENT_LABEL,
             content_description=f"{result.model_name} {result.model_version}"[:64],
             series_description=series_description[:64],
