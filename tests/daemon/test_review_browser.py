@@ -44,6 +44,8 @@ def chromium() -> Iterator:  # type: ignore[type-arg]
 def test_resolve_a_flagged_case_in_the_browser(tmp_path: Path, pacs, sentinel_factory, chromium,  # type: ignore[no-untyped-def]
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
 
     monkeypatch.setenv(TOKEN_ENV, TOKEN)  # the token from the environment, as an operator would set it
     config = make_config(tmp_path, pacs.port).model_dump(mode="json")
@@ -66,12 +68,15 @@ def test_resolve_a_flagged_case_in_the_browser(tmp_path: Path, pacs, sentinel_fa
     assert chromium.find_elements(By.ID, "token"), chromium.page_source
     chromium.find_element(By.ID, "token").send_keys(TOKEN)
     chromium.find_element(By.ID, "sign-in").click()
+    wait = WebDriverWait(chromium, 20)  # a click submits a form; the next page loads after it returns
 
     # The worklist, with the flagged study.
+    wait.until(ec.presence_of_element_located((By.ID, "worklist")))
     rows = chromium.find_elements(By.CSS_SELECTOR, "#worklist tbody tr")
     assert [r.get_attribute("data-item") for r in rows] == [str(item.id)]
     assert study_uid in rows[0].text
     rows[0].find_element(By.LINK_TEXT, f"#{item.id}").click()
+    wait.until(ec.presence_of_element_located((By.ID, "score")))
 
     # The case: score, reasons in words, the overlay image loaded, the viewer link.
     assert chromium.find_element(By.ID, "score").text == f"{item.quality_score:.2f}"
@@ -79,7 +84,8 @@ def test_resolve_a_flagged_case_in_the_browser(tmp_path: Path, pacs, sentinel_fa
     for reason in item.reasons:
         assert f"{reason}: " in reasons
     image = chromium.find_element(By.CSS_SELECTOR, "img.overlay")
-    assert chromium.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 0
+    wait.until(lambda driver: driver.execute_script("return arguments[0].complete", image))
+    assert chromium.execute_script("return arguments[0].naturalWidth", image) > 0  # the PNG loaded
     assert chromium.find_element(By.ID, "viewer").get_attribute("href") == \
         f"https://viewer.example.org/view?study={study_uid}"
 
@@ -90,9 +96,10 @@ def test_resolve_a_flagged_case_in_the_browser(tmp_path: Path, pacs, sentinel_fa
     chromium.find_element(By.ID, "resolve").click()
 
     # Back on the open list, which no longer has it.
-    assert chromium.current_url == base + "/"
+    wait.until(ec.url_to_be(base + "/"))
+    wait.until(ec.presence_of_element_located((By.ID, "empty")))
     assert chromium.find_elements(By.ID, "empty") and not chromium.find_elements(By.CSS_SELECTOR, "#worklist")
-    chromium.get(base + "/?status=resolved")
+    chromium.get(base + "/?status=resolved")  # get() returns once the page has loaded
     resolved_rows = chromium.find_elements(By.CSS_SELECTOR, "#worklist tbody tr")
     assert len(resolved_rows) == 1 and "ai-rejected" in resolved_rows[0].text and "dr-browser" in resolved_rows[0].text
     stored = sentinel.review.get(item.id)
