@@ -118,7 +118,10 @@ def test_loopback_without_a_token_serves_and_the_actions_work(served) -> None:  
         assert client.get("/items/1/overlay/2.png").status_code == 404
         assert client.get("/items/9").status_code == 404
 
-        claim = client.post("/items/1/claim", data={"reviewer": "dr-a"})
+        forged = client.post("/items/1/resolve", data={"reviewer": "x", "decision": "ai-correct"},
+                             headers={"Origin": "http://evil.example"})
+        assert forged.status_code == 403 and store.get(1).status is ReviewStatus.OPEN
+        claim = client.post("/items/1/claim", data={"reviewer": "dr-a"}, headers={"Origin": base})
         assert claim.status_code == 303 and claim.headers["location"] == "/items/1"
         conflict = client.post("/items/1/resolve", data={"reviewer": "dr-b", "decision": "ai-correct"})
         assert conflict.status_code == 409 and "claimed by dr-a" in conflict.text
@@ -129,3 +132,17 @@ def test_loopback_without_a_token_serves_and_the_actions_work(served) -> None:  
         assert client.get("/?status=bogus").status_code == 400
     item = store.get(1)
     assert item.status is ReviewStatus.RESOLVED and item.reviewer == "dr-a" and item.decision.value == "ai-rejected"
+
+
+def test_sentinel_run_refuses_an_exposed_page_without_a_token(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[node]\ndata_dir = "var"\nport = {free_port()}\n\n[review.web]\nenabled = true\nhost = "0.0.0.0"\n')
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    result = subprocess.run([sys.executable, "-m", "pacs_sentinel", "run", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert "sentinel: review.web.token: the review page is bound to '0.0.0.0'" in result.stderr

@@ -4,7 +4,7 @@ Access (``[review.web]``): on a loopback address without a token the page is ope
 users; with a token (``token`` in the file, or ``$SENTINEL_REVIEW_TOKEN``, which wins) every
 request must carry it, as ``Authorization: Bearer <token>`` or as the cookie the login form
 sets; anything else gets 401. Bound to any other address without a token, the daemon refuses
-to start (:func:`check_web_access`).
+to start (:func:`check_web_access`). A POST whose Origin is another site gets 403.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from starlette.applications import Starlette
@@ -95,8 +96,18 @@ def build_app(store: ReviewStore, review: ReviewConfig, token: str) -> Starlette
         return TEMPLATES.TemplateResponse(request, "login.html", {"message": message, "next": request.url.path},
                                           status_code=401)
 
+    def cross_site(request: Request) -> bool:
+        # A form on another site posting to this page (with the reviewer's cookie, or to an
+        # open loopback page) carries that site's Origin: refuse it.
+        origin = request.headers.get("origin")
+        if request.method != "POST" or not origin:
+            return False
+        return urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()
+
     def guarded(handler):  # type: ignore[no-untyped-def]
         async def endpoint(request: Request) -> Response:
+            if cross_site(request):
+                return Response("cross-site request refused", status_code=403, media_type="text/plain")
             if not authorised(request):
                 return login_page(request)
             return await handler(request)
@@ -162,6 +173,8 @@ def build_app(store: ReviewStore, review: ReviewConfig, token: str) -> Starlette
         return response
 
     async def login(request: Request) -> Response:
+        if cross_site(request):
+            return Response("cross-site request refused", status_code=403, media_type="text/plain")
         if request.method == "GET":
             if authorised(request):
                 return RedirectResponse("/", status_code=303)
