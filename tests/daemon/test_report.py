@@ -128,3 +128,35 @@ def test_flag_rate_buckets_are_hours_for_short_windows() -> None:
     record = monitoring.JobRecord(1, "s", "organ-seg", now - 1800, True, 0.2, [], "CT1", "-", "-")
     bucket, series = monitoring.flag_rate_series([record], now - 6 * 3600, now)
     assert bucket == "hour" and series == [(now - 3600, {"organ-seg": 1.0})]
+
+
+def test_the_report_page_shows_the_same_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from pacs_sentinel.daemon.config import parse_config
+    from pacs_sentinel.daemon.review import ReviewStore
+    from pacs_sentinel.daemon.web import TOKEN_ENV, ReviewWebServer
+    from tests.conftest import free_port
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    database = seed(tmp_path, time.time())
+    config = parse_config({"review": {"web": {"enabled": True, "port": free_port(), "token": "t0ken"}}})
+    server = ReviewWebServer(ReviewStore(database), config.review)
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert httpx.get(base + "/report").status_code == 401
+        assert httpx.get(base + "/report/chart.png").status_code == 401
+        auth = {"Authorization": "Bearer t0ken"}
+        page = httpx.get(base + "/report", params={"since": "7d"}, headers=auth)
+        assert page.status_code == 200
+        text = " ".join(page.text.split())
+        assert "45 job(s) with a result, 15 flagged for review (33.3 %)" in text
+        assert "sending AE title CT2: flag rate 0.60 in the window vs 0.10 before" in text
+        assert "<td>CT2</td><td>20</td><td>12</td><td>60.0 %</td> <td>0.44</td>" in text
+        chart = httpx.get(base + "/report/chart.png", params={"since": "7d"}, headers=auth)
+        assert chart.status_code == 200 and chart.headers["content-type"] == "image/png"
+        assert chart.content.startswith(b"\x89PNG")
+        assert httpx.get(base + "/report", params={"since": "soon"}, headers=auth).status_code == 400
+    finally:
+        server.stop()

@@ -213,23 +213,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     config, store = _review_store(args.config)
     now = time.time()
     since = parse_since(args.since, now=now)
-    records = monitoring.load_records(store.database, until=now)
-    window = [r for r in records if r.finished_at >= since]
-    history = [r for r in records if r.finished_at < since]
-    flagged = sum(r.needs_review for r in window)
-    share = f" ({100 * flagged / len(window):.1f} %)" if window else ""
-    print(f"{_when(since)} .. {_when(now)}: {len(window)} job(s) with a result, {flagged} flagged for review{share}")
+    report = monitoring.build_report(store.database, since, now)
+    window = report.window
+    share = f" ({100 * report.flagged / len(window):.1f} %)" if window else ""
+    print(f"{_when(since)} .. {_when(now)}: {len(window)} job(s) with a result, "
+          f"{report.flagged} flagged for review{share}")
     if not window:
         return EXIT_OK
-    for title, key in monitoring.DIMENSIONS.items():
-        stats = monitoring.slices(window, key)
+    for title, stats in report.slices.items():
         print(f"\nper {title}:")
         print(format_table([title, "jobs", "flagged", "flag rate", "mean score"],
                            [[s.name, s.jobs, s.flagged, f"{100 * s.flag_rate:.1f} %",
                              "-" if s.mean_score is None else f"{s.mean_score:.2f}"] for s in stats]))
-    warnings = monitoring.drift_warnings(window, history)
-    print("\ndrift warnings:" if warnings else "\ndrift warnings: none")
-    for warning in warnings:
+    print("\ndrift warnings:" if report.warnings else "\ndrift warnings: none")
+    for warning in report.warnings:
         print(f"  WARNING {warning}")
     chart = Path(args.chart) if args.chart else config.node.data_dir / "reports" / "flag-rate.png"
     bucket, series = monitoring.flag_rate_series(window, since, now)

@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 import structlog
@@ -155,6 +156,33 @@ DIMENSIONS: dict[str, Callable[[JobRecord], Iterable[str]]] = {
 SOURCE_DIMENSIONS = ("sending AE title", "station", "manufacturer")
 
 
+@dataclass(frozen=True)
+class Report:
+    """Everything ``sentinel report`` and the report page show for one window."""
+
+    since: float
+    until: float
+    window: list[JobRecord]
+    history: list[JobRecord]
+    slices: dict[str, list[SliceStats]]
+    warnings: list[DriftWarning]
+
+    @property
+    def flagged(self) -> int:
+        """Jobs of the window whose verdict was "Needs review"."""
+        return sum(r.needs_review for r in self.window)
+
+
+def build_report(database: Database, since: float, until: float) -> Report:
+    """The figures of the window ``[since, until]``, with the jobs before it as history."""
+    records = load_records(database, until=until)
+    window = [r for r in records if r.finished_at >= since]
+    history = [r for r in records if r.finished_at < since]
+    return Report(since, until, window, history,
+                  {title: slices(window, key) for title, key in DIMENSIONS.items()},
+                  drift_warnings(window, history))
+
+
 def drift_warnings(window: list[JobRecord], history: list[JobRecord]) -> list[DriftWarning]:
     """Sources whose flag rate or mean quality score in ``window`` moved far from ``history``."""
     warnings = []
@@ -215,32 +243,32 @@ def flag_rate_series(records: list[JobRecord], since: float, until: float) -> tu
     return ("day" if width == 86400.0 else "hour"), series
 
 
-def render_flag_rate_chart(series: list[tuple[float, dict[str, float]]], path: Path, *, bucket: str,
+def render_flag_rate_chart(series: list[tuple[float, dict[str, float]]], path: Path | BinaryIO, *, bucket: str,
                            backend: str | None = None) -> str:
     """Draw the flag rate over time, one line per pipeline, as a PNG.
 
     Args:
         series: From :func:`flag_rate_series`.
-        path: Where to write the PNG.
+        path: Where to write the PNG (a file path, or a binary stream).
         bucket: ``"day"`` or ``"hour"`` (axis label).
         backend: ``"matplotlib"`` or ``"pillow"``; default: matplotlib when it is installed.
 
     Returns:
         The backend used.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     if backend is None:
         from importlib.util import find_spec
 
         backend = "matplotlib" if find_spec("matplotlib") is not None else "pillow"
     pipelines = sorted({p for _, per in series for p in per})
     if backend == "matplotlib":
-        import matplotlib
+        # The object API (no pyplot): no global figure state, safe in the web page's threads.
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+        fig = Figure(figsize=(8, 4), dpi=100)
+        ax = fig.subplots()
         for pipeline in pipelines:
             points = [(datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc), per[pipeline] * 100)
                       for t, per in series if pipeline in per]
@@ -254,7 +282,6 @@ def render_flag_rate_chart(series: list[tuple[float, dict[str, float]]], path: P
         fig.autofmt_xdate()
         fig.tight_layout()
         fig.savefig(path, format="png")
-        plt.close(fig)
         return backend
     _pillow_chart(series, pipelines, path, bucket)
     return "pillow"
@@ -263,7 +290,8 @@ def render_flag_rate_chart(series: list[tuple[float, dict[str, float]]], path: P
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def _pillow_chart(series: list[tuple[float, dict[str, float]]], pipelines: list[str], path: Path, bucket: str) -> None:
+def _pillow_chart(series: list[tuple[float, dict[str, float]]], pipelines: list[str], path: Path | BinaryIO,
+                  bucket: str) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     width, height, left, right, top, bottom = 800, 400, 60, 20, 40, 60

@@ -9,7 +9,9 @@ to start (:func:`check_web_access`). A POST whose Origin is another site gets 40
 
 from __future__ import annotations
 
+import datetime
 import hmac
+import io
 import ipaddress
 import os
 import threading
@@ -20,13 +22,23 @@ from urllib.parse import urlsplit
 
 import structlog
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
+from pacs_sentinel.daemon import monitoring
 from pacs_sentinel.daemon.config import ReviewConfig, ReviewWebConfig
-from pacs_sentinel.daemon.review import Decision, ReviewError, ReviewStatus, ReviewStore, explain_reason, viewer_link
+from pacs_sentinel.daemon.review import (
+    Decision,
+    ReviewError,
+    ReviewStatus,
+    ReviewStore,
+    explain_reason,
+    parse_since,
+    viewer_link,
+)
 from pacs_sentinel.errors import ConfigError, SentinelError
 
 log = structlog.get_logger(__name__)
@@ -172,6 +184,37 @@ def build_app(store: ReviewStore, review: ReviewConfig, token: str) -> Starlette
         response.set_cookie("sentinel_reviewer", reviewer.strip(), samesite="strict", httponly=True)
         return response
 
+    def _window(request: Request) -> tuple[float, float]:
+        now = time.time()
+        return parse_since(request.query_params.get("since", "7d"), now=now), now
+
+    async def report(request: Request) -> Response:
+        try:
+            since, now = _window(request)
+        except ReviewError as exc:
+            return Response(str(exc), status_code=400, media_type="text/plain")
+        figures = await run_in_threadpool(monitoring.build_report, store.database, since, now)
+        return TEMPLATES.TemplateResponse(request, "report.html", {
+            "report": figures, "since": request.query_params.get("since", "7d"),
+            "when": lambda t: datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc).strftime(
+                "%Y-%m-%d %H:%M UTC"),
+        })
+
+    async def report_chart(request: Request) -> Response:
+        try:
+            since, now = _window(request)
+        except ReviewError as exc:
+            return Response(str(exc), status_code=400, media_type="text/plain")
+
+        def draw() -> bytes:
+            figures = monitoring.build_report(store.database, since, now)
+            bucket, series = monitoring.flag_rate_series(figures.window, since, now)
+            buffer = io.BytesIO()
+            monitoring.render_flag_rate_chart(series, buffer, bucket=bucket)
+            return buffer.getvalue()
+
+        return Response(await run_in_threadpool(draw), media_type="image/png")
+
     async def login(request: Request) -> Response:
         if cross_site(request):
             return Response("cross-site request refused", status_code=403, media_type="text/plain")
@@ -194,6 +237,8 @@ def build_app(store: ReviewStore, review: ReviewConfig, token: str) -> Starlette
         Route("/items/{item_id:int}", guarded(case)),
         Route("/items/{item_id:int}/overlay/{number:int}.png", guarded(overlay)),
         Route("/items/{item_id:int}/{action:str}", guarded(act), methods=["POST"]),
+        Route("/report", guarded(report)),
+        Route("/report/chart.png", guarded(report_chart)),
         Route("/login", login, methods=["GET", "POST"]),
     ])
 
