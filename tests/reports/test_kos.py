@@ -55,3 +55,19 @@ def test_kos_passes_the_check_before_sending(volume, qc_review, require_tool) ->
     kos = build_quality_issue_kos(volume.datasets, qc_review, model_name="organ-seg", series_number=904)
     assert isinstance(read_back(kos), hd.ko.KeyObjectSelectionDocument)
     check_before_sending([kos], "dciodvfy")  # the worker's check: read back + dciodvfy, raises on failure
+
+
+def test_kos_of_a_radiograph_finding_that_needs_review(dciodvfy_clean, roundtrip_bytes) -> None:  # type: ignore[no-untyped-def]
+    from tests.reports.test_classification import make_dx, make_qc, make_result
+
+    source = make_dx()
+    result = make_result(source, [0.9, 0.2, 0.7])
+    qc = make_qc(result, review={0})
+    kos = build_quality_issue_kos([source], qc, model_name="cxr-cls", series_number=904)
+    dciodvfy_clean(kos, "KeyObjectSelectionDocument")
+    back = roundtrip_bytes(kos)
+    (image,) = [item for item in back.ContentSequence if item.ValueType == "IMAGE"]
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    description = next(item.TextValue for item in back.ContentSequence
+                       if item.ConceptNameCodeSequence[0].CodeValue == "113012")
+    assert description.startswith("PACS Sentinel QC: the cxr-cls result needs review (quality score 0.31")
