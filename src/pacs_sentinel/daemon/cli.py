@@ -124,6 +124,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print("\njobs (newest first):")
     print(format_table(["job", "study", "pipeline", "state", "verdict", "score", "reasons / error"], rows)
           if rows else "  (none)")
+    counts = dict(database.connection().execute(
+        "SELECT status, COUNT(*) FROM review_items WHERE status != 'resolved' GROUP BY status").fetchall())
+    print(f"\nreview worklist: {counts.get('open', 0)} open, {counts.get('claimed', 0)} claimed "
+          "(sentinel review list)")
     return EXIT_OK
 
 
