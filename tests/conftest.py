@@ -63,3 +63,78 @@ def received_modalities(pacs: StorageScp) -> list[str]:
     """Modalities of everything the PACS fixture received, sorted."""
     paths = [row[0] for row in pacs.spool.database.connection().execute("SELECT path FROM instances")]
     return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for p in paths)
+
+
+#: Manufacturer of the third-party SEGs the tests write (anything but PACS Sentinel).
+THIRD_PARTY_MANUFACTURER = "Vendor AI Inc"
+
+
+def make_third_party_seg(sources: list[pydicom.Dataset], masks: list, labels: list[tuple[str, str, str]], *,
+                         seg_type: str = "BINARY", tracking: bool = True) -> pydicom.Dataset:
+    """A SEG written by "another vendor" with highdicom, as a vendor AI would send it.
+
+    Args:
+        sources: The source instances; frame ``k`` of each mask belongs to ``sources[k]``
+            (any order: the SEG keeps it).
+        masks: One boolean ``(len(sources), rows, cols)`` array per segment.
+        labels: (code value, scheme, meaning) of each segment's segmented property type.
+        seg_type: ``"BINARY"``, ``"FRACTIONAL"`` (0.8 inside, 0.3 in a ring around each
+            mask) or ``"LABELMAP"``.
+        tracking: Give each segment a Tracking ID/UID (both are optional in a SEG).
+
+    Returns:
+        The SEG as a pydicom dataset with file meta, read back from its bytes.
+    """
+    import io
+
+    import highdicom as hd
+    import numpy as np
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    algorithm = hd.AlgorithmIdentificationSequence(name="VendorSeg", family=codes.cid7162.ArtificialIntelligence,
+                                                   version="3.1")
+    descriptions = []
+    for number, (value, scheme, meaning) in enumerate(labels, start=1):
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=f"{meaning} {number}",
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=hd.sr.CodedConcept(value, scheme, meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=generate_uid() if tracking else None,
+            tracking_id=f"vendor {meaning} {number}" if tracking else None,
+        ))
+    stacked = np.stack([np.asarray(m, dtype=bool) for m in masks], axis=-1)
+    if seg_type == "FRACTIONAL":
+        # 0.8 inside each mask; 0.3 (below half of the maximum: outside) in a ring around it.
+        from scipy import ndimage
+
+        ring = np.stack([ndimage.binary_dilation(stacked[..., i], iterations=2) & ~stacked[..., i]
+                         for i in range(stacked.shape[-1])], axis=-1)
+        pixels = np.where(stacked, 0.8, np.where(ring, 0.3, 0.0)).astype(np.float32)
+    elif seg_type == "LABELMAP":
+        pixels = np.zeros(stacked.shape[:3], dtype=np.uint8)
+        for index in range(stacked.shape[-1]):
+            pixels[stacked[..., index]] = index + 1
+    else:
+        pixels = stacked.astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues[seg_type],
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(),
+        series_number=300,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=THIRD_PARTY_MANUFACTURER,
+        manufacturer_model_name="VendorSeg",
+        software_versions="3.1",
+        device_serial_number="V-0001",
+        series_description="Vendor AI liver",
+    )
+    buffer = io.BytesIO()
+    seg.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))

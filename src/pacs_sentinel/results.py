@@ -59,6 +59,7 @@ class Reason(enum.Enum):
     POOR_INPUT_QUALITY = Code("QC026", QC_SCHEME, "Poor input image quality")
     BORDER_CONTACT = Code("QC027", QC_SCHEME, "Mask touches image border")
     IMPLAUSIBLE_LOCATION = Code("QC028", QC_SCHEME, "Implausible location")
+    DISAGREEMENT = Code("QC029", QC_SCHEME, "Disagreement with reference model")
 
     @property
     def label(self) -> str:
@@ -105,6 +106,8 @@ class SegmentationResult:
     Attributes:
         probabilities: One float32 map per label, shape ``(labels, slices, rows, cols)``,
             values in [0, 1]; slice ``i`` belongs to the source instance ``i`` of the volume.
+            None for a segmentation that was read, not predicted (a third-party SEG judged
+            by a ``seg-qc`` pipeline): QC then has no model-confidence signal.
         mask: Boolean masks with the same shape, the thresholded probabilities.
         labels: The label of each channel; segment numbers are ``index + 1``.
         model_name: Name of the model (e.g. ``"organ-seg"``).
@@ -118,7 +121,7 @@ class SegmentationResult:
             "inverse": ..}``.
     """
 
-    probabilities: np.ndarray
+    probabilities: np.ndarray | None
     mask: np.ndarray
     labels: list[SegmentLabel]
     model_name: str

@@ -129,3 +129,49 @@ match_regex = { SeriesDescription = "brain|head" }
 def test_match_regex_must_compile() -> None:
     problems = _problems({"pipelines": [{"name": "a", "model": "m", "match_regex": {"SeriesDescription": "(ax"}}]})
     assert len(problems) == 1 and problems[0].startswith("pipelines[0].match_regex:")
+
+
+def test_seg_qc_pipeline_runs_no_model_of_its_own() -> None:
+    config = parse_config({"pipelines": [{"name": "q", "kind": "seg-qc", "agreement_model": "demo:organ-seg"}]})
+    pipeline = config.pipelines[0]
+    assert pipeline.model is None and pipeline.agreement_model == "demo:organ-seg" and pipeline.agreement is True
+    problems = _problems({"pipelines": [{"name": "q", "kind": "seg-qc", "model": "demo:organ-seg"}]})
+    assert len(problems) == 1 and problems[0].startswith("pipelines[0]: ") and "agreement_model" in problems[0]
+
+
+def test_model_is_required_outside_seg_qc_and_agreement_keys_only_there() -> None:
+    assert _problems({"pipelines": [{"name": "s", "kind": "segmentation"}]}) == [
+        "pipelines[0]: Value error, a segmentation pipeline needs model"]
+    problems = _problems({"pipelines": [{"name": "s", "model": "demo:organ-seg", "agreement_model": "demo:organ-seg"}]})
+    assert problems == ["pipelines[0]: Value error, agreement_model is for seg-qc pipelines only"]
+    assert _problems({"pipelines": [{"name": "q", "kind": "seg-qc", "agreement": "yes"}]}) == [
+        "pipelines[0].agreement: Input should be a valid boolean"]
+
+
+def test_check_config_loads_the_agreement_model_and_explains_seg_qc(tmp_path: Path) -> None:
+    import numpy as np
+
+    from pacs_sentinel.dicom_io.series import load_series_files
+    from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
+    from tests.conftest import make_third_party_seg
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[pipelines]]\nname = "q"\nkind = "seg-qc"\nagreement_model = "demo:no-such-model"\n')
+    result = _check_config(bad)
+    assert result.returncode == 1
+    assert "pipelines[0].agreement_model:" in result.stderr and "no-such-model" in result.stderr
+
+    study = tmp_path / "study"
+    ct = write_ct_series(make_ct_phantom(1, shape=(10, 64, 64)), study / "ct", seed=1)
+    volume = load_series_files(ct)
+    seg = make_third_party_seg(volume.datasets, [np.ones(volume.array.shape, dtype=bool)], [("10200004", "SCT", "Liver")])
+    seg.save_as(study / "seg.dcm", enforce_file_format=True)
+    config = tmp_path / "c.toml"
+    config.write_text('[[pipelines]]\nname = "vendor-qc"\nkind = "seg-qc"\nagreement_model = "demo:organ-seg"\n'
+                      'match = { Modality = ["CT"] }\n\n'
+                      '[[pipelines]]\nname = "mr-qc"\nkind = "seg-qc"\nmatch = { Modality = ["MR"] }\n')
+    result = subprocess.run([sys.executable, "-m", "pacs_sentinel", "check-config", "-c", str(config),
+                             "--explain", str(study)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"pipeline 'vendor-qc': judges SEG {seg.SOPInstanceUID} on series {volume.series_uid}" in result.stdout
+    assert "pipeline 'mr-qc': no third-party SEG references a matching series (1 third-party SEG(s))" in result.stdout

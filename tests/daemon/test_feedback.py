@@ -179,16 +179,19 @@ def _seg_header(*, series: str, manufacturer: str = "Slicer Community", model: s
     return ds
 
 
-def test_corrected_job_recognises_only_third_party_segs_of_our_segmented_series(tmp_path: Path) -> None:
+def test_corrected_job_recognises_only_third_party_segs_of_our_delivered_series(tmp_path: Path) -> None:
     ours = _job(tmp_path, series_uid="1.2.3")
-    assert corrected_job(_seg_header(series="1.2.3"), [ours]) == ours
-    assert corrected_job(_seg_header(series="1.2.9"), [ours]) is None  # another series: seg-qc's
+    delivered = {"1.2.3": 100.0, "1.2.4": 100.0, "1.2.5": 100.0}
+    assert corrected_job(_seg_header(series="1.2.3"), [ours], delivered, 200.0) == ours
+    assert corrected_job(_seg_header(series="1.2.3"), [ours], delivered, 50.0) is None  # there before our result
+    assert corrected_job(_seg_header(series="1.2.3"), [ours], {}, 200.0) is None  # nothing delivered yet
+    assert corrected_job(_seg_header(series="1.2.9"), [ours], delivered, 200.0) is None  # another series: seg-qc's
     assert corrected_job(_seg_header(series="1.2.3", manufacturer="PACS Sentinel", model="PACS Sentinel AI node"),
-                         [ours]) is None  # our own SEG sent back
+                         [ours], delivered, 200.0) is None  # our own SEG sent back
     classified = _job(tmp_path, series_uid="1.2.4", with_seg=False)
-    assert corrected_job(_seg_header(series="1.2.4"), [classified]) is None  # no segmentation of ours
-    running = _job(tmp_path, series_uid="1.2.5", state=JobState.FAILED)
-    assert corrected_job(_seg_header(series="1.2.5"), [running]) is None
+    assert corrected_job(_seg_header(series="1.2.4"), [classified], delivered, 200.0) is None  # no SEG of ours
+    failed = _job(tmp_path, series_uid="1.2.5", state=JobState.FAILED)
+    assert corrected_job(_seg_header(series="1.2.5"), [failed], delivered, 200.0) is None
 
 
 def test_agreement_metrics() -> None:

@@ -87,19 +87,22 @@ def _job_with_outbox(database: Database, destination: str) -> int:
 def test_outbox_retries_until_the_destination_comes_up(database: Database, tmp_path: Path) -> None:
     port = free_port()
     destination = DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
-    outbox = Outbox(database, [destination], OutboxConfig(retry_initial_seconds=0.2), calling_ae="SENTINEL")
+    outbox = Outbox(database, [destination], OutboxConfig(retry_initial_seconds=30), calling_ae="SENTINEL")
     job_id = _job_with_outbox(database, "pacs")
 
+    failed_at = time.time()
     assert outbox.flush() == 0  # nobody listens yet
     row = next(database.connection()["outbox"].rows)
-    assert row["state"] == "pending" and row["attempts"] == 1 and row["next_attempt_at"] > time.time()
+    assert row["state"] == "pending" and row["attempts"] == 1
+    assert 29 <= row["next_attempt_at"] - failed_at <= 31  # the initial backoff
     assert JobStore(database).get(job_id).state is JobState.DELIVERING
 
     pacs = StorageScp(ScpSettings("PACS", "127.0.0.1", port), Spool(tmp_path / "pacs", Database(tmp_path / "p.db")))
     pacs.start()
     try:
         assert outbox.flush() == 0  # backoff not over yet
-        time.sleep(0.3)
+        with database.transaction() as db:  # ... and now it is (without waiting 30 s)
+            db.execute("UPDATE outbox SET next_attempt_at = ?", [time.time() - 1])
         assert outbox.flush() == 1
     finally:
         pacs.stop()

@@ -138,3 +138,16 @@ def test_parse_since() -> None:
 def test_reasons_are_explained_in_words() -> None:
     assert explain_reason("Fragmentation") == "Fragmentation: the mask is split into several separate pieces"
     assert explain_reason("Something new") == "Something new"
+
+
+def test_overlay_paths_in_order_including_seg_qc_sub_folders(tmp_path: Path, stores) -> None:  # type: ignore[no-untyped-def]
+    jobs, review = stores
+    out = tmp_path / "job-1"
+    for name in ("overlay_2.png", "overlay_10.png", "overlay_1.png", "seg-2/overlay_1.png", "seg-1/overlay_1.png",
+                 "SC_1.dcm", "overlay_x.png", "seg-1/overlay_2.png"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"")
+    _run(jobs, "1.1", _result(True, 0.3, output_dir=str(out)))
+    names = [str(p.relative_to(out)) for p in review.items()[0].overlay_paths()]
+    assert names == ["overlay_1.png", "overlay_2.png", "overlay_10.png", "seg-1/overlay_1.png", "seg-1/overlay_2.png",
+                     "seg-2/overlay_1.png"]

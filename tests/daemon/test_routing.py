@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import Dataset
 
 from pacs_sentinel.daemon.config import PipelineConfig
@@ -63,3 +64,75 @@ def test_match_regex_is_searched_case_insensitively() -> None:
                               match_regex={"SeriesDescription": "portal|venous"})
     assert matches(pipeline, _candidate("1", 1, Modality="CT", SeriesDescription="Abdomen PORTAL 1.25mm").header)
     assert not matches(pipeline, _candidate("1", 1, Modality="CT", SeriesDescription="Arterial").header)
+
+
+# ----------------------------------------------------------------------------- seg-qc pipelines
+
+SEG_QC = PipelineConfig(name="vendor-qc", kind="seg-qc", match={"Modality": ["CT"]})
+
+
+def _write_seg(folder: Path, sources: list, *, own: bool = False) -> Path:
+    import numpy as np
+
+    from pacs_sentinel.reports.identity import MANUFACTURER, MODEL_NAME
+    from tests.conftest import make_third_party_seg
+
+    mask = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), dtype=bool)
+    mask[:, 10:20, 10:20] = True
+    seg = make_third_party_seg(sources, [mask], [("10200004", "SCT", "Liver")])
+    if own:  # as if our own SEG came back from the PACS
+        seg.Manufacturer, seg.ManufacturerModelName = MANUFACTURER, MODEL_NAME
+    path = folder / f"{seg.SOPInstanceUID}.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _study(tmp_path: Path) -> tuple[dict[str, list[Path]], list]:
+    from tests.reports.conftest import make_ct_series
+
+    series = make_ct_series(slices=4, rows=32, cols=32)
+    files = []
+    for ds in series:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return {str(series[0].SeriesInstanceUID): files}, series
+
+
+def test_third_party_segs_are_found_and_our_own_left_out(tmp_path: Path) -> None:
+    from pacs_sentinel.daemon.routing import read_third_party_segs
+
+    by_series, series = _study(tmp_path)
+    vendor = _write_seg(tmp_path, series)
+    own = _write_seg(tmp_path, series, own=True)
+    for path in (vendor, own):
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        by_series[str(header.SeriesInstanceUID)] = [path]
+
+    segs = read_third_party_segs(by_series)
+
+    assert [seg.path for seg in segs] == [vendor]
+    assert segs[0].referenced_series == (str(series[0].SeriesInstanceUID),)
+
+
+def test_seg_qc_judges_segs_on_matching_series_and_selects_no_image_series(tmp_path: Path) -> None:
+    from pacs_sentinel.daemon.routing import matching_pipelines, read_candidates, read_third_party_segs, segs_to_judge
+
+    by_series, series = _study(tmp_path)
+    vendor = _write_seg(tmp_path, series)
+    seg_series = str(pydicom.dcmread(vendor, stop_before_pixels=True).SeriesInstanceUID)
+    by_series[seg_series] = [vendor]
+    candidates = read_candidates(by_series)
+    segs = read_third_party_segs(by_series)
+    ct_uid = str(series[0].SeriesInstanceUID)
+    organ = PipelineConfig(name="organ-seg", model="demo:organ-seg")
+    mr_qc = PipelineConfig(name="mr-qc", kind="seg-qc", match={"Modality": ["MR"]})
+
+    assert [c.series_uid for c in candidates] == [ct_uid]  # a SEG is never an image input
+    assert select_series(SEG_QC, candidates) is None
+    assert [(s.path, c.series_uid) for s, c in segs_to_judge(SEG_QC, candidates, segs)] == [(vendor, ct_uid)]
+    assert segs_to_judge(mr_qc, candidates, segs) == []
+    assert matching_pipelines([organ, SEG_QC, mr_qc], candidates, segs) == {
+        "organ-seg": [ct_uid], "vendor-qc": [seg_series, ct_uid]}
+    # Without a third-party SEG the seg-qc pipeline has nothing to do.
+    assert matching_pipelines([organ, SEG_QC], candidates, []) == {"organ-seg": [ct_uid]}

@@ -69,3 +69,50 @@ def test_association_aborted_for_refused_sop_classes_says_which(pacs: StorageScp
         f"association with PACS@127.0.0.1:{pacs.port} aborted: it accepted none of the proposed presentation contexts "
         f"(Parametric Map Storage ({ParametricMapStorage}): abstract syntax not supported)"
     )
+
+
+def _inject_store_response(assoc) -> object:  # type: ignore[no-untyped-def]
+    """Put a C-STORE-RSP on the association's DIMSE queue, as the DUL does when one arrives."""
+    from pynetdicom.dimse_primitives import C_STORE
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 1
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    rsp.AffectedSOPInstanceUID = "1.2.3.4"
+    rsp.Status = 0x0000
+    assoc.dimse.msg_queue.put((1, rsp))
+    return rsp
+
+
+@pytest.mark.parametrize("response_safe", [True, False])
+def test_the_scu_reactor_leaves_a_response_to_the_call_waiting_for_it(pacs: StorageScp, response_safe: bool) -> None:
+    """A response that arrives while the reactor runs stays queued for the send_*() call.
+
+    pynetdicom's own requestor reactor takes it (the race behind "Received unexpected C-STORE
+    service message" and a DIMSE timeout); the SCU's associations never do.
+    """
+    import time
+
+    from pynetdicom import AE
+
+    from pacs_sentinel.dicom_io.reactor import ResponseSafeRequestor
+    from pacs_sentinel.dicom_io.scu import NODELAY_HANDLERS
+
+    ae = AE(ae_title="SENTINEL")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    handlers = NODELAY_HANDLERS if response_safe else []
+    assoc = ae.associate("127.0.0.1", pacs.port, ae_title="PACS", evt_handlers=handlers)
+    assert assoc.is_established
+    try:
+        assert (type(assoc) is ResponseSafeRequestor) is response_safe
+        rsp = _inject_store_response(assoc)
+        time.sleep(0.05)  # 50 reactor loops
+        _, queued = assoc.dimse.peek_msg()
+        if response_safe:
+            assert queued is rsp
+            assert assoc.dimse.get_msg(block=False)[1] is rsp
+        else:
+            assert queued is None  # pynetdicom's reactor took it: no send_*() would ever see it
+        assert assoc.send_c_echo().Status == 0x0000  # and the association still works
+    finally:
+        assoc.release()

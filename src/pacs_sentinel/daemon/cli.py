@@ -63,6 +63,12 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
                 from pacs_sentinel.inference.classification import load_classification_model
 
                 load_classification_model(pipeline.model, device=config.inference.device)
+            elif pipeline.kind == "seg-qc":
+                if pipeline.agreement_model is not None:
+                    try:
+                        load_segmentation_model(pipeline.agreement_model, device=config.inference.device)
+                    except SentinelError as exc:
+                        problems.append(f"pipelines[{index}].agreement_model: {exc}")
             else:
                 problems.append(f"pipelines[{index}].kind: {pipeline.kind!r} is not supported by this version")
         except SentinelError as exc:

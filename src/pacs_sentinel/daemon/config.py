@@ -122,11 +122,20 @@ class PipelineReportsConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
-    """``[[pipelines]]``: which series go to which model."""
+    """``[[pipelines]]``: which series go to which model.
+
+    A ``seg-qc`` pipeline runs no model of its own: it judges the SEGs other systems send
+    (``match`` selects the image series they reference). Its ``agreement_model``, or else the
+    model of every ``segmentation`` pipeline whose labels match a segment's code, supplies the
+    label statistics and, with ``agreement = true``, the prediction the agreement signal
+    compares the segment with.
+    """
 
     name: str
     kind: Literal["segmentation", "classification", "seg-qc"] = "segmentation"
-    model: str
+    model: str | None = None
+    agreement_model: str | None = None
+    agreement: bool = True
     match: dict[str, list[str]] = Field(default_factory=lambda: {"Modality": ["CT"]})
     match_regex: dict[str, str] = Field(default_factory=dict)
     series_selection: Literal["most-images", "thinnest", "thinnest-axial"] = "most-images"
@@ -137,6 +146,19 @@ class PipelineConfig(_Strict):
     min_slices: int = Field(8, ge=1)
     series_number_base: int = Field(900, ge=1)
     reports: PipelineReportsConfig = PipelineReportsConfig()
+
+    @model_validator(mode="after")
+    def _model_fits_kind(self) -> PipelineConfig:
+        if self.kind == "seg-qc":
+            if self.model is not None:
+                raise ValueError("a seg-qc pipeline runs no model of its own: leave out model "
+                                 "(name the model for the agreement signal in agreement_model)")
+        else:
+            if self.model is None:
+                raise ValueError(f"a {self.kind} pipeline needs model")
+            if self.agreement_model is not None:
+                raise ValueError("agreement_model is for seg-qc pipelines only")
+        return self
 
     @field_validator("match", "match_regex")
     @classmethod

@@ -3,8 +3,8 @@
 When a reviewer corrects our SEG in their viewer (3D Slicer, OHIF...) and sends the result to
 this node, the study becomes quiet again and :meth:`FeedbackRecorder.check_study` looks at its
 SEG instances. One that :func:`corrected_job` recognises as a correction of one of our results
-(a SEG not written by us that references the source series of a segmentation result we made for
-that study) is compared with our mask: Dice and the 95th-percentile Hausdorff distance (MONAI
+(a SEG not written by us that references the source series of a segmentation result we delivered
+for that study, and arrived after it) is compared with our mask: Dice and the 95th-percentile Hausdorff distance (MONAI
 metrics, in mm on the source grid) per matched segment go into the ``feedback`` table, and the
 study's review item is resolved ``ai-corrected``. Our own SEG/SR sent back is never feedback, and
 any other third-party SEG is left alone (the seg-qc pipelines judge those).
@@ -73,23 +73,29 @@ def own_segmentation(job: Job) -> Path | None:
     return None
 
 
-def corrected_job(header: Dataset, jobs: list[Job]) -> Job | None:
+def corrected_job(header: Dataset, jobs: list[Job], delivered: dict[str, float], received_at: float) -> Job | None:
     """Which of our results a SEG corrects, if it is a correction at all.
 
-    A SEG is a correction of one of our results when it was not written by this product and
-    references the source series of a job of the same study that has a segmentation result.
-    Anything else (our own objects sent back, SEGs of other series or studies) is not feedback.
+    A SEG is a correction of one of our results when it was not written by this product,
+    references a source series for which a segmentation pipeline delivered a result, and
+    arrived after that delivery, and a job of the study has our SEG of that series. This is
+    exactly the SEG that :func:`pacs_sentinel.daemon.seg_qc.third_party_segs` leaves to the
+    review: anything else (our own objects sent back, SEGs of other series, SEGs that were
+    there before our result) is not feedback.
 
     Args:
         header: The received SEG (header only is enough).
         jobs: The jobs of the SEG's study.
+        delivered: :meth:`~pacs_sentinel.daemon.jobs.JobStore.delivered_series` of the study
+            for its segmentation pipelines (series -> first acknowledged delivery).
+        received_at: When the SEG's series last received an instance.
 
     Returns:
         The newest such job, or None.
     """
     if str(header.get("Modality", "")) != "SEG" or is_own_object(header):
         return None
-    series = referenced_series(header)
+    series = {uid for uid in referenced_series(header) if uid in delivered and received_at > delivered[uid]}
     study_uid = str(header.get("StudyInstanceUID", ""))
     candidates = [job for job in jobs
                   if job.study_uid == study_uid and job.series_uid in series and job.state in RESULT_STATES
@@ -182,18 +188,19 @@ def compare_segmentations(ours_path: Path, correction_path: Path, volume: Volume
 class FeedbackRecorder:
     """Finds corrections among a study's SEG instances and records them (see the module docstring)."""
 
-    def __init__(self, database: Database, spool: Spool, jobs: JobStore) -> None:
+    def __init__(self, database: Database, spool: Spool, jobs: JobStore, segmentation_pipelines: list[str]) -> None:
         self.database = database
         self.spool = spool
         self.jobs = jobs
+        self.segmentation_pipelines = list(segmentation_pipelines)
 
-    def _unseen_segs(self, study_uid: str) -> list[tuple[str, str, str]]:
+    def _unseen_segs(self, study_uid: str) -> list[tuple[str, str, str, str]]:
         rows = self.database.connection().execute(
-            """SELECT sop_instance_uid, path, calling_ae FROM instances
+            """SELECT sop_instance_uid, path, calling_ae, series_uid FROM instances
                WHERE study_uid = ? AND modality = 'SEG'
                  AND sop_instance_uid NOT IN (SELECT sop_instance_uid FROM feedback)""",
             [study_uid]).fetchall()
-        return [(str(r[0]), str(r[1]), str(r[2] or "")) for r in rows]
+        return [(str(r[0]), str(r[1]), str(r[2] or ""), str(r[3])) for r in rows]
 
     def check_study(self, study_uid: str) -> list[int]:
         """Record the corrections among the study's SEGs not seen yet.
@@ -202,8 +209,14 @@ class FeedbackRecorder:
             The ids of the feedback rows written.
         """
         written: list[int] = []
+        unseen = self._unseen_segs(study_uid)
+        if not unseen:
+            return written
+        delivered = self.jobs.delivered_series(study_uid, self.segmentation_pipelines)
+        if not delivered:
+            return written
         jobs: list[Job] | None = None
-        for sop_instance_uid, path, calling_ae in self._unseen_segs(study_uid):
+        for sop_instance_uid, path, calling_ae, series_uid in unseen:
             try:
                 header = pydicom.dcmread(path, stop_before_pixels=True)
             except Exception as exc:  # an unreadable file is the SCP's problem, not a correction
@@ -211,7 +224,7 @@ class FeedbackRecorder:
                 continue
             if jobs is None:
                 jobs = self.jobs.jobs(study_uid=study_uid)
-            job = corrected_job(header, jobs)
+            job = corrected_job(header, jobs, delivered, self.spool.series_last_received(series_uid))
             if job is None:
                 continue
             written += self._record(header, Path(path), calling_ae, job)

@@ -300,6 +300,25 @@ class JobStore:
             rows = self._rows("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", [limit])
         return [Job.from_row(r) for r in rows]
 
+    def delivered_series(self, study_uid: str, pipelines: list[str]) -> dict[str, float]:
+        """Source series of the study for which one of ``pipelines`` delivered a result.
+
+        Returns:
+            Series Instance UID -> when the first object of such a result was acknowledged
+            by a destination (epoch seconds).
+        """
+        if not pipelines:
+            return {}
+        marks = ",".join("?" * len(pipelines))
+        rows = self.database.connection().execute(
+            f"""SELECT j.series_uid, MIN(o.sent_at) FROM jobs j JOIN outbox o ON o.job_id = j.id
+                WHERE j.study_uid = ? AND j.pipeline IN ({marks}) AND j.series_uid IS NOT NULL
+                  AND o.sent_at IS NOT NULL
+                GROUP BY j.series_uid""",
+            [study_uid, *pipelines],
+        ).fetchall()
+        return {str(r[0]): float(r[1]) for r in rows}
+
     def stale_studies(self) -> list[str]:
         """Studies with instances newer than their newest job (or with no job at all)."""
         rows = self.database.connection().execute(

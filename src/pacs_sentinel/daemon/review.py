@@ -167,12 +167,21 @@ class ReviewItem:
     runs: int
 
     def overlay_paths(self) -> list[Path]:
-        """The overlay PNGs the job wrote (``overlay_<n>.png`` in its output folder), in order."""
+        """The overlay PNGs the job wrote, in order: ``overlay_<n>.png`` in its output folder,
+        then those of its ``seg-<k>`` sub-folders (a seg-qc job that judged several SEGs)."""
         if not self.output_dir:
             return []
         folder = Path(self.output_dir)
-        found = [p for p in folder.glob("overlay_*.png") if re.fullmatch(r"overlay_\d+\.png", p.name)]
-        return sorted(found, key=lambda p: int(p.stem.split("_")[1]))
+
+        def numbered(directory: Path, prefix: str) -> list[Path]:
+            found = [p for p in directory.glob(f"{prefix}*") if re.fullmatch(rf"{prefix}\d+(\.png)?", p.name)]
+            return sorted(found, key=lambda p: int(re.sub(r"\D", "", p.name)))
+
+        paths = [p for p in numbered(folder, "overlay_") if p.suffix == ".png"]
+        for sub in numbered(folder, "seg-"):
+            if sub.is_dir():
+                paths += [p for p in numbered(sub, "overlay_") if p.suffix == ".png"]
+        return paths
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ReviewItem:

@@ -11,6 +11,7 @@ import structlog
 from pydicom.dataset import Dataset
 
 from pacs_sentinel.daemon.config import PipelineConfig
+from pacs_sentinel.dicom_io.seg_masks import is_segmentation, referenced_series_uids
 from pacs_sentinel.errors import SentinelError
 from pacs_sentinel.reports.identity import is_own_object
 
@@ -48,6 +49,70 @@ def read_candidates(series_files: dict[str, list[Path]]) -> list[SeriesCandidate
             continue
         candidates.append(SeriesCandidate(series_uid, files, header))
     return candidates
+
+
+@dataclass(frozen=True)
+class ThirdPartySeg:
+    """A SEG of the study that this node did not write: input of ``seg-qc`` pipelines.
+
+    Attributes:
+        series_uid: The SEG's own series.
+        path: Its file in the spool.
+        header: Its header (read without pixel data).
+        referenced_series: The image series it references (Referenced Series Sequence).
+    """
+
+    series_uid: str
+    path: Path
+    header: Dataset
+    referenced_series: tuple[str, ...]
+
+    @property
+    def sop_instance_uid(self) -> str:
+        """The SEG's SOP Instance UID."""
+        return str(self.header.SOPInstanceUID)
+
+
+def read_third_party_segs(series_files: dict[str, list[Path]]) -> list[ThirdPartySeg]:
+    """Every SEG in the study's series that was not written by this node (any installation).
+
+    Our own SEGs sent back to us never re-enter (:func:`is_own_object`); unreadable files are
+    logged and left out.
+    """
+    segs = []
+    for series_uid, files in series_files.items():
+        for path in files:
+            try:
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception as exc:  # an unreadable file must not stop the other series
+                log.warning("instance header unreadable", series_uid=series_uid, path=str(path), error=str(exc))
+                break
+            if not is_segmentation(header):
+                break  # a series holds one kind of object: not a SEG series
+            if is_own_object(header):
+                continue
+            segs.append(ThirdPartySeg(series_uid, path, header, tuple(referenced_series_uids(header))))
+    return sorted(segs, key=lambda seg: (seg.series_uid, seg.sop_instance_uid))
+
+
+def segs_to_judge(pipeline: PipelineConfig, candidates: list[SeriesCandidate],
+                  segs: list[ThirdPartySeg]) -> list[tuple[ThirdPartySeg, SeriesCandidate]]:
+    """The SEGs a ``seg-qc`` pipeline judges, each with the image series it references.
+
+    A SEG is judged when one of the series it references is in the study and matches the
+    pipeline's ``match`` / ``match_regex``; other SEGs are left alone.
+    """
+    if pipeline.kind != "seg-qc":
+        return []
+    by_uid = {c.series_uid: c for c in candidates}
+    judged = []
+    for seg in segs:
+        for uid in seg.referenced_series:
+            candidate = by_uid.get(uid)
+            if candidate is not None and matches(pipeline, candidate.header):
+                judged.append((seg, candidate))
+                break
+    return judged
 
 
 def _value_matches(value: object, allowed: list[str]) -> bool:
@@ -114,6 +179,8 @@ def select_series(pipeline: PipelineConfig, candidates: list[SeriesCandidate]) -
     Too few images is not a reason to skip a series here: loading it then fails the job with
     a message that says so, which tells IT more than "no pipeline matches".
     """
+    if pipeline.kind == "seg-qc":
+        return None  # judges SEGs, see segs_to_judge
     matching = [c for c in candidates if matches(pipeline, c.header)]
     if not matching:
         return None
@@ -125,10 +192,26 @@ def select_series(pipeline: PipelineConfig, candidates: list[SeriesCandidate]) -
     return max(matching, key=lambda c: (c.image_count, c.series_uid))
 
 
-def matching_pipelines(pipelines: list[PipelineConfig], candidates: list[SeriesCandidate]) -> dict[str, SeriesCandidate]:
-    """The pipelines that have a series to run on in this study, with that series."""
-    selected = {p.name: select_series(p, candidates) for p in pipelines}
-    return {name: series for name, series in selected.items() if series is not None}
+def matching_pipelines(pipelines: list[PipelineConfig], candidates: list[SeriesCandidate],
+                       segs: list[ThirdPartySeg] | None = None) -> dict[str, list[str]]:
+    """The pipelines that have something to run on in this study, with their input series.
+
+    An image pipeline's input is the series it selects; a ``seg-qc`` pipeline's inputs are
+    the third-party SEGs it judges (``segs``) and the image series they reference. New
+    instances of an input series re-run the pipeline (``[study] late_arrival``).
+    """
+    inputs: dict[str, list[str]] = {}
+    for pipeline in pipelines:
+        if pipeline.kind == "seg-qc":
+            judged = segs_to_judge(pipeline, candidates, segs or [])
+            if judged:
+                uids = [uid for seg, series in judged for uid in (seg.series_uid, series.series_uid)]
+                inputs[pipeline.name] = list(dict.fromkeys(uids))
+            continue
+        series = select_series(pipeline, candidates)
+        if series is not None:
+            inputs[pipeline.name] = [series.series_uid]
+    return inputs
 
 
 def explain(pipelines: list[PipelineConfig], path: Path) -> str:
@@ -158,7 +241,17 @@ def explain(pipelines: list[PipelineConfig], path: Path) -> str:
                      f"{str(header.get('SeriesDescription', '') or '')!r}, {candidate.image_count} image(s)")
     if len(studies) > 1:
         lines.append("  note: the daemon treats each study separately")
+    segs = read_third_party_segs(by_series)
     for pipeline in pipelines:
+        if pipeline.kind == "seg-qc":
+            judged = segs_to_judge(pipeline, candidates, segs)
+            for seg, series in judged:
+                lines.append(f"pipeline {pipeline.name!r}: judges SEG {seg.sop_instance_uid} "
+                             f"on series {series.series_uid}")
+            if not judged:
+                lines.append(f"pipeline {pipeline.name!r}: no third-party SEG references a matching series "
+                             f"({len(segs)} third-party SEG(s))")
+            continue
         selected = select_series(pipeline, candidates)
         if selected is not None:
             lines.append(f"pipeline {pipeline.name!r}: runs on series {selected.series_uid} "
@@ -171,6 +264,6 @@ def explain(pipelines: list[PipelineConfig], path: Path) -> str:
             for candidate in candidates:
                 reasons = "; ".join(mismatches(pipeline, candidate.header))
                 lines.append(f"  series {candidate.series_uid}: {reasons}")
-    if not any(select_series(p, candidates) for p in pipelines):
+    if not matching_pipelines(pipelines, candidates, segs):
         lines.append("the study would be REJECTED: no pipeline matches any series")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from pacs_sentinel.daemon.logs import configure_logging
 from pacs_sentinel.daemon.outbox import Outbox
 from pacs_sentinel.daemon.review import ReviewStore
 from pacs_sentinel.daemon.routing import matching_pipelines, read_candidates
+from pacs_sentinel.daemon.seg_qc import third_party_segs
 from pacs_sentinel.daemon.worker import Worker
 from pacs_sentinel.dicom_io.index import Database
 from pacs_sentinel.dicom_io.scp import Receiver, ScpSettings, TlsSettings
@@ -43,7 +44,8 @@ class Sentinel:
         self.spool = Spool(data_dir, self.database)
         self.jobs = JobStore(self.database)
         self.review = ReviewStore(self.database)
-        self.feedback = FeedbackRecorder(self.database, self.spool, self.jobs)
+        self.feedback = FeedbackRecorder(self.database, self.spool, self.jobs,
+                                         [p.name for p in config.pipelines if p.kind == "segmentation"])
         self.web = None
         if config.review.web.enabled:
             from pacs_sentinel.daemon.web import ReviewWebServer
@@ -131,14 +133,17 @@ class Sentinel:
         except Exception:  # feedback must never stop a study from being processed
             bound.exception("cannot check the study for corrected segmentations")
         try:
-            candidates = read_candidates(self.spool.study_files(study_uid))
-            pipelines = matching_pipelines(self.config.pipelines, candidates)
+            series_files = self.spool.study_files(study_uid)
+            candidates = read_candidates(series_files)
+            segs = third_party_segs(self.config, self.spool, self.jobs, study_uid, series_files)
+            pipelines = matching_pipelines(self.config.pipelines, candidates, segs)
             if not pipelines:
                 job_id = self.jobs.reject_study(study_uid, "no pipeline matches any series of the study")
                 if job_id is not None:
                     bound.warning("study rejected: no pipeline matches", job_id=job_id)
                 return
-            inputs = {name: self.spool.series_last_received(series.series_uid) for name, series in pipelines.items()}
+            inputs = {name: max(self.spool.series_last_received(uid) for uid in series_uids)
+                      for name, series_uids in pipelines.items()}
             created = self.jobs.queue_study(study_uid, inputs,
                                             rerun_late_arrivals=self.config.study.late_arrival == "rerun")
             if created:

@@ -139,7 +139,7 @@ def build_app(store: ReviewStore, review: ReviewConfig, token: str) -> Starlette
         return store.get(int(request.path_params["item_id"]))
 
     def case_page(request: Request, item: Any, *, error: str | None = None, status_code: int = 200) -> Response:
-        overlays = [int(p.stem.split("_")[1]) for p in item.overlay_paths()]
+        overlays = list(range(1, len(item.overlay_paths()) + 1))
         return TEMPLATES.TemplateResponse(request, "case.html", {
             "item": item, "reasons": [explain_reason(r) for r in item.reasons], "overlays": overlays,
             "viewer": viewer_link(review.viewer_url, item.study_uid), "decisions": [d.value for d in Decision],
@@ -157,11 +157,11 @@ def build_app(store: ReviewStore, review: ReviewConfig, token: str) -> Starlette
             item = _item(request)
         except ReviewError as exc:
             return Response(str(exc), status_code=404, media_type="text/plain")
-        number = int(request.path_params["number"])
-        for path in item.overlay_paths():
-            if path.stem == f"overlay_{number}":
-                return FileResponse(path, media_type="image/png")
-        return Response("no such overlay", status_code=404, media_type="text/plain")
+        number = int(request.path_params["number"])  # 1-based position in overlay_paths()
+        paths = item.overlay_paths()
+        if not 1 <= number <= len(paths):
+            return Response("no such overlay", status_code=404, media_type="text/plain")
+        return FileResponse(paths[number - 1], media_type="image/png")
 
     async def act(request: Request) -> Response:
         item_id = int(request.path_params["item_id"])

@@ -18,7 +18,8 @@ import structlog
 
 from pacs_sentinel.daemon.config import Config, PipelineConfig
 from pacs_sentinel.daemon.jobs import Job, JobState, JobStore
-from pacs_sentinel.daemon.routing import read_candidates, select_series
+from pacs_sentinel.daemon.routing import read_candidates, segs_to_judge, select_series
+from pacs_sentinel.daemon.seg_qc import judge_segs, third_party_segs
 from pacs_sentinel.dicom_io.series import load_series_files
 from pacs_sentinel.dicom_io.spool import Spool
 from pacs_sentinel.errors import SentinelError, SeriesError
@@ -111,8 +112,8 @@ class Worker:
 
     def _process(self, job: Job) -> JobState:
         pipeline = self._pipeline(job.pipeline)
-        if pipeline.kind not in ("segmentation", "classification"):
-            raise SentinelError(f"pipeline kind {pipeline.kind!r} is not supported yet")
+        if pipeline.kind == "seg-qc":
+            return self._judge_segs(job, pipeline)
         candidates = read_candidates(self.spool.study_files(job.study_uid))
         series = select_series(pipeline, candidates)
         if series is None:
@@ -122,7 +123,42 @@ class Worker:
         else:
             analysis = self._classify(pipeline, series.files)
         result_set, result, qc, series_uid = analysis
+        return self._deliver(job, [(result_set, None)], result_row={
+            "series_uid": series_uid,
+            "model": result.model_name,
+            "model_version": result.model_version,
+            "qc_version": qc.qc_version,
+            "verdict": qc.verdict.label,
+            "quality_score": qc.quality_score,
+            "reasons": [r.label for r in qc.reasons],
+            "needs_review": qc.verdict is Verdict.NEEDS_REVIEW,
+        })
 
+    def _judge_segs(self, job: Job, pipeline: PipelineConfig) -> JobState:
+        """A seg-qc job: judge every third-party SEG of the study the pipeline matches."""
+        series_files = self.spool.study_files(job.study_uid)
+        segs = third_party_segs(self.config, self.spool, self.jobs, job.study_uid, series_files)
+        judged = segs_to_judge(pipeline, read_candidates(series_files), segs)
+        if not judged:
+            raise JobRejected(f"no third-party SEG of the study references a series matching pipeline {pipeline.name!r}")
+        outcomes = judge_segs(self.config, pipeline, judged)
+        qc = QCResult(qc_version=outcomes[0].qc.qc_version, segments=[s for o in outcomes for s in o.qc.segments])
+        # One SEG: its objects in the job folder; several: one sub-folder per SEG.
+        sets = [(o.result_set, None if len(outcomes) == 1 else f"seg-{n}") for n, o in enumerate(outcomes, start=1)]
+        return self._deliver(job, sets, result_row={
+            "series_uid": outcomes[0].series_uid,
+            "model": ", ".join(dict.fromkeys(o.result.model_name for o in outcomes))[:200],
+            "model_version": ", ".join(dict.fromkeys(o.result.model_version for o in outcomes))[:200],
+            "qc_version": qc.qc_version,
+            "verdict": qc.verdict.label,
+            "quality_score": qc.quality_score,
+            "reasons": [r.label for r in qc.reasons],
+            "needs_review": qc.verdict is Verdict.NEEDS_REVIEW,
+        })
+
+    def _deliver(self, job: Job, result_sets: list[tuple[ResultSet, str | None]], *, result_row: dict[str, Any]) -> JobState:
+        """Write the result sets (each into the job folder or the named sub-folder), queue
+        every DICOM file for every destination, and record the job's result row."""
         newer = self.jobs.newer_queued_job(job)
         if newer is not None:
             # More instances of the input series arrived while this job ran: the re-run sends
@@ -134,7 +170,9 @@ class Worker:
         out_dir = self.results_root / f"job-{job.id}"
         if out_dir.exists():
             shutil.rmtree(out_dir)  # left by an interrupted run of this job
-        paths = result_set.write(out_dir)
+        paths = []
+        for result_set, folder in result_sets:
+            paths += result_set.write(out_dir if folder is None else out_dir / folder)
         # Nothing leaves unchecked: a failure fails the job (the files stay in out_dir to look at).
         started = time.perf_counter()
         sent = [path for path in paths if path.suffix == ".dcm"]
@@ -155,17 +193,7 @@ class Worker:
                 })
         return self.jobs.record_results(
             job.id,
-            result={
-                "series_uid": series_uid,
-                "model": result.model_name,
-                "model_version": result.model_version,
-                "qc_version": qc.qc_version,
-                "verdict": qc.verdict.label,
-                "quality_score": qc.quality_score,
-                "reasons": [r.label for r in qc.reasons],
-                "needs_review": qc.verdict is Verdict.NEEDS_REVIEW,
-                "output_dir": str(out_dir),
-            },
+            result={**result_row, "output_dir": str(out_dir)},
             outbox_items=outbox_items,
         )
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
-import queue
 import shutil
 import socket
 import ssl
@@ -49,6 +48,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from pacs_sentinel.dicom_io.index import Database, Synchronous
+from pacs_sentinel.dicom_io.reactor import EventDrivenAcceptor
 from pacs_sentinel.dicom_io.spool import Spool, StoreOutcome, instance_info
 from pacs_sentinel.errors import DecodeError, SentinelError, StorageError
 
@@ -154,7 +154,7 @@ class ScpSettings:
 # associations only (the SCU and other AEs in the process are untouched):
 #
 # 1. the association reactor waits on the DIMSE queue (wakes when a message is complete)
-#    instead of sleeping; the rest of its loop is pynetdicom's, unchanged;
+#    instead of sleeping (:class:`~pacs_sentinel.dicom_io.reactor.EventDrivenAcceptor`);
 # 2. the DUL's idle delay (a documented instance attribute) is lowered to 0.1 ms;
 # 3. a plain (non-TLS) socket reads a whole PDU with one ``recv_into(MSG_WAITALL)``.
 #
@@ -162,56 +162,8 @@ class ScpSettings:
 # ``RequestHandler._create_association``); tests/dicom_io cover all three paths. Setting
 # ``ScpSettings.fast_poll = False`` turns all of it off.
 
-#: The association reactor's longest wait for a DIMSE message before it checks for
-#: release, abort and the network timeout (pynetdicom's own loop checks them every 1 ms).
-REACTOR_WAIT_S = 0.005
 #: The DUL thread's idle delay (pynetdicom's default: 0.001).
 DUL_IDLE_DELAY_S = 0.0001
-
-
-class _EventDrivenAssociation(Association):
-    """An acceptor association whose reactor blocks on the DIMSE queue instead of polling."""
-
-    def _run_reactor(self) -> None:
-        self._is_paused = False
-        msg_queue: queue.Queue[Any] = self.dimse.msg_queue
-        while not self._kill:
-            self._is_paused = True
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
-
-            try:
-                context_id, msg = msg_queue.get(timeout=REACTOR_WAIT_S)
-            except queue.Empty:
-                context_id, msg = None, None
-            if msg:
-                self._serve_request(msg, context_id)
-
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
-                return
-
-            if self.acse.is_aborted():
-                self.dul.receive_pdu(wait=False)  # fires EVT_ACSE_RECV for subscribers
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
-
-            if not self.dul.is_alive():
-                self.kill()
-                return
-
-            if self.dul.idle_timer_expired():
-                log.warning("network timeout reached, aborting association")
-                self.abort()
-                self.kill()
-                return
 
 
 class _WholePduSocket(AssociationSocket):
@@ -239,7 +191,7 @@ class _TunedRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         if getattr(self.server, "fast_poll", False):
-            assoc.__class__ = _EventDrivenAssociation
+            assoc.__class__ = EventDrivenAcceptor
             dul: DULServiceProvider = assoc.dul
             dul._run_loop_delay = DUL_IDLE_DELAY_S
             sock = dul.socket

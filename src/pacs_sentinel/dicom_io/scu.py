@@ -22,6 +22,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 
+from pacs_sentinel.dicom_io.reactor import make_response_safe
 from pacs_sentinel.errors import DeliveryError
 
 log = structlog.get_logger(__name__)
@@ -71,10 +72,13 @@ class SendResult:
 
 
 def _set_nodelay(event: Event) -> None:
-    """EVT_CONN_OPEN handler: send small PDUs at once instead of waiting for delayed ACKs."""
+    """EVT_CONN_OPEN handler: send small PDUs at once instead of waiting for delayed ACKs,
+    and let no reactor take a response from the call that waits for it
+    (:func:`~pacs_sentinel.dicom_io.reactor.make_response_safe`)."""
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    make_response_safe(event.assoc)
 
 
 NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, _set_nodelay)]

@@ -48,13 +48,17 @@ def crop_to_mask(mask: np.ndarray, margin: int = 1) -> np.ndarray:
     return np.pad(box, margin, constant_values=False)
 
 
-def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_threshold: float = 0.5) -> QCResult:
+def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_threshold: float = 0.5,
+                          extra_signals: dict[int, list[Signal]] | None = None) -> QCResult:
     """Judge every segment of a segmentation result.
 
     Args:
         volume: The source volume (input-image QC, voxel spacing, patient orientation).
-        result: The model's output in the source geometry.
+        result: The model's output in the source geometry. Without probabilities (a
+            third-party SEG) the model-confidence signal is left out.
         accept_threshold: Scores at or above it are accepted.
+        extra_signals: Further signals per label index, fused like the others (e.g. the
+            agreement with our own model when judging a third-party SEG).
 
     Returns:
         The QC result, one :class:`SegmentQC` per label.
@@ -64,7 +68,6 @@ def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_
     segments = []
     for index, label in enumerate(result.labels):
         mask = result.mask[index].astype(bool)
-        probabilities = result.probabilities[index]
         volume_mm3 = float(mask.sum()) * volume.voxel_volume_mm3
         if not mask.any():
             segments.append(
@@ -81,8 +84,9 @@ def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_
             shape_signal(around, volume.spacing),
             hole_signal(around),
             border_contact_signal(mask),
-            confidence_signal(probabilities, mask),
         ]
+        if result.probabilities is not None:
+            signals.append(confidence_signal(result.probabilities[index], mask))
         volume_check = volume_signal(volume_mm3 / 1000.0, reference)
         if volume_check is not None:
             signals.insert(0, volume_check)
@@ -92,6 +96,7 @@ def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_
                 signals.append(location_check)
         if result.uncertainty is not None:
             signals += uncertainty_signals(result.uncertainty, index)
+        signals += (extra_signals or {}).get(index, [])
         signals += image_qc.signals
         score = 1.0
         for signal in signals:

@@ -55,6 +55,7 @@ REASON_COLOURS: dict[Reason, tuple[int, int, int]] = {
     Reason.POOR_INPUT_QUALITY: (165, 105, 40),  # brown
     Reason.BORDER_CONTACT: (255, 150, 190),  # pink
     Reason.IMPLAUSIBLE_LOCATION: (140, 140, 0),  # olive
+    Reason.DISAGREEMENT: (255, 90, 60),  # coral
 }
 #: Title of the banner's colour legend line.
 LEGEND_TITLE = "Outline colour:"
@@ -125,13 +126,15 @@ def window_of(ds: Dataset, frame_number: int | None = None) -> tuple[float, floa
 WITHHELD_BANNER = "segmentation withheld"
 
 
-def banner_lines(result: SegmentationResult, qc: QCResult, *, withheld_seg: bool = False) -> list[str]:
+def banner_lines(result: SegmentationResult, qc: QCResult, *, withheld_seg: bool = False,
+                 subject: str = "AI result") -> list[str]:
     """Return the banner text: verdict, score and model, reasons (not yet wrapped).
 
     With ``withheld_seg`` the title reads ``"AI result - QC: Needs review - segmentation
     withheld"`` and a line says that the segmentation is held for review, not sent to PACS.
+    ``subject`` names what was judged (``"Third-party SEG"`` for a seg-qc result).
     """
-    title = f"AI result {DASH} QC: {qc.verdict.label}"
+    title = f"{subject} {DASH} QC: {qc.verdict.label}"
     if withheld_seg:
         title += f" {DASH} {WITHHELD_BANNER}"
     lines = [
@@ -176,6 +179,7 @@ def render_overlay(
     slice_index: int | None = None,
     *,
     withheld_seg: bool = False,
+    subject: str = "AI result",
 ) -> np.ndarray:
     """Render one slice with mask outlines and a QC banner as an RGB image.
 
@@ -185,6 +189,7 @@ def render_overlay(
         qc: The QC judgement; sets outline colours and the banner text.
         slice_index: The slice to show; ``None`` picks the slice of largest mask area.
         withheld_seg: The SEG is withheld by policy; the banner says so.
+        subject: What the banner says was judged (see :func:`banner_lines`).
 
     Returns:
         uint8 array ``(height, width, 3)``: the (upscaled) slice on top, the banner below.
@@ -213,7 +218,8 @@ def render_overlay(
     image = Image.fromarray(gray, mode="L").resize((width, height), Image.Resampling.BILINEAR).convert("RGB")
     canvas = np.array(image)
 
-    colour_by_segment = {s.segment_number: outline_colour(s.verdict, s.reasons) for s in qc.segments}
+    # Channel i of the mask is qc.segments[i] (its segment number is the SEG's, not always i + 1).
+    colour_by_channel = [outline_colour(s.verdict, s.reasons) for s in qc.segments]
     structure = ndimage.generate_binary_structure(2, 1)
     for index in range(mask.shape[0]):
         label_slice = mask[index, slice_index]
@@ -223,11 +229,11 @@ def render_overlay(
         big = np.array(label_image.resize((width, height), Image.Resampling.NEAREST)) > 127
         inner = ndimage.binary_erosion(big, structure=structure, iterations=OUTLINE_PX, border_value=0)
         outline = big & ~inner
-        colour = colour_by_segment.get(index + 1, VERDICT_COLOURS[qc.verdict])
+        colour = colour_by_channel[index] if index < len(colour_by_channel) else VERDICT_COLOURS[qc.verdict]
         canvas[outline] = colour
 
     banner = render_banner(
-        banner_lines(result, qc, withheld_seg=withheld_seg),
+        banner_lines(result, qc, withheld_seg=withheld_seg, subject=subject),
         width,
         VERDICT_COLOURS[qc.verdict],
         legend=legend_entries(qc),
@@ -343,6 +349,11 @@ def copy_body_part(source: Dataset, sc: Dataset, frame_number: int | None = None
         sc.Laterality = ""
 
 
+def _subject_word(subject: str) -> str:
+    """``"AI"`` for our own results, else the subject itself (``"Third-party SEG"``)."""
+    return "AI" if subject == "AI result" else subject
+
+
 def build_overlay(
     volume: Volume,
     result: SegmentationResult,
@@ -350,6 +361,7 @@ def build_overlay(
     *,
     series_number: int = 903,
     withheld_seg: bool = False,
+    subject: str = "AI result",
 ) -> tuple[hd.sc.SCImage, np.ndarray]:
     """Build the secondary-capture overlay of the representative slice.
 
@@ -359,6 +371,8 @@ def build_overlay(
         qc: The QC judgement.
         series_number: Series Number of the new series.
         withheld_seg: The SEG is withheld by policy; banner and series description say so.
+        subject: What was judged, in the banner's title (``"AI result"``; ``"Third-party
+            SEG"`` for a seg-qc result, whose series description then says so too).
 
     Returns:
         The SC image and its RGB pixels (for a PNG copy).
@@ -367,7 +381,7 @@ def build_overlay(
         ReportError: The overlay cannot be rendered or highdicom refuses the object.
     """
     slice_index = representative_slice(result)
-    pixels = render_overlay(volume, result, qc, slice_index, withheld_seg=withheld_seg)
+    pixels = render_overlay(volume, result, qc, slice_index, withheld_seg=withheld_seg, subject=subject)
     withheld = f"; {WITHHELD_BANNER}" if withheld_seg else ""
     source = volume.datasets[slice_index]
     frame_number = volume.frame_numbers[slice_index] if volume.frame_numbers is not None else None
@@ -384,7 +398,7 @@ def build_overlay(
             instance_number=1,
             patient_orientation=patient_orientation(source, frame_number),
             transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
-            series_description=f"AI QC overlay (QC: {verdict_text(qc.verdict)}{withheld})",
+            series_description=f"{_subject_word(subject)} QC overlay (QC: {verdict_text(qc.verdict)}{withheld})"[:64],
             **equipment_attributes(),
             **creation_times(),
         )
@@ -395,7 +409,7 @@ def build_overlay(
     sc.BurnedInAnnotation = "YES"
     shown = f"Slice {slice_index + 1}" if frame_number is None else f"Slice {slice_index + 1} (frame {frame_number})"
     sc.DerivationDescription = (
-        f"{shown} of series {volume.series_uid} with AI segmentation outline and QC verdict"
+        f"{shown} of series {volume.series_uid} with {_subject_word(subject)} segmentation outline and QC verdict"
     )[:1024]
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID

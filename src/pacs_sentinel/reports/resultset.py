@@ -25,7 +25,7 @@ from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.classification import build_classification_report, build_heatmap_overlays
 from pacs_sentinel.reports.overlay import build_overlay
-from pacs_sentinel.reports.seg import build_segmentation
+from pacs_sentinel.reports.seg import build_segmentation, verdict_text
 from pacs_sentinel.reports.sr import build_qc_report
 from pacs_sentinel.results import ClassificationResult, QCResult, SegmentationResult
 
@@ -198,3 +198,45 @@ def build_classification_result_set(
         overlays=[sc for sc, _ in overlays],
         overlay_images=[pixels for _, pixels in overlays],
     )
+
+
+#: What a seg-qc result's banner and series descriptions say was judged.
+THIRD_PARTY_SUBJECT = "Third-party SEG"
+
+
+def build_seg_qc_result_set(
+    volume: Volume,
+    segmentation: hd.seg.Segmentation,
+    result: SegmentationResult,
+    qc: QCResult,
+    *,
+    series_number_base: int = 900,
+) -> ResultSet:
+    """Build the QC SR (series ``base + 2``) and SC overlay (``base + 3``) of a third-party SEG.
+
+    No SEG is written: the SR's measurement groups reference the segments of ``segmentation``
+    itself (its SOP instance and segment numbers, with the source images of each segment),
+    and its evidence lists the SEG and the source series. Series ``base + 1`` stays unused.
+
+    Args:
+        volume: The image series the SEG references.
+        segmentation: The judged SEG (as highdicom reads it).
+        result: The SEG's segments as a result (see
+            :func:`~pacs_sentinel.qc.segqc.judge_segmentation`): masks on the volume's grid.
+        qc: The QC judgement; its segment numbers are the SEG's.
+        series_number_base: Series numbers of the new series follow it.
+
+    Returns:
+        The result set, without a SEG; nothing is written or sent.
+
+    Raises:
+        ReportError: One of the objects cannot be built.
+    """
+    report = build_qc_report(
+        volume, segmentation, result, qc, series_number=series_number_base + 2,
+        series_description=f"QC of third-party SEG (QC: {verdict_text(qc.verdict)})",
+    )
+    overlay, pixels = build_overlay(
+        volume, result, qc, series_number=series_number_base + 3, subject=THIRD_PARTY_SUBJECT
+    )
+    return ResultSet(segmentation=None, report=report, overlays=[overlay], overlay_images=[pixels])

@@ -257,6 +257,21 @@ def referenced_segment(segmentation: hd.seg.Segmentation, segment_number: int) -
     return ReferencedSegment(**common, source_series=SourceSeriesForSegmentation(series_uid))
 
 
+def segment_tracking_identifier(segmentation: Dataset, seg_item: Dataset) -> TrackingIdentifier:
+    """The tracking identifier of a segment: its Tracking UID and ID when the SEG gives them.
+
+    Our SEGs always do; a third-party SEG may not (both are optional there). The fallback is
+    stable for the same SEG and segment: a UID derived from the SEG's SOP Instance UID and the
+    segment number, and the identifier ``"segment <n>"`` (or its Segment Label).
+    """
+    number = int(seg_item.SegmentNumber)
+    uid = str(seg_item.get("TrackingUID", "") or "") or generate_uid(
+        entropy_srcs=["pacs-sentinel-segment", str(segmentation.SOPInstanceUID), str(number)])
+    identifier = (str(seg_item.get("TrackingID", "") or "") or str(seg_item.get("SegmentLabel", "") or "")
+                  or f"segment {number}")
+    return TrackingIdentifier(uid=uid, identifier=identifier[:64])
+
+
 def withheld_segment_group(
     segmentation: hd.seg.Segmentation,
     segment_qc: SegmentQC,
@@ -304,6 +319,7 @@ def build_qc_report(
     *,
     series_number: int = 902,
     withheld_seg: bool = False,
+    series_description: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 QC report of one segmentation result.
 
@@ -319,6 +335,7 @@ def build_qc_report(
             reference the SEG at all (not in the evidence; TID 1501 groups instead of
             TID 1411, see the module docstring), and each group says in a comment that the
             segmentation is held for review, why, and that it was not sent.
+        series_description: Overrides the default ``"AI QC report (QC: ...)"``.
 
     Returns:
         The SR document: complete, unverified.
@@ -359,10 +376,7 @@ def build_qc_report(
                 )
             else:
                 group = VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=TrackingIdentifier(
-                        uid=str(seg_item.TrackingUID),
-                        identifier=str(seg_item.TrackingID),
-                    ),
+                    tracking_identifier=segment_tracking_identifier(segmentation, seg_item),
                     referenced_segment=referenced_segment(segmentation, number),
                     finding_type=coded(segment_qc.label.property_type),
                     finding_category=coded(segment_qc.label.property_category),
@@ -390,7 +404,7 @@ def build_qc_report(
         # A withheld SEG is never sent, so it must not be in the evidence.
         evidence=[*volume.source_instances, *([] if withheld_seg else [segmentation])],
         series_number=series_number,
-        series_description=sr_series_description(qc, withheld_seg=withheld_seg),
+        series_description=series_description or sr_series_description(qc, withheld_seg=withheld_seg),
         result=result,
         qc=qc,
     )

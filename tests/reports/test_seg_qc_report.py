@@ -1,0 +1,68 @@
+"""The result set of a judged third-party SEG: QC SR referencing THAT SEG's segments, overlay, no SEG."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pytest
+
+from pacs_sentinel.dicom_io.seg_masks import map_segments
+from pacs_sentinel.qc.segqc import LabelReference, judge_segmentation
+from pacs_sentinel.reports.resultset import build_seg_qc_result_set
+from pacs_sentinel.results import Verdict
+from tests.conftest import make_third_party_seg
+from tests.reports.conftest import LIVER, sphere_mask
+
+
+@pytest.fixture(scope="module")
+def judged(volume):
+    sphere = sphere_mask(*volume.array.shape)
+    shifted = np.roll(sphere, 14, axis=2)
+    # No Tracking ID/UID: both are optional in a SEG, the SR needs them.
+    seg = make_third_party_seg(volume.datasets, [sphere, shifted],
+                               [("10200004", "SCT", "Liver"), ("T-62000", "SRT", "Liver")], tracking=False)
+    mapped = map_segments(seg, volume)
+    result, qc, _ = judge_segmentation(volume, mapped, [LabelReference(LIVER, "organ-seg 1.1.0", {}, sphere)])
+    return seg, mapped, result, qc
+
+
+def test_no_seg_is_sent_and_the_sr_references_the_third_party_seg(volume, judged, roundtrip_bytes) -> None:
+    seg, mapped, result, qc = judged
+    result_set = build_seg_qc_result_set(volume, mapped.dataset, result, qc, series_number_base=700)
+
+    assert result_set.segmentation is None
+    assert [ds.Modality for ds in result_set.datasets()] == ["SR", "OT"]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(roundtrip_bytes(result_set.report))
+    assert sr.SeriesNumber == 702 and sr.SeriesDescription == "QC of third-party SEG (QC: needs review)"
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 2
+    numbers = []
+    for group in groups:
+        referenced = group.referenced_segment[0].ReferencedSOPSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        numbers.append(int(referenced.ReferencedSegmentNumber))
+        assert group.tracking_identifier == f"Liver {numbers[-1]}"  # fallback: the segment label
+    assert numbers == [1, 2]
+    verdicts = [s.verdict for s in qc.segments]
+    assert verdicts == [Verdict.ACCEPTED, Verdict.NEEDS_REVIEW]
+    evidence = {str(ref.ReferencedSOPInstanceUID) for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert str(seg.SOPInstanceUID) in evidence
+    assert {str(ds.SOPInstanceUID) for ds in volume.datasets} <= evidence
+
+
+def test_tracking_uids_are_stable_for_the_same_seg(volume, judged) -> None:
+    _, mapped, result, qc = judged
+    first = build_seg_qc_result_set(volume, mapped.dataset, result, qc).report
+    second = build_seg_qc_result_set(volume, mapped.dataset, result, qc).report
+    uids = [hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_volumetric_roi_measurement_groups()[0]
+            .tracking_uid for sr in (first, second)]
+    assert uids[0] == uids[1]
+
+
+def test_seg_qc_objects_are_valid(volume, judged, dciodvfy_clean) -> None:
+    _, mapped, result, qc = judged
+    result_set = build_seg_qc_result_set(volume, mapped.dataset, result, qc)
+    dciodvfy_clean(result_set.report, "Comprehensive3DSR")
+    dciodvfy_clean(result_set.overlays[0], "SCImage")
+    assert result_set.overlays[0].SeriesDescription == "Third-party SEG QC overlay (QC: needs review)"
