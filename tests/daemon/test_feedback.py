@@ -58,7 +58,12 @@ def _feedback_rows(sentinel) -> list[dict]:  # type: ignore[no-untyped-def,type-
 
 
 def test_a_corrected_seg_resolves_the_item_with_its_dice(tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
-    sentinel = sentinel_factory(make_config(tmp_path, pacs.port))
+    from pacs_sentinel.daemon.config import parse_config
+
+    base = make_config(tmp_path, pacs.port).model_dump(mode="json", exclude_defaults=True)
+    # A seg-qc pipeline too: a correction of our result is feedback, never seg-qc input.
+    base["pipelines"].append({"name": "vendor-qc", "kind": "seg-qc", "match": {"Modality": ["CT"]}})
+    sentinel = sentinel_factory(parse_config(base))
     files = write_ct_series(make_ct_phantom(8, variant="metal-artifact"), tmp_path / "ct", seed=8)
     peer = Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)
     assert all(r.delivered for r in send_files(files, peer, calling_ae="CT1"))
@@ -102,8 +107,9 @@ def test_a_corrected_seg_resolves_the_item_with_its_dice(tmp_path: Path, pacs, s
     resolved = sentinel.review.get(item.id)
     assert resolved.decision is Decision.AI_CORRECTED and resolved.reviewer == "Review^Dr"
     assert f"Dice {expected_dice:.3f}" in (resolved.comments or "")
-    # Nothing re-ran: a received SEG is not an input of the pipeline.
-    assert len(sentinel.jobs.jobs()) == 1
+    # Nothing re-ran and seg-qc judged nothing: a correction is neither pipeline's input.
+    time.sleep(2 * sentinel.config.study.quiet_seconds)
+    assert [j.pipeline for j in sentinel.jobs.jobs()] == ["organ-seg"]
 
     # The data set: `sentinel feedback export` writes the case as NIfTI + a CSV row.
     config_file = tmp_path / "config.toml"
