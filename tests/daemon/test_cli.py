@@ -83,3 +83,4 @@ port = {down_port}
     assert "dead letters" in result.stdout and ds.SOPInstanceUID in result.stdout
     assert "association failed" in result.stdout
     assert any(line.startswith(f"{job.id} ") and "DELIVERING" in line for line in lines)
+    assert "review worklist: 0 open, 0 claimed" in result.stdout  # an accepted result makes no item

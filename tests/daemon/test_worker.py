@@ -113,3 +113,28 @@ def test_an_object_that_fails_validation_fails_the_job_and_nothing_is_sent(
     assert outbox == 0
     # The written objects stay in the job folder for whoever looks into it.
     assert (config.node.data_dir / "results" / f"job-{job.id}" / "SR.dcm").is_file()
+
+
+def test_send_kos_adds_a_quality_issue_kos_to_flagged_results_only(tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
+    from pacs_sentinel.daemon.config import parse_config
+
+    base = make_config(tmp_path, pacs.port).model_dump(mode="json")
+    base["review"] = {"send_kos": True}
+    sentinel = sentinel_factory(parse_config(base))
+    flagged = write_ct_series(make_ct_phantom(8, variant="metal-artifact"), tmp_path / "metal", seed=8)
+    clean = write_ct_series(make_ct_phantom(9), tmp_path / "clean", seed=9)
+    peer = Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)
+    for files in (flagged, clean):
+        assert all(r.delivered for r in send_files(files, peer, calling_ae="CT1"))
+    jobs = _finished(sentinel, 2)
+    flagged_uid = str(pydicom.dcmread(flagged[0]).StudyInstanceUID)
+    assert jobs[flagged_uid].verdict == "Needs review"
+    assert received_modalities(pacs) == ["KO", "OT", "OT", "SEG", "SEG", "SR", "SR"]
+    (path,) = [row[0] for row in pacs.spool.database.connection().execute(
+        "SELECT path FROM instances WHERE modality = 'KO'")]
+    kos = pydicom.dcmread(path)
+    assert kos.StudyInstanceUID == flagged_uid and kos.SeriesNumber == 904
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113010"
+    referenced = {str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                  for item in kos.ContentSequence if item.ValueType == "IMAGE"}
+    assert referenced == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in flagged}

@@ -49,6 +49,12 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             print(f"{args.config}: {problem}", file=sys.stderr)
         return EXIT_FAILURE
     problems = []
+    try:
+        from pacs_sentinel.daemon.web import check_web_access
+
+        check_web_access(config.review.web)
+    except ConfigError as exc:
+        problems += exc.problems
     for index, pipeline in enumerate(config.pipelines):
         try:
             if pipeline.kind == "segmentation":
@@ -124,6 +130,132 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print("\njobs (newest first):")
     print(format_table(["job", "study", "pipeline", "state", "verdict", "score", "reasons / error"], rows)
           if rows else "  (none)")
+    counts = dict(database.connection().execute(
+        "SELECT status, COUNT(*) FROM review_items WHERE status != 'resolved' GROUP BY status").fetchall())
+    print(f"\nreview worklist: {counts.get('open', 0)} open, {counts.get('claimed', 0)} claimed "
+          "(sentinel review list)")
+    return EXIT_OK
+
+
+def _review_store(config_path: str):  # type: ignore[no-untyped-def]
+    """The configuration and the worklist of the daemon that runs with ``config_path``."""
+    from pacs_sentinel.daemon.config import load_config
+    from pacs_sentinel.daemon.jobs import MIGRATIONS
+    from pacs_sentinel.daemon.review import ReviewStore
+    from pacs_sentinel.dicom_io.index import Database
+
+    config = load_config(config_path)
+    db_path = config.node.data_dir / "sentinel.db"
+    if not db_path.exists():
+        raise SentinelError(f"no database at {db_path}: the daemon has not run with this configuration yet")
+    return config, ReviewStore(Database(db_path, migrations=MIGRATIONS))
+
+
+def _when(timestamp: float | None) -> str:
+    import datetime
+
+    if timestamp is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    import os
+
+    from pacs_sentinel.daemon.review import explain_reason, parse_since, viewer_link
+    from pacs_sentinel.daemon.table import format_table
+
+    config, store = _review_store(args.config)
+    if args.action == "list":
+        since = parse_since(args.since) if args.since else None
+        items = store.items(status=args.status, pipeline=args.pipeline, since=since, limit=args.limit)
+        if not items:
+            print("no review items match")
+            return EXIT_OK
+        print(format_table(
+            ["item", "status", "score", "pipeline", "study", "reasons", "created", "reviewer", "decision"],
+            [[i.id, i.status.value, "-" if i.quality_score is None else f"{i.quality_score:.2f}", i.pipeline,
+              i.study_uid, ", ".join(i.reasons) or "-", _when(i.created_at), i.reviewer or "-",
+              i.decision.value if i.decision else "-"] for i in items],
+            max_width=64))
+        return EXIT_OK
+    reviewer = args.reviewer if getattr(args, "reviewer", None) else os.environ.get("USER", "")
+    if args.action == "claim":
+        item = store.claim(args.item, reviewer)
+        print(f"review item {item.id} claimed by {item.reviewer}")
+        return EXIT_OK
+    if args.action == "resolve":
+        item = store.resolve(args.item, args.decision, reviewer, args.comment)
+        print(f"review item {item.id} resolved by {item.reviewer}: {item.decision.value if item.decision else '-'}")
+        return EXIT_OK
+    item = store.get(args.item)
+    rows = [
+        ["item", item.id], ["status", item.status.value], ["study", item.study_uid],
+        ["series", item.series_uid or "-"], ["pipeline", item.pipeline], ["job", f"{item.job_id} (run {item.runs})"],
+        ["model", f"{item.model or '-'} {item.model_version or ''}".strip()], ["QC version", item.qc_version or "-"],
+        ["quality score", "-" if item.quality_score is None else f"{item.quality_score:.2f}"],
+        ["created", _when(item.created_at)], ["claimed", _when(item.claimed_at)],
+        ["resolved", _when(item.resolved_at)], ["reviewer", item.reviewer or "-"],
+        ["decision", item.decision.value if item.decision else "-"], ["comments", item.comments or "-"],
+    ]
+    link = viewer_link(config.review.viewer_url, item.study_uid)
+    if link:
+        rows.append(["viewer", link])
+    print(format_table(["field", "value"], rows, max_width=200))
+    print("\nreasons:")
+    for reason in item.reasons or ["(none)"]:
+        print(f"  - {explain_reason(reason)}")
+    overlays = item.overlay_paths()
+    if overlays:
+        print("\noverlays:")
+        for path in overlays:
+            print(f"  {path}")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from pacs_sentinel.daemon import monitoring
+    from pacs_sentinel.daemon.review import parse_since
+    from pacs_sentinel.daemon.table import format_table
+
+    config, store = _review_store(args.config)
+    now = time.time()
+    since = parse_since(args.since, now=now)
+    report = monitoring.build_report(store.database, since, now)
+    window = report.window
+    share = f" ({100 * report.flagged / len(window):.1f} %)" if window else ""
+    print(f"{_when(since)} .. {_when(now)}: {len(window)} job(s) with a result, "
+          f"{report.flagged} flagged for review{share}")
+    if not window:
+        return EXIT_OK
+    for title, stats in report.slices.items():
+        print(f"\nper {title}:")
+        print(format_table([title, "jobs", "flagged", "flag rate", "mean score"],
+                           [[s.name, s.jobs, s.flagged, f"{100 * s.flag_rate:.1f} %",
+                             "-" if s.mean_score is None else f"{s.mean_score:.2f}"] for s in stats]))
+    print("\ndrift warnings:" if report.warnings else "\ndrift warnings: none")
+    for warning in report.warnings:
+        print(f"  WARNING {warning}")
+    chart = Path(args.chart) if args.chart else config.node.data_dir / "reports" / "flag-rate.png"
+    bucket, series = monitoring.flag_rate_series(window, since, now)
+    monitoring.render_flag_rate_chart(series, chart, bucket=bucket)
+    print(f"\nchart (flag rate per {bucket}): {chart}")
+    return EXIT_OK
+
+
+def _cmd_feedback_export(args: argparse.Namespace) -> int:
+    from pacs_sentinel.daemon.export import export_feedback
+    from pacs_sentinel.daemon.review import parse_since
+    from pacs_sentinel.dicom_io.spool import Spool
+
+    config, store = _review_store(args.config)
+    since = parse_since(args.since) if args.since else None
+    summary = export_feedback(store.database, Spool(config.node.data_dir, store.database), Path(args.out), since=since)
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"exported {summary.cases} case(s), {summary.with_images} with NIfTI images and masks: {summary.csv_path}")
     return EXIT_OK
 
 
@@ -199,6 +331,42 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--calling-ae", default="SENTINEL", help="our AE title (default: SENTINEL)")
     send.add_argument("--quiet", action="store_true", help="no progress bar")
     send.set_defaults(func=_cmd_send)
+
+    review = sub.add_parser("review", help="the review worklist: list, show, claim and resolve flagged results")
+    actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="review items, lowest quality score first")
+    listing.add_argument("--status", choices=["open", "claimed", "resolved"], help="only items in this status")
+    listing.add_argument("--pipeline", help="only items of this pipeline")
+    listing.add_argument("--since", help="only items created since: a duration (7d, 12h, 30m) or an ISO date")
+    listing.add_argument("--limit", type=int, default=200, help="at most this many (default: 200)")
+    show = actions.add_parser("show", help="one item: score, reasons in words, overlays, viewer link")
+    claim = actions.add_parser("claim", help="claim an open item")
+    resolve = actions.add_parser("resolve", help="resolve an item with a decision")
+    for action in (show, claim, resolve):
+        action.add_argument("item", type=int, help="the item's number (from `review list`)")
+    for action in (claim, resolve):
+        action.add_argument("--reviewer", help="who (default: $USER)")
+    resolve.add_argument("--decision", required=True, choices=["ai-correct", "ai-corrected", "ai-rejected"],
+                         help="what the AI result was: correct, corrected by the reviewer, or rejected")
+    resolve.add_argument("--comment", help="free text kept with the decision")
+    for action in (listing, show, claim, resolve):
+        action.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+        action.set_defaults(func=_cmd_review)
+
+    report = sub.add_parser("report", help="volumes, flag rates and scores per pipeline, sender, station, "
+                                           "manufacturer and reason; drift warnings; a flag-rate chart")
+    report.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+    report.add_argument("--since", default="7d", help="window: a duration (7d, 12h) or an ISO date (default: 7d)")
+    report.add_argument("--chart", help="where to write the PNG chart (default: <data_dir>/reports/flag-rate.png)")
+    report.set_defaults(func=_cmd_report)
+
+    feedback = sub.add_parser("feedback", help="reviewers' decisions and corrections as a data set")
+    feedback_actions = feedback.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = feedback_actions.add_parser("export", help="write decided and corrected cases as NIfTI + CSV")
+    export.add_argument("--out", required=True, help="export folder (cases.csv and one folder per case)")
+    export.add_argument("--since", help="only decisions recorded since: a duration (30d) or an ISO date")
+    export.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+    export.set_defaults(func=_cmd_feedback_export)
 
     demo = sub.add_parser("demo", help="run the whole product on synthetic studies and print the results")
     demo.add_argument("--workdir", default="sentinel-demo", help="working folder (default: ./sentinel-demo)")

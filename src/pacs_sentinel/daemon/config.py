@@ -201,6 +201,45 @@ class ReportsConfig(_Strict):
     validate_: Literal["dciodvfy", "roundtrip", "off"] = Field("dciodvfy", alias="validate")
 
 
+class ReviewWebConfig(_Strict):
+    """``[review.web]``: the review worklist page the daemon serves."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: str = ""
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a host name or address is required")
+        return value.strip()
+
+
+class ReviewConfig(_Strict):
+    """``[review]``: the review worklist, its web page and what the PACS is told."""
+
+    viewer_url: str = ""
+    send_kos: bool = False
+    web: ReviewWebConfig = ReviewWebConfig()
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer_template(cls, value: str) -> str:
+        import string
+
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a valid URL template ({exc})") from None
+        unknown = sorted(fields - {"StudyInstanceUID"})
+        if unknown:
+            raise ValueError(f"{value!r}: unknown placeholder(s) {', '.join(unknown)}; "
+                             "only {StudyInstanceUID} is filled in")
+        return value
+
+
 class OutboxConfig(_Strict):
     """``[outbox]``: retries of results a destination has not acknowledged yet."""
 
@@ -233,6 +272,7 @@ class Config(_Strict):
     pipelines: list[PipelineConfig] = Field(default_factory=list)
     qc: QCConfig = QCConfig()
     reports: ReportsConfig = ReportsConfig()
+    review: ReviewConfig = ReviewConfig()
     outbox: OutboxConfig = OutboxConfig()
     inference: InferenceConfig = InferenceConfig()
     logging: LoggingConfig = LoggingConfig()

@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlite_utils
 
+from pacs_sentinel.daemon import review
 from pacs_sentinel.dicom_io.index import Database, Migration
 
 
@@ -83,7 +84,8 @@ def _jobs_v1(db: sqlite_utils.Database) -> None:
     db["outbox"].create_index(["state", "destination"])
 
 
-MIGRATIONS: list[Migration] = [("jobs-v1", _jobs_v1)]
+#: The jobs tables and the review worklist that job results feed (daemon/review.py).
+MIGRATIONS: list[Migration] = [("jobs-v1", _jobs_v1), *review.MIGRATIONS]
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class Job:
     reasons: list[str]
     needs_review: bool
     output_dir: str | None
+    series_uid: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
@@ -119,6 +122,7 @@ class Job:
             reasons=json.loads(row["reasons"]) if row["reasons"] else [],
             needs_review=bool(row["needs_review"]),
             output_dir=row["output_dir"],
+            series_uid=row.get("series_uid"),
         )
 
 
@@ -257,6 +261,10 @@ class JobStore:
     ) -> JobState:
         """Store a job's results and queue its objects for delivery in one transaction.
 
+        The same transaction creates or updates the study's review item when the result
+        needs review (and closes an unresolved one when a re-run was accepted): see
+        :meth:`pacs_sentinel.daemon.review.ReviewStore.record_job_result`.
+
         Args:
             job_id: The RUNNING job.
             result: Columns to set (series_uid, model, model_version, qc_version, verdict,
@@ -281,6 +289,7 @@ class JobStore:
                 tx["outbox"].insert(
                     {**item, "job_id": job_id, "state": "pending", "attempts": 0, "next_attempt_at": now}
                 )
+            review.ReviewStore.record_job_result(tx, job_id, result)
         return state
 
     def jobs(self, *, study_uid: str | None = None, limit: int = 200) -> list[Job]:

@@ -14,9 +14,11 @@ from apscheduler.triggers.date import DateTrigger
 from pacs_sentinel.daemon import jobs as jobs_module
 from pacs_sentinel.daemon.arrivals import ArrivalWatcher, StudyArrival, completion_time
 from pacs_sentinel.daemon.config import Config
+from pacs_sentinel.daemon.feedback import FeedbackRecorder
 from pacs_sentinel.daemon.jobs import JobStore
 from pacs_sentinel.daemon.logs import configure_logging
 from pacs_sentinel.daemon.outbox import Outbox
+from pacs_sentinel.daemon.review import ReviewStore
 from pacs_sentinel.daemon.routing import matching_pipelines, read_candidates
 from pacs_sentinel.daemon.seg_qc import third_party_segs
 from pacs_sentinel.daemon.worker import Worker
@@ -41,6 +43,14 @@ class Sentinel:
         self.database = Database(data_dir / "sentinel.db", migrations=jobs_module.MIGRATIONS)
         self.spool = Spool(data_dir, self.database)
         self.jobs = JobStore(self.database)
+        self.review = ReviewStore(self.database)
+        self.feedback = FeedbackRecorder(self.database, self.spool, self.jobs,
+                                         [p.name for p in config.pipelines if p.kind == "segmentation"])
+        self.web = None
+        if config.review.web.enabled:
+            from pacs_sentinel.daemon.web import ReviewWebServer
+
+            self.web = ReviewWebServer(self.review, config.review)  # ConfigError: exposed without a token
         self.outbox = Outbox(self.database, config.destinations, config.outbox, calling_ae=config.node.ae_title)
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"misfire_grace_time": None})
         self.worker = Worker(config, self.jobs, self.spool, on_results=self.deliver_now)
@@ -81,6 +91,8 @@ class Sentinel:
                                max_instances=1, coalesce=True)
         self.worker.start()
         self.scp.start()
+        if self.web is not None:
+            self.web.start()
         self._started.set()
         log.info("sentinel started", ae_title=self.config.node.ae_title, port=self.scp.port,
                  data_dir=str(self.config.node.data_dir), pipelines=[p.name for p in self.config.pipelines],
@@ -89,6 +101,8 @@ class Sentinel:
     def stop(self) -> None:
         """Stop receiving, finish the current job, stop timers."""
         self.scp.stop()
+        if self.web is not None:
+            self.web.stop()
         self.worker.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
@@ -112,8 +126,12 @@ class Sentinel:
                                id=f"quiet:{study_uid}", replace_existing=True)
 
     def study_quiet(self, study_uid: str) -> None:
-        """The study got no new instance for ``quiet_seconds``: queue its jobs."""
+        """The study got no new instance for ``quiet_seconds``: record corrections, queue its jobs."""
         bound = log.bind(study_uid=study_uid)
+        try:
+            self.feedback.check_study(study_uid)
+        except Exception:  # feedback must never stop a study from being processed
+            bound.exception("cannot check the study for corrected segmentations")
         try:
             series_files = self.spool.study_files(study_uid)
             candidates = read_candidates(series_files)

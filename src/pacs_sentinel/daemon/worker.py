@@ -211,6 +211,7 @@ class Worker:
                                       withheld_seg=withhold, seg_type=self.config.reports.seg_type)
         if withhold:
             log.info("segmentation withheld for review; SR and overlay say so")
+        self._add_quality_issue(result_set, volume.datasets, qc, result.model_name, pipeline)
         return result_set, result, qc, volume.series_uid
 
     def _classify(self, pipeline: PipelineConfig, files: list[Path]) -> Analysis:
@@ -229,7 +230,19 @@ class Worker:
         qc = evaluate_classification(result, accept_threshold=self.config.qc.accept_threshold, image=image)
         result_set = build_classification_result_set(source, result, qc,
                                                      series_number_base=pipeline.series_number_base)
+        self._add_quality_issue(result_set, [source], qc, result.model_name, pipeline)
         return result_set, result, qc, str(source.SeriesInstanceUID)
+
+    def _add_quality_issue(self, result_set: ResultSet, sources: list[pydicom.Dataset], qc: QCResult,
+                           model_name: str, pipeline: PipelineConfig) -> None:
+        """``[review] send_kos``: a result that needs review is sent with a "Quality Issue" KOS
+        (series ``base + 4``) referencing the source instances."""
+        if not self.config.review.send_kos or qc.verdict is not Verdict.NEEDS_REVIEW:
+            return
+        from pacs_sentinel.reports.kos import build_quality_issue_kos
+
+        result_set.key_objects.append(build_quality_issue_kos(
+            sources, qc, model_name=model_name, series_number=pipeline.series_number_base + 4))
 
 
 def first_image(files: list[Path]) -> pydicom.Dataset:

@@ -46,6 +46,8 @@ class ResultSet:
         overlay_images: The RGB pixels of each overlay, for PNG files.
         withheld: Objects built but held back by policy (the SEG under "withhold-seg"): kept
             for the local review, never sent; ``segmentation`` is then None.
+        key_objects: Key Object Selection documents sent after the overlays (``[review]
+            send_kos``: the "Quality Issue" KOS of a result that needs review).
     """
 
     segmentation: hd.seg.Segmentation | None
@@ -53,17 +55,18 @@ class ResultSet:
     overlays: list[hd.sc.SCImage] = field(default_factory=list)
     overlay_images: list[np.ndarray] = field(default_factory=list)
     withheld: list[Dataset] = field(default_factory=list)
+    key_objects: list[Dataset] = field(default_factory=list)
 
     def datasets(self) -> list[Dataset]:
-        """Return SEG (when there is one), SR and the SCs: the objects sent to the PACS.
+        """Return SEG (when there is one), SR, the SCs and any KOS: the objects sent to the PACS.
 
         Objects in :attr:`withheld` are never part of it.
         """
         seg = [] if self.segmentation is None else [self.segmentation]
-        return [*seg, self.report, *self.overlays]
+        return [*seg, self.report, *self.overlays, *self.key_objects]
 
     def write(self, out_dir: Path) -> list[Path]:
-        """Write ``SEG.dcm``, ``SR.dcm``, ``SC_<n>.dcm`` and ``overlay_<n>.png`` into ``out_dir``.
+        """Write ``SEG.dcm``, ``SR.dcm``, ``SC_<n>.dcm``, ``KOS_<n>.dcm`` and ``overlay_<n>.png`` into ``out_dir``.
 
         Without a SEG (classification) there is no ``SEG.dcm``; the other names stay. A
         withheld SEG is written as ``SEG_withheld.dcm`` (see :meth:`withheld_paths`) but is
@@ -86,6 +89,7 @@ class ResultSet:
             targets.append((out_dir / "SEG.dcm", self.segmentation))
         targets.append((out_dir / "SR.dcm", self.report))
         targets += [(out_dir / f"SC_{n}.dcm", sc) for n, sc in enumerate(self.overlays, start=1)]
+        targets += [(out_dir / f"KOS_{n}.dcm", ko) for n, ko in enumerate(self.key_objects, start=1)]
         targets += list(zip(self.withheld_paths(out_dir), self.withheld, strict=True))
         targets += [(out_dir / f"overlay_{n}.png", image) for n, image in enumerate(self.overlay_images, start=1)]
         written = []

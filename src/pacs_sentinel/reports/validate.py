@@ -201,7 +201,8 @@ def read_back(source: Dataset | Path) -> Dataset:
 
     A dataset is encoded as a Part 10 file first; a path is read as written. Segmentations and
     images also decode their pixel data (a compressed frame that cannot be decoded fails
-    here, not in the viewer); structured reports rebuild their content tree.
+    here, not in the viewer); structured reports and key object selections rebuild their
+    content tree.
 
     Returns:
         The highdicom object read back from the bytes.
@@ -225,6 +226,8 @@ def read_back(source: Dataset | Path) -> Dataset:
             _ = parsed.pixel_array
         elif modality == "SR":
             parsed = hd.sr.srread(io.BytesIO(data))
+        elif modality == "KO":
+            parsed = hd.ko.KeyObjectSelectionDocument.from_dataset(again)
         else:
             parsed = hd.Image.from_dataset(again, copy=False)
             _ = parsed.pixel_array
