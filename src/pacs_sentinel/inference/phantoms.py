@@ -20,15 +20,15 @@ Variants beyond ``"normal"`` exist to exercise quality control, never to train o
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 from scipy import ndimage
+
+from pacs_sentinel.inference.synthetic_dicom import acquisition_date_time, phantom_dataset, synthetic_uid
 
 #: Every variant :func:`make_ct_phantom` knows; ``"normal"`` is the training distribution.
 PHANTOM_VARIANTS = ("normal", "metal-artifact", "unusual-anatomy", "situs-inversus", "low-dose")
@@ -273,9 +273,7 @@ def _add_metal(hu: np.ndarray, rng: np.random.Generator, labels: np.ndarray, z: 
 
 def _uid(seed: int | None, *parts: object) -> str:
     """A UID derived from the seed and ``parts`` when a seed is given, else a random one."""
-    if seed is None:
-        return generate_uid()
-    return generate_uid(entropy_srcs=["pacs-sentinel-phantom", str(seed), *(str(p) for p in parts)])
+    return synthetic_uid("pacs-sentinel-phantom", seed, *parts)
 
 
 def write_ct_series(
@@ -312,11 +310,7 @@ def write_ct_series(
     study_uid = study_uid or _uid(seed, "study", patient_id)
     series_uid = series_uid or _uid(seed, "series", study_uid)
     frame_uid = _uid(seed, "frame-of-reference", series_uid)
-    if seed is None:
-        when = dt.datetime.now()
-    else:
-        when = dt.datetime(2024, 1, 1, 8, 0, 0) + dt.timedelta(days=seed % 365, minutes=(seed * 7) % 600)
-    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+    date, time = acquisition_date_time(seed)
     n_slices, rows, cols = phantom.hu.shape
     s_z, s_y, s_x = phantom.spacing
     stored = (np.clip(phantom.hu.astype(np.int32), HU_MIN, HU_MAX) + 1024).astype(np.uint16)
@@ -324,44 +318,19 @@ def write_ct_series(
     paths = []
     for k in range(n_slices):
         sop_uid = _uid(seed, "instance", series_uid, k) if seed is not None else generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = "PACS_SENTINEL"
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds = phantom_dataset(
+            CTImageStorage, sop_uid, patient_name=patient_name, patient_id=patient_id, study_uid=study_uid,
+            series_uid=series_uid, accession_number=accession_number, study_description=study_description,
+            date=date, time=time,
+        )
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
-        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
-        ds.AccessionNumber = accession_number
         ds.Modality = "CT"
-        ds.Manufacturer = "PACS Sentinel phantom"
-        ds.InstitutionName = "PACS Sentinel"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = study_description
         ds.SeriesDescription = f"Phantom abdomen ({phantom.variant})"
         ds.ManufacturerModelName = "make_ct_phantom"
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.PatientAge = "054Y"
         ds.BodyPartExamined = "ABDOMEN"
         ds.SliceThickness = f"{s_z:g}"
         ds.KVP = "120"
-        ds.DeviceSerialNumber = "0001"
-        ds.SoftwareVersions = "pacs-sentinel"
         ds.PatientPosition = "FFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = 1
-        ds.AcquisitionNumber = 1
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [f"{phantom.origin[0]:g}", f"{phantom.origin[1]:g}", f"{phantom.origin[2] + k * s_z:g}"]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]

@@ -33,16 +33,16 @@ so a finding can be switched on and off on an otherwise identical image.
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from scipy import ndimage
+
+from pacs_sentinel.inference.synthetic_dicom import acquisition_date_time, phantom_dataset, synthetic_uid
 
 #: Finding names, in the order of the classifier's outputs.
 FINDINGS = ("nodule", "effusion", "cardiomegaly")
@@ -300,9 +300,7 @@ def make_cxr_phantom(
 
 def _uid(seed: int | None, *parts: object) -> str:
     """A UID derived from the seed and ``parts`` when a seed is given, else a random one."""
-    if seed is None:
-        return generate_uid()
-    return generate_uid(entropy_srcs=["pacs-sentinel-radiograph", str(seed), *(str(p) for p in parts)])
+    return synthetic_uid("pacs-sentinel-radiograph", seed, *parts)
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -348,11 +346,7 @@ def write_dx_image(
     study_uid = study_uid or _uid(seed, "study", patient_id)
     series_uid = series_uid or _uid(seed, "series", study_uid)
     sop_uid = _uid(seed, "instance", series_uid)
-    if seed is None:
-        when = dt.datetime.now()
-    else:
-        when = dt.datetime(2024, 1, 1, 8, 0, 0) + dt.timedelta(days=seed % 365, minutes=(seed * 7) % 600)
-    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+    date, time = acquisition_date_time(seed)
     stored = np.clip(np.rint(np.asarray(phantom.image, dtype=np.float64) * PIXEL_SCALE), 0, PIXEL_SCALE).astype(np.uint16)
     rows, cols = stored.shape
     low, high = np.percentile(stored, [1.0, 99.0])
@@ -360,56 +354,22 @@ def write_dx_image(
     centre = (float(low) + float(high)) / 2.0
     spacing = [f"{phantom.pixel_spacing[0]:.6g}", f"{phantom.pixel_spacing[1]:.6g}"]
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX_IMAGE_STORAGE_FOR_PRESENTATION
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "PACS_SENTINEL"
-    ds = Dataset()
-    ds.file_meta = meta
-    # SOP Common
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = DX_IMAGE_STORAGE_FOR_PRESENTATION
-    ds.SOPInstanceUID = sop_uid
+    ds = phantom_dataset(
+        DX_IMAGE_STORAGE_FOR_PRESENTATION, sop_uid, patient_name=patient_name, patient_id=patient_id,
+        study_uid=study_uid, series_uid=series_uid, accession_number=accession_number,
+        study_description=study_description, date=date, time=time,
+    )
     ds.InstanceCreationDate = date
     ds.InstanceCreationTime = time
-    # Patient
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    # General Study, Patient Study
-    ds.StudyInstanceUID = study_uid
-    ds.StudyDate = date
-    ds.StudyTime = time
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.AccessionNumber = accession_number
-    ds.StudyDescription = study_description
-    ds.PatientAge = "054Y"
     # General Series, DX Series
     ds.Modality = "DX"
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = 1
-    ds.SeriesDate = date
-    ds.SeriesTime = time
     ds.SeriesDescription = f"Phantom chest PA ({phantom.variant})"
     ds.BodyPartExamined = "CHEST"
     ds.PresentationIntentType = "FOR PRESENTATION"
-    # General Equipment
-    ds.Manufacturer = "PACS Sentinel phantom"
-    ds.InstitutionName = "PACS Sentinel"
+    # General Equipment (the rest is the phantoms' common equipment)
     ds.StationName = "PHANTOM-DX"
     ds.ManufacturerModelName = "make_cxr_phantom"
-    ds.DeviceSerialNumber = "0001"
-    ds.SoftwareVersions = "pacs-sentinel"
     # General Acquisition, General Image, DX Image
-    ds.AcquisitionDate = date
-    ds.AcquisitionTime = time
-    ds.ContentDate = date
-    ds.ContentTime = time
-    ds.AcquisitionNumber = 1
     ds.InstanceNumber = 1
     ds.PatientOrientation = ["L", "F"]
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
