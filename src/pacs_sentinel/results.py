@@ -59,6 +59,7 @@ class Reason(enum.Enum):
     POOR_INPUT_QUALITY = Code("QC026", QC_SCHEME, "Poor input image quality")
     BORDER_CONTACT = Code("QC027", QC_SCHEME, "Mask touches image border")
     IMPLAUSIBLE_LOCATION = Code("QC028", QC_SCHEME, "Implausible location")
+    LOW_PREDICTED_DICE = Code("QC029", QC_SCHEME, "Low predicted Dice")
 
     @property
     def label(self) -> str:
