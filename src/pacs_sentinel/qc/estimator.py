@@ -67,7 +67,7 @@ def build_estimator_network(architecture: dict[str, Any] | None = None) -> torch
     """The estimator CNN (MONAI ``Regressor``; logits, apply a sigmoid for the Dice)."""
     arch = dict(ESTIMATOR_ARCHITECTURE if architecture is None else architecture)
     return Regressor(in_shape=arch["in_shape"], out_shape=arch["out_shape"], channels=arch["channels"],
-                     strides=arch["strides"], num_res_units=arch["num_res_units"])
+                     strides=arch["strides"], num_res_units=arch["num_res_units"], dropout=arch.get("dropout"))
 
 
 def _canonical(array: np.ndarray, direction: np.ndarray | None, spacing: tuple[float, float, float]) -> tuple[np.ndarray, tuple[float, float, float]]:
