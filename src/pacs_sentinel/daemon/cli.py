@@ -195,11 +195,6 @@ def _cmd_qc_threshold(args: argparse.Namespace) -> int:
         target, risk, fixed = qc.target_review_rate, qc.max_risk, qc.accept_threshold
     fusion = shipped_fusion()
     scores, failed = calibration_curve(fusion)
-    print(f"calibration set: {len(scores)} cases, {int(failed.sum())} failures (Dice < 0.7), "
-          f"cross-validated scores of QC {fusion.qc_version}")
-    print("risk-coverage curve (operating points):")
-    for rate in (0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50):
-        print(f"  target review rate {rate:.2f}: {calibrated_threshold(fusion, target_review_rate=rate).describe()}")
     try:
         if target is not None or risk is not None:
             point = calibrated_threshold(fusion, target_review_rate=target, max_risk=risk)
@@ -210,10 +205,19 @@ def _cmd_qc_threshold(args: argparse.Namespace) -> int:
             asked = f"accept_threshold = {fixed}"
     except ValueError as exc:
         raise SentinelError(str(exc)) from None
+    print(f"calibration set: {len(scores)} cases, {int(failed.sum())} failures (Dice < 0.7), "
+          f"cross-validated scores of QC {fusion.qc_version}; a case an out-of-range check sends to review counts as 0")
+    print("risk-coverage curve (operating points):")
+    for rate in (0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50):
+        print(f"  target review rate {rate:.2f}: {calibrated_threshold(fusion, target_review_rate=rate).describe()}")
     print(f"operating point for {asked}:")
     print(f"  {point.describe()}")
     if risk is not None and point.risk > risk + 1e-12:
         print(f"  note: no threshold reaches max_risk {risk} on the calibration set", file=sys.stderr)
+    if target is not None and point.review_rate > target + 0.01:
+        print(f"  note: at least {100 * point.review_rate:.1f} % of the calibration cases go to review "
+              f"(lowest scores and out-of-range checks); a lower target review rate is not reachable on it",
+              file=sys.stderr)
     return EXIT_OK
 
 
