@@ -60,6 +60,7 @@ class Reason(enum.Enum):
     BORDER_CONTACT = Code("QC027", QC_SCHEME, "Mask touches image border")
     IMPLAUSIBLE_LOCATION = Code("QC028", QC_SCHEME, "Implausible location")
     DISAGREEMENT = Code("QC029", QC_SCHEME, "Disagreement with reference model")
+    LOW_PREDICTED_DICE = Code("QC030", QC_SCHEME, "Low predicted Dice")
 
     @property
     def label(self) -> str:

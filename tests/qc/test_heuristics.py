@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pacs_sentinel.dicom_io.series import Volume
+from pacs_sentinel.inference.phantoms import make_ct_phantom
 from pacs_sentinel.qc.evaluate import QC_VERSION, evaluate_segmentation
 from pacs_sentinel.qc.heuristics import (
     FLAG_BELOW,
@@ -46,12 +47,22 @@ def _result(mask: np.ndarray, probability: float = 0.97) -> SegmentationResult:
     )
 
 
+def _phantom_case(variant: str = "normal", seed: int = 7_060_001) -> tuple[Volume, SegmentationResult]:
+    """A phantom with its ground-truth liver as the mask (what the learned estimator knows as right)."""
+    phantom = make_ct_phantom(seed, variant=variant)
+    volume = Volume(phantom.hu.astype(np.float32), phantom.spacing, phantom.origin, np.eye(3), [])
+    result = _result(phantom.liver)
+    result.reference["Liver"].update({"left_share_p01": 0.05, "left_share_p99": 0.2})
+    return volume, result
+
+
 def test_clean_compact_mask_is_accepted_without_reasons() -> None:
-    qc = evaluate_segmentation(_volume(), _result(_ellipsoid((60, 50, 45))))
+    volume, result = _phantom_case()
+    qc = evaluate_segmentation(volume, result)
     assert qc.verdict is Verdict.ACCEPTED
     assert qc.reasons == []
     assert qc.quality_score > 0.9
-    assert qc.segments[0].volume_mm3 == pytest.approx(_ellipsoid((60, 50, 45)).sum() * np.prod(SPACING))
+    assert qc.segments[0].volume_mm3 == pytest.approx(result.mask.sum() * volume.voxel_volume_mm3)
 
 
 def test_empty_mask_needs_review() -> None:
@@ -102,9 +113,10 @@ def test_verdict_is_the_score_against_the_threshold(threshold: float) -> None:
 def test_a_result_sent_to_review_always_names_a_reason() -> None:
     # Moderate confidence and a slightly large volume: no single check fires, yet together
     # they fall below a strict threshold.
-    result = _result(_ellipsoid((60, 50, 45)), probability=0.75)
+    volume, result = _phantom_case()
+    result.probabilities = np.where(result.mask, 0.75, 0.02).astype(np.float32)
     result.reference["Liver"]["volume_ml_p99"] = result.reference["Liver"]["volume_ml_p01"] / 0.8 * 0.97
-    qc = evaluate_segmentation(_volume(), result, accept_threshold=0.7)
+    qc = evaluate_segmentation(volume, result, accept_threshold=0.99)
     segment = qc.segments[0]
     assert segment.verdict is Verdict.NEEDS_REVIEW
     assert all(v >= 0.5 for k, v in segment.signals.items() if k.endswith("_subscore"))
@@ -142,6 +154,17 @@ def test_left_share_follows_the_patient_orientation() -> None:
     assert left_share(mask, -48 * SPACING[2], SPACING, flipped) == 1.0
 
 
+def test_a_right_mask_on_the_wrong_side_goes_to_review_whatever_its_score() -> None:
+    # Situs inversus: the ground truth itself lies on the left, outside the card's range. The
+    # score (P(Dice >= 0.7)) may stay high, but the model was never validated there.
+    volume, result = _phantom_case("situs-inversus")
+    segment = evaluate_segmentation(volume, result).segments[0]
+    assert Reason.IMPLAUSIBLE_LOCATION in segment.reasons
+    assert segment.verdict is Verdict.NEEDS_REVIEW
+    normal = evaluate_segmentation(*_phantom_case()).segments[0]
+    assert Reason.IMPLAUSIBLE_LOCATION not in normal.reasons and normal.verdict is Verdict.ACCEPTED
+
+
 def test_a_mask_on_the_wrong_side_of_the_body_is_flagged() -> None:
     reference = {"left_share_p01": 0.05, "left_share_p99": 0.2}
     right = _ellipsoid((40, 30, 30), centre=(20, 48, 30))  # patient right (low x)
@@ -153,7 +176,8 @@ def test_a_mask_on_the_wrong_side_of_the_body_is_flagged() -> None:
         segment = qc.segments[0]
         assert segment.signals["left_share"] == pytest.approx(0.0 if not expect_fired else 1.0)
         assert (Reason.IMPLAUSIBLE_LOCATION in segment.reasons) is expect_fired
-        assert (segment.verdict is Verdict.NEEDS_REVIEW) is expect_fired
+        if expect_fired:
+            assert segment.verdict is Verdict.NEEDS_REVIEW
 
 
 def test_location_is_skipped_without_a_card_reference() -> None:
@@ -165,9 +189,9 @@ def test_location_is_skipped_without_a_card_reference() -> None:
 
 def test_every_signal_is_recorded_and_the_version_is_bumped() -> None:
     qc = evaluate_segmentation(_volume(), _result(_ellipsoid((60, 50, 45))))
-    assert qc.qc_version == QC_VERSION == "1.2.0"
+    assert qc.qc_version == QC_VERSION == "2.0.0"
     signals = qc.segments[0].signals
-    for name in ("hole_share", "border_contact_share", "noise_hu", "edge_width_px", "metal_ml",
+    for name in ("predicted_dice", "hole_share", "border_contact_share", "noise_hu", "edge_width_px", "metal_ml",
                  "air_level_hu", "out_of_range_share", "contrast_range_hu", "truncated_slice_share"):
         assert name in signals and f"{name}_subscore" in signals
 
@@ -180,8 +204,8 @@ def test_a_floored_signal_lowers_but_cannot_veto_alone() -> None:
 
 
 def test_a_noisy_input_is_reported_but_a_good_mask_stays_accepted() -> None:
-    volume = _volume()
-    volume.array = volume.array + np.random.default_rng(1).normal(0.0, 120.0, SHAPE).astype(np.float32)
-    qc = evaluate_segmentation(volume, _result(_ellipsoid((60, 50, 45))))
+    volume, result = _phantom_case()
+    volume.array = volume.array + np.random.default_rng(1).normal(0.0, 120.0, volume.array.shape).astype(np.float32)
+    qc = evaluate_segmentation(volume, result)
     assert Reason.POOR_INPUT_QUALITY in qc.reasons
     assert qc.verdict is Verdict.ACCEPTED

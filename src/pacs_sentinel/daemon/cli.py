@@ -295,12 +295,82 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
         from pacs_sentinel.inference.train_cxr import train_cxr
 
         metrics = train_cxr(out_dir, seed=args.seed, epochs=args.epochs, progress=not args.quiet)
+    elif args.name in ("qc-estimator", "qc-fusion"):
+        import torch
+
+        from pacs_sentinel.qc.calibrate import fit_fusion
+        from pacs_sentinel.qc.estimator import load_estimator
+        from pacs_sentinel.qc.train_estimator import train_estimator
+
+        torch.set_num_threads(1)  # CPU-friendly on a shared machine; the recipe takes minutes
+        metrics = {}
+        estimator = None
+        if args.name == "qc-estimator":
+            metrics["estimator"] = train_estimator(out_dir, seed=args.seed, epochs=args.epochs, progress=not args.quiet)
+            estimator = load_estimator(out_dir)
+        # The fusion is fitted on the estimator's signal: refit it whenever the estimator changes.
+        fusion_path = out_dir / "fusion.json" if out_dir else None
+        metrics["fusion"] = fit_fusion(fusion_path, seed=args.seed, progress=not args.quiet, estimator=estimator)
     else:
         from pacs_sentinel.inference.training import train_demo
 
         metrics = train_demo(args.name, out_dir=out_dir, seed=args.seed, epochs=args.epochs, progress=not args.quiet)
     for key, value in sorted(metrics.items()):
         print(f"{key}: {value}")
+    return EXIT_OK
+
+
+def _cmd_qc_threshold(args: argparse.Namespace) -> int:
+    from pacs_sentinel.qc.evaluate import shipped_fusion
+    from pacs_sentinel.qc.fusion import calibrated_threshold, calibration_curve
+    from pacs_sentinel.qc.metrics import operating_point
+
+    target, risk, fixed = args.target_review_rate, args.max_risk, None
+    if target is None and risk is None and args.config:
+        from pacs_sentinel.daemon.config import load_config
+
+        qc = load_config(args.config).qc
+        target, risk, fixed = qc.target_review_rate, qc.max_risk, qc.accept_threshold
+    fusion = shipped_fusion()
+    scores, failed = calibration_curve(fusion)
+    try:
+        if target is not None or risk is not None:
+            point = calibrated_threshold(fusion, target_review_rate=target, max_risk=risk)
+            asked = f"target_review_rate = {target}" if target is not None else f"max_risk = {risk}"
+        else:
+            fixed = 0.5 if fixed is None else fixed
+            point = operating_point(scores, failed, fixed)
+            asked = f"accept_threshold = {fixed}"
+    except ValueError as exc:
+        raise SentinelError(str(exc)) from None
+    print(f"calibration set: {len(scores)} cases, {int(failed.sum())} failures (Dice < 0.7), "
+          f"cross-validated scores of QC {fusion.qc_version}; a case an out-of-range check sends to review counts as 0")
+    print("risk-coverage curve (operating points):")
+    for rate in (0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50):
+        print(f"  target review rate {rate:.2f}: {calibrated_threshold(fusion, target_review_rate=rate).describe()}")
+    print(f"operating point for {asked}:")
+    print(f"  {point.describe()}")
+    if risk is not None and point.risk > risk + 1e-12:
+        print(f"  note: no threshold reaches max_risk {risk} on the calibration set", file=sys.stderr)
+    if target is not None and point.review_rate > target + 0.01:
+        print(f"  note: at least {100 * point.review_rate:.1f} % of the calibration cases go to review "
+              f"(lowest scores and out-of-range checks); a lower target review rate is not reachable on it",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_qc_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from pacs_sentinel.qc.evaluation import run_qc_eval
+
+    if args.n_per_family < 1 or args.perturbations < 0 or args.radiographs < 0:
+        raise SentinelError("--n-per-family must be at least 1; --perturbations and --radiographs at least 0")
+    torch.set_num_threads(1)
+    section, _ = run_qc_eval(n_per_family=args.n_per_family, perturbations_per_image=args.perturbations,
+                             n_radiographs=args.radiographs, seed=args.seed, out_dir=Path(args.out),
+                             progress=not args.quiet)
+    print(section)
     return EXIT_OK
 
 
@@ -373,12 +443,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train-demo", help="train a shipped demo model on synthetic phantoms")
-    train.add_argument("name", choices=["organ-seg", "cxr-cls"], help="which demo model")
+    train.add_argument("name", choices=["organ-seg", "cxr-cls", "qc-estimator", "qc-fusion"],
+                       help="which demo model (qc-estimator: the QC's confidence estimator, then its fusion; "
+                            "qc-fusion: refit only the QC fusion on its calibration set)")
     train.add_argument("--out", help="output folder (default: the shipped model folder)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train_demo)
+
+    threshold = sub.add_parser("qc-threshold",
+                               help="derive the QC verdict threshold from the calibration set's risk-coverage curve")
+    threshold.add_argument("-c", "--config", default=None,
+                           help="take target_review_rate / max_risk / accept_threshold from this file's [qc]")
+    group = threshold.add_mutually_exclusive_group()
+    group.add_argument("--target-review-rate", type=float, help="share of results to send to review, e.g. 0.15")
+    group.add_argument("--max-risk", type=float, help="highest failure rate (Dice < 0.7) among accepted results")
+    threshold.set_defaults(func=_cmd_qc_threshold)
+
+    qc_eval = sub.add_parser("qc-eval", help="measure QC failure detection on held-out phantoms (and the classifier's)")
+    qc_eval.add_argument("--n-per-family", type=int, default=16, help="phantoms per image family (default: 16)")
+    qc_eval.add_argument("--perturbations", type=int, default=2, help="perturbed masks per phantom (default: 2)")
+    qc_eval.add_argument("--radiographs", type=int, default=200,
+                         help="radiograph phantoms for the classification metrics (default: 200; 0 skips)")
+    qc_eval.add_argument("--seed", type=int, default=0, help="seed of the phantom sets (default: 0)")
+    qc_eval.add_argument("--out", default="docs", help="folder for the PNG figures (default: docs)")
+    qc_eval.add_argument("--quiet", action="store_true", help="no progress bar")
+    qc_eval.set_defaults(func=_cmd_qc_eval)
     return parser
 
 

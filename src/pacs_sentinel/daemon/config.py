@@ -184,9 +184,25 @@ class PipelineConfig(_Strict):
 
 
 class QCConfig(_Strict):
-    """``[qc]``: the verdict threshold on the quality score."""
+    """``[qc]``: the verdict threshold on the quality score.
+
+    ``accept_threshold`` fixes it; for segmentation, ``target_review_rate`` (share of results
+    sent to review) or ``max_risk`` (failure rate among accepted results) derive it instead from
+    the calibration set's risk-coverage curve (``sentinel qc-threshold`` prints the operating
+    point). At most one of the three may be set; classification always uses ``accept_threshold``.
+    """
 
     accept_threshold: float = Field(0.5, ge=0, le=1)
+    target_review_rate: float | None = Field(None, gt=0, lt=1)
+    max_risk: float | None = Field(None, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_threshold_rule(self) -> QCConfig:
+        given = [k for k in ("accept_threshold", "target_review_rate", "max_risk") if k in self.model_fields_set
+                 and getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set only one of accept_threshold, target_review_rate and max_risk (got {', '.join(given)})")
+        return self
 
 
 class ReportsConfig(_Strict):

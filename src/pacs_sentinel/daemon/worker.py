@@ -16,7 +16,7 @@ from typing import Any
 import pydicom
 import structlog
 
-from pacs_sentinel.daemon.config import Config, PipelineConfig
+from pacs_sentinel.daemon.config import Config, PipelineConfig, QCConfig
 from pacs_sentinel.daemon.jobs import Job, JobState, JobStore
 from pacs_sentinel.daemon.routing import read_candidates, segs_to_judge, select_series
 from pacs_sentinel.daemon.seg_qc import judge_segs, third_party_segs
@@ -24,7 +24,7 @@ from pacs_sentinel.dicom_io.series import load_series_files
 from pacs_sentinel.dicom_io.spool import Spool
 from pacs_sentinel.errors import SentinelError, SeriesError
 from pacs_sentinel.inference.models import load_segmentation_model
-from pacs_sentinel.qc.evaluate import evaluate_segmentation
+from pacs_sentinel.qc.evaluate import evaluate_segmentation, shipped_fusion
 from pacs_sentinel.reports.resultset import ResultSet, build_result_set
 from pacs_sentinel.reports.validate import check_before_sending
 from pacs_sentinel.results import QCResult, Verdict
@@ -34,6 +34,21 @@ log = structlog.get_logger(__name__)
 
 #: What a pipeline's analysis hands to delivery: the objects, the raw result, QC, series.
 Analysis = tuple[ResultSet, Any, QCResult, str]
+
+
+def segmentation_threshold(qc: QCConfig) -> float:
+    """The verdict threshold of segmentation results: ``accept_threshold``, or the one the
+    calibration curve gives for ``target_review_rate`` / ``max_risk``.
+
+    Raises:
+        ModelError: The shipped fusion model has no calibration curve.
+    """
+    if qc.target_review_rate is None and qc.max_risk is None:
+        return qc.accept_threshold
+    from pacs_sentinel.qc.fusion import calibrated_threshold
+
+    return calibrated_threshold(shipped_fusion(), target_review_rate=qc.target_review_rate,
+                                max_risk=qc.max_risk).threshold
 
 
 class JobRejected(SentinelError):
@@ -205,7 +220,7 @@ class Worker:
                                         mixed_precision=inference.mixed_precision)
         result = model.predict(volume, threshold=pipeline.threshold, mc_dropout_samples=pipeline.mc_dropout_samples,
                                tta_flips=tuple(pipeline.tta_flips), sw_overlap=pipeline.sw_overlap)
-        qc = evaluate_segmentation(volume, result, accept_threshold=self.config.qc.accept_threshold)
+        qc = evaluate_segmentation(volume, result, accept_threshold=segmentation_threshold(self.config.qc))
         withhold = pipeline.reports.on_review == "withhold-seg" and qc.verdict is Verdict.NEEDS_REVIEW
         result_set = build_result_set(volume, result, qc, series_number_base=pipeline.series_number_base,
                                       withheld_seg=withhold, seg_type=self.config.reports.seg_type)

@@ -1,12 +1,16 @@
 """Fuse the QC signals of each segment into a quality score and a verdict.
 
 The input-image checks (:mod:`pacs_sentinel.qc.image`, computed once per volume and applied
-to every segment), the mask heuristics and, when the inference produced stochastic samples,
-the uncertainty signals are fused by multiplying their fusion factors (the sub-score, raised
-to the signal's fusion floor): every check can only lower trust, and one clearly failed
-check without a floor (sub-score near 0) is enough to send the result to review. The
-verdict is purely ``quality_score >= accept_threshold``; a result sent to review always
-names at least one reason.
+to every segment), the mask heuristics, the learned confidence estimator
+(:mod:`pacs_sentinel.qc.estimator`, a predicted Dice) and, when the inference produced
+stochastic samples, the uncertainty signals are fused by the fitted fusion model
+(:mod:`pacs_sentinel.qc.fusion`): a non-negative logistic regression fitted on a calibration
+set, so the score reads as the probability that the mask's Dice is at least 0.7; checks
+the calibration never saw multiply it. The verdict is *Accepted* when ``quality_score >=
+accept_threshold`` and no check against the model card's range fired (volume, location: the
+model was never validated there, so such a result goes to review whatever its score). A result
+sent to review always names at least one reason: the signals that fired, else the one that
+lowered the score most.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 import structlog
 
 from pacs_sentinel.dicom_io.series import Volume
+from pacs_sentinel.qc.estimator import QualityEstimator, estimator_signal, load_estimator
+from pacs_sentinel.qc.fusion import FusionModel, load_fusion, policy_reasons
 from pacs_sentinel.qc.heuristics import (
     Signal,
     border_contact_signal,
@@ -32,12 +38,23 @@ from pacs_sentinel.results import QCResult, Reason, SegmentationResult, SegmentQ
 
 log = structlog.get_logger(__name__)
 
-QC_VERSION = "1.2.0"
+QC_VERSION = "2.0.0"
 
 
-def verdict_for(score: float, accept_threshold: float) -> Verdict:
-    """The verdict of a quality score: accepted at or above the threshold."""
-    return Verdict.ACCEPTED if score >= accept_threshold else Verdict.NEEDS_REVIEW
+def shipped_fusion() -> FusionModel:
+    """The shipped fusion model of this QC version (read once per process)."""
+    global _fusion
+    if _fusion is None:
+        _fusion = load_fusion(qc_version=QC_VERSION)
+    return _fusion
+
+
+_fusion: FusionModel | None = None
+
+
+def verdict_for(score: float, accept_threshold: float, *, out_of_range: bool = False) -> Verdict:
+    """The verdict of a quality score: accepted at or above the threshold, unless out of range."""
+    return Verdict.ACCEPTED if score >= accept_threshold and not out_of_range else Verdict.NEEDS_REVIEW
 
 
 def crop_to_mask(mask: np.ndarray, margin: int = 1) -> np.ndarray:
@@ -48,7 +65,43 @@ def crop_to_mask(mask: np.ndarray, margin: int = 1) -> np.ndarray:
     return np.pad(box, margin, constant_values=False)
 
 
+def segment_signals(volume: Volume, result: SegmentationResult, index: int, *, image_signals: list[Signal],
+                    midline_x: float | None, estimator: QualityEstimator | None,
+                    extra: list[Signal] | None = None) -> list[Signal]:
+    """Every QC signal of one non-empty segment (``result.mask[index]``), not yet fused."""
+    label = result.labels[index]
+    mask = result.mask[index].astype(bool)
+    volume_mm3 = float(mask.sum()) * volume.voxel_volume_mm3
+    reference = result.reference.get(label.name)
+    # Shape checks only need the mask's neighbourhood: components, roundness and holes
+    # are the same on its bounding box with a one-voxel empty margin, at a fraction of the cost.
+    around = crop_to_mask(mask)
+    signals: list[Signal] = [
+        fragmentation_signal(around),
+        shape_signal(around, volume.spacing),
+        hole_signal(around),
+        border_contact_signal(mask),
+    ]
+    if result.probabilities is not None:  # a third-party SEG has none
+        signals.append(confidence_signal(result.probabilities[index], mask))
+    volume_check = volume_signal(volume_mm3 / 1000.0, reference)
+    if volume_check is not None:
+        signals.insert(0, volume_check)
+    if midline_x is not None:
+        location_check = location_signal(left_share(mask, midline_x, volume.spacing, volume.direction), reference)
+        if location_check is not None:
+            signals.append(location_check)
+    if estimator is not None:
+        signals.append(estimator_signal(estimator.predict(volume.array, mask, volume.spacing, volume.direction)))
+    if result.uncertainty is not None:
+        signals += uncertainty_signals(result.uncertainty, index)
+    signals += extra or []
+    signals += image_signals
+    return signals
+
+
 def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_threshold: float = 0.5,
+                          fusion: FusionModel | None = None, estimator: QualityEstimator | None = None,
                           extra_signals: dict[int, list[Signal]] | None = None) -> QCResult:
     """Judge every segment of a segmentation result.
 
@@ -57,12 +110,20 @@ def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_
         result: The model's output in the source geometry. Without probabilities (a
             third-party SEG) the model-confidence signal is left out.
         accept_threshold: Scores at or above it are accepted.
-        extra_signals: Further signals per label index, fused like the others (e.g. the
-            agreement with our own model when judging a third-party SEG).
+        extra_signals: Further signals per label index (e.g. the agreement with our own
+            model when judging a third-party SEG); a signal the fusion was not fitted on
+            multiplies the calibrated probability by its fusion factor.
+        fusion: The fusion model; default the shipped one of :data:`QC_VERSION`.
+        estimator: The confidence estimator; default the shipped one.
 
     Returns:
         The QC result, one :class:`SegmentQC` per label.
+
+    Raises:
+        ModelError: The shipped estimator or fusion model is missing or invalid.
     """
+    fusion = fusion if fusion is not None else shipped_fusion()
+    estimator = estimator if estimator is not None else load_estimator()
     image_qc = assess_image(volume)
     midline_x = image_qc.midline_x_mm(volume)
     segments = []
@@ -75,45 +136,30 @@ def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_
                           {"volume_ml": 0.0, **{s.name: round(s.value, 6) for s in image_qc.signals}})
             )
             continue
-        reference = result.reference.get(label.name)
-        # Shape checks only need the mask's neighbourhood: components, roundness and holes
-        # are the same on its bounding box with a one-voxel empty margin, at a fraction of the cost.
-        around = crop_to_mask(mask)
-        signals: list[Signal] = [
-            fragmentation_signal(around),
-            shape_signal(around, volume.spacing),
-            hole_signal(around),
-            border_contact_signal(mask),
-        ]
-        if result.probabilities is not None:
-            signals.append(confidence_signal(result.probabilities[index], mask))
-        volume_check = volume_signal(volume_mm3 / 1000.0, reference)
-        if volume_check is not None:
-            signals.insert(0, volume_check)
-        if midline_x is not None:
-            location_check = location_signal(left_share(mask, midline_x, volume.spacing, volume.direction), reference)
-            if location_check is not None:
-                signals.append(location_check)
-        if result.uncertainty is not None:
-            signals += uncertainty_signals(result.uncertainty, index)
-        signals += (extra_signals or {}).get(index, [])
-        signals += image_qc.signals
-        score = 1.0
-        for signal in signals:
-            score *= signal.fusion_factor
-        score = round(score, 4)  # the verdict is taken on the score as reported
+        signals = segment_signals(volume, result, index, image_signals=image_qc.signals, midline_x=midline_x,
+                                  estimator=estimator,
+                                  extra=(extra_signals or {}).get(index))
+        fused, model = fusion.score(signals)
+        score = round(fused, 4)  # the verdict is taken on the score as reported
         reasons = list(dict.fromkeys(s.reason for s in signals if s.fired))
         if score < accept_threshold and not reasons:
-            # Several moderate doubts multiplied below the threshold: name the weakest, so a
-            # result sent to review always says why.
-            reasons = [min(signals, key=lambda s: s.fusion_factor).reason]
+            # Several moderate doubts added up below the threshold: name the one that lowered
+            # the score most, so a result sent to review always says why.
+            reasons = [_weakest(signals, model.contributions({s.name: s for s in signals}))]
         values = {s.name: round(s.value, 6) for s in signals}
         values["volume_ml"] = round(volume_mm3 / 1000.0, 3)
         values.update({f"{s.name}_subscore": round(s.subscore, 6) for s in signals})
-        segments.append(
-            SegmentQC(index + 1, label, score, verdict_for(score, accept_threshold), reasons, volume_mm3, values)
-        )
+        verdict = verdict_for(score, accept_threshold, out_of_range=bool(policy_reasons(signals)))
+        segments.append(SegmentQC(index + 1, label, score, verdict, reasons, volume_mm3, values))
     qc = QCResult(qc_version=QC_VERSION, segments=segments)
     log.info("qc evaluated", verdict=qc.verdict.label, quality_score=qc.quality_score,
              reasons=[r.label for r in qc.reasons])
     return qc
+
+
+def _weakest(signals: list[Signal], contributions: dict[str, float]) -> Reason:
+    """The reason of the signal that lowered the fused score most."""
+    by_name = {s.name: s for s in signals}
+    if contributions and min(contributions.values()) < 0:
+        return by_name[min(contributions, key=contributions.__getitem__)].reason
+    return min(signals, key=lambda s: s.fusion_factor).reason

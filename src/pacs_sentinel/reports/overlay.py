@@ -56,6 +56,7 @@ REASON_COLOURS: dict[Reason, tuple[int, int, int]] = {
     Reason.BORDER_CONTACT: (255, 150, 190),  # pink
     Reason.IMPLAUSIBLE_LOCATION: (140, 140, 0),  # olive
     Reason.DISAGREEMENT: (255, 90, 60),  # coral
+    Reason.LOW_PREDICTED_DICE: (0, 128, 128),  # teal
 }
 #: Title of the banner's colour legend line.
 LEGEND_TITLE = "Outline colour:"

@@ -1,0 +1,177 @@
+"""Fit the QC fusion on a calibration set (``sentinel train-demo qc-fusion``).
+
+Calibration cases (:mod:`pacs_sentinel.qc.cases`, seeds ``CALIBRATION_SEED_OFFSET``, never
+seen by the estimator) are judged with every QC signal, including the shipped estimator's
+and the uncertainty of ``MC_DROPOUT_SAMPLES`` dropout passes (as the shipped config asks for).
+Two non-negative logistic regressions (:mod:`pacs_sentinel.qc.fusion`) are fitted on
+"Dice >= 0.7": ``with-uncertainty`` on the model's own masks, ``without-uncertainty`` on all
+cases. The held-out families (:data:`~pacs_sentinel.qc.corruptions.HELD_OUT_FAMILIES`) and
+empty masks (scored 0 by rule) are never drawn.
+
+The risk-coverage curve that ``[qc] target_review_rate`` / ``max_risk`` and ``sentinel
+qc-threshold`` derive the verdict threshold from is made of *cross-validated* scores (5 folds
+grouped by phantom), so it is not flattered by the fit; it is stored in the fusion JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from pacs_sentinel.qc.cases import CALIBRATION_SEED_OFFSET, QCCase, draw_cases, seeds_for
+from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES
+from pacs_sentinel.qc.estimator import QualityEstimator, load_estimator
+from pacs_sentinel.qc.evaluate import QC_VERSION
+from pacs_sentinel.qc.fusion import (
+    ACCEPTABLE_DICE,
+    FUSION_FILE,
+    SIGNAL_TRANSFORMS,
+    UNCERTAINTY_SIGNALS,
+    FusionModel,
+    LogisticModel,
+    fit_logistic,
+    policy_reasons,
+)
+from pacs_sentinel.qc.metrics import auroc, expected_calibration_error, spearman
+from pacs_sentinel.qc.train_estimator import training_image_families, training_mask_families
+
+log = structlog.get_logger(__name__)
+
+#: Recipe of the shipped fusion; the JSON records it.
+CALIBRATION_RECIPE: dict[str, Any] = {
+    "n_images": 160,
+    "perturbations_per_image": 2,
+    "mc_dropout_samples": 4,
+    "folds": 5,
+    "l2": 0.01,
+}
+FEATURES_WITH_UNCERTAINTY = list(SIGNAL_TRANSFORMS)
+FEATURES_WITHOUT_UNCERTAINTY = [f for f in SIGNAL_TRANSFORMS if f not in UNCERTAINTY_SIGNALS]
+
+
+def _rows(cases: list[QCCase]) -> list[dict]:
+    return [{s.name: s for s in c.signals} for c in cases]
+
+
+def fit_models(cases: list[QCCase], l2: float) -> list[LogisticModel]:
+    """The two fusion models fitted on these cases (each needs good and failed cases)."""
+    judged = [c for c in cases if c.signals is not None]
+    own = [c for c in judged if c.uncertainty]
+    models = []
+    if own:
+        models.append(fit_logistic("with-uncertainty", FEATURES_WITH_UNCERTAINTY, _rows(own),
+                                   np.array([c.dice >= ACCEPTABLE_DICE for c in own]), l2=l2))
+    models.append(fit_logistic("without-uncertainty", FEATURES_WITHOUT_UNCERTAINTY, _rows(judged),
+                               np.array([c.dice >= ACCEPTABLE_DICE for c in judged]), l2=l2))
+    return models
+
+
+def score_case(fusion: FusionModel, case: QCCase) -> float:
+    """The fused score of a case as QC reports it (0 for an empty mask)."""
+    if case.empty or case.signals is None:
+        return 0.0
+    return round(fusion.score(case.signals)[0], 4)
+
+
+def review_case(fusion: FusionModel, case: QCCase, accept_threshold: float = 0.5) -> bool:
+    """The verdict QC gives a case: review below the threshold or when an out-of-range check fired."""
+    if case.empty or case.signals is None:
+        return True
+    return score_case(fusion, case) < accept_threshold or bool(policy_reasons(case.signals))
+
+
+def cross_validated_scores(cases: list[QCCase], l2: float, folds: int, seed: int) -> np.ndarray:
+    """Scores of each case from models fitted without its phantom (folds grouped by seed)."""
+    phantoms = sorted({c.seed for c in cases})
+    order = np.random.default_rng(seed).permutation(len(phantoms))
+    fold_of = {phantoms[i]: k % folds for k, i in enumerate(order)}
+    scores = np.zeros(len(cases))
+    for fold in range(folds):
+        train = [c for c in cases if fold_of[c.seed] != fold]
+        fusion = FusionModel(QC_VERSION, fit_models(train, l2))
+        for i, case in enumerate(cases):
+            if fold_of[case.seed] == fold:
+                scores[i] = score_case(fusion, case)
+    return scores
+
+
+def fit_fusion(out_path: Path | None = None, *, seed: int = 0, n_images: int | None = None, progress: bool = True,
+               model=None, estimator: QualityEstimator | None = None) -> dict[str, Any]:
+    """Draw the calibration set, fit the fusion, write the JSON.
+
+    Args:
+        out_path: Where to write; default the shipped ``qc/models/fusion.json``.
+        seed: Seeds the phantom set and the folds.
+        n_images: Calibration phantoms (default from the recipe).
+        model: Segmentation model (default ``demo:organ-seg``); estimator: default the shipped one.
+
+    Returns:
+        Cross-validated metrics on the calibration set.
+    """
+    from pacs_sentinel.inference.models import load_segmentation_model
+
+    recipe = dict(CALIBRATION_RECIPE)
+    if n_images is not None:
+        recipe["n_images"] = int(n_images)
+    started = time.perf_counter()
+    model = model if model is not None else load_segmentation_model("demo:organ-seg", device="cpu")
+    estimator = estimator if estimator is not None else load_estimator()
+    seeds = seeds_for(CALIBRATION_SEED_OFFSET, recipe["n_images"], seed)
+    cases = draw_cases(model, seeds, training_image_families(), training_mask_families(),
+                       perturbations_per_image=recipe["perturbations_per_image"],
+                       mc_dropout_samples=recipe["mc_dropout_samples"], estimator=estimator, collect_signals=True,
+                       progress=progress, desc="fusion: calibration cases")
+    cv = cross_validated_scores(cases, recipe["l2"], recipe["folds"], seed)
+    # For the verdict, a case an out-of-range check flags is reviewed whatever its score: on the
+    # threshold curve it counts as score 0.
+    verdict_score = np.array([0.0 if c.signals is not None and policy_reasons(c.signals) else s
+                              for c, s in zip(cases, cv, strict=True)])
+    dice = np.array([c.dice for c in cases])
+    own = np.array([c.uncertainty for c in cases])
+    acceptable = dice >= ACCEPTABLE_DICE
+    metrics = {
+        "n_cases": len(cases),
+        "n_own_model": int(own.sum()),
+        "failure_rate": round(float((~acceptable).mean()), 4),
+        "cv_auroc_all": round(auroc(cv, ~acceptable), 4),
+        "cv_auroc_own_model": round(auroc(cv[own], ~acceptable[own]), 4),
+        "cv_spearman_all": round(spearman(cv, dice), 4),
+        "cv_ece_all": round(expected_calibration_error(cv, acceptable), 4),
+    }
+    fusion = FusionModel(
+        QC_VERSION, fit_models(cases, recipe["l2"]),
+        calibration={
+            "description": ("cross-validated fused scores of the calibration set's own-model masks "
+                            "(the segmentation pipeline's path, with MC-dropout samples), 0 where an "
+                            "out-of-range check sends the case to review anyway: the curve "
+                            "[qc] target_review_rate / max_risk derive the threshold from"),
+            "scores": [round(float(s), 4) for s in verdict_score[own]],
+            "dice": [round(float(d), 4) for d in dice[own]],
+            "families": [c.image_family for c, o in zip(cases, own, strict=True) if o],
+            "all_scores": [round(float(s), 4) for s in cv],
+            "all_dice": [round(float(d), 4) for d in dice],
+        },
+        info={
+            "seed": seed,
+            **recipe,
+            "seeds": f"{seeds[0]}..{seeds[-1]}",
+            "image_families": training_image_families(),
+            "mask_families": training_mask_families(),
+            "held_out_families": list(HELD_OUT_FAMILIES),
+            "estimator_version": estimator.version,
+            "metrics": metrics,
+            "date": dt.date.today().isoformat(),
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    fusion.save(Path(out_path) if out_path is not None else FUSION_FILE)
+    from pacs_sentinel.qc import evaluate
+
+    evaluate._fusion = None  # the next evaluation reads the new file
+    log.info("qc fusion fitted", **metrics)
+    return metrics

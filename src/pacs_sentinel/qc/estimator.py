@@ -1,0 +1,194 @@
+"""Learned confidence estimator: a small 3D CNN that looks at (image, mask) and predicts the Dice.
+
+The mask heuristics see only the mask, the uncertainty signals only what the model itself
+doubts. The estimator looks at both the image and the mask, like a reader would: does the
+outline follow the organ's edges, is bright organ tissue left outside, does the mask cover
+something that does not look like the organ at all? It is trained
+(:mod:`pacs_sentinel.qc.train_estimator`) on the demo model's own predictions on phantoms it
+was not trained on (clean and corrupted images) plus perturbed masks, with the true Dice as
+the label.
+
+Input (:func:`estimator_input`): a cube of ``BOX_MM`` mm around the centre of the mask's
+bounding box, in canonical (axial, LPS) index order, averaged down to ``GRID`` voxels per
+side (area interpolation: the mask channel keeps its partial volume); two channels, the
+image windowed to ``WINDOW_HU`` and scaled to [0, 1], and the mask's voxel fraction. A fixed
+physical size keeps the organ's scale and its neighbours in view. Output: the predicted Dice
+in [0, 1] (sigmoid). Network: MONAI ``Regressor``.
+
+Shipped weights live in ``qc/models/estimator/`` (``model.pt`` + ``card.json``, the card
+recording the recipe, seeds, families and held-out metrics); ``sentinel train-demo
+qc-estimator`` retrains them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import Regressor
+
+from pacs_sentinel.errors import ModelError
+from pacs_sentinel.qc.heuristics import Signal, ramp
+from pacs_sentinel.results import Reason
+
+log = structlog.get_logger(__name__)
+
+#: Folder of the shipped estimator (``model.pt``, ``card.json``).
+ESTIMATOR_DIR = Path(__file__).resolve().parent / "models" / "estimator"
+WEIGHTS_FILE = "model.pt"
+CARD_FILE = "card.json"
+#: Edge of the cube around the mask (mm) and voxels per edge of the network input.
+BOX_MM = 256.0
+GRID = 32
+#: Intensity window (HU) of the image channel.
+WINDOW_HU = (-200.0, 300.0)
+#: Predicted Dice: sub-score 0 at or below LOW, 1 at or above HIGH (0.5, i.e. the reason
+#: fires, at 0.7: DESIGN.md's "acceptable" Dice).
+PREDICTED_DICE_LOW = 0.5
+PREDICTED_DICE_HIGH = 0.9
+
+#: Architecture of the estimator network (keyword arguments of MONAI ``Regressor``).
+ESTIMATOR_ARCHITECTURE: dict[str, Any] = {
+    "in_shape": [2, GRID, GRID, GRID],
+    "out_shape": [1],
+    "channels": [8, 16, 32, 64],
+    "strides": [2, 2, 2, 2],
+    "num_res_units": 1,
+}
+
+
+def build_estimator_network(architecture: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The estimator CNN (MONAI ``Regressor``; logits, apply a sigmoid for the Dice)."""
+    arch = dict(ESTIMATOR_ARCHITECTURE if architecture is None else architecture)
+    return Regressor(in_shape=arch["in_shape"], out_shape=arch["out_shape"], channels=arch["channels"],
+                     strides=arch["strides"], num_res_units=arch["num_res_units"], dropout=arch.get("dropout"))
+
+
+def _canonical(array: np.ndarray, direction: np.ndarray | None, spacing: tuple[float, float, float]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``array`` in axial LPS index order when ``direction`` is a signed axis permutation.
+
+    ``direction``'s columns are the patient-space vectors of the column, row and slice index
+    (:class:`~pacs_sentinel.dicom_io.series.Volume`). Oblique volumes are used as they are.
+    """
+    if direction is None:
+        return array, spacing
+    d = np.asarray(direction, dtype=np.float64)
+    rounded = np.rint(d)
+    if not np.allclose(d, rounded, atol=1e-3) or sorted(np.abs(rounded).sum(axis=0)) != [1, 1, 1]:
+        return array, spacing
+    # array axes are (slice, row, col) = direction columns (2, 1, 0); patient axis of each:
+    axis_of_index = [int(np.argmax(np.abs(rounded[:, c]))) for c in (2, 1, 0)]
+    signs = [float(rounded[axis_of_index[i], c]) for i, c in enumerate((2, 1, 0))]
+    # Target order (slice, row, col) = patient (z, y, x) = axes (2, 1, 0).
+    order = [axis_of_index.index(p) for p in (2, 1, 0)]
+    out = np.transpose(array, order)
+    for target, source in enumerate(order):
+        if signs[source] < 0:
+            out = np.flip(out, axis=target)
+    return out, tuple(float(spacing[i]) for i in order)  # type: ignore[return-value]
+
+
+def estimator_input(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float],
+                    direction: np.ndarray | None = None) -> np.ndarray:
+    """The network input for one mask: ``(2, GRID, GRID, GRID)`` float32.
+
+    Args:
+        image: ``(slices, rows, cols)`` in HU.
+        mask: Boolean mask, same shape, not empty.
+        spacing: ``(slice, row, col)`` in mm.
+        direction: The volume's direction matrix (columns: column, row, slice index vectors);
+            None for axial LPS.
+
+    Raises:
+        ValueError: Shapes differ or the mask is empty.
+    """
+    if image.shape != mask.shape or image.ndim != 3:
+        raise ValueError(f"image {image.shape} and mask {mask.shape} must be the same 3D shape")
+    if not mask.any():
+        raise ValueError("the estimator needs a non-empty mask")
+    image, canonical_spacing = _canonical(image, direction, spacing)
+    mask, _ = _canonical(mask, direction, spacing)
+    coords = np.argwhere(mask)
+    centre = (coords.min(axis=0) + coords.max(axis=0)) / 2.0
+    size = [max(1, int(round(BOX_MM / s))) for s in canonical_spacing]
+    low = [int(round(c - n / 2.0)) for c, n in zip(centre, size, strict=True)]
+    src = tuple(slice(max(0, lo), min(dim, lo + n)) for lo, n, dim in zip(low, size, image.shape, strict=True))
+    pad = [(max(0, -lo), max(0, lo + n - dim)) for lo, n, dim in zip(low, size, image.shape, strict=True)]
+    lo_hu, hi_hu = WINDOW_HU
+    windowed = np.clip((image[src].astype(np.float32) - lo_hu) / (hi_hu - lo_hu), 0.0, 1.0)
+    windowed = np.pad(windowed, pad, constant_values=0.0)  # air outside the image
+    fraction = np.pad(mask[src].astype(np.float32), pad, constant_values=0.0)
+    stacked = torch.from_numpy(np.stack([windowed, fraction]))[None]
+    resized = F.interpolate(stacked, size=(GRID, GRID, GRID), mode="area")
+    return resized[0].numpy().astype(np.float32)
+
+
+class QualityEstimator:
+    """The trained estimator: predicts the Dice of a mask from (image, mask)."""
+
+    def __init__(self, network: torch.nn.Module, card: dict[str, Any]) -> None:
+        self.network = network.eval()
+        self.card = card
+        self.version = str(card.get("version", "0"))
+        self._lock = threading.Lock()
+
+    def predict_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        """Predicted Dice for a batch of :func:`estimator_input` arrays ``(n, 2, GRID, GRID, GRID)``."""
+        with self._lock, torch.inference_mode():
+            logits = self.network(torch.as_tensor(inputs, dtype=torch.float32))
+        return torch.sigmoid(logits).reshape(-1).numpy().astype(np.float64)
+
+    def predict(self, image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float],
+                direction: np.ndarray | None = None) -> float:
+        """Predicted Dice of ``mask`` on ``image`` (0.0 for an empty mask)."""
+        if not mask.any():
+            return 0.0
+        return float(self.predict_inputs(estimator_input(image, mask, spacing, direction)[None])[0])
+
+
+_cache: dict[Path, QualityEstimator] = {}
+_cache_lock = threading.Lock()
+
+
+def load_estimator(folder: Path | None = None) -> QualityEstimator:
+    """Load (once per process) the estimator in ``folder`` (default: the shipped one).
+
+    Raises:
+        ModelError: The folder lacks ``model.pt`` or ``card.json``, or they do not load.
+    """
+    folder = Path(folder) if folder is not None else ESTIMATOR_DIR
+    with _cache_lock:
+        if folder in _cache:
+            return _cache[folder]
+        card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
+        if not card_path.is_file() or not weights_path.is_file():
+            raise ModelError(f"QC estimator not found in {folder} (needs {CARD_FILE} and {WEIGHTS_FILE}); "
+                             "run `sentinel train-demo qc-estimator`")
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+            network = build_estimator_network(card.get("architecture"))
+            network.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ModelError(f"cannot load the QC estimator from {folder}: {exc}") from exc
+        estimator = QualityEstimator(network, card)
+        _cache[folder] = estimator
+        log.debug("qc estimator loaded", folder=str(folder), version=estimator.version)
+        return estimator
+
+
+def clear_estimator_cache() -> None:
+    """Forget loaded estimators (tests, retraining)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def estimator_signal(predicted_dice: float) -> Signal:
+    """The estimator's signal: fires (QC030 "Low predicted Dice") below a predicted Dice of 0.7."""
+    subscore = ramp(predicted_dice, PREDICTED_DICE_LOW, PREDICTED_DICE_HIGH)
+    return Signal("predicted_dice", float(predicted_dice), subscore, Reason.LOW_PREDICTED_DICE)

@@ -1,0 +1,268 @@
+"""Fitted fusion of the QC signals: one score that reads as P(Dice >= 0.7).
+
+The fusion is a logistic regression on monotone transforms of the signals, fitted on a
+calibration set of phantom cases (:mod:`pacs_sentinel.qc.calibrate`), with every weight
+constrained to be non-negative: each transform grows with the signal's "goodness", so a
+strictly worse signal can never raise the score (monotonicity, tested). Transforms:
+
+- ``"logit"``: ``logit(value)`` for signals where higher is better (predicted Dice, sample
+  Dice, mean probability, largest-component share, roundness), clipped to [0.01, 0.99];
+- ``"logit-complement"``: ``logit(1 - value)`` for shares where higher is worse (entropy,
+  holes, border contact);
+- ``"log-subscore"``: ``log(subscore)``, clipped at 0.02, for the input-image checks.
+
+Two models are fitted: ``with-uncertainty`` (the own-model path with MC-dropout/TTA samples)
+and ``without-uncertainty`` (no samples, e.g. a third-party SEG); a result uses the most
+complete model whose features it has, missing features counting as neutral.
+
+*Out-of-range* checks (volume outside the model card's range, implausible location) are not
+failure predictions but policy: the model was never validated there, so a result they flag goes
+to review whatever its score (:func:`policy_reasons`), while the score stays a calibrated
+probability. Signals the calibration never saw (e.g. an agreement signal) keep the product rule:
+the calibrated probability is multiplied by their fusion factor. The model, its calibration
+curve and the QC version it belongs to are one JSON file, ``qc/models/fusion.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pacs_sentinel.errors import ModelError
+from pacs_sentinel.qc.heuristics import Signal
+from pacs_sentinel.results import Reason
+
+#: The shipped fusion model.
+FUSION_FILE = Path(__file__).resolve().parent / "models" / "fusion.json"
+#: Dice at or above which a mask is acceptable (DESIGN.md); the score is P(Dice >= this).
+ACCEPTABLE_DICE = 0.7
+#: Reasons of out-of-range checks: a result they flag goes to review whatever its score.
+POLICY_REASONS = (Reason.VOLUME_ANOMALY, Reason.IMPLAUSIBLE_LOCATION)
+#: Transform of each signal the fusion can use.
+SIGNAL_TRANSFORMS: dict[str, str] = {
+    "predicted_dice": "logit",
+    "sample_dice": "logit",
+    "mask_entropy": "logit-complement",
+    "mean_probability": "logit",
+    "largest_component_share": "logit",
+    "roundness": "logit",
+    "hole_share": "logit-complement",
+    "border_contact_share": "logit-complement",
+    "noise_hu": "log-subscore",
+    "edge_width_px": "log-subscore",
+    "metal_ml": "log-subscore",
+    "air_level_hu": "log-subscore",
+    "out_of_range_share": "log-subscore",
+    "contrast_range_hu": "log-subscore",
+    "truncated_slice_share": "log-subscore",
+}
+UNCERTAINTY_SIGNALS = ("sample_dice", "mask_entropy")
+_LOGIT_CLIP = 0.01
+_SUBSCORE_CLIP = 0.02
+
+
+def policy_reasons(signals: list[Signal]) -> list[Reason]:
+    """The out-of-range checks that fired: each sends the result to review on its own."""
+    return list(dict.fromkeys(s.reason for s in signals if s.reason in POLICY_REASONS and s.fired))
+
+
+def transform(kind: str, value: float, subscore: float) -> float:
+    """The fusion feature of one signal (grows with the signal's goodness).
+
+    Raises:
+        ValueError: Unknown transform.
+    """
+    if kind == "logit":
+        p = min(1.0 - _LOGIT_CLIP, max(_LOGIT_CLIP, value))
+        return math.log(p / (1.0 - p))
+    if kind == "logit-complement":
+        p = min(1.0 - _LOGIT_CLIP, max(_LOGIT_CLIP, 1.0 - value))
+        return math.log(p / (1.0 - p))
+    if kind == "log-subscore":
+        return math.log(max(_SUBSCORE_CLIP, subscore))
+    raise ValueError(f"unknown fusion transform {kind!r}")
+
+
+def best_feature(kind: str) -> float:
+    """The feature of a perfect signal (neutral value for a missing one)."""
+    return transform(kind, 1.0, 1.0) if kind == "logit" else transform(kind, 0.0, 1.0)
+
+
+@dataclass
+class LogisticModel:
+    """``sigmoid(intercept + sum(weight * feature))`` over named signals, weights >= 0."""
+
+    name: str
+    features: list[str]
+    weights: list[float]
+    intercept: float
+
+    def feature_vector(self, signals: dict[str, Signal]) -> np.ndarray:
+        """Features of ``signals`` in model order; a missing signal counts as perfect."""
+        return np.array([
+            transform(SIGNAL_TRANSFORMS[f], signals[f].value, signals[f].subscore) if f in signals
+            else best_feature(SIGNAL_TRANSFORMS[f])
+            for f in self.features
+        ])
+
+    def probability(self, signals: dict[str, Signal]) -> float:
+        """The calibrated probability for these signals."""
+        z = self.intercept + float(np.dot(self.weights, self.feature_vector(signals)))
+        return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+
+    def contributions(self, signals: dict[str, Signal]) -> dict[str, float]:
+        """How much each present feature lowers the logit against a perfect signal (<= 0)."""
+        x = self.feature_vector(signals)
+        return {f: w * (xi - best_feature(SIGNAL_TRANSFORMS[f]))
+                for f, w, xi in zip(self.features, self.weights, x, strict=True) if f in signals}
+
+
+@dataclass
+class FusionModel:
+    """The fitted fusion of one QC version (``qc/models/fusion.json``)."""
+
+    qc_version: str
+    models: list[LogisticModel]
+    calibration: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def choose(self, signals: dict[str, Signal]) -> LogisticModel:
+        """The most complete model whose features are all present; else the smallest one."""
+        complete = [m for m in self.models if all(f in signals for f in m.features)]
+        if complete:
+            return max(complete, key=lambda m: len(m.features))
+        return min(self.models, key=lambda m: len(m.features))
+
+    def score(self, signals: list[Signal]) -> tuple[float, LogisticModel]:
+        """The fused score of one segment's signals and the model that produced it."""
+        by_name = {s.name: s for s in signals}
+        model = self.choose(by_name)
+        score = model.probability(by_name)
+        for signal in signals:
+            if signal.name not in SIGNAL_TRANSFORMS and signal.reason not in POLICY_REASONS:
+                score *= signal.fusion_factor
+        return score, model
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "qc_version": self.qc_version,
+            "target": f"P(Dice >= {ACCEPTABLE_DICE})",
+            "policy_reasons": [r.value.value for r in POLICY_REASONS],
+            "transforms": SIGNAL_TRANSFORMS,
+            "models": [{"name": m.name, "features": m.features, "weights": [round(w, 6) for w in m.weights],
+                        "intercept": round(m.intercept, 6)} for m in self.models],
+            "calibration": self.calibration,
+            "info": self.info,
+        }
+
+    def save(self, path: Path) -> None:
+        """Write the model as JSON (atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def load_fusion(path: Path | None = None, *, qc_version: str | None = None) -> FusionModel:
+    """Read a fusion model.
+
+    Args:
+        path: JSON file; default the shipped ``qc/models/fusion.json``.
+        qc_version: When given, the file must belong to this QC version.
+
+    Raises:
+        ModelError: Missing or invalid file, unknown signal, or another QC version.
+    """
+    path = Path(path) if path is not None else FUSION_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        models = [LogisticModel(m["name"], list(m["features"]), [float(w) for w in m["weights"]], float(m["intercept"]))
+                  for m in data["models"]]
+        fusion = FusionModel(str(data["qc_version"]), models, data.get("calibration", {}), data.get("info", {}))
+    except FileNotFoundError:
+        raise ModelError(f"QC fusion model not found: {path}; run `sentinel train-demo qc-fusion`") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"invalid QC fusion model {path}: {exc}") from exc
+    for model in fusion.models:
+        unknown = [f for f in model.features if f not in SIGNAL_TRANSFORMS]
+        if unknown or len(model.weights) != len(model.features) or min(model.weights, default=0.0) < 0:
+            raise ModelError(f"invalid QC fusion model {path}: model {model.name!r} has unknown features {unknown} "
+                             "or negative / missing weights")
+    if not fusion.models:
+        raise ModelError(f"invalid QC fusion model {path}: no models")
+    if qc_version is not None and fusion.qc_version != qc_version:
+        raise ModelError(f"QC fusion model {path} is for QC {fusion.qc_version}, this is QC {qc_version}; "
+                         "run `sentinel train-demo qc-fusion`")
+    return fusion
+
+
+def fit_logistic(name: str, features: list[str], rows: list[dict[str, Signal]], acceptable: np.ndarray,
+                 l2: float = 1e-2) -> LogisticModel:
+    """Fit a non-negative-weight logistic regression of ``acceptable`` on the signals' features.
+
+    Features are standardised for the fit (a positive scale keeps weights non-negative) and
+    the L2 penalty (``l2`` per case) keeps the fit stable when a feature separates the
+    classes. Solved with SciPy's L-BFGS-B with bounds.
+
+    Raises:
+        ValueError: No rows, or only one class.
+    """
+    from scipy.optimize import minimize
+
+    y = np.asarray(acceptable, dtype=np.float64)
+    if len(rows) == 0 or y.min() == y.max():
+        raise ValueError(f"fusion model {name!r} needs both acceptable and failed cases (got {len(rows)} rows)")
+    probe = LogisticModel(name, features, [0.0] * len(features), 0.0)
+    x = np.stack([probe.feature_vector(r) for r in rows])
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std[std < 1e-9] = np.inf  # a constant feature gets weight 0
+    xs = (x - mean) / std
+    n = len(y)
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        z = theta[0] + xs @ theta[1:]
+        p = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+        nll = np.sum(np.logaddexp(0.0, z) - y * z) / n + 0.5 * l2 * np.sum(theta[1:] ** 2)
+        grad = np.concatenate([[np.sum(p - y) / n], xs.T @ (p - y) / n + l2 * theta[1:]])
+        return float(nll), grad
+
+    bounds = [(None, None)] + [(0.0, None)] * len(features)
+    result = minimize(loss, np.zeros(len(features) + 1), jac=True, bounds=bounds, method="L-BFGS-B")
+    weights = result.x[1:] / std
+    intercept = float(result.x[0] - np.sum(result.x[1:] * mean / std))
+    return LogisticModel(name, list(features), [float(max(0.0, w)) for w in weights], intercept)
+
+
+def calibration_curve(fusion: FusionModel) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration set's cross-validated scores and failure flags (Dice < 0.7).
+
+    Raises:
+        ModelError: The fusion model carries no calibration curve.
+    """
+    scores, dice = fusion.calibration.get("scores"), fusion.calibration.get("dice")
+    if not scores or not dice or len(scores) != len(dice):
+        raise ModelError("the QC fusion model carries no calibration curve; run `sentinel train-demo qc-fusion`")
+    return np.asarray(scores, dtype=np.float64), np.asarray(dice, dtype=np.float64) < ACCEPTABLE_DICE
+
+
+def calibrated_threshold(fusion: FusionModel, *, target_review_rate: float | None = None,
+                         max_risk: float | None = None):
+    """The operating point of a target review rate or a maximum risk on the calibration curve.
+
+    Returns:
+        :class:`~pacs_sentinel.qc.metrics.OperatingPoint`.
+
+    Raises:
+        ModelError: No calibration curve. ValueError: not exactly one target.
+    """
+    from pacs_sentinel.qc.metrics import derive_threshold
+
+    scores, failed = calibration_curve(fusion)
+    return derive_threshold(scores, failed, target_review_rate=target_review_rate, max_risk=max_risk)

@@ -1,0 +1,169 @@
+"""Failure-detection metrics, the way the literature measures an error detector.
+
+Scores follow the QC convention: higher = more trustworthy. A *failure* is a case whose
+Dice is below 0.7 (DESIGN.md's "acceptable"); the detector is good when failures get low scores.
+
+- :func:`auroc`: AUROC of the score for separating failures (lower score = more suspicious).
+- :func:`risk_coverage`, :func:`aurc`: cases sorted by score, most trusted first; the risk at
+  coverage k/n is the mean risk of the k most trusted (risk = failure indicator or 1 - Dice).
+  AURC is its mean; the normalized AURC (:func:`normalized_aurc`) scales it between the
+  oracle (0) and a random ranking (1).
+- :func:`derive_threshold`: the operating point of a target review rate or a maximum risk
+  among accepted cases on a calibration set's risk-coverage curve.
+- :func:`expected_calibration_error`: ECE of probabilities against binary outcomes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import rankdata, spearmanr
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """AUROC of ``-scores`` for ``positive`` (Mann-Whitney U, ties count half); NaN with one class."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    pos, neg = int(positive.sum()), int((~positive).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    ranks = rankdata(-scores)
+    return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation; NaN when either is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def risk_coverage(scores: np.ndarray, risks: np.ndarray) -> np.ndarray:
+    """Mean risk of the k most trusted cases for k = 1..n (ties: expectation over orderings)."""
+    scores, risks = np.asarray(scores, dtype=np.float64), np.asarray(risks, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    s, r = scores[order], risks[order]
+    cumulative = np.empty(len(s))
+    done, before = 0, 0.0
+    while done < len(s):
+        end = done
+        while end < len(s) and s[end] == s[done]:
+            end += 1
+        rate = r[done:end].mean()
+        cumulative[done:end] = before + rate * np.arange(1, end - done + 1)
+        before += r[done:end].sum()
+        done = end
+    return cumulative / np.arange(1, len(s) + 1)
+
+
+def aurc(scores: np.ndarray, risks: np.ndarray) -> float:
+    """Area under the risk-coverage curve (mean risk over the n coverages); lower is better."""
+    return float(risk_coverage(scores, risks).mean()) if len(scores) else float("nan")
+
+
+def normalized_aurc(scores: np.ndarray, risks: np.ndarray) -> float:
+    """``(AURC - oracle) / (random - oracle)``: 0 = perfect ranking, 1 = random; NaN when degenerate."""
+    risks = np.asarray(risks, dtype=np.float64)
+    oracle = aurc(-risks, risks)
+    random = float(risks.mean())
+    if random - oracle <= 1e-12:
+        return float("nan")
+    return (aurc(scores, risks) - oracle) / (random - oracle)
+
+
+def sensitivity_at_review_rate(scores: np.ndarray, failed: np.ndarray, review_rate: float) -> float:
+    """Share of failures among the ``review_rate`` least trusted cases (ties broken pessimistically)."""
+    scores, failed = np.asarray(scores, dtype=np.float64), np.asarray(failed, dtype=bool)
+    if not failed.any():
+        return float("nan")
+    k = int(round(review_rate * len(scores)))
+    order = np.lexsort((~failed, scores))  # lowest scores first; among ties, good cases first
+    return float(failed[order[:k]].sum() / failed.sum())
+
+
+def expected_calibration_error(probabilities: np.ndarray, outcomes: np.ndarray, bins: int = 10) -> float:
+    """ECE: bin-weighted mean |mean probability - outcome rate| over equal-width bins."""
+    p, y = np.asarray(probabilities, dtype=np.float64), np.asarray(outcomes, dtype=np.float64)
+    if len(p) == 0:
+        return float("nan")
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            total += members.sum() * abs(p[members].mean() - y[members].mean())
+    return float(total / len(p))
+
+
+def reliability_bins(probabilities: np.ndarray, outcomes: np.ndarray, bins: int = 10) -> list[tuple[float, float, int]]:
+    """(mean probability, outcome rate, count) per non-empty equal-width bin."""
+    p, y = np.asarray(probabilities, dtype=np.float64), np.asarray(outcomes, dtype=np.float64)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    return [(float(p[index == b].mean()), float(y[index == b].mean()), int((index == b).sum()))
+            for b in range(bins) if (index == b).any()]
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A verdict threshold and what it does on a set of cases."""
+
+    threshold: float
+    n: int
+    coverage: float
+    review_rate: float
+    risk: float
+    sensitivity: float
+
+    def describe(self) -> str:
+        """One line for people."""
+        return (f"threshold {self.threshold:.4f}: review rate {100 * self.review_rate:.1f} %, coverage "
+                f"{100 * self.coverage:.1f} %, failures among accepted {100 * self.risk:.1f} %, failures caught "
+                f"{'n/a' if np.isnan(self.sensitivity) else f'{100 * self.sensitivity:.1f} %'} (n = {self.n})")
+
+
+def operating_point(scores: np.ndarray, failed: np.ndarray, threshold: float) -> OperatingPoint:
+    """What ``score >= threshold`` (accept) does on these cases."""
+    scores, failed = np.asarray(scores, dtype=np.float64), np.asarray(failed, dtype=bool)
+    accepted = scores >= threshold
+    n = len(scores)
+    risk = float(failed[accepted].mean()) if accepted.any() else 0.0
+    sensitivity = float((failed & ~accepted).sum() / failed.sum()) if failed.any() else float("nan")
+    return OperatingPoint(float(threshold), n, float(accepted.mean()) if n else 0.0,
+                          float((~accepted).mean()) if n else 0.0, risk, sensitivity)
+
+
+def derive_threshold(scores: np.ndarray, failed: np.ndarray, *, target_review_rate: float | None = None,
+                     max_risk: float | None = None) -> OperatingPoint:
+    """The verdict threshold for a target review rate or a maximum risk among accepted cases.
+
+    Candidate thresholds are the distinct scores and 1.0 (accept only perfect scores).
+
+    - ``target_review_rate``: the lowest threshold that sends at least that share to review;
+    - ``max_risk``: the lowest threshold (largest coverage) at which the failure rate among
+      accepted cases is at most ``max_risk``; 1.0 when no threshold reaches it.
+
+    Raises:
+        ValueError: Not exactly one of the two given, a value out of range, or no cases.
+    """
+    if (target_review_rate is None) == (max_risk is None):
+        raise ValueError("give exactly one of target_review_rate and max_risk")
+    scores, failed = np.asarray(scores, dtype=np.float64), np.asarray(failed, dtype=bool)
+    if len(scores) == 0:
+        raise ValueError("no calibration cases to derive a threshold from")
+    candidates = np.unique(np.concatenate([scores, [1.0]]))  # ascending
+    if target_review_rate is not None:
+        if not 0.0 <= target_review_rate <= 1.0:
+            raise ValueError(f"target_review_rate must be in [0, 1], got {target_review_rate}")
+        for t in candidates:
+            if np.mean(scores < t) >= target_review_rate - 1e-12:
+                return operating_point(scores, failed, float(t))
+        return operating_point(scores, failed, float(candidates[-1]))
+    assert max_risk is not None
+    if not 0.0 <= max_risk <= 1.0:
+        raise ValueError(f"max_risk must be in [0, 1], got {max_risk}")
+    for t in candidates:
+        accepted = scores >= t
+        if not accepted.any() or failed[accepted].mean() <= max_risk + 1e-12:
+            return operating_point(scores, failed, float(t))
+    return operating_point(scores, failed, 1.0)

@@ -1,0 +1,245 @@
+"""Training of the learned confidence estimator (``sentinel train-demo qc-estimator``).
+
+Data: the demo organ-seg model's own predictions on phantoms it was never trained on
+(:mod:`pacs_sentinel.qc.cases`), on clean and corrupted images, plus perturbed copies of those
+masks and (``truth_share``) of the ground truth, and the ground truth itself; label: the Dice
+against the phantom's ground truth. The families in
+:data:`~pacs_sentinel.qc.corruptions.HELD_OUT_FAMILIES` are never drawn, and empty masks are
+left out (QC scores an empty mask 0 by rule). Seeded end to end (phantoms, corruptions,
+perturbations, torch), CPU-friendly: a few minutes on one thread.
+
+The network (:func:`~pacs_sentinel.qc.estimator.build_estimator_network`) regresses the Dice
+through a sigmoid with a mean-squared-error loss, Adam, one-cycle learning rate; the epoch with
+the lowest validation MAE is kept. The card records the recipe, the seeds, the families and
+the validation metrics (MAE, Spearman, AUROC of predicted Dice for Dice < 0.7).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from tqdm import tqdm
+
+from pacs_sentinel.qc.cases import (
+    ESTIMATOR_TRAIN_SEED_OFFSET,
+    ESTIMATOR_VAL_SEED_OFFSET,
+    QCCase,
+    draw_cases,
+    seeds_for,
+)
+from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, IMAGE_FAMILIES, MASK_FAMILIES
+from pacs_sentinel.qc.estimator import (
+    BOX_MM,
+    CARD_FILE,
+    ESTIMATOR_ARCHITECTURE,
+    ESTIMATOR_DIR,
+    GRID,
+    WEIGHTS_FILE,
+    WINDOW_HU,
+    QualityEstimator,
+    build_estimator_network,
+    clear_estimator_cache,
+)
+from pacs_sentinel.qc.metrics import auroc, spearman
+
+log = structlog.get_logger(__name__)
+
+ESTIMATOR_VERSION = "1.0.0"
+#: Recipe of the shipped estimator; the card records it.
+ESTIMATOR_RECIPE: dict[str, Any] = {
+    "n_train": 200,
+    "n_val": 36,
+    "perturbations_per_image": 5,
+    "truth_share": 0.3,
+    "epochs": 40,
+    "patience": 10,
+    "batch_size": 16,
+    "learning_rate": 3e-3,
+    "weight_decay": 1e-4,
+    "intensity_jitter": 0.05,
+    "segmentation_model": "demo:organ-seg",
+}
+
+
+def training_image_families() -> list[str]:
+    """Image families the estimator learns from: all but the held-out ones, clean twice as often."""
+    families = [f for f in IMAGE_FAMILIES if f not in HELD_OUT_FAMILIES]
+    return ["clean", *families]
+
+
+def training_mask_families() -> list[str]:
+    """Mask families the estimator learns from: all but the held-out ones and ``"empty"``."""
+    return [f for f in MASK_FAMILIES if f not in HELD_OUT_FAMILIES and f != "empty"]
+
+
+def _arrays(cases: list[QCCase]) -> tuple[torch.Tensor, torch.Tensor]:
+    usable = [c for c in cases if c.inputs is not None]
+    x = torch.from_numpy(np.stack([c.inputs for c in usable]).astype(np.float32))
+    y = torch.tensor([c.dice for c in usable], dtype=torch.float32)
+    return x, y
+
+
+def _augment(batch: torch.Tensor, jitter: float) -> torch.Tensor:
+    """Flips that keep the image-mask relation (head-feet, front-back; never left-right, where the
+    organ's side is information) and a global intensity jitter of the image channel."""
+    out = batch.clone()
+    n = len(out)
+    for axis in (2, 3):  # (batch, channel, z, y, x): z and y
+        flip = torch.rand(n) < 0.5
+        out[flip] = torch.flip(out[flip], dims=(axis,))
+    scale = 1 + torch.empty(n, 1, 1, 1).uniform_(-jitter, jitter)
+    shift = torch.empty(n, 1, 1, 1).uniform_(-jitter, jitter)
+    out[:, 0] = (out[:, 0] * scale + shift).clamp(0.0, 1.0)
+    return out
+
+
+def _predict(network: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> np.ndarray:
+    network.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            out.append(torch.sigmoid(network(x[i:i + batch])).reshape(-1))
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def _validation_metrics(predicted: np.ndarray, dice: np.ndarray) -> dict[str, float]:
+    failed = dice < 0.7
+    return {
+        "n": int(len(dice)),
+        "failures": int(failed.sum()),
+        "mae": round(float(np.mean(np.abs(predicted - dice))), 4),
+        "spearman": round(spearman(predicted, dice), 4),
+        "auroc_failure": round(auroc(predicted, failed), 4),
+    }
+
+
+def train_estimator(out_dir: Path | None = None, *, seed: int = 0, epochs: int | None = None, progress: bool = True,
+                    n_train: int | None = None, n_val: int | None = None, model=None) -> dict[str, Any]:
+    """Train the confidence estimator and write ``model.pt`` + ``card.json``.
+
+    Args:
+        out_dir: Folder to write into; default the shipped ``qc/models/estimator/``.
+        seed: Seeds torch and the phantom sets (``seed * 1_000_000 + offset + i``).
+        epochs: Maximum epochs (default from the recipe).
+        progress: tqdm progress bars.
+        n_train, n_val: Phantoms for training / validation (smoke tests).
+        model: Segmentation model whose predictions are judged; default ``demo:organ-seg``.
+
+    Returns:
+        The card's ``metrics`` (validation MAE, Spearman, AUROC).
+    """
+    from pacs_sentinel.inference.models import load_segmentation_model
+
+    recipe = dict(ESTIMATOR_RECIPE)
+    for key, value in (("epochs", epochs), ("n_train", n_train), ("n_val", n_val)):
+        if value is not None:
+            recipe[key] = int(value)
+    out_dir = Path(out_dir) if out_dir is not None else ESTIMATOR_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    if model is None:
+        model = load_segmentation_model(recipe["segmentation_model"], device="cpu")
+    images, masks = training_image_families(), training_mask_families()
+    common = dict(perturbations_per_image=recipe["perturbations_per_image"], truth_share=recipe["truth_share"],
+                  collect_inputs=True, progress=progress)
+    train = draw_cases(model, seeds_for(ESTIMATOR_TRAIN_SEED_OFFSET, recipe["n_train"], seed), images, masks,
+                       desc="estimator: training cases", **common)
+    val = draw_cases(model, seeds_for(ESTIMATOR_VAL_SEED_OFFSET, recipe["n_val"], seed), images, masks,
+                     desc="estimator: validation cases", **common)
+    x, y = _arrays(train)
+    x_val, y_val = _arrays(val)
+
+    network = build_estimator_network()
+    optimiser = torch.optim.Adam(network.parameters(), lr=recipe["learning_rate"], weight_decay=recipe["weight_decay"])
+    batch = recipe["batch_size"]
+    steps = max(1, int(np.ceil(len(x) / batch)))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=recipe["learning_rate"],
+                                                    total_steps=max(2, steps * recipe["epochs"]))
+    bar = tqdm(total=steps * recipe["epochs"], desc="estimator: train", disable=not progress, unit="step")
+    best_mae, best_epoch, best_state, stale, history = np.inf, 0, copy.deepcopy(network.state_dict()), 0, []
+    for epoch in range(1, recipe["epochs"] + 1):
+        network.train()
+        order = rng.permutation(len(x))
+        losses = []
+        for step in range(steps):
+            index = torch.as_tensor(order[step * batch:(step + 1) * batch])
+            optimiser.zero_grad()
+            predicted = torch.sigmoid(network(_augment(x[index], recipe["intensity_jitter"]))).reshape(-1)
+            loss = torch.mean((predicted - y[index]) ** 2)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            losses.append(float(loss.item()))
+            bar.update(1)
+        val_mae = float(np.mean(np.abs(_predict(network, x_val) - y_val.numpy())))
+        history.append({"epoch": epoch, "loss": round(float(np.mean(losses)), 5), "val_mae": round(val_mae, 4)})
+        bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", val_mae=f"{val_mae:.4f}")
+        if val_mae < best_mae - 1e-4:
+            best_mae, best_epoch, best_state, stale = val_mae, epoch, copy.deepcopy(network.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= recipe["patience"]:
+                break
+    bar.close()
+    network.load_state_dict(best_state)
+    network.eval()
+    metrics = {"validation": _validation_metrics(_predict(network, x_val), y_val.numpy()),
+               "training": _validation_metrics(_predict(network, x), y.numpy())}
+    card = {
+        "name": "qc-estimator",
+        "version": ESTIMATOR_VERSION,
+        "task": "predict the Dice of a liver mask from (image, mask)",
+        "architecture": dict(ESTIMATOR_ARCHITECTURE),
+        "input": {"box_mm": BOX_MM, "grid": GRID, "window_hu": list(WINDOW_HU),
+                  "channels": ["image windowed to [0, 1]", "mask voxel fraction"]},
+        "training": {
+            "seed": seed,
+            **recipe,
+            "image_families": images,
+            "mask_families": masks,
+            "held_out_families": list(HELD_OUT_FAMILIES),
+            "train_seeds": _span(seeds_for(ESTIMATOR_TRAIN_SEED_OFFSET, recipe["n_train"], seed)),
+            "val_seeds": _span(seeds_for(ESTIMATOR_VAL_SEED_OFFSET, recipe["n_val"], seed)),
+            "n_train_cases": int(len(x)),
+            "n_val_cases": int(len(x_val)),
+            "loss": "mean squared error of sigmoid output against the Dice",
+            "augmentation": "random flips head-feet and front-back, image intensity scale/shift",
+            "optimiser": "Adam, one-cycle learning rate",
+            "epochs_run": len(history),
+            "best_epoch": best_epoch,
+            "history": history,
+            "date": dt.date.today().isoformat(),
+            "seconds": round(time.perf_counter() - started, 1),
+            "torch": torch.__version__,
+        },
+        "metrics": metrics,
+    }
+    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
+    torch.save(network.state_dict(), tmp)
+    os.replace(tmp, out_dir / WEIGHTS_FILE)
+    tmp = out_dir / (CARD_FILE + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / CARD_FILE)
+    clear_estimator_cache()
+    log.info("qc estimator trained", out_dir=str(out_dir), **metrics["validation"])
+    return metrics
+
+
+def _span(seeds: list[int]) -> str:
+    return f"{seeds[0]}..{seeds[-1]}" if seeds else ""
+
+
+def estimator_from(network: torch.nn.Module) -> QualityEstimator:
+    """Wrap a network as an estimator (tests)."""
+    return QualityEstimator(network, {"version": "test", "architecture": dict(ESTIMATOR_ARCHITECTURE)})

@@ -1,0 +1,136 @@
+"""The fitted fusion: monotone, calibrated as a probability, stored with its QC version."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pacs_sentinel.errors import ModelError
+from pacs_sentinel.qc.evaluate import QC_VERSION, shipped_fusion
+from pacs_sentinel.qc.fusion import (
+    SIGNAL_TRANSFORMS,
+    FusionModel,
+    LogisticModel,
+    fit_logistic,
+    load_fusion,
+    policy_reasons,
+)
+from pacs_sentinel.qc.heuristics import Signal
+from pacs_sentinel.results import Reason
+
+#: A plausible good segment: (value, subscore) per signal.
+GOOD = {
+    "predicted_dice": (0.93, 1.0), "sample_dice": (0.95, 1.0), "mask_entropy": (0.08, 1.0),
+    "mean_probability": (0.95, 1.0), "largest_component_share": (0.99, 1.0), "roundness": (0.8, 1.0),
+    "hole_share": (0.0, 1.0), "border_contact_share": (0.0, 1.0), "noise_hu": (15.0, 1.0),
+    "edge_width_px": (3.0, 1.0), "metal_ml": (0.0, 1.0), "air_level_hu": (-1000.0, 1.0),
+    "out_of_range_share": (0.0, 1.0), "contrast_range_hu": (1000.0, 1.0), "truncated_slice_share": (0.0, 1.0),
+    "volume_ml": (1300.0, 1.0), "left_share": (0.12, 1.0),
+}
+HIGHER_IS_WORSE = {"mask_entropy", "hole_share", "border_contact_share"}
+
+
+def _signals(overrides: dict[str, tuple[float, float]] | None = None, drop: tuple[str, ...] = ()) -> list[Signal]:
+    values = {**GOOD, **(overrides or {})}
+    reasons = {"volume_ml": Reason.VOLUME_ANOMALY, "left_share": Reason.IMPLAUSIBLE_LOCATION,
+               "predicted_dice": Reason.LOW_PREDICTED_DICE}
+    return [Signal(name, v, s, reasons.get(name, Reason.SHAPE_IRREGULARITY)) for name, (v, s) in values.items()
+            if name not in drop]
+
+
+def _worse(name: str, value: float, subscore: float, step: float) -> tuple[float, float]:
+    if SIGNAL_TRANSFORMS.get(name) == "log-subscore" or name not in SIGNAL_TRANSFORMS:
+        return value, max(0.0, subscore - step)
+    if name in HIGHER_IS_WORSE:
+        return min(1.0, value + step), max(0.0, subscore - step)
+    return max(0.0, value - step), max(0.0, subscore - step)
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_a_strictly_worse_signal_never_raises_the_score(name: str) -> None:
+    fusion = shipped_fusion()
+    rng = np.random.default_rng(sum(map(ord, name)))
+    for _ in range(30):
+        # A random, partly bad starting point, then the one signal made worse step by step.
+        start = {n: _worse(n, v, s, float(rng.uniform(0, 0.6))) for n, (v, s) in GOOD.items()}
+        value, subscore = start[name]
+        previous = fusion.score(_signals(start))[0]
+        for _ in range(5):
+            value, subscore = _worse(name, value, subscore, 0.15)
+            score = fusion.score(_signals({**start, name: (value, subscore)}))[0]
+            assert score <= previous + 1e-12, (name, value, subscore)
+            previous = score
+
+
+def test_shipped_fusion_belongs_to_this_qc_version_and_has_non_negative_weights() -> None:
+    fusion = shipped_fusion()
+    assert fusion.qc_version == QC_VERSION
+    names = {m.name for m in fusion.models}
+    assert names == {"with-uncertainty", "without-uncertainty"}
+    for model in fusion.models:
+        assert min(model.weights) >= 0.0
+        assert "predicted_dice" in model.features
+    assert fusion.calibration["scores"] and len(fusion.calibration["scores"]) == len(fusion.calibration["dice"])
+
+
+def test_good_signals_score_high_and_bad_ones_low() -> None:
+    fusion = shipped_fusion()
+    good, model = fusion.score(_signals())
+    assert model.name == "with-uncertainty" and good > 0.8
+    without, model = fusion.score(_signals(drop=("sample_dice", "mask_entropy")))
+    assert model.name == "without-uncertainty" and without > 0.8
+    bad = fusion.score(_signals({"predicted_dice": (0.3, 0.0), "sample_dice": (0.6, 0.0),
+                                 "mean_probability": (0.6, 0.2), "roundness": (0.4, 0.0)}))[0]
+    assert bad < 0.3
+
+
+def test_out_of_range_checks_send_to_review_and_unknown_signals_multiply_the_score() -> None:
+    fusion = shipped_fusion()
+    base = fusion.score(_signals())[0]
+    out_of_range = _signals({"volume_ml": (3000.0, 0.0)})
+    assert fusion.score(out_of_range)[0] == base  # the score stays a calibrated probability...
+    assert policy_reasons(out_of_range) == [Reason.VOLUME_ANOMALY]  # ...the verdict goes to review
+    assert policy_reasons(_signals()) == []
+    agreement = Signal("agreement_dice", 0.5, 0.4, Reason.SHAPE_IRREGULARITY)
+    assert fusion.score([*_signals(), agreement])[0] == pytest.approx(base * 0.4)
+
+
+def test_fit_gives_non_negative_weights_and_a_calibrated_probability() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    dice = rng.uniform(0.3, 1.0, n)
+    rows = []
+    for d in dice:
+        rows.append({
+            # A useful signal (noisy Dice) and one that is anti-correlated noise: its weight must stay >= 0.
+            "predicted_dice": Signal("predicted_dice", float(np.clip(d + rng.normal(0, 0.05), 0, 1)), 1.0,
+                                     Reason.LOW_PREDICTED_DICE),
+            "roundness": Signal("roundness", float(np.clip(1.2 - d + rng.normal(0, 0.3), 0, 1)), 1.0,
+                                Reason.SHAPE_IRREGULARITY),
+        })
+    acceptable = dice >= 0.7
+    model = fit_logistic("test", ["predicted_dice", "roundness"], rows, acceptable)
+    assert model.weights[0] > 0 and model.weights[1] == 0.0
+    p = np.array([model.probability(r) for r in rows])
+    assert abs(p.mean() - acceptable.mean()) < 0.03  # a logistic fit matches the base rate
+    assert p[dice > 0.85].mean() > 0.9 and p[dice < 0.55].mean() < 0.1
+    with pytest.raises(ValueError, match="both"):
+        fit_logistic("test", ["predicted_dice"], rows[:5], np.ones(5, bool))
+
+
+def test_fusion_files_are_checked(tmp_path) -> None:
+    fusion = FusionModel("9.9.9", [LogisticModel("m", ["predicted_dice"], [1.0], 0.0)])
+    path = tmp_path / "fusion.json"
+    fusion.save(path)
+    assert load_fusion(path).models[0].weights == [1.0]
+    with pytest.raises(ModelError, match="QC 9.9.9"):
+        load_fusion(path, qc_version=QC_VERSION)
+    data = json.loads(path.read_text())
+    data["models"][0]["weights"] = [-1.0]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="negative"):
+        load_fusion(path)
+    with pytest.raises(ModelError, match="not found"):
+        load_fusion(tmp_path / "missing.json")

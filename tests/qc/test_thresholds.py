@@ -1,0 +1,96 @@
+"""Verdict thresholds from a risk-coverage curve; the [qc] keys and `sentinel qc-threshold`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pacs_sentinel.daemon.cli import main
+from pacs_sentinel.daemon.config import load_config
+from pacs_sentinel.daemon.worker import segmentation_threshold
+from pacs_sentinel.errors import ConfigError
+from pacs_sentinel.qc.evaluate import shipped_fusion
+from pacs_sentinel.qc.fusion import calibrated_threshold
+from pacs_sentinel.qc.metrics import aurc, derive_threshold, normalized_aurc, risk_coverage
+
+
+def _synthetic_curve() -> tuple[np.ndarray, np.ndarray]:
+    """100 cases, scores 0.01..1.00; failures: the 8 lowest scores plus two at 0.50 and 0.90."""
+    scores = np.arange(1, 101) / 100.0
+    failed = np.zeros(100, bool)
+    failed[:8] = True
+    failed[[49, 89]] = True
+    return scores, failed
+
+
+def test_target_review_rate_sends_that_share_to_review() -> None:
+    scores, failed = _synthetic_curve()
+    point = derive_threshold(scores, failed, target_review_rate=0.15)
+    assert point.threshold == pytest.approx(0.16)
+    assert point.review_rate == pytest.approx(0.15) and point.coverage == pytest.approx(0.85)
+    assert point.sensitivity == pytest.approx(0.8)  # 8 of 10 failures are among the 15 lowest
+    assert point.risk == pytest.approx(2 / 85)
+
+
+def test_max_risk_gives_the_largest_coverage_within_the_risk() -> None:
+    scores, failed = _synthetic_curve()
+    # Accepting from 0.09 up: 2 failures in 92 (2.2 %); from 0.51 up: 1 in 50 (2 %).
+    assert derive_threshold(scores, failed, max_risk=0.025).threshold == pytest.approx(0.09)
+    point = derive_threshold(scores, failed, max_risk=0.02)
+    assert point.threshold == pytest.approx(0.51) and point.risk == pytest.approx(0.02)
+    assert derive_threshold(scores, failed, max_risk=0.0).threshold == pytest.approx(0.91)
+    # Unreachable: every accepted set has a failure rate above the limit -> accept only perfect scores.
+    all_failed = np.ones(5, bool)
+    assert derive_threshold(np.linspace(0.1, 0.9, 5), all_failed, max_risk=0.1).coverage == 0.0
+
+
+def test_threshold_arguments_are_checked() -> None:
+    scores, failed = _synthetic_curve()
+    with pytest.raises(ValueError, match="exactly one"):
+        derive_threshold(scores, failed)
+    with pytest.raises(ValueError, match="exactly one"):
+        derive_threshold(scores, failed, target_review_rate=0.1, max_risk=0.1)
+    with pytest.raises(ValueError, match="no calibration"):
+        derive_threshold(np.array([]), np.array([], bool), max_risk=0.1)
+
+
+def test_risk_coverage_and_aurc_on_a_known_curve() -> None:
+    scores, failed = _synthetic_curve()
+    curve = risk_coverage(scores, failed.astype(float))
+    assert curve[0] == 0.0 and curve[-1] == pytest.approx(0.10)
+    assert curve[10] == pytest.approx(1 / 11)  # the 0.90 failure is the 11th most trusted
+    oracle = aurc(-failed.astype(float), failed.astype(float))
+    assert normalized_aurc(-failed.astype(float), failed.astype(float)) == pytest.approx(0.0)
+    assert aurc(scores, failed.astype(float)) > oracle
+    assert normalized_aurc(np.zeros(100), failed.astype(float)) == pytest.approx(1.0)
+
+
+def _config(tmp_path, qc: str):
+    path = tmp_path / "config.toml"
+    path.write_text(f"[qc]\n{qc}\n")
+    return path
+
+
+def test_config_takes_at_most_one_threshold_rule(tmp_path) -> None:
+    assert load_config(_config(tmp_path, "")).qc.accept_threshold == 0.5
+    config = load_config(_config(tmp_path, "target_review_rate = 0.15"))
+    point = calibrated_threshold(shipped_fusion(), target_review_rate=0.15)
+    assert segmentation_threshold(config.qc) == point.threshold
+    assert segmentation_threshold(load_config(_config(tmp_path, "accept_threshold = 0.3")).qc) == 0.3
+    with pytest.raises(ConfigError, match="only one"):
+        load_config(_config(tmp_path, "accept_threshold = 0.3\nmax_risk = 0.02"))
+    with pytest.raises(ConfigError, match="only one"):
+        load_config(_config(tmp_path, "target_review_rate = 0.1\nmax_risk = 0.02"))
+    with pytest.raises(ConfigError, match="target_review_rate"):
+        load_config(_config(tmp_path, "target_review_rate = 1.5"))
+
+
+def test_qc_threshold_prints_the_operating_point(tmp_path, capsys) -> None:
+    assert main(["qc-threshold", "--max-risk", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "calibration set:" in out and "operating point for max_risk = 0.05" in out
+    assert "failures among accepted" in out and "review rate" in out
+    assert main(["qc-threshold", "-c", str(_config(tmp_path, "target_review_rate = 0.2"))]) == 0
+    out = capsys.readouterr().out
+    expected = calibrated_threshold(shipped_fusion(), target_review_rate=0.2).threshold
+    assert f"operating point for target_review_rate = 0.2:\n  threshold {expected:.4f}" in out
