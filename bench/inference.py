@@ -132,11 +132,16 @@ def measure(device: str, runs: int, samples: int, tmp: Path) -> tuple[list[str],
         overhead = sum(median[k] for k in OVERHEAD)
         network = sum(median[k] for k in NETWORK)
         ratio = overhead / network
+        # The same ratio from each stage's fastest run: on a shared machine the network's torch
+        # threads lose most to other work (a slow run can take several times the quiet time),
+        # so the least disturbed runs are closest to what a dedicated node sees.
+        fastest = {k: min(r[k] for r in per_run) for k in STAGES}
+        ratio_fastest = sum(fastest[k] for k in OVERHEAD) / sum(fastest[k] for k in NETWORK)
         own = (median["preprocess"] + median["inverse"]) / network
         print(f"{device} {label}: " + ", ".join(f"{k} {median[k]:.3f}" for k in (*STAGES, "total"))
-              + f" s; overhead ratio {ratio:.2f}", file=sys.stderr)
+              + f" s; overhead ratio {ratio:.2f} (fastest runs {ratio_fastest:.2f})", file=sys.stderr)
         stage_rows.append(f"| {device} | {label} | " + " | ".join(f"{median[k]:.3f}" for k in STAGES)
-                          + f" | **{median['total']:.3f}** | **{ratio:.2f}** | {own:.2f} |")
+                          + f" | **{median['total']:.3f}** | **{ratio:.2f}** | **{ratio_fastest:.2f}** | {own:.2f} |")
         cpu = [median[f"cpu_{s}"] * 1000 for s in CPU_STAGES]
         cpu_rows.append(f"| {device} | {label} | " + " | ".join(f"{v:.1f}" for v in cpu)
                         + f" | {cpu[0] + sum(cpu[2:]):.1f} |")
@@ -185,11 +190,14 @@ A study = read the DICOM series, predict with {args.samples} MC dropout samples 
 SEG+SR+SC encoding and writing, and the check before sending (`[reports] validate = "{VALIDATE_MODE}"`:
 highdicom read-back + {validator}).
 
-| device | input (rows x cols x slices) | load | preprocess | forward | samples (N={args.samples}) | inverse | QC | report | validate | total | overhead ratio | pre+inverse / network |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| device | input (rows x cols x slices) | load | preprocess | forward | samples (N={args.samples}) | inverse | QC | report | validate | total | overhead ratio | ratio, fastest runs | pre+inverse / network |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(stage_rows)}
 
-Overhead ratio = (load + preprocess + inverse + QC + report + validate) / (forward + samples); target <= 1.5.
+Overhead ratio = (load + preprocess + inverse + QC + report + validate) / (forward + samples) of the
+medians; target <= 1.5. *Ratio, fastest runs*: the same from each stage's fastest of the {args.runs} runs
+(timeit's rule for a noisy machine: other work only ever adds time, and it adds the most to the
+network, whose torch threads wait for each other when the cores are taken).
 The last column is the inference stage's own share: (preprocess + inverse) / (forward + samples).
 
 CPU milliseconds of the worker thread per stage (`time.thread_time`, medians; less noisy than wall
