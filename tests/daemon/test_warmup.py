@@ -22,6 +22,8 @@ def test_warm_up_loads_the_models_and_builds_a_result_set(tmp_path: Path) -> Non
         seconds = warmup.warm_up(config)
     assert seconds > 0
     assert [entry for entry in logs if entry["log_level"] == "warning"] == []
+    # Nothing it logs looks like a job's line (operators and tests count those per study).
+    assert not {"job started", "qc evaluated", "job processed"} & {entry["event"] for entry in logs}
     done = [entry for entry in logs if entry["event"] == "warmed up"]
     assert done and done[0]["models"] == len([p for p in config.pipelines if p.kind != "seg-qc"]) >= 1
     # The models are now in the cache: the first job does not load them.

@@ -5,7 +5,8 @@ its tables of the standard, pydicom its code dictionaries, ...), and a model is 
 first use. :func:`warm_up` runs in the worker thread when the daemon starts, while no study
 can be complete yet (a study is complete only ``quiet_seconds`` after its last instance): it
 loads every pipeline's model (kept warm by the model cache) and builds, writes and reads back
-one small result set (SEG, SR, SC) of a synthetic phantom, the same code a job runs.
+one small result set (SEG, SR, SC) of a synthetic phantom with a fixed QC judgement, the
+same report code a job runs (it logs no line that looks like a job's).
 Nothing it does is kept except the warm caches; a failure is logged and never stops the
 daemon (a broken model then fails its jobs with the usual message).
 """
@@ -22,10 +23,10 @@ import structlog
 from pacs_sentinel.daemon.config import Config
 from pacs_sentinel.dicom_io.series import load_series_files
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
-from pacs_sentinel.qc.evaluate import evaluate_segmentation
+from pacs_sentinel.qc.evaluate import QC_VERSION
 from pacs_sentinel.reports.resultset import build_result_set
 from pacs_sentinel.reports.validate import check_before_sending
-from pacs_sentinel.results import Code, SegmentationResult, SegmentLabel
+from pacs_sentinel.results import Code, QCResult, SegmentationResult, SegmentLabel, SegmentQC, Verdict
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +73,11 @@ def warm_up_reports() -> None:
         mask[0, 1:3, 12:20, 12:20] = True  # a block inside the phantom: a SEG with frames
         result = SegmentationResult(probabilities=mask.astype(np.float32), mask=mask, labels=[WARM_UP_LABEL],
                                     model_name="warm-up", model_version="0")
-        qc = evaluate_segmentation(volume, result)
+        # A fixed judgement, not the QC: the warm-up must not log a "qc evaluated" line that is
+        # about no study (the QC has no one-time set-up worth paying here).
+        volume_mm3 = float(mask.sum()) * volume.voxel_volume_mm3
+        qc = QCResult(qc_version=QC_VERSION, segments=[
+            SegmentQC(1, WARM_UP_LABEL, 1.0, Verdict.ACCEPTED, [], volume_mm3, {"volume_ml": volume_mm3 / 1000.0})])
         written = build_result_set(volume, result, qc).write(Path(tmp) / "results")
         # Read-back only: dciodvfy is a subprocess with nothing to warm up.
         check_before_sending([path for path in written if path.suffix == ".dcm"], "roundtrip")
