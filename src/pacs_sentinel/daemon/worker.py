@@ -20,6 +20,7 @@ from pacs_sentinel.daemon.config import Config, PipelineConfig, QCConfig
 from pacs_sentinel.daemon.jobs import Job, JobState, JobStore
 from pacs_sentinel.daemon.routing import read_candidates, segs_to_judge, select_series
 from pacs_sentinel.daemon.seg_qc import judge_segs, third_party_segs
+from pacs_sentinel.daemon.warmup import warm_up
 from pacs_sentinel.dicom_io.series import load_series_files
 from pacs_sentinel.dicom_io.spool import Spool
 from pacs_sentinel.errors import SentinelError, SeriesError
@@ -85,6 +86,7 @@ class Worker:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        warm_up(self.config)  # one-time set-up before the first study, not during it (daemon/warmup.py)
         while not self._stop.is_set():
             try:
                 job = self.jobs.claim_next()

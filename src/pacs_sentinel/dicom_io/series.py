@@ -32,6 +32,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as decode_pixel_array
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs_sentinel.errors import SeriesError
 
@@ -168,6 +169,50 @@ def read_datasets(paths: Iterable[Path | str]) -> list[Dataset]:
     return datasets
 
 
+#: Uncompressed transfer syntaxes whose pixel data :func:`native_stored_values` reads directly.
+NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
+
+
+def native_stored_values(ds: Dataset) -> np.ndarray | None:
+    """The stored values of uncompressed little-endian grayscale pixel data, read directly.
+
+    Gives exactly what :func:`pydicom.pixels.pixel_array` gives (same values and dtype, shape
+    ``(frames, rows, cols)``: bits above Bits Stored masked off for unsigned data, the sign
+    extended for signed data) without its per-call decoder set-up (~0.1 ms a file; 64 files
+    per study). Anything else (compressed, big endian, float, colour, 1-bit, short or
+    odd-sized data) returns None and goes to pydicom.
+
+    Returns:
+        A read-only array, or None when this fast path does not apply.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax not in NATIVE_LITTLE_ENDIAN or "PixelData" not in ds:
+        return None
+    try:
+        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        signed, samples = int(ds.PixelRepresentation), int(ds.get("SamplesPerPixel", 1) or 1)
+        rows, cols, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if allocated not in (8, 16, 32) or not 1 <= stored <= allocated or signed not in (0, 1) or samples != 1:
+        return None
+    data = ds.PixelData
+    count = frames * rows * cols
+    if not isinstance(data, bytes) or count <= 0 or len(data) < count * allocated // 8:
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    values = np.frombuffer(data, dtype=dtype, count=count).reshape(frames, rows, cols)
+    unused = allocated - stored
+    if unused:
+        if signed:
+            values = (values << unused) >> unused  # arithmetic shift: the sign bit is bit Stored - 1
+        else:
+            values = values & dtype.type((1 << stored) - 1)
+        values.flags.writeable = False
+    return values
+
+
 def _decode_stored(ds: Dataset) -> np.ndarray:
     """Decode every frame of ``ds`` to stored values, shape ``(frames, rows, cols)``.
 
@@ -185,6 +230,9 @@ def _decode_stored(ds: Dataset) -> np.ndarray:
             f"instance {_uid_of(ds)} has colour pixel data ({ds.get('PhotometricInterpretation', '?')}); "
             "only grayscale images can be loaded as a volume"
         )
+    native = native_stored_values(ds)
+    if native is not None:
+        return native
     try:
         pixels = decode_pixel_array(ds)
     except Exception as exc:  # decoder plugins raise many types; all mean "cannot decode"

@@ -46,6 +46,7 @@ from pydicom.uid import generate_uid
 
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.errors import ReportError
+from pacs_sentinel.reports.highdicom_speedups import content_not_copied
 from pacs_sentinel.reports.identity import (
     MANUFACTURER,
     creation_times,
@@ -172,6 +173,11 @@ def build_document(
 ) -> hd.sr.Comprehensive3DSR:
     """Wrap a TID 1500 report into our Comprehensive 3D SR: identity, provenance, 99PSQC, flags.
 
+    ``report`` must have been built for this document alone: the SR takes its content tree
+    over instead of deep-copying it (:func:`~pacs_sentinel.reports.highdicom_speedups.content_not_copied`;
+    the same bytes, ~10 ms less per document with 64 source references), so the caller must
+    not use or change ``report`` afterwards.
+
     Raises:
         ReportError: highdicom refuses the content.
     """
@@ -179,21 +185,22 @@ def build_document(
     # Software Versions: the product's, then which model and QC produced the content.
     equipment["software_versions"] = [equipment["software_versions"], provenance_text(result, qc)[:64]]
     try:
-        return hd.sr.Comprehensive3DSR(
-            evidence=evidence,
-            content=report,
-            series_instance_uid=generate_uid(),
-            series_number=series_number,
-            sop_instance_uid=generate_uid(),
-            instance_number=1,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            series_description=series_description,
-            coding_schemes=[coding_scheme_item()],
-            **equipment,
-            **creation_times(),
-        )
+        with content_not_copied(report[0]):
+            return hd.sr.Comprehensive3DSR(
+                evidence=evidence,
+                content=report,
+                series_instance_uid=generate_uid(),
+                series_number=series_number,
+                sop_instance_uid=generate_uid(),
+                instance_number=1,
+                is_complete=True,
+                is_final=False,
+                is_verified=False,
+                series_description=series_description,
+                coding_schemes=[coding_scheme_item()],
+                **equipment,
+                **creation_times(),
+            )
     except (ValueError, TypeError) as exc:
         raise ReportError(f"cannot build SR: {exc}") from exc
 
