@@ -18,6 +18,7 @@ import sqlite_utils
 
 from pacs_sentinel.daemon import review
 from pacs_sentinel.dicom_io.index import Database, Migration
+from pacs_sentinel.results import QCResult
 
 
 class JobState(str, enum.Enum):
@@ -84,8 +85,50 @@ def _jobs_v1(db: sqlite_utils.Database) -> None:
     db["outbox"].create_index(["state", "destination"])
 
 
-#: The jobs tables and the review worklist that job results feed (daemon/review.py).
-MIGRATIONS: list[Migration] = [("jobs-v1", _jobs_v1), *review.MIGRATIONS]
+def _qc_signals_v1(db: sqlite_utils.Database) -> None:
+    # Every QC signal of every judged segment of a job's result, so that a reviewer's decision
+    # on the result can be turned back into a fusion input (qc/refit.py).
+    db["qc_signals"].create(
+        {
+            "id": int,
+            "job_id": int,
+            "segment_number": int,
+            "segment_label": str,
+            "quality_score": float,
+            "name": str,
+            "value": float,
+            "subscore": float,
+        },
+        pk="id",
+        foreign_keys=[("job_id", "jobs", "id")],
+        not_null={"job_id", "segment_number", "name", "value", "subscore"},
+    )
+    db["qc_signals"].create_index(["job_id"])
+
+
+#: The jobs tables, the review worklist that job results feed (daemon/review.py) and the
+#: QC signals behind each result.
+MIGRATIONS: list[Migration] = [("jobs-v1", _jobs_v1), *review.MIGRATIONS, ("qc-signals-v1", _qc_signals_v1)]
+
+
+def qc_signal_rows(qc: QCResult) -> list[dict[str, Any]]:
+    """The ``qc_signals`` rows of a QC result: one per (segment, signal) with its value and sub-score.
+
+    :attr:`~pacs_sentinel.results.SegmentQC.signals` holds ``name -> value`` and
+    ``name_subscore -> subscore``; a name with both is a signal (the values of an empty mask,
+    which has no signals, are left out). Classification findings have no fusion: none stored.
+    """
+    rows = []
+    for segment in qc.segments:
+        values = segment.signals
+        for name, value in values.items():
+            subscore = values.get(f"{name}_subscore")
+            if name.endswith("_subscore") or subscore is None:
+                continue
+            rows.append({"segment_number": segment.segment_number, "segment_label": segment.label.name,
+                         "quality_score": segment.quality_score, "name": name, "value": float(value),
+                         "subscore": float(subscore)})
+    return rows
 
 
 @dataclass(frozen=True)
@@ -258,6 +301,7 @@ class JobStore:
         *,
         result: dict[str, Any],
         outbox_items: list[dict[str, Any]],
+        qc_signals: list[dict[str, Any]] | None = None,
     ) -> JobState:
         """Store a job's results and queue its objects for delivery in one transaction.
 
@@ -271,6 +315,8 @@ class JobStore:
                 quality_score, reasons (list), needs_review, output_dir).
             outbox_items: One dict per (destination, file): destination, path,
                 sop_instance_uid, sop_class_uid.
+            qc_signals: :func:`qc_signal_rows` of the result; they replace any rows an
+                interrupted earlier run of the job left.
 
         Returns:
             The job's new state: DELIVERING, or DONE when there is nothing to deliver.
@@ -285,12 +331,19 @@ class JobStore:
             columns["finished_at"] = now
         with self.database.transaction() as tx:
             tx["jobs"].update(job_id, columns)
+            tx.execute("DELETE FROM qc_signals WHERE job_id = ?", [job_id])
+            for row in qc_signals or []:
+                tx["qc_signals"].insert({**row, "job_id": job_id})
             for item in outbox_items:
                 tx["outbox"].insert(
                     {**item, "job_id": job_id, "state": "pending", "attempts": 0, "next_attempt_at": now}
                 )
             review.ReviewStore.record_job_result(tx, job_id, result)
         return state
+
+    def qc_signals(self, job_id: int) -> list[dict[str, Any]]:
+        """The stored QC signal rows of a job, by segment then name."""
+        return self._rows("SELECT * FROM qc_signals WHERE job_id = ? ORDER BY segment_number, id", [job_id])
 
     def jobs(self, *, study_uid: str | None = None, limit: int = 200) -> list[Job]:
         """Newest jobs first, optionally of one study."""

@@ -17,7 +17,7 @@ import pydicom
 import structlog
 
 from pacs_sentinel.daemon.config import Config, PipelineConfig, QCConfig
-from pacs_sentinel.daemon.jobs import Job, JobState, JobStore
+from pacs_sentinel.daemon.jobs import Job, JobState, JobStore, qc_signal_rows
 from pacs_sentinel.daemon.routing import read_candidates, segs_to_judge, select_series
 from pacs_sentinel.daemon.seg_qc import judge_segs, third_party_segs
 from pacs_sentinel.daemon.warmup import warm_up
@@ -26,6 +26,8 @@ from pacs_sentinel.dicom_io.spool import Spool
 from pacs_sentinel.errors import SentinelError, SeriesError
 from pacs_sentinel.inference.models import load_segmentation_model
 from pacs_sentinel.qc.evaluate import evaluate_segmentation, shipped_fusion
+from pacs_sentinel.qc.fusion import FusionModel
+from pacs_sentinel.qc.refit import ActiveFusion
 from pacs_sentinel.reports.resultset import ResultSet, build_result_set
 from pacs_sentinel.reports.validate import check_before_sending
 from pacs_sentinel.results import QCResult, Verdict
@@ -37,19 +39,20 @@ log = structlog.get_logger(__name__)
 Analysis = tuple[ResultSet, Any, QCResult, str]
 
 
-def segmentation_threshold(qc: QCConfig) -> float:
+def segmentation_threshold(qc: QCConfig, fusion: FusionModel | None = None) -> float:
     """The verdict threshold of segmentation results: ``accept_threshold``, or the one the
-    calibration curve gives for ``target_review_rate`` / ``max_risk``.
+    calibration curve of ``fusion`` (default the shipped one) gives for ``target_review_rate`` /
+    ``max_risk``.
 
     Raises:
-        ModelError: The shipped fusion model has no calibration curve.
+        ModelError: The fusion model has no calibration curve.
     """
     if qc.target_review_rate is None and qc.max_risk is None:
         return qc.accept_threshold
     from pacs_sentinel.qc.fusion import calibrated_threshold
 
-    return calibrated_threshold(shipped_fusion(), target_review_rate=qc.target_review_rate,
-                                max_risk=qc.max_risk).threshold
+    return calibrated_threshold(fusion if fusion is not None else shipped_fusion(),
+                                target_review_rate=qc.target_review_rate, max_risk=qc.max_risk).threshold
 
 
 class JobRejected(SentinelError):
@@ -68,6 +71,17 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._active_fusion: ActiveFusion | None = None
+
+    def active_fusion(self) -> FusionModel:
+        """The QC version active now (``<data_dir>/qc/active.json``, else the shipped one).
+
+        Raises:
+            ModelError: The shipped fusion, ``active.json`` or the version it names is invalid.
+        """
+        if self._active_fusion is None:
+            self._active_fusion = ActiveFusion(self.config.node.data_dir / "qc", shipped_fusion())
+        return self._active_fusion.get()
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -149,7 +163,7 @@ class Worker:
             "quality_score": qc.quality_score,
             "reasons": [r.label for r in qc.reasons],
             "needs_review": qc.verdict is Verdict.NEEDS_REVIEW,
-        })
+        }, qc_signals=qc_signal_rows(qc))
 
     def _judge_segs(self, job: Job, pipeline: PipelineConfig) -> JobState:
         """A seg-qc job: judge every third-party SEG of the study the pipeline matches."""
@@ -171,9 +185,10 @@ class Worker:
             "quality_score": qc.quality_score,
             "reasons": [r.label for r in qc.reasons],
             "needs_review": qc.verdict is Verdict.NEEDS_REVIEW,
-        })
+        }, qc_signals=qc_signal_rows(qc))
 
-    def _deliver(self, job: Job, result_sets: list[tuple[ResultSet, str | None]], *, result_row: dict[str, Any]) -> JobState:
+    def _deliver(self, job: Job, result_sets: list[tuple[ResultSet, str | None]], *, result_row: dict[str, Any],
+                 qc_signals: list[dict[str, Any]] | None = None) -> JobState:
         """Write the result sets (each into the job folder or the named sub-folder), queue
         every DICOM file for every destination, and record the job's result row."""
         newer = self.jobs.newer_queued_job(job)
@@ -212,6 +227,7 @@ class Worker:
             job.id,
             result={**result_row, "output_dir": str(out_dir)},
             outbox_items=outbox_items,
+            qc_signals=qc_signals,
         )
 
 
@@ -222,7 +238,9 @@ class Worker:
                                         mixed_precision=inference.mixed_precision)
         result = model.predict(volume, threshold=pipeline.threshold, mc_dropout_samples=pipeline.mc_dropout_samples,
                                tta_flips=tuple(pipeline.tta_flips), sw_overlap=pipeline.sw_overlap)
-        qc = evaluate_segmentation(volume, result, accept_threshold=segmentation_threshold(self.config.qc))
+        fusion = self.active_fusion()
+        qc = evaluate_segmentation(volume, result, accept_threshold=segmentation_threshold(self.config.qc, fusion),
+                                   fusion=fusion)
         withhold = pipeline.reports.on_review == "withhold-seg" and qc.verdict is Verdict.NEEDS_REVIEW
         result_set = build_result_set(volume, result, qc, series_number_base=pipeline.series_number_base,
                                       withheld_seg=withhold, seg_type=self.config.reports.seg_type)

@@ -151,7 +151,7 @@ def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_
         values.update({f"{s.name}_subscore": round(s.subscore, 6) for s in signals})
         verdict = verdict_for(score, accept_threshold, out_of_range=bool(policy_reasons(signals)))
         segments.append(SegmentQC(index + 1, label, score, verdict, reasons, volume_mm3, values))
-    qc = QCResult(qc_version=QC_VERSION, segments=segments)
+    qc = QCResult(qc_version=fusion.qc_version, segments=segments)  # a local refit has its own version
     log.info("qc evaluated", verdict=qc.verdict.label, quality_score=qc.quality_score,
              reasons=[r.label for r in qc.reasons])
     return qc
