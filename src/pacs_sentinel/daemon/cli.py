@@ -374,6 +374,34 @@ def _cmd_qc_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_qc_refit(args: argparse.Namespace) -> int:
+    import torch
+
+    from pacs_sentinel.daemon.refit import run_refit
+
+    config, store = _review_store(args.config)
+    torch.set_num_threads(1)
+    outcome = run_refit(config, store.database, min_new_cases=config.qc.refit.min_new_cases if args.scheduled else None)
+    for line in outcome.describe():
+        print(line)
+    return EXIT_OK
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from pacs_sentinel.daemon.config import load_config
+    from pacs_sentinel.daemon.models import model_rows, qc_version_rows
+    from pacs_sentinel.daemon.table import format_table
+
+    config = load_config(args.config)
+    print("models of the configured pipelines:")
+    rows = model_rows(config)
+    print(format_table(["pipeline", "kind", "model", "version", "source", "held-out metrics (model card)"], rows,
+                       max_width=200) if rows else "  (no pipelines)")
+    print("\nQC versions (* = active, used for the next job):")
+    print(format_table(["", "QC version", "origin", "date", "evaluation"], qc_version_rows(config), max_width=400))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sentinel`` (also used by the documentation test)."""
     parser = argparse.ArgumentParser(prog="sentinel", description="PACS Sentinel: a DICOM AI node with QC.")
@@ -470,6 +498,17 @@ def build_parser() -> argparse.ArgumentParser:
     qc_eval.add_argument("--out", default="docs", help="folder for the PNG figures (default: docs)")
     qc_eval.add_argument("--quiet", action="store_true", help="no progress bar")
     qc_eval.set_defaults(func=_cmd_qc_eval)
+
+    qc_refit = sub.add_parser("qc-refit", help="recalibrate the QC fusion on reviewers' feedback now: a new QC "
+                                               "version, activated only when no worse on held-out evaluation")
+    qc_refit.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+    qc_refit.add_argument("--scheduled", action="store_true",
+                          help="as the nightly job: only when [qc.refit] min_new_cases new cases were decided")
+    qc_refit.set_defaults(func=_cmd_qc_refit)
+
+    models = sub.add_parser("models", help="the pipelines' models and the QC versions, with evaluation figures")
+    models.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+    models.set_defaults(func=_cmd_models)
     return parser
 
 

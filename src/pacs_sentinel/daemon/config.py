@@ -183,6 +183,17 @@ class PipelineConfig(_Strict):
         return value
 
 
+class QCRefitConfig(_Strict):
+    """``[qc.refit]``: the scheduled refit of the QC fusion on reviewers' feedback (daemon/refit.py)."""
+
+    enabled: bool = False
+    hour: int = Field(2, ge=0, le=23)
+    minute: int = Field(30, ge=0, le=59)
+    min_new_cases: int = Field(20, ge=1)
+    eval_n_per_family: int = Field(2, ge=1)
+    eval_perturbations: int = Field(1, ge=0)
+
+
 class QCConfig(_Strict):
     """``[qc]``: the verdict threshold on the quality score.
 
@@ -195,6 +206,7 @@ class QCConfig(_Strict):
     accept_threshold: float = Field(0.5, ge=0, le=1)
     target_review_rate: float | None = Field(None, gt=0, lt=1)
     max_risk: float | None = Field(None, ge=0, lt=1)
+    refit: QCRefitConfig = QCRefitConfig()
 
     @model_validator(mode="after")
     def _one_threshold_rule(self) -> QCConfig:

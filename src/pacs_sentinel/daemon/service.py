@@ -89,6 +89,9 @@ class Sentinel:
             self._schedule_completion(arrival)
         self.scheduler.add_job(self.arrivals.poll, "interval", seconds=ARRIVAL_POLL_SECONDS, id="arrivals",
                                max_instances=1, coalesce=True)
+        from pacs_sentinel.daemon import refit
+
+        refit.schedule(self.scheduler, self.config, self.database)  # [qc.refit] enabled: the nightly job
         self.worker.start()
         self.scp.start()
         if self.web is not None:

@@ -18,8 +18,9 @@ acceptable). The fusion's calibration curve is mapped the same way, so ``target_
 
 **Activation rule** (:func:`decide`): the new version is activated only when it is no worse than
 the active one on (a) the held-out split of the feedback cases (log-loss, Brier, and AUROC when
-both classes are present; the refit is fitted on the other split) and (b) qc-eval's held-out
-phantom cases (AUROC and AURC of the fused score, the failure-detection figures qc-eval reports;
+both classes are present; a recalibration fitted on the other split stands in for the version,
+which is then fitted on every case) and (b) qc-eval's held-out phantom cases, judged with the
+version itself (AUROC and AURC of the fused score, the failure-detection figures qc-eval reports;
 log-loss and Brier there are logged, not required: the phantoms' failure rate is not a
 hospital's). Each version is one file ``<data_dir>/qc/fusion-<version>.json`` (its ``info.refit``
 holds the fit and both evaluations); ``<data_dir>/qc/active.json`` names the active one and is
@@ -393,23 +394,25 @@ def refit(cases: list[FeedbackCase], *, qc_dir: Path, shipped: FusionModel, eval
         raise RefitError(f"a refit needs at least {MIN_CASES} feedback cases of both kinds (acceptable and not); "
                          f"got {len(cases)} ({sum(c.acceptable for c in cases)} acceptable)")
     fit_cases, held_cases = split_cases(cases, seed)
+    version = next_version(shipped.qc_version, qc_dir)
+    # (a) held-out feedback: a recalibration fitted without the held-out cases stands in for the version.
     y_fit = np.array([c.acceptable for c in fit_cases], dtype=np.float64)
     a_fit, b_fit = fit_platt(np.array([fusion_logit(old, c.signals) for c in fit_cases]), y_fit)
-    version = next_version(shipped.qc_version, qc_dir)
     candidate = recalibrated(old, a_fit, b_fit, version)
     y_held = np.array([c.acceptable for c in held_cases], dtype=np.float64)
     feedback = {"old": {"qc_version": old.qc_version, **feedback_metrics(probabilities(old, held_cases), y_held)},
                 "new": {"qc_version": version, **feedback_metrics(probabilities(candidate, held_cases), y_held)}}
+    # The version itself is fitted on every case; (b) the phantoms, never part of the feedback,
+    # judge exactly the fusion that would be activated.
+    y_all = np.array([c.acceptable for c in cases], dtype=np.float64)
+    a, b = fit_platt(np.array([fusion_logit(old, c.signals) for c in cases]), y_all)
+    final = recalibrated(old, a, b, version)
     if phantoms is None:
         phantoms = phantom_cases(n_per_family=eval_n_per_family, perturbations=eval_perturbations, seed=seed,
                                  model=model)
     phantom = {"old": {"qc_version": old.qc_version, **phantom_metrics(old, phantoms)},
-               "new": {"qc_version": version, **phantom_metrics(candidate, phantoms)}}
+               "new": {"qc_version": version, **phantom_metrics(final, phantoms)}}
     activate, problems = decide(feedback["old"], feedback["new"], phantom["old"], phantom["new"])
-    # The version kept is fitted on every case (the split only decides whether it is no worse).
-    y_all = np.array([c.acceptable for c in cases], dtype=np.float64)
-    a, b = fit_platt(np.array([fusion_logit(old, c.signals) for c in cases]), y_all)
-    final = recalibrated(old, a, b, version)
     final.info = {**old.info, "refit": {
         "based_on": old.qc_version, "method": "Platt recalibration: logit' = a * logit + b, a >= 0",
         "a": round(a, 6), "b": round(b, 6), "n_cases": len(cases), "n_acceptable": int(y_all.sum()),
