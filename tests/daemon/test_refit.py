@@ -92,6 +92,7 @@ def test_decisions_become_labelled_cases_with_the_stored_signals(tmp_path: Path)
         assert by_name[s.name].value == pytest.approx(s.value, abs=1e-6)
         assert by_name[s.name].subscore == pytest.approx(s.subscore, abs=1e-6)
     assert feedback_cases(database, since=newest) == ([], None)
+    assert feedback_cases(database, pipelines=["vendor-seg-qc"]) == ([], None)  # other pipelines' items
 
 
 def _feed(database: Database, cases: list, prefix: str) -> None:

@@ -1,7 +1,8 @@
 """QC refit from the review worklist's decisions: the nightly job and ``sentinel qc-refit``.
 
 Feedback cases (:class:`pacs_sentinel.qc.refit.FeedbackCase`) are read from the database: each
-resolved review item with a decision, for every segment of its job whose QC signals were stored
+resolved review item with a decision of a ``segmentation`` pipeline (the results the refitted
+version will judge; seg-qc and classification results are left out), for every segment of its job whose QC signals were stored
 (``qc_signals``, written with the job's results). Label "acceptable": ``ai-correct`` -> every
 segment 1, ``ai-rejected`` -> every segment 0, ``ai-corrected`` -> the segment's Dice against the
 reviewer's correction (``feedback`` table) >= 0.7; a corrected item without a compared
@@ -40,16 +41,24 @@ def _rows(database: Database, sql: str, params: list[Any]) -> list[dict[str, Any
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def feedback_cases(database: Database, *, since: float | None = None) -> tuple[list[FeedbackCase], float | None]:
+def feedback_cases(database: Database, *, since: float | None = None,
+                   pipelines: list[str] | None = None) -> tuple[list[FeedbackCase], float | None]:
     """The feedback cases (see the module docstring), optionally only those resolved after ``since``.
+
+    Args:
+        database: The node's database.
+        since: Only items resolved after this Unix time.
+        pipelines: Only items of these pipelines (None: every pipeline).
 
     Returns:
         The cases and the newest resolution time among them (None when there are none).
     """
     items = _rows(database, """
-        SELECT r.job_id, r.decision, r.resolved_at, j.qc_version FROM review_items r JOIN jobs j ON j.id = r.job_id
+        SELECT r.job_id, r.pipeline, r.decision, r.resolved_at, j.qc_version FROM review_items r JOIN jobs j ON j.id = r.job_id
         WHERE r.status = 'resolved' AND r.decision IS NOT NULL AND r.resolved_at > ? ORDER BY r.resolved_at""",
                   [since if since is not None else -1.0])
+    if pipelines is not None:
+        items = [i for i in items if i["pipeline"] in pipelines]
     cases: list[FeedbackCase] = []
     newest = None
     for item in items:
@@ -100,14 +109,17 @@ def run_refit(config: Config, database: Database, *, min_new_cases: int | None =
     state = read_active(folder)
     active = state.get("qc_version") or shipped_fusion().qc_version
     cases_until = state.get("cases_until")
-    new, _ = feedback_cases(database, since=cases_until)
+    # The version judges the segmentation pipelines' own results (the worker's QC): their
+    # decisions are the feedback. seg-qc results (third-party SEGs) keep the shipped fusion.
+    pipelines = [p.name for p in config.pipelines if p.kind == "segmentation"]
+    new, _ = feedback_cases(database, since=cases_until, pipelines=pipelines)
     if min_new_cases is not None and len(new) < min_new_cases:
         outcome = RefitOutcome(None, False, active, len(new),
                                skipped=f"{len(new)} new feedback case(s) since the last refit, "
                                        f"{min_new_cases} needed")
         log.info("qc refit skipped", new_cases=len(new), min_new_cases=min_new_cases, qc_version=active)
         return outcome
-    cases, newest = feedback_cases(database)
+    cases, newest = feedback_cases(database, pipelines=pipelines)
     settings = config.qc.refit
     return refit(cases, qc_dir=folder, shipped=shipped_fusion(), eval_n_per_family=settings.eval_n_per_family,
                  eval_perturbations=settings.eval_perturbations, phantoms=phantoms, model=model,
