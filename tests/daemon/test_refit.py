@@ -145,11 +145,18 @@ def test_sentinel_models_and_qc_refit_commands(tmp_path: Path) -> None:
     assert scheduled.returncode == 0 and "no refit: 4 new feedback case(s) since the last refit, 5 needed" in scheduled.stdout
     too_few = _run_cli("qc-refit", "-c", str(config_file))
     assert too_few.returncode == 2 and "at least 6 feedback cases" in too_few.stderr
-    # A worse refit (labels against the scores) written by the library, then listed.
+    _feed(database, synthetic_cases(14, seed=5), "2")
+    refitted = _run_cli("qc-refit", "-c", str(config_file))  # draws the phantom evaluation itself (size 1)
+    assert refitted.returncode == 0, refitted.stderr
+    assert "QC 2.0.0+fb1: Platt a = " in refitted.stdout and "on 18 feedback case(s)" in refitted.stdout
+    assert "held-out feedback, old (2.0.0)" in refitted.stdout and "held-out phantoms, new (2.0.0+fb1)" in refitted.stdout
+    assert "activated: QC 2.0.0+fb1 is now active" in refitted.stdout
+    # A worse refit (labels against the scores), then listed beside the active one.
     from pacs_sentinel.qc.refit import refit
 
-    refit(synthetic_cases(12, contradict=True), qc_dir=config.node.data_dir / "qc", shipped=shipped_fusion(),
-          eval_n_per_family=1, eval_perturbations=1, phantoms=list(phantoms()))
+    worse = refit(synthetic_cases(12, contradict=True), qc_dir=config.node.data_dir / "qc", shipped=shipped_fusion(),
+                  eval_n_per_family=1, eval_perturbations=1, phantoms=list(phantoms()))
+    assert worse.version == "2.0.0+fb2" and not worse.activated
     listed = _run_cli("models", "-c", str(config_file))
     assert listed.returncode == 0, listed.stderr
     out = listed.stdout
@@ -157,22 +164,25 @@ def test_sentinel_models_and_qc_refit_commands(tmp_path: Path) -> None:
     assert "cxr-cls" in out and "auroc_mean 0.9733" in out
     lines = out.splitlines()
     shipped_line = next(line for line in lines if " 2.0.0 " in line and "shipped" in line)
-    refit_line = next(line for line in lines if "2.0.0+fb1" in line)
-    assert shipped_line.startswith("*") and not refit_line.startswith("*")
+    active_line = next(line for line in lines if "2.0.0+fb1 " in line)
+    worse_line = next(line for line in lines if "2.0.0+fb2 " in line)
+    assert active_line.startswith("*") and not shipped_line.startswith("*") and not worse_line.startswith("*")
     assert "cv_auroc_all 0.9618" in shipped_line
-    assert "local refit of 2.0.0" in refit_line and "12 feedback cases" in refit_line
-    assert "held-out phantoms old -> new: auroc" in refit_line and "not activated" in refit_line
+    assert "local refit of 2.0.0" in active_line and "18 feedback cases" in active_line and "; activated" in active_line
+    assert "local refit of 2.0.0+fb1" in worse_line and "12 feedback cases" in worse_line
+    assert "held-out phantoms old -> new: auroc" in worse_line and "not activated" in worse_line
 
 
 def test_after_an_activated_refit_the_next_job_records_the_new_qc_version(tmp_path: Path, pacs,  # type: ignore[no-untyped-def]
                                                                           sentinel_factory) -> None:
-    config = _config(tmp_path, pacs.port)
+    config = _config(tmp_path, pacs.port, enabled=True, hour=4)
     database = _database(config)
     _feed(database, synthetic_cases(18), "1")
     outcome = run_refit(config, database, phantoms=list(phantoms()))
     assert outcome.activated and read_active(config.node.data_dir / "qc")["qc_version"] == "2.0.0+fb1"
     database.close()
     sentinel = sentinel_factory(config)
+    assert sentinel.scheduler.get_job("qc-refit") is not None  # [qc.refit] enabled: the nightly job
     files = write_ct_series(make_ct_phantom(11), tmp_path / "ct", seed=11)
     assert all(r.delivered for r in send_files(files, Peer("SENTINEL", "127.0.0.1", sentinel.scp.port),
                                                calling_ae="CT1"))

@@ -122,6 +122,9 @@ def test_decide_and_bad_inputs(tmp_path: Path) -> None:
     assert decide(same, same, same, same) == (True, [])
     ok, problems = decide(same, {**same, "brier": 0.2}, same, same)
     assert not ok and "brier" in problems[0]
+    # Same ranking on the phantoms but flattened scores (Brier worse): not activated.
+    ok, problems = decide(same, same, same, {**same, "brier": 0.2})
+    assert not ok and problems == ["held-out phantoms brier 0.1000 -> 0.2000"]
     nan = {**same, "auroc": float("nan")}
     assert decide(nan, nan, same, same)[0]  # one class held out: AUROC does not decide
     with pytest.raises(RefitError, match="both kinds"):
