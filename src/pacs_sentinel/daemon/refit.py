@@ -127,10 +127,12 @@ def run_refit(config: Config, database: Database, *, min_new_cases: int | None =
 
 
 def scheduled_refit(config: Config, database: Database) -> RefitOutcome | None:
-    """The nightly job: :func:`run_refit` with ``min_new_cases``; never raises (logs instead)."""
-    import torch
+    """The nightly job: :func:`run_refit` with ``min_new_cases``; never raises (logs instead).
 
-    torch.set_num_threads(1)  # the phantom evaluation runs beside the worker on a shared machine
+    It runs in the scheduler's thread beside the worker: the phantom evaluation shares the
+    worker's cached model (its predictions take turns on the model's lock) and the process's
+    torch threads (``[inference] threads``).
+    """
     try:
         return run_refit(config, database, min_new_cases=config.qc.refit.min_new_cases)
     except RefitError as exc:
