@@ -62,6 +62,8 @@ REASON_EXPLANATIONS: dict[str, str] = {
     "Poor input image quality": "the image is noisy, blurred, has metal artefacts or a cut-off field of view",
     "Mask touches image border": "the mask reaches the edge of the image, so part of the organ may be missing",
     "Implausible location": "the mask lies on the unexpected side of the body",
+    "Disagreement with reference model": "our own model's segmentation of the same series differs from this one",
+    "Low predicted Dice": "the QC's learned estimator predicts a low overlap with a correct segmentation",
 }
 
 
