@@ -307,7 +307,7 @@ class ActiveFusion:
     def __init__(self, qc_dir: Path, shipped: FusionModel) -> None:
         self.qc_dir = Path(qc_dir)
         self.shipped = shipped
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._fusion = shipped
 
     def get(self) -> FusionModel:
@@ -319,7 +319,7 @@ class ActiveFusion:
         path = self.qc_dir / ACTIVE_FILE
         try:
             stat = path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size)
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # write_active replaces the file: new inode
         except FileNotFoundError:
             stamp = None
         if stamp != self._stamp:
