@@ -251,7 +251,7 @@ def render_estimator_card(card: dict[str, Any]) -> str:
 
 ## What it does
 Predicts the Dice of a liver mask of the demo `organ-seg` task from the image and the mask
-together (QC signal `predicted_dice`; QC029 "Low predicted Dice" below 0.7). It is one input of
+together (QC signal `predicted_dice`; QC030 "Low predicted Dice" below 0.7). It is one input of
 the fitted QC fusion, never a verdict on its own.
 
 ## Input, architecture
