@@ -140,6 +140,13 @@ def test_reasons_are_explained_in_words() -> None:
     assert explain_reason("Something new") == "Something new"
 
 
+def test_every_qc_finding_is_explained_in_words() -> None:
+    from pacs_sentinel.results import Reason
+
+    for reason in Reason:
+        assert explain_reason(reason.label).startswith(f"{reason.label}: "), reason
+
+
 def test_overlay_paths_in_order_including_seg_qc_sub_folders(tmp_path: Path, stores) -> None:  # type: ignore[no-untyped-def]
     jobs, review = stores
     out = tmp_path / "job-1"

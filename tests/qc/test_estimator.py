@@ -8,7 +8,7 @@ import torch
 
 from pacs_sentinel.inference.phantoms import make_ct_phantom
 from pacs_sentinel.qc.cases import EVALUATION_SEED_OFFSET
-from pacs_sentinel.qc.corruptions import MASK_FAMILIES, dice, perturb_mask
+from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, MASK_FAMILIES, dice, perturb_mask
 from pacs_sentinel.qc.estimator import (
     BOX_MM,
     GRID,
@@ -17,7 +17,7 @@ from pacs_sentinel.qc.estimator import (
     estimator_signal,
     load_estimator,
 )
-from pacs_sentinel.qc.train_estimator import estimator_from
+from pacs_sentinel.qc.train_estimator import estimator_from, train_estimator
 from pacs_sentinel.results import Reason
 
 SEED = 7_000_000 + EVALUATION_SEED_OFFSET  # far from every training and calibration seed
@@ -92,3 +92,19 @@ def test_every_perturbation_changes_the_mask_reproducibly(phantom, family) -> No
     b = perturb_mask(phantom.liver, family, np.random.default_rng(5), phantom.hu, phantom.spacing)
     assert np.array_equal(a, b)
     assert dice(a, phantom.liver) < 0.99
+
+
+def test_training_is_seeded_and_writes_a_loadable_estimator_with_its_card(tmp_path) -> None:
+    torch.set_num_threads(1)
+    runs = []
+    for name in ("a", "b"):
+        metrics = train_estimator(tmp_path / name, seed=3, epochs=1, n_train=2, n_val=1, progress=False)
+        assert set(metrics) == {"validation", "training"} and metrics["validation"]["n"] > 0
+        runs.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key  # same seed, same weights
+    estimator = load_estimator(tmp_path / "a")
+    assert estimator.card["training"]["held_out_families"] == list(HELD_OUT_FAMILIES)
+    assert "held out" in (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    phantom = make_ct_phantom(SEED + 1)
+    assert 0.0 < estimator.predict(phantom.hu, phantom.liver, phantom.spacing) < 1.0

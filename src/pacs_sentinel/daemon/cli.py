@@ -344,7 +344,8 @@ def _cmd_qc_threshold(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SentinelError(str(exc)) from None
     print(f"calibration set: {len(scores)} cases, {int(failed.sum())} failures (Dice < 0.7), "
-          f"cross-validated scores of QC {fusion.qc_version}; a case an out-of-range check sends to review counts as 0")
+          f"cross-validated scores of QC {fusion.qc_version}; results that a volume or location outside the "
+          "model card's range sends to review anyway are not counted (the threshold does not decide them)")
     print("risk-coverage curve (operating points):")
     for rate in (0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50):
         print(f"  target review rate {rate:.2f}: {calibrated_threshold(fusion, target_review_rate=rate).describe()}")
@@ -353,9 +354,8 @@ def _cmd_qc_threshold(args: argparse.Namespace) -> int:
     if risk is not None and point.risk > risk + 1e-12:
         print(f"  note: no threshold reaches max_risk {risk} on the calibration set", file=sys.stderr)
     if target is not None and point.review_rate > target + 0.01:
-        print(f"  note: at least {100 * point.review_rate:.1f} % of the calibration cases go to review "
-              f"(lowest scores and out-of-range checks); a lower target review rate is not reachable on it",
-              file=sys.stderr)
+        print(f"  note: at least {100 * point.review_rate:.1f} % of the calibration cases have the lowest "
+              f"score; a lower target review rate is not reachable on it", file=sys.stderr)
     return EXIT_OK
 
 

@@ -197,8 +197,9 @@ class QCRefitConfig(_Strict):
 class QCConfig(_Strict):
     """``[qc]``: the verdict threshold on the quality score.
 
-    ``accept_threshold`` fixes it; for segmentation, ``target_review_rate`` (share of results
-    sent to review) or ``max_risk`` (failure rate among accepted results) derive it instead from
+    ``accept_threshold`` fixes it; for segmentation, ``target_review_rate`` (share of in-range
+    results sent to review: those a volume or location outside the model card's range sends
+    anyway are not counted) or ``max_risk`` (failure rate among accepted results) derive it from
     the calibration set's risk-coverage curve (``sentinel qc-threshold`` prints the operating
     point). At most one of the three may be set; classification always uses ``accept_threshold``.
     """

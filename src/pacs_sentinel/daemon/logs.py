@@ -15,6 +15,21 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _StandardStream:
+    """``sys.stdout`` or ``sys.stderr`` as it is when a line is written, not when logging was
+    configured: whoever replaces the stream later (a test harness, a daemon manager) gets the
+    lines, and a replaced stream that was closed is never written to."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self.name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+
 def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog (and the standard library loggers of our dependencies).
 
@@ -23,7 +38,10 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
         level: Lowest level written.
         stream: Where to write (standard output by default).
     """
-    stream = stream or sys.stdout
+    if stream is None or stream is sys.stdout:
+        stream = _StandardStream("stdout")  # type: ignore[assignment]
+    elif stream is sys.stderr:
+        stream = _StandardStream("stderr")  # type: ignore[assignment]
     renderer: structlog.typing.Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()

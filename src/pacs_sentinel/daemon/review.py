@@ -26,6 +26,7 @@ import sqlite_utils
 
 from pacs_sentinel.dicom_io.index import Database, Migration
 from pacs_sentinel.errors import SentinelError
+from pacs_sentinel.results import Reason
 
 #: Who closes an item that a later accepted run made moot.
 SYSTEM_REVIEWER = "sentinel"
@@ -51,25 +52,27 @@ class Decision(str, enum.Enum):
     AI_REJECTED = "ai-rejected"
 
 
-#: What each QC finding means, in words for the reviewer (keys: the finding's label).
-REASON_EXPLANATIONS: dict[str, str] = {
-    "Empty mask": "the model found nothing to segment",
-    "Volume anomaly": "the segmented volume is outside the range the model card records",
-    "Shape irregularity": "the mask's shape is unusual (not compact, holes, odd outline)",
-    "Fragmentation": "the mask is split into several separate pieces",
-    "Low model confidence": "the model's probabilities are close to its decision threshold",
-    "High uncertainty": "repeated stochastic passes of the model disagree",
-    "Poor input image quality": "the image is noisy, blurred, has metal artefacts or a cut-off field of view",
-    "Mask touches image border": "the mask reaches the edge of the image, so part of the organ may be missing",
-    "Implausible location": "the mask lies on the unexpected side of the body",
-    "Disagreement with reference model": "our own model's segmentation of the same series differs from this one",
-    "Low predicted Dice": "the QC's learned estimator predicts a low overlap with a correct segmentation",
+#: What each QC finding means, in words for the reviewer (every :class:`Reason` has one).
+REASON_EXPLANATIONS: dict[Reason, str] = {
+    Reason.EMPTY_MASK: "the model found nothing to segment",
+    Reason.VOLUME_ANOMALY: "the segmented volume is outside the range the model card records",
+    Reason.SHAPE_IRREGULARITY: "the mask's shape is unusual (not compact, holes, odd outline)",
+    Reason.FRAGMENTATION: "the mask is split into several separate pieces",
+    Reason.LOW_MODEL_CONFIDENCE: "the model's probabilities are close to its decision threshold",
+    Reason.HIGH_UNCERTAINTY: "repeated stochastic passes of the model disagree",
+    Reason.POOR_INPUT_QUALITY: "the image is noisy, blurred, has metal artefacts or a cut-off field of view",
+    Reason.BORDER_CONTACT: "the mask reaches the edge of the image, so part of the organ may be missing",
+    Reason.IMPLAUSIBLE_LOCATION: "the mask lies on the unexpected side of the body",
+    Reason.DISAGREEMENT: "the segmentation differs clearly from our own model's prediction of the same organ",
+    Reason.LOW_PREDICTED_DICE: "a second network that looks at image and mask together expects a poor overlap "
+                               "with the true organ",
 }
+_EXPLANATION_BY_LABEL = {reason.label: text for reason, text in REASON_EXPLANATIONS.items()}
 
 
 def explain_reason(label: str) -> str:
     """``"Fragmentation"`` -> ``"Fragmentation: the mask is split into several separate pieces"``."""
-    explanation = REASON_EXPLANATIONS.get(label)
+    explanation = _EXPLANATION_BY_LABEL.get(label)
     return f"{label}: {explanation}" if explanation else label
 
 

@@ -10,7 +10,9 @@ empty masks (scored 0 by rule) are never drawn.
 
 The risk-coverage curve that ``[qc] target_review_rate`` / ``max_risk`` and ``sentinel
 qc-threshold`` derive the verdict threshold from is made of *cross-validated* scores (5 folds
-grouped by phantom), so it is not flattered by the fit; it is stored in the fusion JSON.
+grouped by phantom), so it is not flattered by the fit, of the in-range own-model cases (those
+an out-of-range check sends to review whatever the threshold are left out: the threshold does
+not decide them); it is stored in the fusion JSON.
 """
 
 from __future__ import annotations
@@ -127,12 +129,12 @@ def fit_fusion(out_path: Path | None = None, *, seed: int = 0, n_images: int | N
                        mc_dropout_samples=recipe["mc_dropout_samples"], estimator=estimator, collect_signals=True,
                        progress=progress, desc="fusion: calibration cases")
     cv = cross_validated_scores(cases, recipe["l2"], recipe["folds"], seed)
-    # For the verdict, a case an out-of-range check flags is reviewed whatever its score: on the
-    # threshold curve it counts as score 0.
-    verdict_score = np.array([0.0 if c.signals is not None and policy_reasons(c.signals) else s
-                              for c, s in zip(cases, cv, strict=True)])
     dice = np.array([c.dice for c in cases])
     own = np.array([c.uncertainty for c in cases])
+    # A case an out-of-range check flags goes to review whatever the threshold: the threshold
+    # curve holds only the in-range own-model cases, the ones the threshold decides.
+    in_range = np.array([c.signals is not None and not policy_reasons(c.signals) for c in cases])
+    curve = own & in_range
     acceptable = dice >= ACCEPTABLE_DICE
     metrics = {
         "n_cases": len(cases),
@@ -147,12 +149,12 @@ def fit_fusion(out_path: Path | None = None, *, seed: int = 0, n_images: int | N
         QC_VERSION, fit_models(cases, recipe["l2"]),
         calibration={
             "description": ("cross-validated fused scores of the calibration set's own-model masks "
-                            "(the segmentation pipeline's path, with MC-dropout samples), 0 where an "
-                            "out-of-range check sends the case to review anyway: the curve "
-                            "[qc] target_review_rate / max_risk derive the threshold from"),
-            "scores": [round(float(s), 4) for s in verdict_score[own]],
-            "dice": [round(float(d), 4) for d in dice[own]],
-            "families": [c.image_family for c, o in zip(cases, own, strict=True) if o],
+                            "(the segmentation pipeline's path, with MC-dropout samples) that no "
+                            "out-of-range check sends to review anyway: the curve [qc] "
+                            "target_review_rate / max_risk derive the threshold from"),
+            "scores": [round(float(s), 4) for s in cv[curve]],
+            "dice": [round(float(d), 4) for d in dice[curve]],
+            "families": [c.image_family for c, o in zip(cases, curve, strict=True) if o],
             "all_scores": [round(float(s), 4) for s in cv],
             "all_dice": [round(float(d), 4) for d in dice],
         },

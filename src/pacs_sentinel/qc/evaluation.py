@@ -264,13 +264,14 @@ def write_figures(cases: list[QCCase], fusion: FusionModel, out_dir: Path) -> li
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, (title, members) in zip(axes, [("own-model masks", [c for c in cases if c.mask_family == "none"]),
                                            ("all cases", cases)], strict=True):
-        for method in methods(fusion):
+        for colour, method in enumerate(methods(fusion)):
             pairs = [(method.score(c), c.dice) for c in members]
             if len(pairs) < 2 or any(s is None for s, _ in pairs):
                 continue  # a method that does not score every case of the panel (uncertainty on own masks only)
             s, d = np.array(pairs).T
             curve = risk_coverage(s, 1.0 - d)
-            ax.plot(np.arange(1, len(curve) + 1) / len(curve), curve, label=f"{method.name} (AURC {aurc(s, 1 - d):.3f})")
+            ax.plot(np.arange(1, len(curve) + 1) / len(curve), curve, color=f"C{colour}",  # one colour per method
+                    label=f"{method.name} (AURC {aurc(s, 1 - d):.3f})")
         ax.set_xlabel("coverage (share of cases accepted, most trusted first)")
         ax.set_ylabel("risk (mean 1 - Dice of accepted)")
         ax.set_title(f"Risk-coverage, {title} (n = {len(members)})")

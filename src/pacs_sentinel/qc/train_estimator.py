@@ -146,7 +146,6 @@ def train_estimator(out_dir: Path | None = None, *, seed: int = 0, epochs: int |
     out_dir = Path(out_dir) if out_dir is not None else ESTIMATOR_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if model is None:
         model = load_segmentation_model(recipe["segmentation_model"], device="cpu")
@@ -160,6 +159,9 @@ def train_estimator(out_dir: Path | None = None, *, seed: int = 0, epochs: int |
     x, y = _arrays(train)
     x_val, y_val = _arrays(val)
 
+    # Seeded here, after the cases: loading the segmentation model (first call only) draws
+    # from torch's RNG, and the weights must not depend on whether it was loaded before.
+    torch.manual_seed(seed)
     network = build_estimator_network()
     optimiser = torch.optim.Adam(network.parameters(), lr=recipe["learning_rate"], weight_decay=recipe["weight_decay"])
     batch = recipe["batch_size"]
@@ -231,9 +233,57 @@ def train_estimator(out_dir: Path | None = None, *, seed: int = 0, epochs: int |
     tmp = out_dir / (CARD_FILE + ".tmp")
     tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / CARD_FILE)
+    tmp = out_dir / "MODEL_CARD.md.tmp"
+    tmp.write_text(render_estimator_card(card), encoding="utf-8")
+    os.replace(tmp, out_dir / "MODEL_CARD.md")
     clear_estimator_cache()
     log.info("qc estimator trained", out_dir=str(out_dir), **metrics["validation"])
     return metrics
+
+
+def render_estimator_card(card: dict[str, Any]) -> str:
+    """The human model card (``MODEL_CARD.md``) of a trained estimator."""
+    t, m, i = card["training"], card["metrics"], card["input"]
+    v = m["validation"]
+    return f"""# Model card: QC confidence estimator {card['version']}
+
+**Part of PACS Sentinel's QC, trained on synthetic phantoms only; not for clinical use.**
+
+## What it does
+Predicts the Dice of a liver mask of the demo `organ-seg` task from the image and the mask
+together (QC signal `predicted_dice`; QC030 "Low predicted Dice" below 0.7). It is one input of
+the fitted QC fusion, never a verdict on its own.
+
+## Input, architecture
+- A cube of {i['box_mm']:.0f} mm around the centre of the mask's bounding box, axial LPS order,
+  averaged down to {i['grid']}^3 voxels: channel 1 the image windowed to {i['window_hu']} HU, channel 2 the
+  mask's voxel fraction.
+- MONAI `Regressor`, channels {card['architecture']['channels']}, strides {card['architecture']['strides']},
+  {card['architecture']['num_res_units']} residual unit(s); sigmoid output = predicted Dice.
+
+## Training
+- Masks: the demo organ-seg model's own predictions on {t['n_train']} phantoms it was never trained on
+  (seeds {t['train_seeds']}), image families {', '.join(t['image_families'])}; plus
+  {t['perturbations_per_image']} perturbed masks per phantom ({', '.join(t['mask_families'][1:])}), a share
+  {t['truth_share']} of them perturbations of the ground truth (and the ground truth itself). Label: the
+  Dice against the phantom's ground truth. {t['n_train_cases']} training masks, {t['n_val_cases']} validation
+  masks (seeds {t['val_seeds']}).
+- **Never seen** (held out for `sentinel qc-eval`): {', '.join(t['held_out_families'])}; empty masks (QC scores
+  them 0 by rule).
+- {t['loss']}; {t['optimiser']}; {t['augmentation']}; batch {t['batch_size']}, at most {t['epochs']} epochs,
+  best validation MAE kept (epoch {t['best_epoch']} of {t['epochs_run']}). Seed {t['seed']}, {t['seconds']:.0f} s on CPU
+  (torch {t['torch']}), {t['date']}. Reproduce: `sentinel train-demo qc-estimator`.
+
+## Validation
+{v['n']} masks, {v['failures']} with Dice < 0.7: **MAE {v['mae']:.3f}, Spearman {v['spearman']:.3f}, AUROC for
+Dice < 0.7 {v['auroc_failure']:.3f}** (training masks: MAE {m['training']['mae']:.3f}, Spearman
+{m['training']['spearman']:.3f}: it overfits its 200 training phantoms).
+Held-out families and the comparison with the other signals: `docs/benchmarks.md`.
+
+## Limitations
+Phantoms only, one organ, one grid of training phantoms; it generalises only in part to kinds
+of error it never saw (leakage into a neighbour: see the benchmark).
+"""
 
 
 def _span(seeds: list[int]) -> str:
