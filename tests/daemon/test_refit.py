@@ -167,7 +167,10 @@ def test_sentinel_models_and_qc_refit_commands(tmp_path: Path) -> None:
     active_line = next(line for line in lines if "2.0.0+fb1 " in line)
     worse_line = next(line for line in lines if "2.0.0+fb2 " in line)
     assert active_line.startswith("*") and not shipped_line.startswith("*") and not worse_line.startswith("*")
-    assert "cv_auroc_all 0.9618" in shipped_line
+    from pacs_sentinel.qc.fusion import load_fusion
+
+    shipped_auroc = load_fusion().info["metrics"]["cv_auroc_all"]  # the figure the shipped file records
+    assert f"cv_auroc_all {shipped_auroc:.4f}" in shipped_line
     assert "local refit of 2.0.0" in active_line and "18 feedback cases" in active_line and "; activated" in active_line
     assert "local refit of 2.0.0+fb1" in worse_line and "12 feedback cases" in worse_line
     assert "held-out phantoms old -> new: auroc" in worse_line and "not activated" in worse_line
