@@ -47,12 +47,6 @@ class ExportSummary:
     notes: list[str] = field(default_factory=list)
 
 
-def _rows(database: Database, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-    cursor = database.connection().execute(sql, params)
-    names = [c[0] for c in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-
 def _iso(timestamp: float | None) -> str:
     if timestamp is None:
         return ""
@@ -76,12 +70,11 @@ def export_feedback(database: Database, spool: Spool, out_dir: Path, *, since: f
     from pacs_sentinel.inference.preprocess import volume_affine
 
     since = since if since is not None else 0.0
-    jobs = {row["id"]: row for row in _rows(database, "SELECT * FROM jobs WHERE verdict IS NOT NULL", [])}
-    items = {row["job_id"]: row for row in _rows(
-        database, "SELECT * FROM review_items WHERE status = 'resolved' AND decision IS NOT NULL AND resolved_at >= ?",
+    jobs = {row["id"]: row for row in database.rows("SELECT * FROM jobs WHERE verdict IS NOT NULL", [])}
+    items = {row["job_id"]: row for row in database.rows("SELECT * FROM review_items WHERE status = 'resolved' AND decision IS NOT NULL AND resolved_at >= ?",
         [since])}
     corrections: dict[int, dict[str, Any]] = {}
-    for row in _rows(database, "SELECT * FROM feedback WHERE error IS NULL AND recorded_at >= ? ORDER BY id",
+    for row in database.rows("SELECT * FROM feedback WHERE error IS NULL AND recorded_at >= ? ORDER BY id",
                      [since]):
         corrections.setdefault(row["job_id"], row)  # the first correction of a job (one per job in the data set)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -175,11 +175,6 @@ class JobStore:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
-        cursor = self.database.connection().execute(sql, params or [])
-        names = [c[0] for c in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
     def queue_study(self, study_uid: str, pipelines: dict[str, float], *, rerun_late_arrivals: bool = True) -> list[int]:
         """Queue one job per pipeline unless an up-to-date job exists.
 
@@ -273,7 +268,7 @@ class JobStore:
         Raises:
             KeyError: No such job.
         """
-        rows = self._rows("SELECT * FROM jobs WHERE id = ?", [job_id])
+        rows = self.database.rows("SELECT * FROM jobs WHERE id = ?", [job_id])
         if not rows:
             raise KeyError(job_id)
         return Job.from_row(rows[0])
@@ -343,14 +338,14 @@ class JobStore:
 
     def qc_signals(self, job_id: int) -> list[dict[str, Any]]:
         """The stored QC signal rows of a job, by segment then name."""
-        return self._rows("SELECT * FROM qc_signals WHERE job_id = ? ORDER BY segment_number, id", [job_id])
+        return self.database.rows("SELECT * FROM qc_signals WHERE job_id = ? ORDER BY segment_number, id", [job_id])
 
     def jobs(self, *, study_uid: str | None = None, limit: int = 200) -> list[Job]:
         """Newest jobs first, optionally of one study."""
         if study_uid:
-            rows = self._rows("SELECT * FROM jobs WHERE study_uid = ? ORDER BY id DESC LIMIT ?", [study_uid, limit])
+            rows = self.database.rows("SELECT * FROM jobs WHERE study_uid = ? ORDER BY id DESC LIMIT ?", [study_uid, limit])
         else:
-            rows = self._rows("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", [limit])
+            rows = self.database.rows("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", [limit])
         return [Job.from_row(r) for r in rows]
 
     def delivered_series(self, study_uid: str, pipelines: list[str]) -> dict[str, float]:

@@ -35,12 +35,6 @@ def qc_dir(config: Config) -> Path:
     return config.node.data_dir / "qc"
 
 
-def _rows(database: Database, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-    cursor = database.connection().execute(sql, params)
-    names = [c[0] for c in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-
 def feedback_cases(database: Database, *, since: float | None = None,
                    pipelines: list[str] | None = None) -> tuple[list[FeedbackCase], float | None]:
     """The feedback cases (see the module docstring), optionally only those resolved after ``since``.
@@ -53,7 +47,7 @@ def feedback_cases(database: Database, *, since: float | None = None,
     Returns:
         The cases and the newest resolution time among them (None when there are none).
     """
-    items = _rows(database, """
+    items = database.rows("""
         SELECT r.job_id, r.pipeline, r.decision, r.resolved_at, j.qc_version FROM review_items r JOIN jobs j ON j.id = r.job_id
         WHERE r.status = 'resolved' AND r.decision IS NOT NULL AND r.resolved_at > ? ORDER BY r.resolved_at""",
                   [since if since is not None else -1.0])
@@ -63,10 +57,9 @@ def feedback_cases(database: Database, *, since: float | None = None,
     newest = None
     for item in items:
         signals: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for row in _rows(database, "SELECT * FROM qc_signals WHERE job_id = ? ORDER BY id", [item["job_id"]]):
+        for row in database.rows("SELECT * FROM qc_signals WHERE job_id = ? ORDER BY id", [item["job_id"]]):
             signals[int(row["segment_number"])].append(row)
-        dice = {int(r["segment_number"]): float(r["dice"]) for r in _rows(
-            database, "SELECT segment_number, dice FROM feedback WHERE job_id = ? AND error IS NULL AND dice IS NOT NULL "
+        dice = {int(r["segment_number"]): float(r["dice"]) for r in database.rows("SELECT segment_number, dice FROM feedback WHERE job_id = ? AND error IS NULL AND dice IS NOT NULL "
                       "ORDER BY id DESC", [item["job_id"]])}  # the first correction wins, as in the export
         for segment_number, rows in sorted(signals.items()):
             decision = item["decision"]

@@ -237,16 +237,28 @@ def parse_since(text: str, *, now: float | None = None) -> float:
     return moment.timestamp()
 
 
+def _status_for_change(tx: sqlite_utils.Database, item_id: int, reviewer: str) -> str:
+    """The item's status, when ``reviewer`` may change it (claim or resolve).
+
+    Raises:
+        ReviewError: No such item, it is resolved, or someone else claimed it.
+    """
+    row = tx.execute("SELECT status, reviewer FROM review_items WHERE id = ?", [item_id]).fetchone()
+    if row is None:
+        raise ReviewError(f"no review item {item_id}")
+    status, current = row
+    if status == ReviewStatus.RESOLVED.value:
+        raise ReviewError(f"review item {item_id} is already resolved")
+    if status == ReviewStatus.CLAIMED.value and current != reviewer:
+        raise ReviewError(f"review item {item_id} is claimed by {current}")
+    return str(status)
+
+
 class ReviewStore:
     """The worklist in the daemon's database; every change is one transaction."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
-
-    def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
-        cursor = self.database.connection().execute(sql, params or [])
-        names = [c[0] for c in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     @staticmethod
     def record_job_result(tx: sqlite_utils.Database, job_id: int, result: dict[str, Any]) -> int | None:
@@ -314,14 +326,14 @@ class ReviewStore:
         Raises:
             ReviewError: No such item.
         """
-        rows = self._rows("SELECT * FROM review_items WHERE id = ?", [item_id])
+        rows = self.database.rows("SELECT * FROM review_items WHERE id = ?", [item_id])
         if not rows:
             raise ReviewError(f"no review item {item_id}")
         return ReviewItem.from_row(rows[0])
 
     def find(self, study_uid: str, pipeline: str) -> ReviewItem | None:
         """The item of a study and pipeline, if there is one."""
-        rows = self._rows("SELECT * FROM review_items WHERE study_uid = ? AND pipeline = ?", [study_uid, pipeline])
+        rows = self.database.rows("SELECT * FROM review_items WHERE study_uid = ? AND pipeline = ?", [study_uid, pipeline])
         return ReviewItem.from_row(rows[0]) if rows else None
 
     def items(
@@ -366,7 +378,7 @@ class ReviewStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY {orders[order]} LIMIT ?"
-        return [ReviewItem.from_row(r) for r in self._rows(sql, [*params, limit])]
+        return [ReviewItem.from_row(r) for r in self.database.rows(sql, [*params, limit])]
 
     def claim(self, item_id: int, reviewer: str) -> ReviewItem:
         """Claim an open item for ``reviewer`` (claiming one's own claim again is a no-op).
@@ -377,14 +389,7 @@ class ReviewStore:
         reviewer = _reviewer(reviewer)
         now = time.time()
         with self.database.transaction() as tx:
-            row = tx.execute("SELECT status, reviewer FROM review_items WHERE id = ?", [item_id]).fetchone()
-            if row is None:
-                raise ReviewError(f"no review item {item_id}")
-            status, current = row
-            if status == ReviewStatus.RESOLVED.value:
-                raise ReviewError(f"review item {item_id} is already resolved")
-            if status == ReviewStatus.CLAIMED.value and current != reviewer:
-                raise ReviewError(f"review item {item_id} is claimed by {current}")
+            status = _status_for_change(tx, item_id, reviewer)
             if status == ReviewStatus.OPEN.value:
                 tx["review_items"].update(item_id, {"status": ReviewStatus.CLAIMED.value, "reviewer": reviewer,
                                                     "claimed_at": now, "updated_at": now})
@@ -405,14 +410,7 @@ class ReviewStore:
                 f"decision: {decision!r} is not one of {', '.join(d.value for d in Decision)}") from None
         now = time.time()
         with self.database.transaction() as tx:
-            row = tx.execute("SELECT status, reviewer FROM review_items WHERE id = ?", [item_id]).fetchone()
-            if row is None:
-                raise ReviewError(f"no review item {item_id}")
-            status, current = row
-            if status == ReviewStatus.RESOLVED.value:
-                raise ReviewError(f"review item {item_id} is already resolved")
-            if status == ReviewStatus.CLAIMED.value and current != reviewer:
-                raise ReviewError(f"review item {item_id} is claimed by {current}")
+            _status_for_change(tx, item_id, reviewer)
             tx["review_items"].update(item_id, {
                 "status": ReviewStatus.RESOLVED.value, "decision": chosen.value, "reviewer": reviewer,
                 "comments": (comments or "").strip() or None, "resolved_at": now, "updated_at": now,

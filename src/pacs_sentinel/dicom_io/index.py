@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import sqlite_utils
 
@@ -91,6 +91,12 @@ class Database:
             self._local.db = db
             self._local.synchronous = "FULL"
         return db
+
+    def rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        """Run a query on this thread's connection; each row as a column -> value dict."""
+        cursor = self.connection().execute(sql, params or [])
+        names = [c[0] for c in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     @contextmanager
     def transaction(self, *, synchronous: Synchronous = "FULL") -> Iterator[sqlite_utils.Database]:
