@@ -238,3 +238,21 @@ def test_receiver_with_two_listener_processes_shares_the_port(tmp_path: Path) ->
     rows = list(Database(tmp_path / "index.db").connection()["instances"].rows)
     assert sorted(r["sop_instance_uid"] for r in rows) == sorted(uids)
     assert all(pydicom.dcmread(r["path"]).SOPInstanceUID == r["sop_instance_uid"] for r in rows)
+
+
+def test_whole_pdu_socket_returns_what_arrived_when_the_peer_closes() -> None:
+    """A peer that hangs up mid-PDU: the bytes that came, no exception in the DUL thread."""
+    import socket as socketlib
+
+    from pacs_sentinel.dicom_io.scp import _WholePduSocket
+
+    ours, peer = socketlib.socketpair()
+    try:
+        wrapper = _WholePduSocket.__new__(_WholePduSocket)  # the socket only; no association needed
+        wrapper.socket = ours
+        peer.sendall(b"\x04\x00\x00")
+        peer.close()
+        assert wrapper.recv(6) == bytearray(b"\x04\x00\x00")
+        assert wrapper.recv(6) == bytearray()
+    finally:
+        ours.close()

@@ -174,14 +174,14 @@ class _WholePduSocket(AssociationSocket):
         if sock is None or isinstance(sock, ssl.SSLSocket):
             return super().recv(nr_bytes)
         buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
         nr_read = 0
-        while nr_read < nr_bytes:
-            got = sock.recv_into(view[nr_read:], nr_bytes - nr_read, socket.MSG_WAITALL)
-            if not got:  # connection broken: return what we have, as pynetdicom does
-                del buffer[nr_read:]
-                break
-            nr_read += got
+        with memoryview(buffer) as view:  # released before a short buffer is cut below
+            while nr_read < nr_bytes:
+                got = sock.recv_into(view[nr_read:], nr_bytes - nr_read, socket.MSG_WAITALL)
+                if not got:  # connection broken: return what we have, as pynetdicom does
+                    break
+                nr_read += got
+        del buffer[nr_read:]
         return buffer
 
 
