@@ -15,11 +15,11 @@ from pydicom.data import get_testdata_file
 from pacs_sentinel.errors import ModelError, SeriesError
 from pacs_sentinel.inference.classification import (
     ClassificationModel,
-    expected_calibration_error,
     fit_temperature,
     image_from_dataset,
     load_classification_model,
 )
+from pacs_sentinel.qc.metrics import expected_calibration_error
 from pacs_sentinel.inference.radiographs import FINDINGS, make_cxr_phantom
 from pacs_sentinel.inference.train_cxr import auprc, auroc, sensitivity_at_specificity, train_cxr
 from pacs_sentinel.results import ClassificationResult

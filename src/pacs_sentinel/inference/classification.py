@@ -153,44 +153,6 @@ def image_from_dataset(ds: pydicom.Dataset, *, frame: int | None = None) -> np.n
 # --------------------------------------------------------------------------- calibration
 
 
-def expected_calibration_error(probabilities: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[float],
-                               n_bins: int = 10) -> float:
-    """Expected calibration error of binary (or multi-label) probabilities.
-
-    Every (case, label) pair is one binary prediction. Predictions are put in ``n_bins``
-    equal-width bins of their probability (1.0 in the last bin); the ECE is the mean over bins,
-    weighted by their share of predictions, of ``|observed frequency - mean probability|``.
-
-    Args:
-        probabilities: Predicted probabilities of the positive class, any shape.
-        labels: 0/1 ground truth of the same shape.
-        n_bins: Number of bins.
-
-    Returns:
-        The ECE in [0, 1]; 0.0 for empty input.
-
-    Raises:
-        ValueError: Shapes differ, probabilities outside [0, 1], or ``n_bins`` < 1.
-    """
-    p = np.asarray(probabilities, dtype=np.float64).ravel()
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    if np.shape(probabilities) != np.shape(labels):
-        raise ValueError(f"probabilities shape {np.shape(probabilities)} differs from labels shape {np.shape(labels)}")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
-    if p.size == 0:
-        return 0.0
-    if np.any((p < 0) | (p > 1)) or not np.all(np.isfinite(p)):
-        raise ValueError("probabilities must lie in [0, 1]")
-    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for k in range(n_bins):
-        in_bin = bins == k
-        if in_bin.any():
-            ece += in_bin.mean() * abs(y[in_bin].mean() - p[in_bin].mean())
-    return float(ece)
-
-
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, max_iter: int = 200) -> float:
     """Fit one temperature ``T`` minimising the binary NLL of ``sigmoid(logits / T)``.
 

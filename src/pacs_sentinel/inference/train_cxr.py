@@ -37,13 +37,13 @@ from pacs_sentinel.inference.classification import (
     ClassificationModel,
     _set_dropout,
     build_classifier,
-    expected_calibration_error,
     fit_temperature,
     labels_from_card,
     preprocess_image,
 )
 from pacs_sentinel.inference.sources import CARD_FILE, DEMO_MODELS_DIR, WEIGHTS_FILE
 from pacs_sentinel.inference.radiographs import FINDING_PREVALENCE, FINDINGS, RADIOGRAPH_VARIANTS, make_cxr_phantom
+from pacs_sentinel.qc.metrics import expected_calibration_error
 
 log = structlog.get_logger(__name__)
 

@@ -15,6 +15,7 @@ Dice is below 0.7 (DESIGN.md's "acceptable"); the detector is good when failures
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,18 +83,42 @@ def sensitivity_at_review_rate(scores: np.ndarray, failed: np.ndarray, review_ra
     return float(failed[order[:k]].sum() / failed.sum())
 
 
-def expected_calibration_error(probabilities: np.ndarray, outcomes: np.ndarray, bins: int = 10) -> float:
-    """ECE: bin-weighted mean |mean probability - outcome rate| over equal-width bins."""
-    p, y = np.asarray(probabilities, dtype=np.float64), np.asarray(outcomes, dtype=np.float64)
-    if len(p) == 0:
-        return float("nan")
-    index = np.minimum((p * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            total += members.sum() * abs(p[members].mean() - y[members].mean())
-    return float(total / len(p))
+def expected_calibration_error(probabilities: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[float],
+                               n_bins: int = 10) -> float:
+    """Expected calibration error of binary (or multi-label) probabilities.
+
+    Every (case, label) pair is one binary prediction. Predictions are put in ``n_bins``
+    equal-width bins of their probability (1.0 in the last bin); the ECE is the mean over bins,
+    weighted by their share of predictions, of ``|observed frequency - mean probability|``.
+
+    Args:
+        probabilities: Predicted probabilities of the positive class, any shape.
+        labels: 0/1 ground truth of the same shape.
+        n_bins: Number of bins.
+
+    Returns:
+        The ECE in [0, 1]; 0.0 for empty input.
+
+    Raises:
+        ValueError: Shapes differ, probabilities outside [0, 1], or ``n_bins`` < 1.
+    """
+    p = np.asarray(probabilities, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    if np.shape(probabilities) != np.shape(labels):
+        raise ValueError(f"probabilities shape {np.shape(probabilities)} differs from labels shape {np.shape(labels)}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    if p.size == 0:
+        return 0.0
+    if np.any((p < 0) | (p > 1)) or not np.all(np.isfinite(p)):
+        raise ValueError("probabilities must lie in [0, 1]")
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for k in range(n_bins):
+        in_bin = bins == k
+        if in_bin.any():
+            ece += in_bin.mean() * abs(y[in_bin].mean() - p[in_bin].mean())
+    return float(ece)
 
 
 def reliability_bins(probabilities: np.ndarray, outcomes: np.ndarray, bins: int = 10) -> list[tuple[float, float, int]]:
