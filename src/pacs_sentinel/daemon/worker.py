@@ -154,16 +154,8 @@ class Worker:
         else:
             analysis = self._classify(pipeline, series.files)
         result_set, result, qc, series_uid = analysis
-        return self._deliver(job, [(result_set, None)], result_row={
-            "series_uid": series_uid,
-            "model": result.model_name,
-            "model_version": result.model_version,
-            "qc_version": qc.qc_version,
-            "verdict": qc.verdict.label,
-            "quality_score": qc.quality_score,
-            "reasons": [r.label for r in qc.reasons],
-            "needs_review": qc.verdict is Verdict.NEEDS_REVIEW,
-        }, qc_signals=qc_signal_rows(qc))
+        return self._deliver(job, [(result_set, None)], qc, series_uid=series_uid, model=result.model_name,
+                             model_version=result.model_version)
 
     def _judge_segs(self, job: Job, pipeline: PipelineConfig) -> JobState:
         """A seg-qc job: judge every third-party SEG of the study the pipeline matches."""
@@ -176,21 +168,14 @@ class Worker:
         qc = QCResult(qc_version=outcomes[0].qc.qc_version, segments=[s for o in outcomes for s in o.qc.segments])
         # One SEG: its objects in the job folder; several: one sub-folder per SEG.
         sets = [(o.result_set, None if len(outcomes) == 1 else f"seg-{n}") for n, o in enumerate(outcomes, start=1)]
-        return self._deliver(job, sets, result_row={
-            "series_uid": outcomes[0].series_uid,
-            "model": ", ".join(dict.fromkeys(o.result.model_name for o in outcomes))[:200],
-            "model_version": ", ".join(dict.fromkeys(o.result.model_version for o in outcomes))[:200],
-            "qc_version": qc.qc_version,
-            "verdict": qc.verdict.label,
-            "quality_score": qc.quality_score,
-            "reasons": [r.label for r in qc.reasons],
-            "needs_review": qc.verdict is Verdict.NEEDS_REVIEW,
-        }, qc_signals=qc_signal_rows(qc))
+        return self._deliver(job, sets, qc, series_uid=outcomes[0].series_uid,
+                             model=", ".join(dict.fromkeys(o.result.model_name for o in outcomes))[:200],
+                             model_version=", ".join(dict.fromkeys(o.result.model_version for o in outcomes))[:200])
 
-    def _deliver(self, job: Job, result_sets: list[tuple[ResultSet, str | None]], *, result_row: dict[str, Any],
-                 qc_signals: list[dict[str, Any]] | None = None) -> JobState:
+    def _deliver(self, job: Job, result_sets: list[tuple[ResultSet, str | None]], qc: QCResult, *,
+                 series_uid: str, model: str, model_version: str) -> JobState:
         """Write the result sets (each into the job folder or the named sub-folder), queue
-        every DICOM file for every destination, and record the job's result row."""
+        every DICOM file for every destination, and record the job's result row and QC signals."""
         newer = self.jobs.newer_queued_job(job)
         if newer is not None:
             # More instances of the input series arrived while this job ran: the re-run sends
@@ -202,32 +187,35 @@ class Worker:
         out_dir = self.results_root / f"job-{job.id}"
         if out_dir.exists():
             shutil.rmtree(out_dir)  # left by an interrupted run of this job
-        paths = []
+        sent: list[tuple[Path, pydicom.Dataset]] = []  # (file, the object written to it), in sending order
         for result_set, folder in result_sets:
-            paths += result_set.write(out_dir if folder is None else out_dir / folder)
+            written = result_set.write(out_dir if folder is None else out_dir / folder)
+            sent += zip([p for p in written if p.suffix == ".dcm"], result_set.datasets(), strict=True)
         # Nothing leaves unchecked: a failure fails the job (the files stay in out_dir to look at).
         started = time.perf_counter()
-        sent = [path for path in paths if path.suffix == ".dcm"]
-        check_before_sending(sent, self.config.reports.validate_)
+        check_before_sending([path for path, _ in sent], self.config.reports.validate_)
         log.info("results validated", mode=self.config.reports.validate_,
                  objects=len(sent), seconds=round(time.perf_counter() - started, 3))
-        outbox_items = []
-        for path in paths:
-            if path.suffix != ".dcm":
-                continue
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-            for destination in self.config.destinations:
-                outbox_items.append({
-                    "destination": destination.name,
-                    "path": str(path),
-                    "sop_instance_uid": str(header.SOPInstanceUID),
-                    "sop_class_uid": str(header.SOPClassUID),
-                })
+        outbox_items = [
+            {"destination": destination.name, "path": str(path), "sop_instance_uid": str(ds.SOPInstanceUID),
+             "sop_class_uid": str(ds.SOPClassUID)}
+            for path, ds in sent for destination in self.config.destinations
+        ]
         return self.jobs.record_results(
             job.id,
-            result={**result_row, "output_dir": str(out_dir)},
+            result={
+                "series_uid": series_uid,
+                "model": model,
+                "model_version": model_version,
+                "qc_version": qc.qc_version,
+                "verdict": qc.verdict.label,
+                "quality_score": qc.quality_score,
+                "reasons": [r.label for r in qc.reasons],
+                "needs_review": qc.verdict is Verdict.NEEDS_REVIEW,
+                "output_dir": str(out_dir),
+            },
             outbox_items=outbox_items,
-            qc_signals=qc_signals,
+            qc_signals=qc_signal_rows(qc),
         )
 
 
