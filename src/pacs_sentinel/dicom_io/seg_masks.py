@@ -24,7 +24,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array as decode_pixel_array
 
-from pacs_sentinel.dicom_io.series import Volume
+from pacs_sentinel.dicom_io.series import Volume, functional_group_item
 from pacs_sentinel.errors import SeriesError
 from pacs_sentinel.results import Code, SegmentLabel
 
@@ -122,18 +122,6 @@ def segment_labels(ds: Dataset) -> dict[int, tuple[SegmentLabel, str | None]]:
     return labels
 
 
-def _frame_item(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
-    """First item of functional-group macro ``keyword`` of one frame (per-frame, then shared)."""
-    for groups_keyword, index in (("PerFrameFunctionalGroupsSequence", frame_index),
-                                  ("SharedFunctionalGroupsSequence", 0)):
-        groups = ds.get(groups_keyword)
-        if groups and index < len(groups):
-            macro = groups[index].get(keyword)
-            if macro:
-                return macro[0]
-    return None
-
-
 def _source_refs(ds: Dataset, frame_index: int) -> list[tuple[str, int]]:
     """(SOP Instance UID, frame number) of every source image a frame names (frame 1 if none)."""
     groups = ds.get("PerFrameFunctionalGroupsSequence")
@@ -218,7 +206,7 @@ def map_segments(ds: Dataset, volume: Volume) -> MappedSegmentation:
     if (int(seg.Rows), int(seg.Columns)) != (rows, cols):
         raise SeriesError(f"SEG {uid} has {int(seg.Rows)}x{int(seg.Columns)} frames, the series {rows}x{cols} "
                           "images; a SEG on another grid is not supported")
-    orientation = _frame_item(seg, 0, "PlaneOrientationSequence")
+    orientation = functional_group_item(seg, 0, "PlaneOrientationSequence")
     if orientation is not None and "ImageOrientationPatient" in orientation:
         seg_dirs = np.asarray([float(v) for v in orientation.ImageOrientationPatient])
         vol_dirs = np.concatenate([volume.direction[:, 0], volume.direction[:, 1]])
@@ -230,14 +218,14 @@ def map_segments(ds: Dataset, volume: Volume) -> MappedSegmentation:
     frames = _segment_frames(seg)
     maximum = float(seg.get("MaximumFractionalValue", 1) or 1)
     masks = {number: np.zeros((slices, rows, cols), dtype=bool) for number in labels}
-    shared_segment = _frame_item(seg, 0, "SegmentIdentificationSequence") if segmentation_type != "LABELMAP" else None
+    shared_segment = functional_group_item(seg, 0, "SegmentIdentificationSequence") if segmentation_type != "LABELMAP" else None
     placer = _Placer(volume)
     by_position = 0
     for index in range(frames.shape[0]):
         what = f"frame {index + 1} of SEG {uid}"
         slice_index = placer.by_reference(_source_refs(seg, index))
         if slice_index is None:
-            position = _frame_item(seg, index, "PlanePositionSequence")
+            position = functional_group_item(seg, index, "PlanePositionSequence")
             if position is None or "ImagePositionPatient" not in position:
                 raise SeriesError(f"{what} references no instance of the series and has no position")
             slice_index = placer.by_position(np.asarray([float(v) for v in position.ImagePositionPatient]), what)
@@ -247,7 +235,7 @@ def map_segments(ds: Dataset, volume: Volume) -> MappedSegmentation:
             for number, mask in masks.items():
                 mask[slice_index] |= frame == number
             continue
-        identification = _frame_item(seg, index, "SegmentIdentificationSequence") or shared_segment
+        identification = functional_group_item(seg, index, "SegmentIdentificationSequence") or shared_segment
         if identification is None:
             raise SeriesError(f"{what} does not say which segment it belongs to")
         number = int(identification.ReferencedSegmentNumber)

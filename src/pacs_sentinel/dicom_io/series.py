@@ -147,7 +147,7 @@ def _is_enhanced(ds: Dataset) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
 
 
-def _functional_group_item(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
+def functional_group_item(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
     """The first item of macro ``keyword`` for a frame: per-frame group first, then shared."""
     for groups_keyword, index in (("PerFrameFunctionalGroupsSequence", frame_index), ("SharedFunctionalGroupsSequence", 0)):
         groups = ds.get(groups_keyword)
@@ -253,7 +253,7 @@ def _decode_stored(ds: Dataset) -> np.ndarray:
 
 def _rescale(ds: Dataset, frame_index: int) -> tuple[float, float]:
     """``(slope, intercept)`` of one frame: functional groups, then top level, then identity."""
-    item = _functional_group_item(ds, frame_index, "PixelValueTransformationSequence") if _is_enhanced(ds) else None
+    item = functional_group_item(ds, frame_index, "PixelValueTransformationSequence") if _is_enhanced(ds) else None
     source = item if item is not None and "RescaleSlope" in item else ds
     slope = source.get("RescaleSlope", 1)
     intercept = source.get("RescaleIntercept", 0)
@@ -343,9 +343,9 @@ def _multi_frame_slices(ds: Dataset) -> list[_Slice]:
     slices = []
     for index in range(frames):
         what = f"frame {index + 1} of {uid}"
-        position = _functional_group_item(ds, index, "PlanePositionSequence")
-        orientation = _functional_group_item(ds, index, "PlaneOrientationSequence")
-        measures = _functional_group_item(ds, index, "PixelMeasuresSequence")
+        position = functional_group_item(ds, index, "PlanePositionSequence")
+        orientation = functional_group_item(ds, index, "PlaneOrientationSequence")
+        measures = functional_group_item(ds, index, "PixelMeasuresSequence")
         for macro, keyword, name in (
             (position, "ImagePositionPatient", "PlanePositionSequence"),
             (orientation, "ImageOrientationPatient", "PlaneOrientationSequence"),
@@ -497,7 +497,7 @@ def _single_slice_spacing(s: _Slice) -> float:
     """Slice spacing of a one-slice volume: SpacingBetweenSlices, SliceThickness, else 1 mm."""
     sources = [s.dataset]
     if s.frame_number is not None:
-        measures = _functional_group_item(s.dataset, s.frame_number - 1, "PixelMeasuresSequence")
+        measures = functional_group_item(s.dataset, s.frame_number - 1, "PixelMeasuresSequence")
         if measures is not None:
             sources.insert(0, measures)
     for source in sources:
