@@ -147,11 +147,15 @@ def _is_enhanced(ds: Dataset) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
 
 
-def functional_group_item(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
-    """The first item of macro ``keyword`` for a frame: per-frame group first, then shared."""
+def functional_group_item(ds: Dataset, frame_index: int | None, keyword: str) -> Dataset | None:
+    """The first item of macro ``keyword`` for a frame: per-frame group first, then shared.
+
+    ``frame_index`` is 0-based; None (or one outside the per-frame groups) reads the shared
+    group only. A dataset without functional groups (a classic image) gives None.
+    """
     for groups_keyword, index in (("PerFrameFunctionalGroupsSequence", frame_index), ("SharedFunctionalGroupsSequence", 0)):
         groups = ds.get(groups_keyword)
-        if groups and index < len(groups):
+        if groups and index is not None and 0 <= index < len(groups):
             macro = groups[index].get(keyword)
             if macro:
                 return macro[0]

@@ -27,7 +27,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from pacs_sentinel.dicom_io.series import Volume
+from pacs_sentinel.dicom_io.series import Volume, functional_group_item
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.identity import creation_times, equipment_attributes
 from pacs_sentinel.reports.seg import VERDICT_COLOURS, verdict_text
@@ -64,6 +64,11 @@ LEGEND_TITLE = "Outline colour:"
 DASH = "-"
 
 
+def _macro(ds: Dataset, frame_number: int | None, keyword: str) -> Dataset | None:
+    """Functional group macro ``keyword`` of frame ``frame_number`` (1-based; None: shared only)."""
+    return functional_group_item(ds, None if frame_number is None else frame_number - 1, keyword)
+
+
 def representative_slice(result: SegmentationResult) -> int:
     """Return the index of the slice with the largest mask area over all labels.
 
@@ -80,26 +85,6 @@ def representative_slice(result: SegmentationResult) -> int:
     return int(np.argmax(areas))
 
 
-def _frame_macro(ds: Dataset, frame_number: int | None, keyword: str) -> Dataset | None:
-    """The first item of functional group macro ``keyword`` of a frame, or None.
-
-    The per-frame functional group of ``frame_number`` (1-based) is read first, then the
-    shared one; a dataset without functional groups (a classic single-frame image) gives None.
-    """
-    candidates = []
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and frame_number is not None and 1 <= frame_number <= len(per_frame):
-        candidates.append(per_frame[frame_number - 1])
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:
-        candidates.append(shared[0])
-    for group in candidates:
-        macro = group.get(keyword)
-        if macro:
-            return macro[0]
-    return None
-
-
 def window_of(ds: Dataset, frame_number: int | None = None) -> tuple[float, float]:
     """Return (centre, width) of the first VOI window of an image, or the soft-tissue default.
 
@@ -109,7 +94,7 @@ def window_of(ds: Dataset, frame_number: int | None = None) -> tuple[float, floa
     """
     source: Dataset = ds
     if "WindowCenter" not in ds:
-        source = _frame_macro(ds, frame_number, "FrameVOILUTSequence") or ds
+        source = _macro(ds, frame_number, "FrameVOILUTSequence") or ds
     centre, width = source.get("WindowCenter"), source.get("WindowWidth")
     if centre is None or width is None:
         return DEFAULT_WINDOW
@@ -311,7 +296,7 @@ def patient_orientation(ds: Dataset, frame_number: int | None = None) -> tuple[s
     letters = (("R", "L"), ("A", "P"), ("F", "H"))  # negative, positive direction per axis
     source: Dataset = ds
     if "ImageOrientationPatient" not in ds:
-        source = _frame_macro(ds, frame_number, "PlaneOrientationSequence") or ds
+        source = _macro(ds, frame_number, "PlaneOrientationSequence") or ds
     orientation = np.asarray(source.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
 
     def letter(vector: np.ndarray) -> str:
@@ -342,7 +327,7 @@ def copy_body_part(source: Dataset, sc: Dataset, frame_number: int | None = None
         sc.BodyPartExamined = body_part
     laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "").strip().upper()
     if not laterality:
-        anatomy = _frame_macro(source, frame_number, "FrameAnatomySequence")
+        anatomy = _macro(source, frame_number, "FrameAnatomySequence")
         laterality = str(anatomy.get("FrameLaterality", "") or "").strip().upper() if anatomy else ""
     if laterality in ("R", "L"):
         sc.Laterality = laterality
