@@ -49,19 +49,14 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import generate_uid
 
 from pacs_sentinel.errors import ReportError
-from pacs_sentinel.reports.identity import (
-    creation_times,
-    equipment_attributes,
-)
-
 # Helpers of the segmentation overlay, shared so both overlays look the same.
 from pacs_sentinel.reports.overlay import (
     DASH,
     DEFAULT_WINDOW,
     MIN_WIDTH,
-    copy_body_part,
     render_banner,
     patient_orientation,
+    rgb_secondary_capture,
     window_of,
 )
 from pacs_sentinel.reports.seg import VERDICT_COLOURS, coded, verdict_text
@@ -437,31 +432,10 @@ def build_heatmap_overlays(
     overlays = []
     for instance_number, finding in enumerate(shown, start=1):
         pixels = render_classification_overlay(source, result, qc, finding)
-        try:
-            sc = hd.sc.SCImage.from_ref_dataset(
-                ref_dataset=source,
-                pixel_array=pixels,
-                photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-                bits_allocated=8,
-                coordinate_system=hd.CoordinateSystemNames.PATIENT,
-                series_instance_uid=series_uid,
-                series_number=series_number,
-                sop_instance_uid=generate_uid(),
-                instance_number=instance_number,
-                # highdicom insists on an orientation; an unknown one is sent empty below.
-                patient_orientation=orientation or ("L", "F"),
-                transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
-                series_description=f"AI findings overlay (QC: {verdict_text(qc.verdict)})",
-                **equipment_attributes(),
-                **creation_times(),
-            )
-        except (ValueError, TypeError) as exc:
-            raise ReportError(f"cannot build SC overlay: {exc}") from exc
-        if orientation is None:
-            sc.PatientOrientation = ""  # type 2C: unknown
-        copy_body_part(source, sc)
-        sc.ConversionType = "WSD"
-        sc.BurnedInAnnotation = "YES"
+        sc = rgb_secondary_capture(
+            source, pixels, series_uid=series_uid, series_number=series_number, instance_number=instance_number,
+            orientation=orientation, series_description=f"AI findings overlay (QC: {verdict_text(qc.verdict)})",
+        )
         if finding is None:
             what = "no AI finding above threshold"
         else:

@@ -313,6 +313,54 @@ PAIRED_BODY_PARTS = frozenset(
 )
 
 
+def rgb_secondary_capture(
+    source: Dataset,
+    pixels: np.ndarray,
+    *,
+    series_uid: str,
+    series_number: int,
+    instance_number: int,
+    orientation: tuple[str, str] | None,
+    series_description: str,
+    frame_number: int | None = None,
+) -> hd.sc.SCImage:
+    """An RGB secondary capture of rendered ``pixels`` in ``source``'s patient and study.
+
+    Workstation conversion of a burned-in overlay, Body Part Examined and laterality copied
+    from the source (``frame_number`` of a multi-frame one). An unknown orientation (None) is
+    sent empty (type 2C).
+
+    Raises:
+        ReportError: highdicom refuses the image.
+    """
+    try:
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=generate_uid(),
+            instance_number=instance_number,
+            # highdicom insists on an orientation; an unknown one is sent empty below.
+            patient_orientation=orientation or ("L", "F"),
+            transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
+            series_description=series_description,
+            **equipment_attributes(),
+            **creation_times(),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ReportError(f"cannot build SC overlay: {exc}") from exc
+    if orientation is None:
+        sc.PatientOrientation = ""
+    copy_body_part(source, sc, frame_number)
+    sc.ConversionType = "WSD"
+    sc.BurnedInAnnotation = "YES"
+    return sc
+
+
 def copy_body_part(source: Dataset, sc: Dataset, frame_number: int | None = None) -> None:
     """Copy Body Part Examined and Laterality from the source image into the SC.
 
@@ -371,28 +419,11 @@ def build_overlay(
     withheld = f"; {WITHHELD_BANNER}" if withheld_seg else ""
     source = volume.datasets[slice_index]
     frame_number = volume.frame_numbers[slice_index] if volume.frame_numbers is not None else None
-    try:
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
-            pixel_array=pixels,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=generate_uid(),
-            series_number=series_number,
-            sop_instance_uid=generate_uid(),
-            instance_number=1,
-            patient_orientation=patient_orientation(source, frame_number),
-            transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
-            series_description=f"{_subject_word(subject)} QC overlay (QC: {verdict_text(qc.verdict)}{withheld})"[:64],
-            **equipment_attributes(),
-            **creation_times(),
-        )
-    except (ValueError, TypeError) as exc:
-        raise ReportError(f"cannot build SC overlay: {exc}") from exc
-    copy_body_part(source, sc, frame_number)
-    sc.ConversionType = "WSD"
-    sc.BurnedInAnnotation = "YES"
+    sc = rgb_secondary_capture(
+        source, pixels, series_uid=generate_uid(), series_number=series_number, instance_number=1,
+        orientation=patient_orientation(source, frame_number), frame_number=frame_number,
+        series_description=f"{_subject_word(subject)} QC overlay (QC: {verdict_text(qc.verdict)}{withheld})"[:64],
+    )
     shown = f"Slice {slice_index + 1}" if frame_number is None else f"Slice {slice_index + 1} (frame {frame_number})"
     sc.DerivationDescription = (
         f"{shown} of series {volume.series_uid} with {_subject_word(subject)} segmentation outline and QC verdict"
