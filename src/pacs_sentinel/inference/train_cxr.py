@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
-from scipy.stats import rankdata
 from tqdm import tqdm
 
 from pacs_sentinel.inference.classification import (
@@ -44,6 +43,7 @@ from pacs_sentinel.inference.classification import (
 from pacs_sentinel.inference.sources import CARD_FILE, DEMO_MODELS_DIR, WEIGHTS_FILE
 from pacs_sentinel.inference.radiographs import FINDING_PREVALENCE, FINDINGS, RADIOGRAPH_VARIANTS, make_cxr_phantom
 from pacs_sentinel.qc.metrics import expected_calibration_error
+from pacs_sentinel.qc.metrics import roc_auc as auroc  # labels first, higher score = positive
 
 log = structlog.get_logger(__name__)
 
@@ -103,16 +103,6 @@ def cxr_card_template() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties); NaN with one class."""
-    y = np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def auprc(labels: np.ndarray, scores: np.ndarray) -> float:

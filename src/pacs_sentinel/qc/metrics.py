@@ -3,7 +3,8 @@
 Scores follow the QC convention: higher = more trustworthy. A *failure* is a case whose
 Dice is below 0.7 (DESIGN.md's "acceptable"); the detector is good when failures get low scores.
 
-- :func:`auroc`: AUROC of the score for separating failures (lower score = more suspicious).
+- :func:`auroc`: AUROC of the score for separating failures (lower score = more suspicious);
+  :func:`roc_auc` the same in the usual orientation (higher score = positive).
 - :func:`risk_coverage`, :func:`aurc`: cases sorted by score, most trusted first; the risk at
   coverage k/n is the mean risk of the k most trusted (risk = failure indicator or 1 - Dice).
   AURC is its mean; the normalized AURC (:func:`normalized_aurc`) scales it between the
@@ -22,14 +23,20 @@ import numpy as np
 from scipy.stats import rankdata, spearmanr
 
 
-def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """AUROC of ``-scores`` for ``positive`` (Mann-Whitney U, ties count half); NaN with one class."""
-    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    pos, neg = int(positive.sum()), int((~positive).sum())
-    if pos == 0 or neg == 0:
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for ``labels`` (Mann-Whitney U with mid-ranks for
+    ties); NaN with one class."""
+    y = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = rankdata(-scores)
-    return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """AUROC of ``-scores`` for ``positive`` (a low score flags a failure); NaN with one class."""
+    return roc_auc(positive, -np.asarray(scores, dtype=np.float64))
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
