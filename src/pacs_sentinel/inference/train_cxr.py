@@ -15,10 +15,7 @@ QC variants (underexposed, noisy, rotated) are evaluated, never trained on.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +37,9 @@ from pacs_sentinel.inference.classification import (
     labels_from_card,
     preprocess_image,
 )
-from pacs_sentinel.inference.sources import CARD_FILE, DEMO_MODELS_DIR, WEIGHTS_FILE
+from pacs_sentinel.inference.sources import DEMO_MODELS_DIR
 from pacs_sentinel.inference.radiographs import FINDING_PREVALENCE, FINDINGS, RADIOGRAPH_VARIANTS, make_cxr_phantom
+from pacs_sentinel.inference.train_common import EarlyStopping, write_model_folder
 from pacs_sentinel.qc.metrics import expected_calibration_error
 from pacs_sentinel.qc.metrics import roc_auc as auroc  # labels first, higher score = positive
 
@@ -191,15 +189,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- training
-
-
 def train_cxr(
     out_dir: Path | None = None,
     *,
@@ -258,7 +247,7 @@ def train_cxr(
     loss_fn = torch.nn.BCEWithLogitsLoss()
     bar = tqdm(total=steps_per_epoch * recipe["epochs"], desc="train cxr-cls", disable=not progress, unit="step")
     history: list[dict[str, float]] = []
-    best_auroc, best_epoch, best_state, stale = -1.0, 0, copy.deepcopy(network.state_dict()), 0
+    stopping = EarlyStopping(network, patience=recipe["patience"], initial=-1.0)
     for epoch in range(1, recipe["epochs"] + 1):
         network.train()
         order = rng.permutation(len(train_x))
@@ -281,22 +270,18 @@ def train_cxr(
             scheduler.step()
             losses.append(float(loss.item()))
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", val_auroc=f"{best_auroc:.3f}")
+            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", val_auroc=f"{stopping.best:.3f}")
         network.eval()
         val_p = _sigmoid(_logits(network, val_x))
         val_auroc = float(np.nanmean([auroc(val_y[:, j], val_p[:, j]) for j in range(len(FINDINGS))]))
         history.append({"epoch": epoch, "loss": round(float(np.mean(losses)), 4), "val_auroc": round(val_auroc, 4)})
         log.debug("epoch done", epoch=epoch, loss=history[-1]["loss"], val_auroc=val_auroc)
-        if val_auroc > best_auroc + 1e-4:
-            best_auroc, best_epoch, best_state, stale = val_auroc, epoch, copy.deepcopy(network.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= recipe["patience"]:
-                break
+        if stopping.step(epoch, val_auroc):
+            break
     bar.close()
     train_seconds = time.perf_counter() - started
-    network.load_state_dict(best_state)
-    network.eval()
+    stopping.restore_best()
+    best_auroc, best_epoch = stopping.best, stopping.best_epoch
 
     # Temperature scaling on the calibration split; MC dropout reference statistics there too.
     cal_x, cal_y = _phantom_set(seeds(CAL_SEED_OFFSET, recipe["n_cal"]), desc="phantoms calibration", progress=progress)
@@ -378,11 +363,7 @@ def train_cxr(
     card["metrics"] = metrics
 
     half = {k: v.half() if torch.is_floating_point(v) else v for k, v in network.state_dict().items()}
-    weights_path = out_dir / WEIGHTS_FILE
-    torch.save(half, weights_path.with_name(WEIGHTS_FILE + ".tmp"))
-    os.replace(weights_path.with_name(WEIGHTS_FILE + ".tmp"), weights_path)
-    _atomic_write(out_dir / CARD_FILE, (json.dumps(card, indent=2) + "\n").encode("utf-8"))
-    _atomic_write(out_dir / "MODEL_CARD.md", render_cxr_model_card(card).encode("utf-8"))
+    write_model_folder(out_dir, half, card, render_cxr_model_card(card))
     log.info("demo model trained", name=card["name"], out_dir=str(out_dir), auroc=metrics["auroc_mean"],
              temperature=card["temperature"], seconds=round(total_seconds, 1))
     return metrics

@@ -22,10 +22,7 @@ the network a "liver at the patch centre" prior: validation Dice on whole volume
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,10 +40,8 @@ from tqdm import tqdm
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.errors import ModelError
 from pacs_sentinel.inference.models import (
-    CARD_FILE,
     DEMO_MODELS_DIR,
     DEMO_UNET_KWARGS,
-    WEIGHTS_FILE,
     SegmentationModel,
     build_demo_unet,
     labels_from_card,
@@ -54,6 +49,7 @@ from pacs_sentinel.inference.models import (
     preprocess_mask,
 )
 from pacs_sentinel.inference.phantoms import PHANTOM_VARIANTS, CTPhantom, make_ct_phantom
+from pacs_sentinel.inference.train_common import EarlyStopping, write_model_folder
 
 log = structlog.get_logger(__name__)
 
@@ -133,12 +129,6 @@ def phantom_volume(phantom: CTPhantom) -> Volume:
         direction=np.eye(3),
         datasets=[],
     )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _evaluate(model: SegmentationModel, phantoms: list[CTPhantom]) -> dict[str, Any]:
@@ -345,7 +335,7 @@ def train_demo(
     loss_fn = _loss_function(recipe)
     bar = tqdm(total=total_steps, desc=f"train {name}", disable=not progress, unit="step")
     history: list[dict[str, float]] = []
-    best_dice, best_epoch, best_state, stale = -1.0, 0, copy.deepcopy(network.state_dict()), 0
+    stopping = EarlyStopping(network, patience=recipe["patience"], initial=-1.0)
     for epoch in range(1, recipe["epochs"] + 1):
         network.train()
         order = rng.permutation(len(images))
@@ -369,21 +359,17 @@ def train_demo(
             scheduler.step()
             losses.append(float(loss.item()))
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", val_dice=f"{max(best_dice, 0.0):.4f}")
+            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", val_dice=f"{max(stopping.best, 0.0):.4f}")
         network.eval()
         val_dice = _mean_dice(model, val_phantoms)
         history.append({"epoch": epoch, "loss": round(float(np.mean(losses)), 4), "val_dice": round(val_dice, 4)})
         log.debug("epoch done", epoch=epoch, loss=history[-1]["loss"], val_dice=round(val_dice, 4))
-        if val_dice > best_dice + 1e-4:
-            best_dice, best_epoch, best_state, stale = val_dice, epoch, copy.deepcopy(network.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= recipe["patience"]:
-                break
+        if stopping.step(epoch, val_dice):
+            break
     bar.close()
     train_seconds = time.perf_counter() - started
-    network.load_state_dict(best_state)
-    network.eval()
+    stopping.restore_best()
+    best_dice, best_epoch = stopping.best, stopping.best_epoch
 
     percentiles = {f"volume_ml_p{q:02d}": round(float(np.percentile(train_volumes_ml, q)), 1) for q in (1, 5, 50, 95, 99)}
     card["reference"] = {
@@ -422,11 +408,7 @@ def train_demo(
     }
     card["metrics"] = metrics
 
-    buffer_path = out_dir / WEIGHTS_FILE
-    torch.save(network.state_dict(), buffer_path.with_name(WEIGHTS_FILE + ".tmp"))
-    os.replace(buffer_path.with_name(WEIGHTS_FILE + ".tmp"), buffer_path)
-    _atomic_write(out_dir / CARD_FILE, (json.dumps(card, indent=2) + "\n").encode("utf-8"))
-    _atomic_write(out_dir / "MODEL_CARD.md", render_model_card(card).encode("utf-8"))
+    write_model_folder(out_dir, network.state_dict(), card, render_model_card(card))
     log.info("demo model trained", name=name, out_dir=str(out_dir), dice=metrics["dice_mean"],
              recall=metrics["recall_mean"], best_epoch=best_epoch, seconds=round(train_seconds, 1))
     return metrics

@@ -16,10 +16,7 @@ the validation metrics (MAE, Spearman, AUROC of predicted Dice for Dice < 0.7).
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ import structlog
 import torch
 from tqdm import tqdm
 
+from pacs_sentinel.inference.train_common import EarlyStopping, write_model_folder
 from pacs_sentinel.qc.cases import (
     ESTIMATOR_TRAIN_SEED_OFFSET,
     ESTIMATOR_VAL_SEED_OFFSET,
@@ -39,11 +37,9 @@ from pacs_sentinel.qc.cases import (
 from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, IMAGE_FAMILIES, MASK_FAMILIES
 from pacs_sentinel.qc.estimator import (
     BOX_MM,
-    CARD_FILE,
     ESTIMATOR_ARCHITECTURE,
     ESTIMATOR_DIR,
     GRID,
-    WEIGHTS_FILE,
     WINDOW_HU,
     QualityEstimator,
     build_estimator_network,
@@ -169,7 +165,7 @@ def train_estimator(out_dir: Path | None = None, *, seed: int = 0, epochs: int |
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=recipe["learning_rate"],
                                                     total_steps=max(2, steps * recipe["epochs"]))
     bar = tqdm(total=steps * recipe["epochs"], desc="estimator: train", disable=not progress, unit="step")
-    best_mae, best_epoch, best_state, stale, history = np.inf, 0, copy.deepcopy(network.state_dict()), 0, []
+    stopping, history = EarlyStopping(network, patience=recipe["patience"], initial=np.inf, higher_is_better=False), []
     for epoch in range(1, recipe["epochs"] + 1):
         network.train()
         order = rng.permutation(len(x))
@@ -187,15 +183,11 @@ def train_estimator(out_dir: Path | None = None, *, seed: int = 0, epochs: int |
         val_mae = float(np.mean(np.abs(_predict(network, x_val) - y_val.numpy())))
         history.append({"epoch": epoch, "loss": round(float(np.mean(losses)), 5), "val_mae": round(val_mae, 4)})
         bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", val_mae=f"{val_mae:.4f}")
-        if val_mae < best_mae - 1e-4:
-            best_mae, best_epoch, best_state, stale = val_mae, epoch, copy.deepcopy(network.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= recipe["patience"]:
-                break
+        if stopping.step(epoch, val_mae):
+            break
     bar.close()
-    network.load_state_dict(best_state)
-    network.eval()
+    stopping.restore_best()
+    best_epoch = stopping.best_epoch
     metrics = {"validation": _validation_metrics(_predict(network, x_val), y_val.numpy()),
                "training": _validation_metrics(_predict(network, x), y.numpy())}
     card = {
@@ -227,15 +219,7 @@ def train_estimator(out_dir: Path | None = None, *, seed: int = 0, epochs: int |
         },
         "metrics": metrics,
     }
-    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
-    torch.save(network.state_dict(), tmp)
-    os.replace(tmp, out_dir / WEIGHTS_FILE)
-    tmp = out_dir / (CARD_FILE + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / CARD_FILE)
-    tmp = out_dir / "MODEL_CARD.md.tmp"
-    tmp.write_text(render_estimator_card(card), encoding="utf-8")
-    os.replace(tmp, out_dir / "MODEL_CARD.md")
+    write_model_folder(out_dir, network.state_dict(), card, render_estimator_card(card))
     clear_estimator_cache()
     log.info("qc estimator trained", out_dir=str(out_dir), **metrics["validation"])
     return metrics
