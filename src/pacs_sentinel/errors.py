@@ -45,4 +45,12 @@ class ReportError(SentinelError):
 
 
 class DeliveryError(SentinelError):
-    """A result could not be delivered to a destination (refused or unreachable)."""
+    """A result could not be delivered to a destination (refused or unreachable).
+
+    ``permanent`` is True when retrying cannot help: the destination supports none of the
+    SOP classes / transfer syntaxes proposed.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

@@ -127,3 +127,101 @@ def test_failure_status_is_a_failed_attempt_and_gives_up_after_max_attempts(data
     assert row["state"] == "dead-letter" and "0xA700" in row["last_error"]
     job = JobStore(database).get(job_id)
     assert job.state is JobState.FAILED and "0xA700" in (job.error or "")
+
+
+def _job_with_items(database: Database, destination: str, paths: list[Path]) -> int:
+    jobs = JobStore(database)
+    jobs.queue_study("1.2.3", {"a": time.time()})
+    job = jobs.claim_next()
+    assert job is not None
+    items = []
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        items.append({"destination": destination, "path": str(path), "sop_instance_uid": ds.SOPInstanceUID,
+                      "sop_class_uid": ds.SOPClassUID})
+    state = jobs.record_results(job.id, result={"verdict": "Accepted", "quality_score": 0.9, "reasons": []},
+                                outbox_items=items)
+    assert state is JobState.DELIVERING
+    return job.id
+
+
+def _mr_only_pacs(port: int, status: int = 0x0000):  # type: ignore[no-untyped-def]
+    """A pynetdicom PACS that supports MR Image Storage only, answering ``status``."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import MRImageStorage
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(MRImageStorage)
+    return ae.start_server(("127.0.0.1", port), block=False,
+                           evt_handlers=[(evt.EVT_C_STORE, lambda event: status)])
+
+
+def test_a_refused_sop_class_is_a_dead_letter_at_once_and_can_be_requeued(database: Database, tmp_path: Path) -> None:
+    """A destination that does not support a SOP class will not learn it by being retried:
+    the item is given up on the first attempt (max_attempts is 50) with the class named,
+    the items it accepts are delivered, and ``requeue_dead_letters`` puts it back once the
+    destination was fixed."""
+    from pacs_sentinel.daemon.outbox import requeue_dead_letters
+
+    mr_small = Path(get_testdata_file("MR_small.dcm"))
+    port = free_port()
+    destination = DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    outbox = Outbox(database, [destination], OutboxConfig(max_attempts=50), calling_ae="SENTINEL")
+    job_id = _job_with_items(database, "pacs", [CT_SMALL, mr_small])
+    server = _mr_only_pacs(port)
+    try:
+        assert outbox.flush() == 1
+    finally:
+        server.shutdown()
+    rows = {Path(r["path"]).name: r for r in database.connection()["outbox"].rows}
+    assert rows["MR_small.dcm"]["state"] == "sent"
+    ct = rows["CT_small.dcm"]
+    assert ct["state"] == "dead-letter" and ct["attempts"] == 1
+    assert "does not accept CT Image Storage (1.2.840.10008.5.1.4.1.1.2)" in ct["last_error"]
+    job = JobStore(database).get(job_id)
+    assert job.state is JobState.FAILED and "CT Image Storage" in (job.error or "")
+
+    assert requeue_dead_letters(database, destination="elsewhere") == 0
+    assert requeue_dead_letters(database) == 1
+    ct = next(r for r in database.connection()["outbox"].rows if r["id"] == ct["id"])
+    assert ct["state"] == "pending" and ct["attempts"] == 0
+    assert JobStore(database).get(job_id).state is JobState.DELIVERING
+    pacs = StorageScp(ScpSettings("PACS", "127.0.0.1", port), Spool(tmp_path / "pacs", Database(tmp_path / "p.db")))
+    pacs.start()
+    try:
+        assert outbox.flush() == 1
+    finally:
+        pacs.stop()
+    job = JobStore(database).get(job_id)
+    assert job.state is JobState.DONE and job.error is None
+
+
+def test_nothing_accepted_or_status_0122_is_permanent_other_failures_are_retried(database: Database) -> None:
+    port = free_port()
+    destination = DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    outbox = Outbox(database, [destination], OutboxConfig(max_attempts=50), calling_ae="SENTINEL")
+    _job_with_items(database, "pacs", [CT_SMALL])
+    server = _mr_only_pacs(port)  # refuses the only context proposed: pynetdicom aborts
+    try:
+        assert outbox.flush() == 0
+    finally:
+        server.shutdown()
+    row = next(database.connection()["outbox"].rows)
+    assert row["state"] == "dead-letter" and row["attempts"] == 1
+    assert "accepted none of the proposed presentation contexts" in row["last_error"]
+    assert "CT Image Storage" in row["last_error"]
+
+    mr_small = Path(get_testdata_file("MR_small.dcm"))
+    for status, state in ((0x0122, "dead-letter"), (0xA700, "pending")):
+        with database.transaction() as tx:
+            tx.execute("DELETE FROM outbox")
+            tx.execute("DELETE FROM jobs")
+        _job_with_items(database, "pacs", [mr_small])
+        server = _mr_only_pacs(port, status)
+        try:
+            assert outbox.flush() == 0
+        finally:
+            server.shutdown()
+        row = next(database.connection()["outbox"].rows)
+        assert (row["state"], row["attempts"]) == (state, 1), hex(status)
+        assert f"0x{status:04X}" in row["last_error"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -194,12 +195,14 @@ def test_labelmap_seg_joins_the_study_when_orthanc_accepts_unknown_sop_classes(
 
 
 
-def test_labelmap_seg_refused_by_default_orthanc_stays_in_the_outbox(
+def test_labelmap_seg_refused_by_default_orthanc_is_a_dead_letter_at_once(
         phantom_study: list[Path], orthanc: Orthanc, daemon_factory, dcmtk_env) -> None:  # type: ignore[no-untyped-def]
     """Orthanc 1.10.1 (Debian 12) knows no Label Map Segmentation Storage: with its default
     ``UnknownSopClassAccepted: false`` it rejects that presentation context. The SR and the
-    overlay still join the study; the SEG waits in the outbox, retried, with an error that
-    names the refused SOP class, and the job stays DELIVERING.
+    overlay still join the study; the SEG is given up on the first attempt (retrying cannot
+    teach Orthanc a SOP class) with an error that names the refused class, the job is FAILED
+    with that reason, and ``sentinel outbox retry`` requeues it (refused again here: Orthanc
+    was not reconfigured).
     """
     source = pydicom.dcmread(phantom_study[0], stop_before_pixels=True)
     _storescu(phantom_study, orthanc.ae_title, orthanc.dicom_port, dcmtk_env)
@@ -208,19 +211,28 @@ def test_labelmap_seg_refused_by_default_orthanc_stays_in_the_outbox(
     _storescu(phantom_study, "SENTINEL", daemon.port, dcmtk_env)
     db_path = daemon.config.parent / "var" / "sentinel.db"
 
-    def seg_retried() -> list[dict] | None:  # type: ignore[type-arg]
-        rows = _rows(db_path, "SELECT * FROM outbox ORDER BY id")
-        seg = [r for r in rows if r["sop_class_uid"] == LABEL_MAP_SEGMENTATION_STORAGE]
-        return rows if seg and seg[0]["attempts"] >= 2 else None
+    def job_finished() -> list[dict] | None:  # type: ignore[type-arg]
+        jobs = _rows(db_path, "SELECT state, error FROM jobs")
+        return jobs if jobs and jobs[0]["state"] not in ("QUEUED", "RUNNING", "DELIVERING") else None
 
-    rows = wait_for(seg_retried, 300, 0.5, "the Label Map SEG to be refused twice")
+    jobs = wait_for(job_finished, 300, 0.5, "the job to finish")
+    rows = _rows(db_path, "SELECT * FROM outbox ORDER BY id")
     by_class = {row["sop_class_uid"]: row for row in rows}
     assert {uid: row["state"] for uid, row in by_class.items()} == {
-        LABEL_MAP_SEGMENTATION_STORAGE: "pending", Comprehensive3DSRStorage: "sent", SecondaryCaptureImageStorage: "sent"}
+        LABEL_MAP_SEGMENTATION_STORAGE: "dead-letter", Comprehensive3DSRStorage: "sent",
+        SecondaryCaptureImageStorage: "sent"}
     seg_row = by_class[LABEL_MAP_SEGMENTATION_STORAGE]
+    assert seg_row["attempts"] == 1
     assert f"{LABEL_MAP_SEGMENTATION_STORAGE}: abstract syntax not supported" in seg_row["last_error"], seg_row
     assert Path(seg_row["path"]).is_file()
-    assert [job["state"] for job in _rows(db_path, "SELECT state FROM jobs")] == ["DELIVERING"]
+    assert jobs[0]["state"] == "FAILED" and LABEL_MAP_SEGMENTATION_STORAGE in jobs[0]["error"], jobs
+
+    retried = subprocess.run([sys.executable, "-m", "pacs_sentinel", "outbox", "retry", "-c", str(daemon.config)],
+                             capture_output=True, text=True, timeout=120)
+    assert retried.returncode == 0 and "1 dead letter(s) requeued" in retried.stdout, retried
+    wait_for(lambda: _rows(db_path, "SELECT state FROM jobs")[0]["state"] == "FAILED"
+             and _rows(db_path, f"SELECT state FROM outbox WHERE id = {seg_row['id']}")[0]["state"] == "dead-letter",
+             120, 0.5, "the requeued SEG to be refused again")
 
     studies = orthanc.get("/studies")
     _assert_one_patient_one_study(orthanc, studies[0], str(source.StudyInstanceUID), str(source.PatientID))

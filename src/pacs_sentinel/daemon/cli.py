@@ -116,7 +116,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(format_table(["destination", "pending", "sent", "dead letters"], rows) if rows else "  (empty)")
     letters = dead_letters(database)
     if letters:
-        print("\ndead letters (not delivered after the last attempt):")
+        print("\ndead letters (given up; requeue with `sentinel outbox retry [ITEM ...]`):")
         print(format_table(["item", "job", "destination", "SOP instance", "attempts", "last error"],
                            [[d["id"], d["job_id"], d["destination"], d["sop_instance_uid"], d["attempts"],
                              d["last_error"]] for d in letters]))
@@ -157,6 +157,23 @@ def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
     return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _cmd_outbox_retry(args: argparse.Namespace) -> int:
+    from pacs_sentinel.daemon.config import load_config
+    from pacs_sentinel.daemon.jobs import MIGRATIONS
+    from pacs_sentinel.daemon.outbox import requeue_dead_letters
+    from pacs_sentinel.dicom_io.index import Database
+
+    config = load_config(args.config)
+    db_path = config.node.data_dir / "sentinel.db"
+    if not db_path.exists():
+        print(f"no database at {db_path}: the daemon has not run with this configuration yet", file=sys.stderr)
+        return EXIT_ERROR
+    count = requeue_dead_letters(Database(db_path, migrations=MIGRATIONS), item_ids=args.items,
+                                 destination=args.destination)
+    print(f"{count} dead letter(s) requeued" + ("; the daemon sends them at its next outbox flush" if count else ""))
+    return EXIT_OK
 
 
 def _cmd_review(args: argparse.Namespace) -> int:
@@ -422,6 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
     status.add_argument("--limit", type=int, default=50, help="how many jobs to list (default: 50)")
     status.set_defaults(func=_cmd_status)
+
+    outbox = sub.add_parser("outbox", help="results waiting for their destination: requeue dead letters")
+    outbox_actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    retry = outbox_actions.add_parser("retry", help="put dead letters back in the queue (e.g. after the destination "
+                                                    "was fixed); the running daemon sends them at its next flush")
+    retry.add_argument("items", nargs="*", type=int, help="outbox item numbers (default: every dead letter)")
+    retry.add_argument("--destination", help="only the dead letters for this destination (its name in the config)")
+    retry.add_argument("-c", "--config", default="config.toml", help="configuration file (default: config.toml)")
+    retry.set_defaults(func=_cmd_outbox_retry)
 
     send = sub.add_parser("send", help="send DICOM files (a file or a folder) to a DICOM node")
     send.add_argument("path", help="a DICOM file or a folder of them")

@@ -3,8 +3,11 @@
 Each flush sends, per destination, every due item in one association. A failed attempt
 (association refused, no response, failure status) is retried with exponential backoff;
 after ``max_attempts`` the item moves to the dead letters (state ``dead-letter``, shown by
-``sentinel status``) and its job is FAILED with the reason. A job whose items are all
-delivered becomes DONE.
+``sentinel status``) and its job is FAILED with the reason. A permanent failure (the
+destination does not support the object's SOP class: retrying cannot help until its
+configuration changes) is a dead letter at once. ``sentinel outbox retry`` puts dead letters
+back in the queue (:func:`requeue_dead_letters`), e.g. after the destination was fixed. A job
+whose items are all delivered becomes DONE.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class Outbox:
             results = send_files([Path(i[2]) for i in items], peer, calling_ae=self.calling_ae)
         except (DeliveryError, OSError) as exc:
             log.warning("delivery attempt failed", destination=name, items=len(items), error=str(exc))
-            self._fail_items(items, str(exc))
+            self._fail_items(items, str(exc), give_up=getattr(exc, "permanent", False))
             return 0
         delivered = 0
         now = time.time()
@@ -96,7 +99,7 @@ class Outbox:
                                "last_error = NULL WHERE id = ?", [now, item[0]])
                     delivered += 1
                 else:
-                    self._fail_item(tx, item, result.error)
+                    self._fail_item(tx, item, result.error, give_up=result.permanent)
         log.info("delivered", destination=name, delivered=delivered, failed=len(items) - delivered)
         self._complete_jobs({i[1] for i in items})
         return delivered
@@ -156,3 +159,40 @@ def dead_letters(database: Database, limit: int = 20) -> list[dict[str, object]]
         "WHERE state = ? ORDER BY id DESC LIMIT ?", [DEAD_LETTER, limit])
     names = [c[0] for c in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def requeue_dead_letters(database: Database, *, item_ids: Sequence[int] = (), destination: str | None = None) -> int:
+    """Put dead letters back in the queue, due now, with their attempts counted from zero.
+
+    Their jobs return from FAILED to DELIVERING (and end DONE once everything is delivered);
+    a job that failed for another reason than delivery is left alone. The running daemon's
+    next outbox flush sends them.
+
+    Args:
+        database: The daemon's database.
+        item_ids: Only these outbox items (default: every dead letter).
+        destination: Only the dead letters for this destination.
+
+    Returns:
+        How many items were requeued.
+    """
+    where, params = ["state = ?"], [DEAD_LETTER]
+    if item_ids:
+        where.append(f"id IN ({', '.join('?' * len(item_ids))})")
+        params += [int(i) for i in item_ids]
+    if destination is not None:
+        where.append("destination = ?")
+        params.append(destination)
+    now = time.time()
+    with database.transaction() as tx:
+        rows = tx.execute(f"SELECT id, job_id FROM outbox WHERE {' AND '.join(where)}", params).fetchall()
+        for item_id, _ in rows:
+            tx.execute("UPDATE outbox SET state = ?, attempts = 0, next_attempt_at = ? WHERE id = ?",
+                       [PENDING, now, item_id])
+        for job_id in {job_id for _, job_id in rows}:
+            tx.execute("UPDATE jobs SET state = ?, error = NULL, finished_at = NULL, updated_at = ? "
+                       "WHERE id = ? AND state = ? AND error LIKE 'delivery failed%'",
+                       [JobState.DELIVERING.value, now, job_id, JobState.FAILED.value])
+    if rows:
+        log.info("dead letters requeued", items=len(rows), destination=destination)
+    return len(rows)

@@ -2,7 +2,10 @@
 
 A missing response or a failure status counts as a failed attempt; only success
 (0x0000) and the warning statuses 0xB000/0xB006/0xB007 (stored, with a remark) count as
-delivered.
+delivered. A few failures are *permanent*: retrying cannot help until someone changes the
+destination's configuration (it refused the object's SOP class or transfer syntax at
+association negotiation, or answered 0x0122 "SOP class not supported"); the outbox gives
+those up at once instead of retrying them for hours.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pacs_sentinel.errors import DeliveryError
 log = structlog.get_logger(__name__)
 
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+#: Failure statuses that no retry can cure: 0x0122 Refused, SOP Class not supported.
+PERMANENT_STATUSES = frozenset({0x0122})
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
@@ -64,6 +69,9 @@ class SendResult:
     path: Path
     status: int | None
     error: str = ""
+    #: Retrying cannot help (the destination does not support the object's SOP class or
+    #: transfer syntax): only a change on the destination's side can.
+    permanent: bool = False
 
     @property
     def delivered(self) -> bool:
@@ -190,9 +198,11 @@ def send_files(
     refused = _refused_classes(assoc)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        if refused and not assoc.accepted_contexts:  # pynetdicom aborts when nothing was accepted
+        none_accepted = bool(refused) and not assoc.accepted_contexts  # pynetdicom aborts then
+        if none_accepted:
             reason += ": it accepted none of the proposed presentation contexts (" + "; ".join(refused.values()) + ")"
-        raise DeliveryError(f"association with {peer.ae_title}@{peer.host}:{peer.port} {reason}")
+        raise DeliveryError(f"association with {peer.ae_title}@{peer.host}:{peer.port} {reason}",
+                            permanent=none_accepted)
     results = []
     try:
         for path, ds in datasets:
@@ -200,8 +210,12 @@ def send_files(
                 status = assoc.send_c_store(ds)
             except Exception as exc:  # no accepted context for this object, or encoding error
                 sop_class = str(ds.SOPClassUID)
-                error = f"{peer.ae_title} does not accept {refused[sop_class]}" if sop_class in refused else str(exc)
-                results.append(SendResult(path=path, status=None, error=error))
+                if sop_class in refused:
+                    result = SendResult(path=path, status=None, permanent=True,
+                                        error=f"{peer.ae_title} does not accept {refused[sop_class]}")
+                else:
+                    result = SendResult(path=path, status=None, error=str(exc))
+                results.append(result)
                 if on_result is not None:
                     on_result(results[-1])
                 continue
@@ -209,7 +223,9 @@ def send_files(
             error = "" if code in DELIVERED_STATUSES else (
                 "no response" if code is None else f"status 0x{code:04X}"
             )
-            results.append(SendResult(path=path, status=code, error=error))
+            if code in PERMANENT_STATUSES:
+                error += f" (SOP class not supported by {peer.ae_title})"
+            results.append(SendResult(path=path, status=code, error=error, permanent=code in PERMANENT_STATUSES))
             if on_result is not None:
                 on_result(results[-1])
             if not assoc.is_established:
