@@ -9,9 +9,9 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
 from pacs_sentinel.qc.classification import (
-    MARGIN_HIGH,
-    MARGIN_LOW,
+    MARGIN_AT_HALF,
     QC_VERSION,
+    confidence_signal,
     decision_margin,
     evaluate_classification,
     image_signals,
@@ -27,6 +27,7 @@ def result_of(
     probabilities: list[float],
     samples: np.ndarray | None = None,
     thresholds: list[float] | None = None,
+    kinds: list[str] | None = None,
 ) -> ClassificationResult:
     """A result with one label per probability (Nodule, Effusion, ...)."""
     labels = [NODULE, EFFUSION][: len(probabilities)]
@@ -39,7 +40,7 @@ def result_of(
         model_name="cxr-cls",
         model_version="0.4.1",
         samples=samples,
-        sample_kinds=["mc-dropout"] * (0 if samples is None else len(samples)),
+        sample_kinds=kinds if kinds is not None else ["mc-dropout"] * (0 if samples is None else len(samples)),
     )
 
 
@@ -62,19 +63,21 @@ def good_radiograph(seed: int = 0) -> np.ndarray:
 def test_confident_findings_with_tight_samples_are_accepted():
     probabilities = [0.96, 0.03]
     qc = evaluate_classification(result_of(probabilities, tight_samples(probabilities)), image=good_radiograph())
-    assert qc.qc_version == QC_VERSION == "1.0.0-cls"
+    assert qc.qc_version == QC_VERSION == "1.1.0-cls"
     assert qc.segments == []
     assert [f.finding_number for f in qc.findings] == [1, 2]
     assert [f.positive for f in qc.findings] == [True, False]
     for finding in qc.findings:
         assert finding.verdict is Verdict.ACCEPTED
         assert finding.reasons == []
-        assert finding.quality_score == pytest.approx(1.0)
+        assert finding.quality_score > 0.85
     assert qc.verdict is Verdict.ACCEPTED and qc.reasons == []
     assert qc.findings[0].probability == pytest.approx(0.96)
-    assert {"decision_margin", "sample_std", "sample_disagreement", "saturated_share", "contrast_to_noise"} <= set(
-        qc.findings[0].signals
-    )
+    assert {"decision_margin", "worst_case_margin", "mc_dropout_std", "sample_disagreement", "saturated_share",
+            "contrast_to_noise"} <= set(qc.findings[0].signals)
+    # Confident findings are still ranked: the surer one scores higher (no saturation at 1).
+    surer = evaluate_classification(result_of([0.99], tight_samples([0.99])), image=good_radiograph()).findings[0]
+    assert qc.findings[0].quality_score < surer.quality_score < 1.0
 
 
 @pytest.mark.parametrize("probability", [0.5, 0.51, 0.49, 0.56])
@@ -103,8 +106,9 @@ def test_samples_spread_across_the_threshold_are_high_uncertainty():
     qc = evaluate_classification(result_of([0.85], spread))
     (finding,) = qc.findings
     assert finding.verdict is Verdict.NEEDS_REVIEW
-    assert finding.reasons == [Reason.HIGH_UNCERTAINTY]
-    assert finding.signals["sample_std"] > 0.15
+    # Samples on the other side of the threshold also make the worst-case margin negative.
+    assert finding.reasons == [Reason.LOW_MODEL_CONFIDENCE, Reason.HIGH_UNCERTAINTY]
+    assert finding.signals["mc_dropout_std"] > 0.15
     assert 0.2 < finding.signals["sample_disagreement"] < 0.6
 
 
@@ -120,8 +124,10 @@ def test_disagreement_is_counted_against_the_reported_decision():
 def test_too_few_samples_are_ignored():
     samples = np.array([[0.1], [0.9]], dtype=np.float32)
     (finding,) = evaluate_classification(result_of([0.95], samples)).findings
-    assert "sample_std" not in finding.signals
-    assert finding.verdict is Verdict.ACCEPTED
+    assert "mc_dropout_std" not in finding.signals and "sample_disagreement" not in finding.signals
+    # ... but they still count for the worst-case margin: a sample at 0.1 decides the other way.
+    assert finding.signals["worst_case_margin"] == pytest.approx(-0.8)
+    assert finding.verdict is Verdict.NEEDS_REVIEW and finding.reasons == [Reason.LOW_MODEL_CONFIDENCE]
 
 
 def test_each_finding_is_judged_on_its_own_samples():
@@ -131,7 +137,7 @@ def test_each_finding_is_judged_on_its_own_samples():
     assert qc.findings[0].verdict is Verdict.ACCEPTED
     assert qc.findings[1].verdict is Verdict.NEEDS_REVIEW
     assert qc.verdict is Verdict.NEEDS_REVIEW
-    assert qc.reasons == [Reason.HIGH_UNCERTAINTY]
+    assert Reason.HIGH_UNCERTAINTY in qc.reasons
 
 
 @pytest.mark.parametrize(
@@ -184,15 +190,40 @@ def test_nan_probability_needs_review():
 
 
 def test_several_moderate_doubts_name_the_weakest():
-    # Margin sub-score ~0.71 (p = 0.65), sample std sub-score ~0.67 (std = 0.10): neither
-    # fires alone, their product (~0.48) is below 0.5.
-    samples = np.array([[0.55], [0.75]] * 10, dtype=np.float32)
-    (finding,) = evaluate_classification(result_of([0.65], samples)).findings
-    assert finding.signals["decision_margin_subscore"] > 0.5
-    assert finding.signals["sample_std_subscore"] > 0.5
+    # Worst-case margin sub-score ~0.66 (lowest sample 0.72), sample std sub-score ~0.67
+    # (std = 0.10): neither fires alone, their product (~0.44) is below 0.5.
+    samples = np.array([[0.72], [0.92]] * 10, dtype=np.float32)
+    (finding,) = evaluate_classification(result_of([0.82], samples)).findings
+    assert finding.signals["worst_case_margin_subscore"] > 0.5
+    assert finding.signals["mc_dropout_std_subscore"] > 0.5
     assert finding.quality_score < 0.5
     assert finding.verdict is Verdict.NEEDS_REVIEW
     assert finding.reasons == [Reason.HIGH_UNCERTAINTY]
+
+
+def test_worst_case_margin_takes_every_sample_and_scores_half_at_its_constant():
+    assert confidence_signal(0.5 + MARGIN_AT_HALF / 2, 0.5).subscore == pytest.approx(0.5)
+    assert confidence_signal(1.0, 0.5).subscore == 1.0 and confidence_signal(0.0, 0.5).subscore == 1.0
+    signal = confidence_signal(0.9, 0.5, np.array([0.95, 0.7, np.nan, 0.85]))
+    assert signal.value == pytest.approx(0.4)  # the sample at 0.7
+    assert confidence_signal(0.9, 0.5, np.array([0.95, 0.4])).value == pytest.approx(-0.2)
+    # Monotone: a less certain probability never scores higher.
+    scores = [confidence_signal(p, 0.5).subscore for p in np.linspace(0.5, 1.0, 51)]
+    assert scores == sorted(scores)
+
+
+def test_mc_dropout_and_test_time_flips_are_separate_signals():
+    mc = [0.9, 0.91, 0.89, 0.9]
+    samples = np.array([[v] for v in mc] + [[0.55]], dtype=np.float32)
+    (finding,) = evaluate_classification(
+        result_of([0.9], samples, kinds=["mc-dropout"] * 4 + ["tta:flip-x"])).findings
+    assert finding.signals["mc_dropout_std"] < 0.01 and finding.signals["mc_dropout_std_subscore"] == 1.0
+    assert finding.signals["tta_spread"] == pytest.approx(0.35, abs=1e-6)
+    assert finding.signals["tta_spread_subscore"] == 0.0
+    assert Reason.HIGH_UNCERTAINTY in finding.reasons and finding.verdict is Verdict.NEEDS_REVIEW
+    # Samples of unknown kind are pooled, as before.
+    (pooled,) = evaluate_classification(result_of([0.9], samples, kinds=[])).findings
+    assert "sample_std" in pooled.signals and "tta_spread" not in pooled.signals
 
 
 CASES = [
@@ -219,5 +250,5 @@ def test_verdict_always_equals_score_against_threshold(probability, sd, threshol
     assert finding.positive == (probability >= threshold)
 
 
-def test_margin_constants_are_ordered():
-    assert 0.0 <= MARGIN_LOW < MARGIN_HIGH <= 1.0
+def test_margin_constant_is_a_margin():
+    assert 0.0 < MARGIN_AT_HALF < 1.0

@@ -319,7 +319,7 @@ def classification_metrics(n_images: int, seed: int = 0, progress: bool = False)
     wrong, scores, calibrated, raw, outcomes = [], [], [], [], []
     for i in tqdm(range(n_images), desc="qc-eval: radiographs", disable=not progress, unit="image"):
         phantom = make_cxr_phantom(seed * 1_000_000 + TEST_SEED_OFFSET + i)
-        result = model.predict(phantom.image, mc_dropout_samples=8, gradcam=False)
+        result = model.predict(phantom.image, mc_dropout_samples=8, tta_flips=("x",), gradcam=False)
         qc = evaluate_classification(result, image=phantom.image)
         for j, finding in enumerate(qc.findings):
             truth = bool(phantom.findings[finding.label.name])
