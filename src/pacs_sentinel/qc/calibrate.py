@@ -5,7 +5,8 @@ seen by the estimator) are judged with every QC signal, including the shipped es
 and the uncertainty of ``MC_DROPOUT_SAMPLES`` dropout passes (as the shipped config asks for).
 Three non-negative logistic regressions (:mod:`pacs_sentinel.qc.fusion`) are fitted on
 "Dice >= 0.7": ``with-uncertainty`` on the model's own masks, ``without-uncertainty`` and
-``without-probabilities`` (no probability-map signals: the third-party SEG path) on all cases. The held-out families (:data:`~pacs_sentinel.qc.corruptions.HELD_OUT_FAMILIES`) and
+``without-probabilities`` (no probability-map signals: the third-party SEG path) on all cases.
+The held-out families (:data:`~pacs_sentinel.qc.corruptions.HELD_OUT_FAMILIES`) and
 empty masks (scored 0 by rule) are never drawn.
 
 The risk-coverage curve that ``[qc] target_review_rate`` / ``max_risk`` and ``sentinel

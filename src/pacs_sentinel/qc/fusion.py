@@ -14,7 +14,8 @@ strictly worse signal can never raise the score (monotonicity, tested). Transfor
 Three models are fitted: ``with-uncertainty`` (the own-model path with MC-dropout/TTA samples),
 ``without-uncertainty`` (our model's probabilities but no samples) and, since QC 2.1.0,
 ``without-probabilities`` (no probability map either: a third-party SEG); a result uses the most
-complete model whose features it has, missing features counting as neutral. The third model
+complete model whose features it has, else the model that uses most of its signals (missing
+features counting as neutral). The third model
 keeps a mask that comes with no probabilities from being scored as if the (missing) expected
 Dice were perfect, a strong feature of the other two.
 
@@ -139,11 +140,12 @@ class FusionModel:
     info: dict[str, Any] = field(default_factory=dict)
 
     def choose(self, signals: dict[str, Signal]) -> LogisticModel:
-        """The most complete model whose features are all present; else the smallest one."""
+        """The most complete model whose features are all present; else the one that uses most of
+        the signals present (the smaller one on a tie)."""
         complete = [m for m in self.models if all(f in signals for f in m.features)]
         if complete:
             return max(complete, key=lambda m: len(m.features))
-        return min(self.models, key=lambda m: len(m.features))
+        return max(self.models, key=lambda m: (sum(f in signals for f in m.features), -len(m.features)))
 
     def score(self, signals: list[Signal]) -> tuple[float, LogisticModel]:
         """The fused score of one segment's signals and the model that produced it."""
