@@ -61,6 +61,7 @@ class Reason(enum.Enum):
     IMPLAUSIBLE_LOCATION = Code("QC028", QC_SCHEME, "Implausible location")
     DISAGREEMENT = Code("QC029", QC_SCHEME, "Disagreement with reference model")
     LOW_PREDICTED_DICE = Code("QC030", QC_SCHEME, "Low predicted Dice")
+    LOW_EXPECTED_DICE = Code("QC031", QC_SCHEME, "Low expected Dice")
 
     @property
     def label(self) -> str:

@@ -19,6 +19,7 @@ from pacs_sentinel.daemon.review import ReviewStore
 from pacs_sentinel.dicom_io.index import Database
 from pacs_sentinel.dicom_io.scu import Peer, send_files
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
+from pacs_sentinel.qc.evaluate import QC_VERSION as V
 from pacs_sentinel.qc.evaluate import shipped_fusion
 from pacs_sentinel.qc.refit import read_active, version_file
 from pacs_sentinel.results import QCResult, SegmentLabel, SegmentQC, Verdict
@@ -38,7 +39,7 @@ def _qc(signals: list, score: float) -> QCResult:
     values = {s.name: round(s.value, 6) for s in signals}
     values["volume_ml"] = 1234.5
     values.update({f"{s.name}_subscore": round(s.subscore, 6) for s in signals})
-    return QCResult("2.0.0", [SegmentQC(1, LIVER, score, Verdict.NEEDS_REVIEW, [], 1.2e6, values)])
+    return QCResult(V, [SegmentQC(1, LIVER, score, Verdict.NEEDS_REVIEW, [], 1.2e6, values)])
 
 
 def _decided(database: Database, study_uid: str, signals: list, decision: str | None,
@@ -50,7 +51,7 @@ def _decided(database: Database, study_uid: str, signals: list, decision: str | 
     assert job is not None and job.study_uid == study_uid
     qc = _qc(signals, 0.4)
     jobs.record_results(job.id, result={"series_uid": "1.2", "model": "organ-seg", "model_version": "1.1.0",
-                                        "qc_version": "2.0.0", "verdict": "Needs review", "quality_score": 0.4,
+                                        "qc_version": V, "verdict": "Needs review", "quality_score": 0.4,
                                         "reasons": [], "needs_review": True},
                         outbox_items=[], qc_signals=qc_signal_rows(qc))
     item = review.find(study_uid, "organ-seg")
@@ -109,11 +110,11 @@ def test_the_nightly_job_refits_only_with_min_new_cases_since_the_last_refit(tmp
     assert not (config.node.data_dir / "qc").exists()
     _feed(database, synthetic_cases(8, seed=3), "2")
     outcome = run_refit(config, database, min_new_cases=12, phantoms=list(phantoms()))
-    assert outcome.version == "2.0.0+fb1" and outcome.n_cases == 18 and outcome.activated
+    assert outcome.version == f"{V}+fb1" and outcome.n_cases == 18 and outcome.activated
     # Nothing decided since: the next night does nothing.
     again = scheduled_refit(config, database)
-    assert again is not None and again.skipped and again.active_version == "2.0.0+fb1"
-    assert not version_file(config.node.data_dir / "qc", "2.0.0+fb2").exists()
+    assert again is not None and again.skipped and again.active_version == f"{V}+fb1"
+    assert not version_file(config.node.data_dir / "qc", f"{V}+fb2").exists()
 
     scheduler = BackgroundScheduler(timezone="UTC")
     schedule(scheduler, config, database)
@@ -148,31 +149,31 @@ def test_sentinel_models_and_qc_refit_commands(tmp_path: Path) -> None:
     _feed(database, synthetic_cases(14, seed=5), "2")
     refitted = _run_cli("qc-refit", "-c", str(config_file))  # draws the phantom evaluation itself (size 1)
     assert refitted.returncode == 0, refitted.stderr
-    assert "QC 2.0.0+fb1: Platt a = " in refitted.stdout and "on 18 feedback case(s)" in refitted.stdout
-    assert "held-out feedback, old (2.0.0)" in refitted.stdout and "held-out phantoms, new (2.0.0+fb1)" in refitted.stdout
-    assert "activated: QC 2.0.0+fb1 is now active" in refitted.stdout
+    assert f"QC {V}+fb1: Platt a = " in refitted.stdout and "on 18 feedback case(s)" in refitted.stdout
+    assert f"held-out feedback, old ({V})" in refitted.stdout and f"held-out phantoms, new ({V}+fb1)" in refitted.stdout
+    assert f"activated: QC {V}+fb1 is now active" in refitted.stdout
     # A worse refit (labels against the scores), then listed beside the active one.
     from pacs_sentinel.qc.refit import refit
 
     worse = refit(synthetic_cases(12, contradict=True), qc_dir=config.node.data_dir / "qc", shipped=shipped_fusion(),
                   eval_n_per_family=1, eval_perturbations=1, phantoms=list(phantoms()))
-    assert worse.version == "2.0.0+fb2" and not worse.activated
+    assert worse.version == f"{V}+fb2" and not worse.activated
     listed = _run_cli("models", "-c", str(config_file))
     assert listed.returncode == 0, listed.stderr
     out = listed.stdout
     assert "organ-seg" in out and "1.1.0" in out and "shipped demo model" in out and "dice_mean 0.9485" in out
     assert "cxr-cls" in out and "auroc_mean 0.9733" in out
     lines = out.splitlines()
-    shipped_line = next(line for line in lines if " 2.0.0 " in line and "shipped" in line)
-    active_line = next(line for line in lines if "2.0.0+fb1 " in line)
-    worse_line = next(line for line in lines if "2.0.0+fb2 " in line)
+    shipped_line = next(line for line in lines if f" {V} " in line and "shipped" in line)
+    active_line = next(line for line in lines if f"{V}+fb1 " in line)
+    worse_line = next(line for line in lines if f"{V}+fb2 " in line)
     assert active_line.startswith("*") and not shipped_line.startswith("*") and not worse_line.startswith("*")
     from pacs_sentinel.qc.fusion import load_fusion
 
     shipped_auroc = load_fusion().info["metrics"]["cv_auroc_all"]  # the figure the shipped file records
     assert f"cv_auroc_all {shipped_auroc:.4f}" in shipped_line
-    assert "local refit of 2.0.0" in active_line and "18 feedback cases" in active_line and "; activated" in active_line
-    assert "local refit of 2.0.0+fb1" in worse_line and "12 feedback cases" in worse_line
+    assert f"local refit of {V}" in active_line and "18 feedback cases" in active_line and "; activated" in active_line
+    assert f"local refit of {V}+fb1" in worse_line and "12 feedback cases" in worse_line
     assert "held-out phantoms old -> new: auroc" in worse_line and "not activated" in worse_line
 
 
@@ -182,7 +183,7 @@ def test_after_an_activated_refit_the_next_job_records_the_new_qc_version(tmp_pa
     database = _database(config)
     _feed(database, synthetic_cases(18), "1")
     outcome = run_refit(config, database, phantoms=list(phantoms()))
-    assert outcome.activated and read_active(config.node.data_dir / "qc")["qc_version"] == "2.0.0+fb1"
+    assert outcome.activated and read_active(config.node.data_dir / "qc")["qc_version"] == f"{V}+fb1"
     database.close()
     sentinel = sentinel_factory(config)
     assert sentinel.scheduler.get_job("qc-refit") is not None  # [qc.refit] enabled: the nightly job
@@ -199,8 +200,8 @@ def test_after_an_activated_refit_the_next_job_records_the_new_qc_version(tmp_pa
     else:
         pytest.fail("the job did not finish")
     row = sentinel.database.connection().execute("SELECT qc_version FROM jobs WHERE id = ?", [done[0].id]).fetchone()
-    assert row[0] == "2.0.0+fb1"
+    assert row[0] == f"{V}+fb1"
     stored = sentinel.jobs.qc_signals(done[0].id)
     assert {"predicted_dice", "sample_dice", "largest_component_share"} <= {r["name"] for r in stored}
     sr = pydicom.dcmread(Path(done[0].output_dir or "") / "SR.dcm")
-    assert "2.0.0+fb1" in str(sr)  # the SR says which QC version judged the result
+    assert f"{V}+fb1" in str(sr)  # the SR says which QC version judged the result

@@ -28,17 +28,19 @@ def segment_signals(quality: float) -> list[Signal]:
     return [
         Signal("predicted_dice", quality, min(1.0, quality / 0.7), Reason.LOW_PREDICTED_DICE),
         Signal("mean_probability", 0.5 + 0.5 * quality, min(1.0, quality / 0.7), Reason.LOW_MODEL_CONFIDENCE),
+        Signal("expected_dice", 0.45 + 0.5 * quality, min(1.0, quality / 0.7), Reason.LOW_EXPECTED_DICE),
         Signal("largest_component_share", 0.9 + 0.1 * quality, 1.0, Reason.FRAGMENTATION),
     ]
 
 
 def synthetic_cases(n: int, *, contradict: bool = False, seed: int = 0) -> list[FeedbackCase]:
-    """``n`` feedback cases over a range of qualities, labelled by the shipped score's ranking:
-    the better half acceptable (or, ``contradict``, the worse half: labels against the scores)."""
+    """``n`` feedback cases over a range of qualities, labelled as the shipped score judges them:
+    acceptable where its probability is at least 0.5 (or, ``contradict``, where it is below: labels
+    against the scores)."""
     qualities = np.random.default_rng(seed).uniform(0.35, 0.97, n)
     signals = [segment_signals(float(q)) for q in qualities]
     z = np.array([fusion_logit(shipped_fusion(), s) for s in signals])
-    cut = np.median(z)
+    cut = 0.0
     labels = [bool((zi < cut) if contradict else (zi >= cut)) for zi in z]
     return [FeedbackCase(i + 1, 1, s, ok, "ai-correct" if ok else "ai-rejected")
             for i, (s, ok) in enumerate(zip(signals, labels, strict=True))]

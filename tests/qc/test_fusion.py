@@ -10,6 +10,7 @@ import pytest
 from pacs_sentinel.errors import ModelError
 from pacs_sentinel.qc.evaluate import QC_VERSION, shipped_fusion
 from pacs_sentinel.qc.fusion import (
+    PROBABILITY_SIGNALS,
     SIGNAL_TRANSFORMS,
     FusionModel,
     LogisticModel,
@@ -23,7 +24,8 @@ from pacs_sentinel.results import Reason
 #: A plausible good segment: (value, subscore) per signal.
 GOOD = {
     "predicted_dice": (0.93, 1.0), "sample_dice": (0.95, 1.0), "mask_entropy": (0.08, 1.0),
-    "mean_probability": (0.95, 1.0), "largest_component_share": (0.99, 1.0), "roundness": (0.8, 1.0),
+    "mean_probability": (0.95, 1.0), "expected_dice": (0.94, 1.0), "largest_component_share": (0.99, 1.0),
+    "roundness": (0.8, 1.0),
     "hole_share": (0.0, 1.0), "border_contact_share": (0.0, 1.0), "noise_hu": (15.0, 1.0),
     "edge_width_px": (3.0, 1.0), "metal_ml": (0.0, 1.0), "air_level_hu": (-1000.0, 1.0),
     "out_of_range_share": (0.0, 1.0), "contrast_range_hu": (1000.0, 1.0), "truncated_slice_share": (0.0, 1.0),
@@ -68,7 +70,7 @@ def test_shipped_fusion_belongs_to_this_qc_version_and_has_non_negative_weights(
     fusion = shipped_fusion()
     assert fusion.qc_version == QC_VERSION
     names = {m.name for m in fusion.models}
-    assert names == {"with-uncertainty", "without-uncertainty"}
+    assert names == {"with-uncertainty", "without-uncertainty", "without-probabilities"}
     for model in fusion.models:
         assert min(model.weights) >= 0.0
         assert "predicted_dice" in model.features
@@ -81,9 +83,23 @@ def test_good_signals_score_high_and_bad_ones_low() -> None:
     assert model.name == "with-uncertainty" and good > 0.8
     without, model = fusion.score(_signals(drop=("sample_dice", "mask_entropy")))
     assert model.name == "without-uncertainty" and without > 0.8
+    # A third-party SEG has no probability map: its own model, not the missing signals counted as perfect.
+    third_party, model = fusion.score(_signals(drop=("sample_dice", "mask_entropy", "mean_probability",
+                                                     "expected_dice")))
+    assert model.name == "without-probabilities" and third_party > 0.8
+    assert not set(PROBABILITY_SIGNALS) & set(model.features)
     bad = fusion.score(_signals({"predicted_dice": (0.3, 0.0), "sample_dice": (0.6, 0.0),
                                  "mean_probability": (0.6, 0.2), "roundness": (0.4, 0.0)}))[0]
     assert bad < 0.3
+
+
+def test_an_incomplete_set_of_signals_uses_the_model_that_uses_most_of_them() -> None:
+    fusion = shipped_fusion()
+    partial = {"predicted_dice": (0.9, 1.0), "mean_probability": (0.95, 1.0), "expected_dice": (0.93, 1.0)}
+    assert fusion.choose({s.name: s for s in _signals(drop=tuple(n for n in GOOD if n not in partial))}).name \
+        == "without-uncertainty"  # the probability signals it has are used, not dropped
+    only_shared = {s.name: s for s in _signals(drop=tuple(n for n in GOOD if n not in ("predicted_dice", "roundness")))}
+    assert fusion.choose(only_shared).name == "without-probabilities"  # a tie: the smaller model
 
 
 def test_out_of_range_checks_send_to_review_and_unknown_signals_multiply_the_score() -> None:

@@ -7,15 +7,19 @@ import pytest
 
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.inference.phantoms import make_ct_phantom
-from pacs_sentinel.qc.evaluate import QC_VERSION, evaluate_segmentation
+from pacs_sentinel.qc.estimator import load_estimator
+from pacs_sentinel.qc.evaluate import QC_VERSION, evaluate_segmentation, segment_signals, shipped_fusion
 from pacs_sentinel.qc.heuristics import (
     FLAG_BELOW,
     Signal,
     border_contact_signal,
+    confidence_signal,
+    expected_dice_signal,
     hole_signal,
     left_share,
     location_signal,
 )
+from pacs_sentinel.qc.image import assess_image
 from pacs_sentinel.results import Code, Reason, SegmentationResult, SegmentLabel, Verdict
 
 LIVER = SegmentLabel("Liver", Code("91723000", "SCT", "Anatomical Structure"), Code("10200004", "SCT", "Liver"), "liver")
@@ -40,7 +44,9 @@ def _ellipsoid(radii_mm: tuple[float, float, float], centre: tuple[int, int, int
 
 def _result(mask: np.ndarray, probability: float = 0.97) -> SegmentationResult:
     reference_ml = float(mask.sum() * VOXEL_ML) if mask.any() else 500.0
-    probabilities = np.where(mask, probability, 0.02).astype(np.float32)[None]
+    # Far from the organ a trained model is sure: a diffuse background probability would count as
+    # organ the mask left out (expected Dice).
+    probabilities = np.where(mask, probability, 0.001).astype(np.float32)[None]
     return SegmentationResult(
         probabilities=probabilities, mask=mask[None], labels=[LIVER], model_name="test", model_version="0",
         reference={"Liver": {"volume_ml_p01": reference_ml * 0.8, "volume_ml_p99": reference_ml * 1.2}},
@@ -102,6 +108,51 @@ def test_low_model_confidence_is_flagged() -> None:
     assert Reason.LOW_MODEL_CONFIDENCE in qc.reasons
 
 
+def test_expected_dice_is_one_for_a_mask_the_probabilities_back_fully() -> None:
+    mask = _ellipsoid((60, 50, 45))
+    signal = expected_dice_signal(mask.astype(np.float32), mask)
+    assert signal.name == "expected_dice" and signal.reason is Reason.LOW_EXPECTED_DICE
+    assert signal.value == pytest.approx(1.0) and signal.subscore == 1.0 and not signal.fired
+
+
+def test_expected_dice_is_the_soft_dice_of_mask_and_probabilities() -> None:
+    mask = _ellipsoid((40, 30, 30))
+    p = np.where(mask, 0.8, 0.0).astype(np.float32)
+    p[_ellipsoid((45, 35, 35)) & ~mask] = 0.4  # an unsure rim around the mask
+    n, rim = int(mask.sum()), int((p == np.float32(0.4)).sum())
+    expected = 2 * 0.8 * n / (0.8 * n + 0.4 * rim + n)
+    assert expected_dice_signal(p, mask).value == pytest.approx(expected, rel=1e-5)
+
+
+def test_expected_dice_sees_a_mask_departing_from_the_model_both_ways() -> None:
+    # The model is sure of one organ; the judged mask leaves part of it out (erosion) or spills
+    # over into a neighbour (leakage). The mean probability inside the mask only sees the spill.
+    organ = _ellipsoid((60, 50, 45))
+    p = np.where(organ, 0.97, 0.001).astype(np.float32)
+    own = expected_dice_signal(p, organ)
+    eroded = organ.copy()
+    eroded[:, :, 46:] = False  # half of the organ left out
+    leaked = organ | _ellipsoid((60, 60, 50), centre=(20, 48, 24))  # a neighbour, partly overlapping
+    true_eroded = 2 * int((eroded & organ).sum()) / (int(eroded.sum()) + int(organ.sum()))
+    true_leaked = 2 * int((leaked & organ).sum()) / (int(leaked.sum()) + int(organ.sum()))
+    assert 0.5 < true_eroded < 0.7 and 0.5 < true_leaked < 0.7  # both are failures against the organ
+    assert not own.fired and own.value > 0.95
+    for mask, truth in ((eroded, true_eroded), (leaked, true_leaked)):
+        signal = expected_dice_signal(p, mask)
+        assert signal.fired and signal.value == pytest.approx(truth, abs=0.03)
+    assert not confidence_signal(p, eroded).fired  # the erosion looks confident from inside
+    assert confidence_signal(p, leaked).fired
+
+
+def test_low_expected_dice_is_reported() -> None:
+    organ = _ellipsoid((60, 50, 45))
+    result = _result(organ)
+    result.mask = (organ | _ellipsoid((60, 50, 45), centre=(20, 48, 20)))[None]  # the mask leaks, the model did not
+    qc = evaluate_segmentation(_volume(), result)
+    assert Reason.LOW_EXPECTED_DICE in qc.reasons and qc.verdict is Verdict.NEEDS_REVIEW
+    assert qc.segments[0].signals["expected_dice"] < 0.7
+
+
 @pytest.mark.parametrize("threshold", [0.2, 0.5, 0.8])
 def test_verdict_is_the_score_against_the_threshold(threshold: float) -> None:
     mask = _ellipsoid((40, 30, 30), (12, 30, 30)) | _ellipsoid((30, 20, 20), (28, 66, 66))
@@ -116,7 +167,7 @@ def test_a_result_sent_to_review_always_names_a_reason() -> None:
     # Moderate confidence and a slightly large volume: no single check fires, yet together
     # they fall below a strict threshold.
     volume, result = _phantom_case()
-    result.probabilities = np.where(result.mask, 0.75, 0.02).astype(np.float32)
+    result.probabilities = np.where(result.mask, 0.75, 0.001).astype(np.float32)
     result.reference["Liver"]["volume_ml_p99"] = result.reference["Liver"]["volume_ml_p01"] / 0.8 * 0.97
     qc = evaluate_segmentation(volume, result, accept_threshold=0.99)
     segment = qc.segments[0]
@@ -144,9 +195,16 @@ def test_a_mask_cut_by_the_image_border_is_flagged() -> None:
     cut = _ellipsoid((60, 50, 60), centre=(20, 48, 90))  # runs out of the field of view at the right
     signal = border_contact_signal(cut)
     assert signal.fired and signal.reason is Reason.BORDER_CONTACT
-    qc = evaluate_segmentation(_volume(), _result(cut))
+    volume = _volume()
+    qc = evaluate_segmentation(volume, _result(cut))
     assert Reason.BORDER_CONTACT in qc.reasons
-    assert qc.verdict is Verdict.NEEDS_REVIEW
+    # The finding explains, the fitted score decides: since QC 2.1.0 a model fully sure of the very
+    # mask it made (expected Dice 0.97) may keep it above the threshold. The contact lowers the score.
+    signals = segment_signals(volume, _result(cut), 0, image_signals=assess_image(volume).signals, midline_x=None,
+                              estimator=load_estimator())
+    inside = [Signal(s.name, 0.0, 1.0, s.reason) if s.name == "border_contact_share" else s for s in signals]
+    assert shipped_fusion().score(signals)[0] < shipped_fusion().score(inside)[0]
+    assert qc.segments[0].quality_score == pytest.approx(shipped_fusion().score(signals)[0], abs=1e-4)
 
 
 def test_left_share_follows_the_patient_orientation() -> None:
@@ -191,9 +249,10 @@ def test_location_is_skipped_without_a_card_reference() -> None:
 
 def test_every_signal_is_recorded_and_the_version_is_bumped() -> None:
     qc = evaluate_segmentation(_volume(), _result(_ellipsoid((60, 50, 45))))
-    assert qc.qc_version == QC_VERSION == "2.0.0"
+    assert qc.qc_version == QC_VERSION == "2.1.0"
     signals = qc.segments[0].signals
-    for name in ("predicted_dice", "hole_share", "border_contact_share", "noise_hu", "edge_width_px", "metal_ml",
+    for name in ("predicted_dice", "mean_probability", "expected_dice", "hole_share", "border_contact_share",
+                 "noise_hu", "edge_width_px", "metal_ml",
                  "air_level_hu", "out_of_range_share", "contrast_range_hu", "truncated_slice_share"):
         assert name in signals and f"{name}_subscore" in signals
 

@@ -19,7 +19,8 @@ def test_qc_eval_on_a_tiny_set_prints_every_metric(tmp_path, capsys) -> None:
     header = next(line for line in out.splitlines() if line.startswith("| method |"))
     for metric in METRICS:
         assert f" {metric} |" in header, metric
-    for method in ("fused", "product (QC 1.2.0)", "heuristics OR", "entropy", "pairwise Dice", "estimator"):
+    for method in ("fused", "product (QC 1.2.0)", "heuristics OR", "entropy", "pairwise Dice", "expected Dice",
+                   "estimator"):
         rows = [line for line in out.splitlines() if line.startswith(f"| {method} |")]
         assert len(rows) == 4, method  # one per subset
         assert len(rows[0].split("|")) == len(METRICS) + 4

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pacs_sentinel.errors import ModelError
+from pacs_sentinel.qc.evaluate import QC_VERSION as V
 from pacs_sentinel.qc.evaluate import shipped_fusion
 from pacs_sentinel.qc.fusion import FUSION_FILE
 from pacs_sentinel.qc.refit import (
@@ -78,27 +79,27 @@ def _sha(path: Path) -> str:
 def test_a_refit_that_is_no_worse_is_activated_and_used_from_then_on(tmp_path: Path) -> None:
     shipped_hash = _sha(FUSION_FILE)
     active = ActiveFusion(tmp_path, shipped_fusion())
-    assert active.get().qc_version == "2.0.0"
+    assert active.get().qc_version == V
     outcome = refit(synthetic_cases(18), qc_dir=tmp_path, shipped=shipped_fusion(), eval_n_per_family=1,
                     eval_perturbations=1, phantoms=list(phantoms()))
     assert outcome.activated, outcome.describe()
-    assert outcome.version == "2.0.0+fb1" and outcome.active_version == "2.0.0+fb1"
+    assert outcome.version == f"{V}+fb1" and outcome.active_version == f"{V}+fb1"
     # Both evaluations, old and new, are kept with the version.
-    saved = json.loads(version_file(tmp_path, "2.0.0+fb1").read_text())
+    saved = json.loads(version_file(tmp_path, f"{V}+fb1").read_text())
     refit_info = saved["info"]["refit"]
-    assert refit_info["activated"] and refit_info["based_on"] == "2.0.0"
+    assert refit_info["activated"] and refit_info["based_on"] == V
     for part in ("feedback", "phantoms"):
-        assert refit_info[part]["old"]["qc_version"] == "2.0.0"
-        assert refit_info[part]["new"]["qc_version"] == "2.0.0+fb1"
+        assert refit_info[part]["old"]["qc_version"] == V
+        assert refit_info[part]["new"]["qc_version"] == f"{V}+fb1"
     assert refit_info["feedback"]["new"]["log_loss"] <= refit_info["feedback"]["old"]["log_loss"] + 1e-3
-    assert read_active(tmp_path)["qc_version"] == "2.0.0+fb1"
-    assert active.get().qc_version == "2.0.0+fb1"  # the worker's next job
+    assert read_active(tmp_path)["qc_version"] == f"{V}+fb1"
+    assert active.get().qc_version == f"{V}+fb1"  # the worker's next job
     assert _sha(FUSION_FILE) == shipped_hash  # the shipped model is never touched
     # The next refit is based on the active version and gets the next number.
     again = refit(synthetic_cases(18, seed=1), qc_dir=tmp_path, shipped=shipped_fusion(), eval_n_per_family=1,
                   eval_perturbations=1, phantoms=list(phantoms()))
-    assert again.version == "2.0.0+fb2"
-    assert json.loads(version_file(tmp_path, "2.0.0+fb2").read_text())["info"]["refit"]["based_on"] == "2.0.0+fb1"
+    assert again.version == f"{V}+fb2"
+    assert json.loads(version_file(tmp_path, f"{V}+fb2").read_text())["info"]["refit"]["based_on"] == f"{V}+fb1"
 
 
 def test_a_refit_that_is_worse_is_not_activated_and_the_old_version_stays(tmp_path: Path) -> None:
@@ -109,11 +110,11 @@ def test_a_refit_that_is_worse_is_not_activated_and_the_old_version_stays(tmp_pa
     assert outcome.a == 0.0  # labels against the scores: the recalibration flattens them
     assert any("phantoms auroc" in p for p in outcome.problems), outcome.problems
     assert outcome.phantoms["new"]["auroc"] < outcome.phantoms["old"]["auroc"]
-    assert read_active(tmp_path)["qc_version"] == "2.0.0"
-    assert read_active(tmp_path)["last_refit"] == {"version": "2.0.0+fb1", "at": read_active(tmp_path)["last_refit"]["at"],
+    assert read_active(tmp_path)["qc_version"] == V
+    assert read_active(tmp_path)["last_refit"] == {"version": f"{V}+fb1", "at": read_active(tmp_path)["last_refit"]["at"],
                                                    "activated": False}
-    assert active.get().qc_version == "2.0.0"
-    assert version_file(tmp_path, "2.0.0+fb1").is_file()  # kept for inspection, never used
+    assert active.get().qc_version == V
+    assert version_file(tmp_path, f"{V}+fb1").is_file()  # kept for inspection, never used
     assert any("not activated" in line for line in outcome.describe())
 
 
@@ -130,7 +131,7 @@ def test_decide_and_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(RefitError, match="both kinds"):
         refit([c for c in synthetic_cases(12) if c.acceptable], qc_dir=tmp_path, shipped=shipped_fusion(),
               eval_n_per_family=1, eval_perturbations=1, phantoms=[])
-    write_active(tmp_path, {"qc_version": "2.0.0+fb7"})
+    write_active(tmp_path, {"qc_version": f"{V}+fb7"})
     with pytest.raises(ModelError, match="not found"):
         ActiveFusion(tmp_path, shipped_fusion()).get()
     (tmp_path / "active.json").write_text("{broken")

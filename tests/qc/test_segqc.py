@@ -77,7 +77,7 @@ def mapped_with(volume, masks: list[np.ndarray], labels: list[SegmentLabel], num
                                               for n, lab, m in zip(numbers, labels, masks, strict=True)])
 
 
-def test_agreeing_segment_is_accepted_and_disagreeing_one_sent_to_review(volume) -> None:
+def test_agreement_keeps_an_agreeing_segment_and_sends_a_disagreeing_one_to_review(volume) -> None:
     sphere = sphere_mask(*volume.array.shape)
     shifted = np.roll(sphere, 14, axis=2)
     mapped = mapped_with(volume, [sphere, shifted], [label("Leber", "10200004"), label("Leber 2", "10200004")], [3, 7])
@@ -89,12 +89,18 @@ def test_agreeing_segment_is_accepted_and_disagreeing_one_sent_to_review(volume)
     assert result.probabilities is None and result.model_name == "VendorSeg"
     first, second = qc.segments
     assert judgements[0].agreement_dice == 1.0 and judgements[0].matched is reference
-    assert first.verdict is Verdict.ACCEPTED and Reason.DISAGREEMENT not in first.reasons
+    # Judged without our prediction, the same segments score what the fitted fusion gives them
+    # (since QC 2.1.0 a mask without probabilities has its own model, which leans on the estimator:
+    # on this sphere, not an abdomen phantom, it predicts a Dice of about 0.5, whatever agrees with it).
+    _, alone, _ = judge_segmentation(volume, mapped, [LabelReference(LIVER, "organ-seg 1.1.0", {})])
+    assert Reason.DISAGREEMENT not in first.reasons
+    assert first.quality_score == alone.segments[0].quality_score  # full agreement never lowers the score
     assert second.verdict is Verdict.NEEDS_REVIEW and Reason.DISAGREEMENT in second.reasons
+    assert second.quality_score < alone.segments[1].quality_score and second.quality_score < first.quality_score
     assert judgements[1].agreement_dice == pytest.approx(dice(shifted, sphere))
     assert second.signals["agreement_dice"] == pytest.approx(judgements[1].agreement_dice, abs=1e-6)
     # Nothing was predicted for these masks: no model-confidence signal.
-    assert "mean_probability" not in first.signals
+    assert "mean_probability" not in first.signals and "expected_dice" not in first.signals
 
 
 def test_unmatched_segment_is_judged_without_statistics_or_agreement(volume) -> None:

@@ -66,6 +66,8 @@ REASON_EXPLANATIONS: dict[Reason, str] = {
     Reason.DISAGREEMENT: "the segmentation differs clearly from our own model's prediction of the same organ",
     Reason.LOW_PREDICTED_DICE: "a second network that looks at image and mask together expects a poor overlap "
                                "with the true organ",
+    Reason.LOW_EXPECTED_DICE: "the model's own probability map does not back the mask: it is unsure around "
+                              "the outline, or the mask adds or leaves out tissue the model judges otherwise",
 }
 _EXPLANATION_BY_LABEL = {reason.label: text for reason, text in REASON_EXPLANATIONS.items()}
 

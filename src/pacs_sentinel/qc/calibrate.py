@@ -3,9 +3,10 @@
 Calibration cases (:mod:`pacs_sentinel.qc.cases`, seeds ``CALIBRATION_SEED_OFFSET``, never
 seen by the estimator) are judged with every QC signal, including the shipped estimator's
 and the uncertainty of ``MC_DROPOUT_SAMPLES`` dropout passes (as the shipped config asks for).
-Two non-negative logistic regressions (:mod:`pacs_sentinel.qc.fusion`) are fitted on
-"Dice >= 0.7": ``with-uncertainty`` on the model's own masks, ``without-uncertainty`` on all
-cases. The held-out families (:data:`~pacs_sentinel.qc.corruptions.HELD_OUT_FAMILIES`) and
+Three non-negative logistic regressions (:mod:`pacs_sentinel.qc.fusion`) are fitted on
+"Dice >= 0.7": ``with-uncertainty`` on the model's own masks, ``without-uncertainty`` and
+``without-probabilities`` (no probability-map signals: the third-party SEG path) on all cases.
+The held-out families (:data:`~pacs_sentinel.qc.corruptions.HELD_OUT_FAMILIES`) and
 empty masks (scored 0 by rule) are never drawn.
 
 The risk-coverage curve that ``[qc] target_review_rate`` / ``max_risk`` and ``sentinel
@@ -32,6 +33,7 @@ from pacs_sentinel.qc.evaluate import QC_VERSION
 from pacs_sentinel.qc.fusion import (
     ACCEPTABLE_DICE,
     FUSION_FILE,
+    PROBABILITY_SIGNALS,
     SIGNAL_TRANSFORMS,
     UNCERTAINTY_SIGNALS,
     FusionModel,
@@ -54,6 +56,7 @@ CALIBRATION_RECIPE: dict[str, Any] = {
 }
 FEATURES_WITH_UNCERTAINTY = list(SIGNAL_TRANSFORMS)
 FEATURES_WITHOUT_UNCERTAINTY = [f for f in SIGNAL_TRANSFORMS if f not in UNCERTAINTY_SIGNALS]
+FEATURES_WITHOUT_PROBABILITIES = [f for f in FEATURES_WITHOUT_UNCERTAINTY if f not in PROBABILITY_SIGNALS]
 
 
 def _rows(cases: list[QCCase]) -> list[dict]:
@@ -61,15 +64,17 @@ def _rows(cases: list[QCCase]) -> list[dict]:
 
 
 def fit_models(cases: list[QCCase], l2: float) -> list[LogisticModel]:
-    """The two fusion models fitted on these cases (each needs good and failed cases)."""
+    """The fusion models fitted on these cases (each needs good and failed cases)."""
     judged = [c for c in cases if c.signals is not None]
     own = [c for c in judged if c.uncertainty]
     models = []
     if own:
         models.append(fit_logistic("with-uncertainty", FEATURES_WITH_UNCERTAINTY, _rows(own),
                                    np.array([c.dice >= ACCEPTABLE_DICE for c in own]), l2=l2))
-    models.append(fit_logistic("without-uncertainty", FEATURES_WITHOUT_UNCERTAINTY, _rows(judged),
-                               np.array([c.dice >= ACCEPTABLE_DICE for c in judged]), l2=l2))
+    acceptable = np.array([c.dice >= ACCEPTABLE_DICE for c in judged])
+    models.append(fit_logistic("without-uncertainty", FEATURES_WITHOUT_UNCERTAINTY, _rows(judged), acceptable, l2=l2))
+    models.append(fit_logistic("without-probabilities", FEATURES_WITHOUT_PROBABILITIES, _rows(judged), acceptable,
+                               l2=l2))
     return models
 
 

@@ -2,9 +2,10 @@
 
 The input-image checks (:mod:`pacs_sentinel.qc.image`, computed once per volume and applied
 to every segment), the mask heuristics, the learned confidence estimator
-(:mod:`pacs_sentinel.qc.estimator`, a predicted Dice) and, when the inference produced
-stochastic samples, the uncertainty signals are fused by the fitted fusion model
-(:mod:`pacs_sentinel.qc.fusion`): a non-negative logistic regression fitted on a calibration
+(:mod:`pacs_sentinel.qc.estimator`, a predicted Dice), the model's own probability map (mean
+probability inside the mask and, since QC 2.1.0, the expected Dice of the mask under it) and,
+when the inference produced stochastic samples, the uncertainty signals are fused by the fitted
+fusion model (:mod:`pacs_sentinel.qc.fusion`): a non-negative logistic regression fitted on a calibration
 set, so the score reads as the probability that the mask's Dice is at least 0.7; checks
 the calibration never saw multiply it. The verdict is *Accepted* when ``quality_score >=
 accept_threshold`` and no check against the model card's range fired (volume, location: the
@@ -25,6 +26,7 @@ from pacs_sentinel.qc.heuristics import (
     Signal,
     border_contact_signal,
     confidence_signal,
+    expected_dice_signal,
     fragmentation_signal,
     hole_signal,
     left_share,
@@ -38,7 +40,7 @@ from pacs_sentinel.results import QCResult, Reason, SegmentationResult, SegmentQ
 
 log = structlog.get_logger(__name__)
 
-QC_VERSION = "2.0.0"
+QC_VERSION = "2.1.0"
 
 
 def shipped_fusion() -> FusionModel:
@@ -84,6 +86,7 @@ def segment_signals(volume: Volume, result: SegmentationResult, index: int, *, i
     ]
     if result.probabilities is not None:  # a third-party SEG has none
         signals.append(confidence_signal(result.probabilities[index], mask))
+        signals.append(expected_dice_signal(result.probabilities[index], mask))
     volume_check = volume_signal(volume_mm3 / 1000.0, reference)
     if volume_check is not None:
         signals.insert(0, volume_check)

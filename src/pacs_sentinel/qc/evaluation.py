@@ -10,10 +10,12 @@ Dice is below 0.7. For each method, on the same cases:
 - ``product (QC 1.2.0)``: the previous product-of-factors rule over the same heuristics;
 - ``heuristics OR``: flagged when any mask heuristic or input-image check fires (score 0/1);
 - ``entropy``, ``pairwise Dice``: the uncertainty signals alone (own-model masks only);
+- ``expected Dice``: the soft Dice of the mask with the model's probability map alone (QC 2.1.0;
+  not part of the two historical baselines above);
 - ``estimator``: the predicted Dice alone.
 
 Metrics: AUROC (failure = positive), AURC and normalized AURC with risk = 1 - Dice, Spearman
-between score and Dice, MAE of the predicted Dice (estimator), sensitivity at a 15 % review
+between score and Dice, MAE of the predicted Dice (estimator, expected Dice), sensitivity at a 15 % review
 rate, flag rate on clean cases and failure rate among accepted cases (each method's own flag:
 fused < 0.5, estimator < 0.7, a signal's reason firing). Subsets: all cases, own-model masks,
 held-out families only, and a 10 %-failure mix (every good own-model mask plus the first
@@ -57,7 +59,9 @@ from pacs_sentinel.qc.metrics import (
 REVIEW_RATE = 0.15
 MC_DROPOUT_SAMPLES = 4
 UNCERTAINTY = ("sample_dice", "mask_entropy")
-NOT_HEURISTIC = ("predicted_dice", *UNCERTAINTY)
+#: Signals added after the product rule (QC 1.2.0): left out of the two historical baselines.
+LATER_SIGNALS = ("predicted_dice", "expected_dice")
+NOT_HEURISTIC = (*LATER_SIGNALS, *UNCERTAINTY)
 #: Metrics every method reports, in print order.
 METRICS = ("AUROC", "AURC", "nAURC", "Spearman", "MAE", "sens@15%", "clean flag rate", "accepted-failure rate")
 
@@ -89,7 +93,7 @@ def methods(fusion: FusionModel) -> list[Method]:
     def product(c: QCCase) -> float:
         if c.empty:
             return 0.0
-        return float(np.prod([s.fusion_factor for s in c.signals if s.name != "predicted_dice"]))
+        return float(np.prod([s.fusion_factor for s in c.signals if s.name not in LATER_SIGNALS]))
 
     def single(name: str, value: Callable[[Any], float], own_only: bool) -> tuple[Callable, Callable]:
         def score(c: QCCase) -> float | None:
@@ -116,6 +120,7 @@ def methods(fusion: FusionModel) -> list[Method]:
         Method("heuristics OR", lambda c: 0.0 if heuristics_fired(c) else 1.0, heuristics_fired),
         Method("entropy", *single("mask_entropy", lambda s: 1.0 - s.value, True)),
         Method("pairwise Dice", *single("sample_dice", lambda s: s.value, True)),
+        Method("expected Dice", *single("expected_dice", lambda s: s.value, False), predicts_dice=True),
         Method("estimator", *single("predicted_dice", lambda s: s.value, False), predicts_dice=True),
     ]
 
@@ -202,7 +207,7 @@ def segmentation_tables(cases: list[QCCase], fusion: FusionModel) -> tuple[str, 
 def targets_table(numbers: dict[str, dict[str, dict[str, float]]], cls: dict[str, float]) -> str:
     """The issue's targets, each with the measured value and whether it is met."""
     held, mix, every = numbers["held-out families"], numbers["10 % failure mix"], numbers["all cases"]
-    singles = ("heuristics OR", "entropy", "pairwise Dice", "estimator")
+    singles = ("heuristics OR", "entropy", "pairwise Dice", "expected Dice", "estimator")
 
     def best_single(table: dict[str, dict[str, float]], metric: str) -> float:
         values = [table[m][metric] for m in singles if not np.isnan(table[m][metric])]
@@ -387,8 +392,10 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
         f"ECE of the fused score as P(Dice >= 0.7), all cases: {_fmt(fused_ece)}",
         "- Flags: the QC verdict for fused (score < 0.5, the shipped threshold, or volume/location outside "
         "the model card's range), product < 0.5, estimator < 0.7, a signal's reason firing "
-        "(entropy, pairwise Dice), any heuristic firing (OR). MAE only for the estimator (the only method that "
-        "predicts a Dice); sens@15% = failures among the 15 % least trusted / all failures.",
+        "(entropy, pairwise Dice, expected Dice < 0.7), any heuristic firing (OR; the product and the OR leave out "
+        "the signals added after QC 1.2.0: predicted and expected Dice). MAE only for the estimator and the "
+        "expected Dice (the methods that predict a Dice); sens@15% = failures among the 15 % least trusted / all "
+        "failures.",
         "",
         "### Targets (issue 5)",
         "",

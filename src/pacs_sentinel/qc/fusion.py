@@ -6,14 +6,18 @@ constrained to be non-negative: each transform grows with the signal's "goodness
 strictly worse signal can never raise the score (monotonicity, tested). Transforms:
 
 - ``"logit"``: ``logit(value)`` for signals where higher is better (predicted Dice, sample
-  Dice, mean probability, largest-component share, roundness), clipped to [0.01, 0.99];
+  Dice, mean probability, expected Dice, largest-component share, roundness), clipped to [0.01, 0.99];
 - ``"logit-complement"``: ``logit(1 - value)`` for shares where higher is worse (entropy,
   holes, border contact);
 - ``"log-subscore"``: ``log(subscore)``, clipped at 0.02, for the input-image checks.
 
-Two models are fitted: ``with-uncertainty`` (the own-model path with MC-dropout/TTA samples)
-and ``without-uncertainty`` (no samples, e.g. a third-party SEG); a result uses the most
-complete model whose features it has, missing features counting as neutral.
+Three models are fitted: ``with-uncertainty`` (the own-model path with MC-dropout/TTA samples),
+``without-uncertainty`` (our model's probabilities but no samples) and, since QC 2.1.0,
+``without-probabilities`` (no probability map either: a third-party SEG); a result uses the most
+complete model whose features it has, else the model that uses most of its signals (missing
+features counting as neutral). The third model
+keeps a mask that comes with no probabilities from being scored as if the (missing) expected
+Dice were perfect, a strong feature of the other two.
 
 *Out-of-range* checks (volume outside the model card's range, implausible location) are not
 failure predictions but policy: the model was never validated there, so a result they flag goes
@@ -50,6 +54,7 @@ SIGNAL_TRANSFORMS: dict[str, str] = {
     "sample_dice": "logit",
     "mask_entropy": "logit-complement",
     "mean_probability": "logit",
+    "expected_dice": "logit",
     "largest_component_share": "logit",
     "roundness": "logit",
     "hole_share": "logit-complement",
@@ -63,6 +68,8 @@ SIGNAL_TRANSFORMS: dict[str, str] = {
     "truncated_slice_share": "log-subscore",
 }
 UNCERTAINTY_SIGNALS = ("sample_dice", "mask_entropy")
+#: Signals of the model's own probability map (absent for a third-party SEG).
+PROBABILITY_SIGNALS = ("mean_probability", "expected_dice")
 _LOGIT_CLIP = 0.01
 _SUBSCORE_CLIP = 0.02
 
@@ -133,11 +140,12 @@ class FusionModel:
     info: dict[str, Any] = field(default_factory=dict)
 
     def choose(self, signals: dict[str, Signal]) -> LogisticModel:
-        """The most complete model whose features are all present; else the smallest one."""
+        """The most complete model whose features are all present; else the one that uses most of
+        the signals present (the smaller one on a tie)."""
         complete = [m for m in self.models if all(f in signals for f in m.features)]
         if complete:
             return max(complete, key=lambda m: len(m.features))
-        return min(self.models, key=lambda m: len(m.features))
+        return max(self.models, key=lambda m: (sum(f in signals for f in m.features), -len(m.features)))
 
     def score(self, signals: list[Signal]) -> tuple[float, LogisticModel]:
         """The fused score of one segment's signals and the model that produced it."""

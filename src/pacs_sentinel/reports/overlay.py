@@ -57,6 +57,7 @@ REASON_COLOURS: dict[Reason, tuple[int, int, int]] = {
     Reason.IMPLAUSIBLE_LOCATION: (140, 140, 0),  # olive
     Reason.DISAGREEMENT: (255, 90, 60),  # coral
     Reason.LOW_PREDICTED_DICE: (0, 128, 128),  # teal
+    Reason.LOW_EXPECTED_DICE: (128, 0, 64),  # maroon
 }
 #: Title of the banner's colour legend line.
 LEGEND_TITLE = "Outline colour:"
