@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import structlog
 from pydicom import config as pydicom_config
 
 from pacs_sentinel.dicom_io.index import Database
@@ -20,6 +21,17 @@ from pacs_sentinel.dicom_io.spool import Spool
 pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+_STRUCTLOG_AT_START = dict(structlog.get_config())
+
+
+@pytest.fixture(autouse=True)
+def _isolated_structlog() -> Iterator[None]:
+    """Each test starts with the logging configuration the session started with and leaves no configuration behind: a test
+    that runs a CLI command in-process configures logging (level, processors), which would
+    otherwise hide the INFO lines a later test captures with ``structlog.testing.capture_logs``."""
+    structlog.configure(**_STRUCTLOG_AT_START)
+    yield
+    structlog.configure(**_STRUCTLOG_AT_START)
 
 
 def require_program(path: str, package: str) -> str:
