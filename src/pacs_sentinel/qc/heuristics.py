@@ -178,33 +178,24 @@ def _surface_in_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if box is None:
         return np.zeros((0, 0, 0), bool), np.zeros((0, 0, 0), bool)
     inner = mask[tuple(slice(lo, hi) for lo, hi in box)]
-    # One voxel around the box: outside the volume (border_value=1) or background.
+    # One voxel around the box: outside the volume (border_value=1) where the box touches a
+    # face of the volume, else background; the box's layers on those faces are on the border.
     padded = np.zeros(tuple(n + 2 for n in inner.shape), bool)
     padded[1:-1, 1:-1, 1:-1] = inner
+    on_border = np.zeros(inner.shape, bool)
     for axis, (lo, hi) in enumerate(box):
-        index: list[slice | int] = [slice(None)] * 3
-        if lo == 0:
-            index[axis] = 0
-            padded[tuple(index)] = True
-        if hi == mask.shape[axis]:
-            index[axis] = -1
-            padded[tuple(index)] = True
-    centre = (slice(1, -1),) * 3
+        for touches, face in ((lo == 0, 0), (hi == mask.shape[axis], -1)):
+            if touches:
+                index: list[slice | int] = [slice(None)] * 3
+                index[axis] = face
+                padded[tuple(index)] = True
+                on_border[tuple(index)] = True
     eroded = inner.copy()
     for axis in range(3):
         for step in (-1, 1):
-            shifted = list(centre)
+            shifted = [slice(1, -1)] * 3
             shifted[axis] = slice(1 + step, padded.shape[axis] - 1 + step)
             eroded &= padded[tuple(shifted)]
-    on_border = np.zeros(inner.shape, bool)
-    for axis, (lo, hi) in enumerate(box):
-        index = [slice(None)] * 3
-        if lo == 0:
-            index[axis] = 0
-            on_border[tuple(index)] = True
-        if hi == mask.shape[axis]:
-            index[axis] = -1
-            on_border[tuple(index)] = True
     return inner & ~eroded, on_border
 
 
