@@ -18,7 +18,9 @@ Each saving is switched off and on in the same process, the variants interleaved
 code). The savings: ``memo`` (highdicom's ``is_attribute_in_iod`` memoized,
 :mod:`pacs_sentinel.reports.highdicom_speedups`), ``no-copy`` (the SR takes its content tree
 over instead of deep-copying it, same module), ``native`` (uncompressed pixel data read
-directly, :func:`pacs_sentinel.dicom_io.series.native_stored_values`).
+directly, :func:`pacs_sentinel.dicom_io.series.native_stored_values`), ``evidence`` (the SR's
+evidence check searches its content tree by Value Type strings,
+:func:`pacs_sentinel.reports.highdicom_speedups.find_content_items`).
 
 It also measures the start-up warm-up (:mod:`pacs_sentinel.daemon.warmup`): in fresh processes,
 the report stages of the first study, without and with the warm-up before it.
@@ -45,8 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_section  # noqa: E402
 
 STAGES = ("load", "build", "write", "validate")
-#: Variant -> (memo, no-copy, native) switched on.
-VARIANTS = {"none": (0, 0, 0), "memo": (1, 0, 0), "no-copy": (0, 1, 0), "native": (0, 0, 1), "all": (1, 1, 1)}
+#: Variant -> (memo, no-copy, native, evidence) switched on.
+VARIANTS = {"none": (0, 0, 0, 0), "memo": (1, 0, 0, 0), "no-copy": (0, 1, 0, 0), "native": (0, 0, 1, 0),
+            "evidence": (0, 0, 0, 1), "all": (1, 1, 1, 1)}
 SHAPE, SPACING = (64, 128, 128), (3.75, 3.125, 3.125)
 
 
@@ -99,6 +102,7 @@ def _timed_study(paths, result, qc, out_dir: Path) -> dict[str, float]:
 def ablation(runs: int, tmp: Path) -> dict[str, dict[str, float]]:
     """Median CPU ms per stage of each variant, interleaved run by run."""
     import highdicom
+    from highdicom.sr import utils as sr_utils
 
     from pacs_sentinel.dicom_io import series
     from pacs_sentinel.reports import highdicom_speedups
@@ -110,16 +114,18 @@ def ablation(runs: int, tmp: Path) -> dict[str, dict[str, float]]:
     modules = [m for name, m in sys.modules.items()
                if name.startswith("highdicom") and getattr(m, "is_attribute_in_iod", None) is patched]
     shipped_no_copy, shipped_native = sr_module.content_not_copied, series.native_stored_values
+    fast_search, plain_search = sr_utils.find_content_items, highdicom_speedups.original_find_content_items()
 
     @contextlib.contextmanager
     def copied(root):  # highdicom's own behaviour: the SR deep-copies its content
         yield root
 
-    def switch(memo: int, no_copy: int, native: int) -> None:
+    def switch(memo: int, no_copy: int, native: int, evidence: int) -> None:
         for module in modules:
             module.is_attribute_in_iod = patched if memo else original
         sr_module.content_not_copied = shipped_no_copy if no_copy else copied
         series.native_stored_values = shipped_native if native else (lambda ds: None)
+        sr_utils.find_content_items = fast_search if evidence else plain_search
 
     samples: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     try:
@@ -130,7 +136,7 @@ def ablation(runs: int, tmp: Path) -> dict[str, dict[str, float]]:
                 if run >= 0:
                     samples[variant].append(ms)
     finally:
-        switch(1, 1, 1)
+        switch(1, 1, 1, 1)
     return {v: {s: statistics.median(r[s] for r in rows) for s in STAGES} for v, rows in samples.items()}
 
 
@@ -220,6 +226,13 @@ of {args.runs} runs, the variants interleaved run by run in one process. *none* 
   module; same bytes, tested).
 - *native*: uncompressed pixel data read straight from the file's bytes
   (`dicom_io/series.py native_stored_values`; same values as pydicom, tested).
+- *evidence*: the SR's evidence check (highdicom's `collect_evidence`) finds the referenced
+  images by reading Value Type strings instead of building a content item per item (same
+  module; same items, same bytes, tested).
+
+Not switchable here, and on in every variant: the overlay PNGs are encoded on a helper thread
+during the DICOM writes (so *write* holds no PNG time), and the dciodvfy runs all start before
+the read-backs; both lower wall time, see docs/benchmarks.md "Issue 4".
 
 First study of a fresh process (CPU ms; medians of {args.processes} processes each; *warm-up* is what
 `daemon/warmup.py` costs at start-up, before any study can be complete: models loaded and one

@@ -84,7 +84,8 @@ class UncertaintySamples:
     """Repeated stochastic predictions of one input, for the QC's uncertainty signals.
 
     Attributes:
-        probabilities: float16 foreground probabilities per sample, shape
+        probabilities: Foreground probabilities per sample, rounded to float16 precision and
+            stored as float32 (numpy computes on float16 slowly), shape
             ``(samples, labels, z, y, x)`` on the model's working grid (not the source grid:
             QC only compares samples with each other and with ``mask``).
         kinds: What each sample is, e.g. ``"mc-dropout"``, ``"tta:flip-z"``.

@@ -84,3 +84,65 @@ def test_invalid_geometry_is_refused() -> None:
         ModelGeometry(axcodes="RRS")
     with pytest.raises(ValueError, match="spacing"):
         ModelGeometry(spacing_mm=(1.0, 0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "direction"),
+    [
+        pytest.param((64, 128, 128), (3.75, 3.125, 3.125), AXIAL, id="bench-128"),
+        pytest.param((24, 100, 90), (3.0, 0.8, 0.7), CORONAL, id="coronal"),
+        pytest.param((37, 101, 93), (2.7, 0.77, 0.91), OBLIQUE, id="oblique-odd-sizes"),
+        pytest.param((24, 100, 100), (3.0, 0.7, 0.7), ROWS_FLIPPED, id="flipped"),
+    ],
+)
+@pytest.mark.parametrize(("axcodes", "model_spacing"), [("SPL", (5.0, 5.0, 5.0)), ("RAS", (1.3, 2.2, 0.9))])
+def test_separable_resampling_equals_monai(shape, spacing, direction, axcodes, model_spacing) -> None:
+    """The per-axis resampling gives MONAI's SpatialResample values, both ways (float32 rounding)."""
+    from monai.data import MetaTensor
+
+    volume, _ = sphere_volume(shape, spacing, direction)
+    volume.array = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    preprocessor = Preprocessor(ModelGeometry(axcodes=axcodes, spacing_mm=model_spacing))
+    prepared = preprocessor.forward(volume)
+    assert prepared.axis_map is not None  # working grids are always axis-aligned
+
+    image = MetaTensor(torch.as_tensor(volume.array)[None],
+                       affine=torch.as_tensor(volume_affine(volume), dtype=torch.float64))
+    oriented = preprocessor.orientation(image)
+    target, grid = working_affine(oriented.affine.numpy(), tuple(oriented.shape[1:]), model_spacing)
+    monai_resampled = preprocessor.resample(oriented, dst_affine=torch.as_tensor(target), spatial_size=grid)
+    assert torch.allclose(prepared.image[0], monai_resampled.as_tensor(), atol=5e-4)
+    assert torch.allclose(prepared.affine, monai_resampled.affine)
+
+    probabilities = torch.rand((2, *grid), generator=torch.Generator().manual_seed(0))
+    back = preprocessor.inverse(probabilities, prepared)
+    monai_back = preprocessor.orientation.inverse(preprocessor.resample.inverse(
+        MetaTensor(probabilities, affine=monai_resampled.affine,
+                   applied_operations=[dict(op) for op in monai_resampled.applied_operations]))).as_tensor()
+    assert back.shape == monai_back.shape == (2, *shape)
+    assert torch.allclose(back, monai_back, atol=1e-4)
+
+
+def test_rotated_grids_are_not_resampled_separably() -> None:
+    from pacs_sentinel.inference.preprocess import AxisAlignedResample
+
+    rotated = np.eye(4)
+    rotated[:3, :3] = OBLIQUE
+    assert AxisAlignedResample.between(np.eye(4), (4, 4, 4), rotated, (4, 4, 4)) is None
+    assert AxisAlignedResample.between(np.eye(4), (4, 4, 4), np.diag([2.0, 1.0, 0.5, 1.0]), (2, 4, 8)) is not None
+
+
+def test_a_large_series_is_downsampled_by_monai_and_upsampled_separably() -> None:
+    """The forward matrix products of a big series cost more than grid_sample: MONAI does it
+    (its record is kept), and the inverse still comes back on the source voxels."""
+    geometry = ModelGeometry(axcodes="SPL", spacing_mm=(5.0, 5.0, 5.0), intensity_window=(-200.0, 300.0))
+    volume, truth = sphere_volume((160, 256, 256), (1.0, 0.7, 0.7), AXIAL, radius_mm=30.0)
+    preprocessor = Preprocessor(geometry)
+    prepared = preprocessor.forward(volume)
+    assert prepared.axis_map is not None and not prepared.axis_map.cheaper_than_grid_sample()
+    assert [op["class"] for op in prepared.operations][-1] == "SpatialResample"
+    small = preprocessor.forward(sphere_volume((64, 128, 128), (3.75, 3.125, 3.125), AXIAL)[0])
+    assert small.axis_map is not None and small.axis_map.cheaper_than_grid_sample()
+    assert [op["class"] for op in small.operations] == ["Orientation"]
+    back = preprocessor.inverse((prepared.image[0] >= 0.5).to(torch.float32), prepared)[0] >= 0.5
+    assert back.shape == truth.shape and dice(back.numpy(), truth) >= 0.95

@@ -270,3 +270,26 @@ def test_a_noisy_input_is_reported_but_a_good_mask_stays_accepted() -> None:
     qc = evaluate_segmentation(volume, result)
     assert Reason.POOR_INPUT_QUALITY in qc.reasons
     assert qc.verdict is Verdict.ACCEPTED
+
+
+def _border_contact_by_ndimage(mask: np.ndarray) -> float:
+    """The signal's definition, on the whole volume: the code before the bounding-box version."""
+    from scipy import ndimage
+
+    surface = mask & ~ndimage.binary_erosion(mask, border_value=1)
+    on_border = np.zeros_like(mask)
+    on_border[[0, -1], :, :] = on_border[:, [0, -1], :] = on_border[:, :, [0, -1]] = True
+    total = int(surface.sum())
+    return float(int((surface & on_border).sum())) / total if total else 0.0
+
+
+def test_border_contact_on_the_bounding_box_equals_the_whole_volume() -> None:
+    rng = np.random.default_rng(5)
+    masks = [np.zeros((4, 5, 6), bool), np.ones((4, 5, 6), bool), np.ones((1, 1, 1), bool)]
+    for shape in ((3, 4, 5), (8, 9, 10), (12, 20, 16)):
+        for share in (0.05, 0.4, 0.9):
+            masks.append(rng.random(shape) < share)
+    liver = make_ct_phantom(7).liver
+    masks += [liver, liver[:10], liver[:, 40:, :], liver[::-1, :, :30]]
+    for mask in masks:
+        assert border_contact_signal(mask).value == _border_contact_by_ndimage(mask)

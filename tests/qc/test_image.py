@@ -104,3 +104,16 @@ def test_the_body_midline_is_in_patient_coordinates() -> None:
     # The phantom's body is centred on the field of view: column 79.5 of 160.
     assert qc.midline_x_mm(volume) == pytest.approx(79.5 * volume.spacing[2], abs=5.0)
     assert assess_image(_volume(np.full(SHAPE, -1000.0, np.float32))).midline_x_mm(volume) is None
+
+
+def test_in_plane_erosion_is_ndimage_s() -> None:
+    """The edge detector's shifted-AND erosion gives binary_erosion's voxels (a perf-only change)."""
+    from pacs_sentinel.qc.image import _erode_in_plane
+
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    rng = np.random.default_rng(3)
+    for shape in ((1, 1, 1), (2, 3, 4), (5, 17, 13)):
+        for share in (0.2, 0.7, 1.0):
+            mask = rng.random(shape) < share
+            assert np.array_equal(_erode_in_plane(mask), ndimage.binary_erosion(mask, structure))

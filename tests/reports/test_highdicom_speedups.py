@@ -145,3 +145,51 @@ def test_only_the_given_item_is_not_copied():
     with pytest.raises(RuntimeError), highdicom_speedups.content_not_copied(root):
         raise RuntimeError("the attribute goes away on errors too")
     assert "__deepcopy__" not in vars(root)
+
+
+def test_collect_evidence_uses_the_fast_search():
+    from highdicom.sr import utils as sr_utils
+
+    assert sr_utils.find_content_items is highdicom_speedups.find_content_items
+    assert highdicom_speedups.original_find_content_items() is not highdicom_speedups.find_content_items
+    # Other modules keep highdicom's own function.
+    assert highdicom.sr.templates.find_content_items is highdicom_speedups.original_find_content_items()
+
+
+@pytest.mark.parametrize("which", ["one segment", "two segments", "withheld"])
+def test_fast_search_finds_what_highdicom_finds(which, volume, seg_result, seg_result_two, qc_review,
+                                                 qc_review_two):
+    from highdicom.sr import CodedConcept
+    from highdicom.sr.enum import ValueTypeValues
+
+    result, qc = (seg_result_two, qc_review_two) if which == "two segments" else (seg_result, qc_review)
+    seg = build_segmentation(volume, result, qc)
+    document = build_qc_report(volume, seg, result, qc, withheld_seg=which == "withheld")
+    original = highdicom_speedups.original_find_content_items()
+    found = {}
+    subtree = next(item for item in document.ContentSequence if "ContentSequence" in item)
+    for root in (document, subtree):
+        for value_type in [*ValueTypeValues, "IMAGE", "COMPOSITE"]:
+            expected = original(root, value_type=value_type, recursive=True)
+            got = highdicom_speedups.find_content_items(root, value_type=value_type, recursive=True)
+            assert [id(item) for item in got] == [id(item) for item in expected], value_type
+            found[str(value_type)] = len(expected)
+        # Queries the fast path does not take give highdicom's answer.
+        name = CodedConcept("126010", "DCM", "Imaging Measurements")
+        assert highdicom_speedups.find_content_items(root, name=name, recursive=True) == \
+            original(root, name=name, recursive=True)
+        assert highdicom_speedups.find_content_items(root, value_type="IMAGE") == original(root, value_type="IMAGE")
+    assert found["ValueTypeValues.IMAGE"] >= 1 and found["ValueTypeValues.NUM"] >= 2  # both searches found items
+    with pytest.raises(AttributeError, match="Content Sequence"):
+        highdicom_speedups.find_content_items(Dataset(), value_type="IMAGE", recursive=True)
+
+
+def test_sr_with_the_fast_search_has_the_same_bytes(monkeypatch, volume, seg_result_two, qc_review_two):
+    from highdicom.sr import utils as sr_utils
+
+    seg = build_segmentation(volume, seg_result_two, qc_review_two)
+    fast = _fixed_sr_bytes(monkeypatch, volume, seg, seg_result_two, qc_review_two, copying=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(sr_utils, "find_content_items", highdicom_speedups.original_find_content_items())
+        plain = _fixed_sr_bytes(patch, volume, seg, seg_result_two, qc_review_two, copying=False)
+    assert len(fast) > 5000 and fast == plain

@@ -202,3 +202,15 @@ def test_dsrdump_reads_the_withheld_report(withheld, require_tool, tmp_path):
     assert "error" not in completed.stderr.lower(), completed.stderr
     assert '(QC011,99PSQC,"Needs review")' in completed.stdout
     assert "\"AI segmentation held for re" in completed.stdout  # dsrdump shortens long text
+
+
+@pytest.mark.parametrize("blocked", ["SR.dcm", "overlay_1.png"])
+def test_a_file_that_cannot_be_written_fails_the_write(withheld, tmp_path, blocked):
+    """A DICOM file or an overlay PNG (encoded on a helper thread) that cannot be written
+    raises ReportError naming it, and leaves no temporary file behind."""
+    from pacs_sentinel.errors import ReportError
+
+    (tmp_path / blocked).mkdir()  # a folder where the file should go: the rename fails
+    with pytest.raises(ReportError, match=f"cannot write .*{blocked}"):
+        withheld.write(tmp_path)
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -138,9 +138,14 @@ def draw_samples(
 
 def as_uncertainty(samples: torch.Tensor, kinds: list[str], deterministic: torch.Tensor, threshold: float,
                    spacing_mm: tuple[float, float, float], seconds: float) -> UncertaintySamples:
-    """Package samples for QC: float16 maps and the thresholded deterministic mask (working grid)."""
+    """Package samples for QC: float16-rounded maps and the thresholded deterministic mask (working grid).
+
+    The maps keep float16 precision but are handed over as float32: numpy has no vectorized
+    float16 arithmetic, and the QC's thresholds and means on float16 arrays cost more than
+    the rest of its uncertainty signals (the values, and so the signals, are the same).
+    """
     return UncertaintySamples(
-        probabilities=samples.to(torch.float16).cpu().numpy(),
+        probabilities=samples.to(torch.float16).to(torch.float32).cpu().numpy(),
         kinds=list(kinds),
         mask=(deterministic >= threshold).cpu().numpy().astype(bool),
         spacing=(float(spacing_mm[0]), float(spacing_mm[1]), float(spacing_mm[2])),

@@ -174,6 +174,56 @@ def hole_signal(mask: np.ndarray) -> Signal:
     return Signal("hole_share", share, subscore, Reason.SHAPE_IRREGULARITY)
 
 
+def bounding_box(mask: np.ndarray) -> list[tuple[int, int]] | None:
+    """``(first, last + 1)`` of the mask's voxels along each axis, or None for an empty mask.
+
+    The same bounds as ``np.argwhere(mask).min/max`` from one ``any`` per axis, without
+    listing every voxel.
+    """
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append((int(hits[0]), int(hits[-1]) + 1))
+    return box
+
+
+def _surface_in_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mask's surface voxels and which of them lie on the volume's faces, in its bounding box.
+
+    The surface is ``mask & ~binary_erosion(mask, border_value=1)`` (6-connected; outside the
+    volume counts as mask), computed on the bounding box only: outside it there is no mask
+    voxel, so a neighbour there is background unless it lies outside the volume.
+
+    Returns:
+        ``(surface, on_border)``, both the shape of the bounding box (empty for an empty mask).
+    """
+    box = bounding_box(mask)
+    if box is None:
+        return np.zeros((0, 0, 0), bool), np.zeros((0, 0, 0), bool)
+    inner = mask[tuple(slice(lo, hi) for lo, hi in box)]
+    # One voxel around the box: outside the volume (border_value=1) where the box touches a
+    # face of the volume, else background; the box's layers on those faces are on the border.
+    padded = np.zeros(tuple(n + 2 for n in inner.shape), bool)
+    padded[1:-1, 1:-1, 1:-1] = inner
+    on_border = np.zeros(inner.shape, bool)
+    for axis, (lo, hi) in enumerate(box):
+        for touches, face in ((lo == 0, 0), (hi == mask.shape[axis], -1)):
+            if touches:
+                index: list[slice | int] = [slice(None)] * 3
+                index[axis] = face
+                padded[tuple(index)] = True
+                on_border[tuple(index)] = True
+    eroded = inner.copy()
+    for axis in range(3):
+        for step in (-1, 1):
+            shifted = [slice(1, -1)] * 3
+            shifted[axis] = slice(1 + step, padded.shape[axis] - 1 + step)
+            eroded &= padded[tuple(shifted)]
+    return inner & ~eroded, on_border
+
+
 def border_contact_signal(mask: np.ndarray) -> Signal:
     """Share of the mask's surface voxels that lie on the volume's outer faces.
 
@@ -181,14 +231,10 @@ def border_contact_signal(mask: np.ndarray) -> Signal:
     field of view (in-plane) or the scan range (first/last slice) has part of its surface on
     the border, and its volume and shape are then unreliable.
     """
-    surface = mask & ~ndimage.binary_erosion(mask, border_value=1)
+    surface, on_border = _surface_in_box(np.asarray(mask, dtype=bool))
     total = int(surface.sum())
     if total == 0:
         return Signal("border_contact_share", 0.0, 1.0, Reason.BORDER_CONTACT)
-    on_border = np.zeros_like(mask, dtype=bool)
-    on_border[[0, -1], :, :] = True
-    on_border[:, [0, -1], :] = True
-    on_border[:, :, [0, -1]] = True
     share = float(int((surface & on_border).sum())) / total
     subscore = 1.0 - ramp(share, BORDER_CONTACT_LOW, BORDER_CONTACT_HIGH)
     return Signal("border_contact_share", share, subscore, Reason.BORDER_CONTACT)

@@ -1,4 +1,4 @@
-"""Two CPU savings in highdicom's object construction that leave its output byte for byte the same.
+"""Three CPU savings in highdicom's object construction that leave its output byte for byte the same.
 
 Both were found by profiling the worker (issue 4, daemon overhead ratio); see
 docs/benchmarks.md, section "inference".
@@ -24,6 +24,15 @@ docs/benchmarks.md, section "inference".
    swap of :func:`copy.deepcopy`), so other threads using highdicom are not affected, and
    the attribute is removed afterwards, so a later ``deepcopy`` of the document copies as
    usual. The written bytes are the same (tested).
+
+3. :func:`install` also gives ``highdicom.sr.utils`` (and only it: that module's
+   ``collect_evidence`` is its one caller there) a :func:`find_content_items` whose
+   recursive search by value type alone reads each item's Value Type string instead of
+   building a ``ContentItem`` and a ``CodedConcept`` for every item of the tree. Every SR
+   constructor runs that search twice (IMAGE, then COMPOSITE references) to check that its
+   evidence covers what the content references: ~9 ms per QC report with 64 source images,
+   a third of its construction. Same items in the same order (tested); any other query goes
+   to highdicom's function.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ CHECKED_VERSIONS: tuple[tuple[int, int], tuple[int, int]] = ((0, 25), (0, 30))
 
 _install_lock = threading.Lock()
 _original_is_attribute_in_iod = None
+_original_find_content_items = None
 
 
 def _version_tuple(version: str) -> tuple[int, int]:
@@ -69,8 +79,9 @@ def install() -> bool:
         True when the memoized function is in place, False when this highdicom version is
         not one the memoization was checked against (nothing is changed then).
     """
-    global _original_is_attribute_in_iod
+    global _original_is_attribute_in_iod, _original_find_content_items
     from highdicom import _standard_utils
+    from highdicom.sr import utils as sr_utils
 
     with _install_lock:
         if _original_is_attribute_in_iod is not None:
@@ -96,6 +107,8 @@ def install() -> bool:
                     getattr(module, "is_attribute_in_iod", None) is original:
                 module.is_attribute_in_iod = is_attribute_in_iod  # type: ignore[attr-defined]
         _original_is_attribute_in_iod = original
+        _original_find_content_items = sr_utils.find_content_items
+        sr_utils.find_content_items = find_content_items
         return True
 
 
@@ -104,6 +117,46 @@ def original_is_attribute_in_iod():
     from highdicom import _standard_utils
 
     return _original_is_attribute_in_iod or _standard_utils.is_attribute_in_iod
+
+
+def original_find_content_items():
+    """highdicom's own ``find_content_items`` (for tests and comparisons)."""
+    from highdicom.sr import utils as sr_utils
+
+    return _original_find_content_items or sr_utils.find_content_items
+
+
+def find_content_items(dataset: Dataset, name=None, value_type=None, relationship_type=None,
+                       recursive: bool = False) -> list[Dataset]:
+    """highdicom's ``find_content_items``; a recursive search by value type alone walks the
+    tree reading Value Type strings (see the module docstring, item 3).
+
+    Returns:
+        The matching content items, depth first in document order, as highdicom's function
+        returns them.
+
+    Raises:
+        AttributeError: ``dataset`` has no Content Sequence (highdicom's message).
+    """
+    if name is not None or relationship_type is not None or value_type is None or not recursive:
+        return original_find_content_items()(dataset, name=name, value_type=value_type,
+                                             relationship_type=relationship_type, recursive=recursive)
+    from highdicom.sr.enum import ValueTypeValues
+
+    if not hasattr(dataset, "ContentSequence"):
+        raise AttributeError("Data set does not contain a Content Sequence attribute.")
+    wanted = ValueTypeValues(value_type).value
+    matched: list[Dataset] = []
+
+    def search(node: Dataset) -> None:
+        for item in node.ContentSequence:
+            if item.ValueType == wanted:
+                matched.append(item)
+            if hasattr(item, "ContentSequence"):
+                search(item)
+
+    search(dataset)
+    return matched
 
 
 @contextmanager

@@ -144,8 +144,8 @@ def _dciodvfy(executable: str, path: Path) -> subprocess.CompletedProcess[str] |
 
 def _counted_errors(ds: Dataset, report: ValidationReport | None) -> list[str]:
     """The errors of a dciodvfy report that count: not the ones of an outdated validator."""
-    if report is None:
-        return []
+    if report is None or not report.errors:
+        return []  # nothing to excuse: the SR's content tree need not be searched
     known = outdated_validator_complaints(ds)
     errors = [e for e in report.errors if not any(k in e for k in known)]
     if len(errors) < len(report.errors):
@@ -253,12 +253,12 @@ def check_before_sending(objects: Sequence[Dataset | Path], mode: ValidationMode
     executable = dciodvfy_path() if mode == "dciodvfy" else None
     if mode == "dciodvfy" and executable is None:
         log.warning("dciodvfy is not installed; result objects checked by read-back only")
-    # dciodvfy runs as one process per object, side by side, while this thread reads back.
+    # dciodvfy runs as one process per object, side by side, while this thread reads back:
+    # every run is started first, so that all of them overlap the read-backs.
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="dciodvfy") as pool:
-        pending = []
-        for item in objects:
-            report = None if executable is None else pool.submit(run_dciodvfy, item, executable=executable)
-            pending.append((read_back(item), item, report))
+        reports = [None if executable is None else pool.submit(run_dciodvfy, item, executable=executable)
+                   for item in objects]
+        pending = [(read_back(item), item, report) for item, report in zip(objects, reports, strict=True)]
         for ds, item, report in pending:
             if report is None:
                 continue
