@@ -24,6 +24,7 @@ markedly more instances per second over parallel associations (docs/benchmarks.m
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -34,25 +35,30 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import (AE, ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
+                        evt)
 from pynetdicom.association import Association
-from pynetdicom.dul import DULServiceProvider
+from pynetdicom._handlers import standard_dimse_recv_handler, standard_dimse_sent_handler
 from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from pacs_sentinel.dicom_io.dimse import make_store_response_fast
+from pacs_sentinel.dicom_io.dul import make_event_driven
 from pacs_sentinel.dicom_io.index import Database, Synchronous
 from pacs_sentinel.dicom_io.reactor import EventDrivenAcceptor
-from pacs_sentinel.dicom_io.spool import Spool, StoreOutcome, instance_info
+from pacs_sentinel.dicom_io.spool import Spool, StoreOutcome, read_instance_info
 from pacs_sentinel.errors import DecodeError, SentinelError, StorageError
 
 log = structlog.get_logger(__name__)
+_PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -192,11 +198,16 @@ class _TunedRequestHandler(RequestHandler):
         assoc = super()._create_association()
         if getattr(self.server, "fast_poll", False):
             assoc.__class__ = EventDrivenAcceptor
-            dul: DULServiceProvider = assoc.dul
+            make_store_response_fast(assoc.dimse)
+            dul = make_event_driven(assoc.dul)
             dul._run_loop_delay = DUL_IDLE_DELAY_S
             sock = dul.socket
             if sock is not None and type(sock) is AssociationSocket:
                 sock.__class__ = _WholePduSocket
+            if not _PYNETDICOM_LOG.isEnabledFor(logging.INFO):
+                # pynetdicom's per-message logging handlers build lines nobody will see.
+                assoc.unbind(evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)
+                assoc.unbind(evt.EVT_DIMSE_SENT, standard_dimse_sent_handler)
         return assoc
 
 
@@ -324,15 +335,20 @@ class StorageScp:
         assoc.kill()
 
     def handle_store(self, event: Event) -> int:
-        """EVT_C_STORE handler: persist and index, then return the DIMSE status."""
+        """EVT_C_STORE handler: persist and index, then return the DIMSE status.
+
+        The data set is stored as received: its identifying attributes are read from the
+        encoded bytes (:func:`read_instance_info`, no copy of the pixel data) and the bytes
+        go to the file as they are, behind the file meta the spool writes.
+        """
         calling_ae = str(event.assoc.requestor.ae_title).strip()
+        encoded: BytesIO = event.request.DataSet  # type: ignore[assignment]
         try:
-            dataset = event.dataset
-            info = instance_info(dataset, str(event.context.transfer_syntax))
+            info = read_instance_info(encoded, str(event.context.transfer_syntax))
         except DecodeError as exc:
             log.warning("instance refused: cannot understand", calling_ae=calling_ae, error=str(exc))
             return STATUS_CANNOT_UNDERSTAND
-        except Exception as exc:  # the lazy decoder raises whatever the parser raised
+        except Exception as exc:  # never let a parser's surprise become a success
             log.warning("instance refused: cannot decode", calling_ae=calling_ae, error=str(exc))
             return STATUS_CANNOT_UNDERSTAND
         bound = log.bind(study_uid=info.study_uid, sop_instance_uid=info.sop_instance_uid, calling_ae=calling_ae)
@@ -346,8 +362,11 @@ class StorageScp:
                             free_mb=self._disk.free_bytes() // (1024 * 1024),
                             min_free_disk_mb=self.settings.min_free_disk_mb)
                 return STATUS_OUT_OF_RESOURCES
-            outcome = self.spool.store(event.encoded_dataset(), info, calling_ae=calling_ae,
-                                       fsync=self.settings.fsync == "always")
+            with encoded.getbuffer() as dataset:
+                outcome = self.spool.store_dataset(
+                    dataset, info, calling_ae=calling_ae, fsync=self.settings.fsync == "always",
+                    implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
+                    implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION)
         except (StorageError, OSError) as exc:
             bound.error("instance refused: cannot store", error=str(exc))
             return STATUS_OUT_OF_RESOURCES
