@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -118,3 +119,54 @@ def test_a_data_received_handler_sees_every_pdu_and_storing_still_works(scp: Sto
     assert sum(len(chunk) for chunk in p_data) > len(ds.PixelData)
     rows = scp.spool.database.rows("SELECT path FROM instances")
     assert pydicom.dcmread(rows[0]["path"]).PixelData == ds.PixelData
+
+
+def test_c_store_is_served_in_the_dul_thread(tmp_path: Path) -> None:
+    threads: list[object] = []
+    spool = Spool(tmp_path, Database(tmp_path / "i.db"))
+    server = StorageScp(ScpSettings("SENTINEL", "127.0.0.1", free_port()), spool,
+                        on_stored=lambda outcome, ae: threads.append(threading.current_thread()))
+    server.start()
+    try:
+        assoc = _associate(server.port)
+        for k in range(3):
+            ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+            ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.91.{k + 1}"
+            assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+    finally:
+        server.stop()
+    assert len(threads) == 3 and all(isinstance(thread, EventDrivenDUL) for thread in threads)
+
+
+class _AbortingScp(StorageScp):
+    """Stores, then aborts the association from inside the handler, blocking as pynetdicom's default."""
+
+    dul_threads: list[threading.Thread] = []
+
+    def handle_store(self, event):  # type: ignore[no-untyped-def]
+        status = super().handle_store(event)
+        self.dul_threads.append(threading.current_thread())
+        event.assoc._abort_blocking(True)  # in the DUL thread: must not wait for itself
+        return status
+
+
+def test_a_blocking_abort_from_the_dul_thread_does_not_hang(tmp_path: Path) -> None:
+    server = _AbortingScp(ScpSettings("SENTINEL", "127.0.0.1", free_port()), Spool(tmp_path, Database(tmp_path / "i.db")))
+    server.start()
+    try:
+        assoc = _associate(server.port)
+        assoc.send_c_store(pydicom.dcmread(get_testdata_file("CT_small.dcm")))
+        (dul,) = server.dul_threads
+        dul.join(timeout=10)
+        assert not dul.is_alive(), "the DUL thread waits for itself"
+        deadline = time.monotonic() + 10
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert assoc.is_aborted  # the A-ABORT went out
+        again = _associate(server.port)  # the server still answers
+        assert again.send_c_echo().Status == 0x0000
+        again.release()
+    finally:
+        server.stop()
+    assert len(server.spool.database.rows("SELECT * FROM instances")) == 1

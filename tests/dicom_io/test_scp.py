@@ -282,3 +282,20 @@ def test_whole_pdu_socket_returns_what_arrived_when_the_peer_closes() -> None:
         assert wrapper.recv(6) == bytearray()
     finally:
         ours.close()
+
+
+def test_each_association_negotiates_on_its_own_copy_of_the_contexts(scp: StorageScp) -> None:
+    from copy import deepcopy
+
+    server_contexts = scp._server.contexts  # type: ignore[union-attr]
+    before = [(cx.abstract_syntax, list(cx.transfer_syntax)) for cx in server_contexts]
+    copies = deepcopy(server_contexts)
+    assert [(cx.abstract_syntax, list(cx.transfer_syntax)) for cx in copies] == before
+    assert all(a is not b and a.transfer_syntax is not b.transfer_syntax for a, b in zip(copies, server_contexts))
+    copies[0].transfer_syntax.clear()
+    copies[0].context_id = 1
+    assoc = _associate(scp)
+    assert assoc.send_c_store(_ct()).Status == 0x0000
+    assoc.release()
+    assert [(cx.abstract_syntax, list(cx.transfer_syntax)) for cx in server_contexts] == before
+    assert all(cx.context_id is None for cx in server_contexts)

@@ -35,6 +35,7 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -121,7 +122,8 @@ class EventDrivenDUL(DULServiceProvider):
     def send_pdu(self, primitive: Any) -> None:
         """Queue a primitive for the peer and wake the DUL thread to send it."""
         super().send_pdu(primitive)
-        self._wake()
+        if threading.current_thread() is not self:  # the DUL thread itself looks again anyway
+            self._wake()
 
     def kill_dul(self) -> None:
         """Stop the DUL thread (it wakes at once)."""

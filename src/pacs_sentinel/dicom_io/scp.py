@@ -24,6 +24,7 @@ markedly more instances per second over parallel associations (docs/benchmarks.m
 
 from __future__ import annotations
 
+import copy
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -46,14 +47,14 @@ from pynetdicom import (AE, ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom.association import Association
 from pynetdicom._handlers import standard_dimse_recv_handler, standard_dimse_sent_handler
 from pynetdicom.events import Event
-from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from pacs_sentinel.dicom_io.dimse import make_store_response_fast
 from pacs_sentinel.dicom_io.dul import make_event_driven
 from pacs_sentinel.dicom_io.index import Database, Synchronous
-from pacs_sentinel.dicom_io.reactor import EventDrivenAcceptor
+from pacs_sentinel.dicom_io.reactor import make_event_driven_acceptor
 from pacs_sentinel.dicom_io.spool import Spool, StoreOutcome, read_instance_info
 from pacs_sentinel.errors import DecodeError, SentinelError, StorageError
 
@@ -197,7 +198,7 @@ class _TunedRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         if getattr(self.server, "fast_poll", False):
-            assoc.__class__ = EventDrivenAcceptor
+            make_event_driven_acceptor(assoc)
             make_store_response_fast(assoc.dimse)
             dul = make_event_driven(assoc.dul)
             dul._run_loop_delay = DUL_IDLE_DELAY_S
@@ -209,6 +210,25 @@ class _TunedRequestHandler(RequestHandler):
                 assoc.unbind(evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)
                 assoc.unbind(evt.EVT_DIMSE_SENT, standard_dimse_sent_handler)
         return assoc
+
+
+class _SupportedContexts(list):  # type: ignore[type-arg]
+    """The server's presentation contexts, with a fast copy for each new association.
+
+    pynetdicom deep-copies them for every association (``RequestHandler._create_association``)
+    so that negotiating one cannot change another's. A generic ``deepcopy`` of ~120 contexts
+    with ~35 transfer syntax UIDs each takes tens of milliseconds, while the caller waits for
+    its A-ASSOCIATE-AC; the UIDs are immutable, so copying each context and its list of
+    transfer syntaxes is the same copy.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        copies = []
+        for context in self:
+            duplicate = copy.copy(context)
+            duplicate._transfer_syntax = list(context._transfer_syntax)
+            copies.append(duplicate)
+        return copies
 
 
 class _Server(ThreadedAssociationServer):
@@ -403,6 +423,7 @@ class StorageScp:
             server_class=server_class,
             request_handler=_TunedRequestHandler,
         )
+        server.contexts = _SupportedContexts(server.contexts)
         ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{self.port}", daemon=True)
