@@ -128,3 +128,41 @@ def test_a_series_folder_removed_behind_the_spools_back_is_made_again(tmp_path: 
     second = spool.store_dataset(encoded.getbuffer(), other, calling_ae="CT1",
                                  implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID)
     assert second.path.parent == first.path.parent and second.path.is_file()
+
+
+def _shipped_files() -> list[Path]:
+    return sorted(p for p in TEST_FILES.glob("*.dcm") if p.stat().st_size < 5_000_000)
+
+
+def test_read_instance_info_agrees_with_pydicom_on_every_shipped_file() -> None:
+    """The quick walk and pydicom's reader give the same answer, or both refuse."""
+    compared = 0
+    for path in _shipped_files():
+        try:
+            ds = pydicom.dcmread(path)
+            transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+            meta_end = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+        except Exception:
+            continue  # no file meta, or not a file pydicom reads at all
+        encoded = io.BytesIO(path.read_bytes()[meta_end:])
+        try:
+            expected = instance_info(ds, transfer_syntax)
+        except DecodeError:
+            with pytest.raises(DecodeError):
+                read_instance_info(encoded, transfer_syntax)
+            continue
+        assert read_instance_info(encoded, transfer_syntax) == expected, path.name
+        compared += 1
+    assert compared >= 20
+
+
+def test_the_quick_walk_reads_plain_little_endian_data_sets_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pacs_sentinel.dicom_io.spool as spool_module
+
+    def no_pydicom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pydicom's reader was used")
+
+    monkeypatch.setattr(spool_module, "read_dataset", no_pydicom)
+    for name in ("CT_small.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm"):
+        encoded, transfer_syntax, ds = _encoded_dataset(name)
+        assert read_instance_info(encoded, transfer_syntax).sop_instance_uid == ds.SOPInstanceUID

@@ -118,13 +118,30 @@ def instance_info(dataset: pydicom.Dataset, transfer_syntax: str) -> InstanceInf
 def read_instance_info(dataset: BytesIO, transfer_syntax: str) -> InstanceInfo:
     """Read the identifying attributes of an encoded data set (a C-STORE's *Data Set*).
 
-    Every top-level element is parsed, as decoding the whole data set would, but only the
-    values of :data:`IDENTIFYING_TAGS` are copied: the pixel data stay where they are.
+    Every top-level element is walked, as decoding the whole data set would, but only the
+    values of :data:`IDENTIFYING_TAGS` are copied: the pixel data stay where they are. A
+    little endian data set of plain elements is walked by :func:`_scan_little_endian`;
+    anything else (big endian, deflated, sequences of undefined length, a VR that is not
+    two capital letters, an element running past the end, text that is not ASCII) goes
+    through pydicom's reader, so both give the same answers.
 
     Raises:
         DecodeError: The data set cannot be parsed, or a UID is missing or malformed.
     """
     syntax = UID(transfer_syntax)
+    if syntax.is_little_endian and not syntax.is_deflated:
+        with dataset.getbuffer() as view:
+            values = _scan_little_endian(view, syntax.is_implicit_VR)
+        if values is not None:
+            return InstanceInfo(
+                sop_instance_uid=_uid(values.get(_SOP_INSTANCE_UID), "SOPInstanceUID"),
+                sop_class_uid=_uid(values.get(_SOP_CLASS_UID), "SOPClassUID"),
+                study_uid=_uid(values.get(_STUDY_UID), "StudyInstanceUID"),
+                series_uid=_uid(values.get(_SERIES_UID), "SeriesInstanceUID"),
+                modality=values.get(_MODALITY, "").strip(),
+                patient_id=values.get(_PATIENT_ID, "").rstrip(" \0"),
+                transfer_syntax=str(syntax),
+            )
     try:
         if syntax.is_deflated:
             dataset = BytesIO(zlib.decompress(dataset.getvalue(), -zlib.MAX_WBITS))
@@ -133,6 +150,69 @@ def read_instance_info(dataset: BytesIO, transfer_syntax: str) -> InstanceInfo:
     except Exception as exc:  # the parser raises whatever the bytes provoke
         raise DecodeError(f"cannot decode dataset: {exc}") from exc
     return instance_info(ds, str(syntax))
+
+
+_SOP_CLASS_UID, _SOP_INSTANCE_UID, _STUDY_UID, _SERIES_UID, _MODALITY, _PATIENT_ID = (int(tag) for tag in IDENTIFYING_TAGS)
+_WANTED = frozenset(int(tag) for tag in IDENTIFYING_TAGS)
+_PIXEL_DATA, _ITEM, _SEQUENCE_DELIMITER = 0x7FE00010, 0xFFFEE000, 0xFFFEE0DD
+#: Explicit VRs whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_IMPLICIT_HEADER = struct.Struct("<HHL")
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")
+_LONG_LENGTH = struct.Struct("<L")
+
+
+def _scan_little_endian(buffer: memoryview, implicit: bool) -> dict[int, str] | None:
+    """The identifying values of a little endian data set, walking every top-level element.
+
+    Returns ``None`` when the data set holds something this walk leaves to pydicom (see
+    :func:`read_instance_info`). Encapsulated pixel data (undefined length, items of defined
+    length) is stepped over; other values are never copied.
+    """
+    found: dict[int, str] = {}
+    offset, end = 0, len(buffer)
+    while offset < end:
+        if end - offset < 8:
+            return None
+        if implicit:
+            group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
+            offset += 8
+        else:
+            group, element, vr, length = _EXPLICIT_HEADER.unpack_from(buffer, offset)
+            if vr in _LONG_VRS:
+                if end - offset < 12:
+                    return None
+                length = _LONG_LENGTH.unpack_from(buffer, offset + 8)[0]
+                offset += 12
+            elif len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
+                offset += 8
+            else:
+                return None
+        tag = group << 16 | element
+        if length == 0xFFFFFFFF:
+            if tag != _PIXEL_DATA:
+                return None  # a sequence: pydicom's reader walks nested data sets
+            while True:  # encapsulated pixel data: items of defined length, then the delimiter
+                if end - offset < 8:
+                    return None
+                item_group, item_element, item_length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
+                offset += 8
+                item = item_group << 16 | item_element
+                if item == _SEQUENCE_DELIMITER:
+                    break
+                if item != _ITEM or item_length == 0xFFFFFFFF or offset + item_length > end:
+                    return None
+                offset += item_length
+            continue
+        if tag >= 0xFFFE0000 or offset + length > end:
+            return None
+        if tag in _WANTED:
+            value = bytes(buffer[offset:offset + length])
+            if not value.isascii() or b"\\" in value:
+                return None  # another character set, or several values: pydicom decides
+            found[tag] = value.decode("ascii").rstrip("\0 ")
+        offset += length
+    return found
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
