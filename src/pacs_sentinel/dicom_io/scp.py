@@ -32,6 +32,7 @@ import os
 import shutil
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -160,17 +161,31 @@ class ScpSettings:
 # the one place where the SCP changes pynetdicom's behaviour, on its own acceptor
 # associations only (the SCU and other AEs in the process are untouched):
 #
-# 1. the association reactor waits on the DIMSE queue (wakes when a message is complete)
-#    instead of sleeping (:class:`~pacs_sentinel.dicom_io.reactor.EventDrivenAcceptor`);
-# 2. the DUL's idle delay (a documented instance attribute) is lowered to 0.1 ms;
-# 3. a plain (non-TLS) socket reads a whole PDU with one ``recv_into(MSG_WAITALL)``.
+# 1. the DUL thread waits in ``select`` on its socket and a wake-up pair instead of polling,
+#    and reads a P-DATA-TF PDU with one copy (:mod:`~pacs_sentinel.dicom_io.dul`);
+# 2. C-STORE and C-ECHO requests are served in the DUL thread as soon as they are complete;
+#    the association reactor, for everything else, waits on the DIMSE queue instead of
+#    sleeping (:mod:`~pacs_sentinel.dicom_io.reactor`);
+# 3. C-STORE responses are encoded without pydicom (:mod:`~pacs_sentinel.dicom_io.dimse`);
+# 4. a plain (non-TLS) socket reads a whole PDU with one ``recv_into(MSG_WAITALL)``;
+# 5. pynetdicom's per-message logging handlers are unbound while its logger would drop
+#    their lines, and each association's presentation contexts are copied without
+#    ``deepcopy`` (:class:`_SupportedContexts`);
+# 6. listener processes (``Receiver`` with several processes, which run nothing but the
+#    SCP) switch threads every :data:`LISTENER_SWITCH_INTERVAL_S` instead of every 5 ms, so
+#    that the associations a process serves at once take turns at the GIL sooner.
 #
-# Written against pynetdicom 3.0.x (``Association._run_reactor``, ``AssociationSocket.recv``,
-# ``RequestHandler._create_association``); tests/dicom_io cover all three paths. Setting
-# ``ScpSettings.fast_poll = False`` turns all of it off.
+# Written against pynetdicom 3.0.x (``Association._run_reactor``, ``DULServiceProvider``,
+# ``DIMSEServiceProvider.send_msg``, ``AssociationSocket.recv``,
+# ``RequestHandler._create_association``); tests/dicom_io cover these paths. Setting
+# ``ScpSettings.fast_poll = False`` turns 1-5 off (the ablation in bench/ingest.py).
 
-#: The DUL thread's idle delay (pynetdicom's default: 0.001).
+#: The DUL thread's delay where it still sleeps: while waiting for itself to stop, and when
+#: its socket is gone (pynetdicom's default: 0.001).
 DUL_IDLE_DELAY_S = 0.0001
+
+#: ``sys.setswitchinterval`` in listener processes (Python's default: 0.005).
+LISTENER_SWITCH_INTERVAL_S = 0.0005
 
 
 class _WholePduSocket(AssociationSocket):
@@ -423,7 +438,8 @@ class StorageScp:
             server_class=server_class,
             request_handler=_TunedRequestHandler,
         )
-        server.contexts = _SupportedContexts(server.contexts)
+        if self.settings.fast_poll:
+            server.contexts = _SupportedContexts(server.contexts)
         ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{self.port}", daemon=True)
@@ -461,6 +477,8 @@ def _listener_main(settings: ScpSettings, data_dir: Path, db_path: Path, index_s
     """
     if log_setup is not None:
         log_setup()
+    if settings.fast_poll:
+        sys.setswitchinterval(LISTENER_SWITCH_INTERVAL_S)  # this process runs only the SCP
     try:
         database = Database(db_path)
         spool = Spool(data_dir, database, index_synchronous=index_synchronous)
