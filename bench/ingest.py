@@ -394,7 +394,7 @@ def write_doc(section: str) -> None:
 ABLATION = [
     ("as shipped", None, []),
     ("1 process (no SO_REUSEPORT listeners)", 1, []),
-    ("pynetdicom's polling delays (no fast poll)", None, ["--slow-poll"]),
+    ("pynetdicom's own loops and encoders (no fast path)", None, ["--slow-poll"]),
     ("index synchronous=FULL (fsync per commit)", None, ["--index-sync", "FULL"]),
     ("fsync never", None, ["--fsync", "never"]),
     ("max PDU 16 KB (DCMTK's default)", None, ["--max-pdu", "16384"]),

@@ -321,7 +321,7 @@ class StorageScp:
         Args:
             settings: Identity, limits, access control, TLS and durability.
             spool: Where instances are stored and indexed.
-            on_stored: Called after each stored instance (in the association's thread).
+            on_stored: Called after each stored instance (in a thread of the association: it waits for the call).
             reuse_port: Bind with ``SO_REUSEPORT`` so that other processes may listen on
                 the same port (used by :class:`Receiver`).
         """
