@@ -144,10 +144,16 @@ def stored_files(out_dir: Path) -> int:
                and p.suffix not in (".db", ".db-wal", ".db-shm") and not p.name.endswith(("-wal", "-shm")))
 
 
-def our_receiver(processes: int, extra: list[str] | None = None) -> Receiver:
+def our_receiver(processes: int, extra: list[str] | None = None, src: Path | None = None) -> Receiver:
+    """Our receiver in a child process; ``src`` runs the package from another source tree (A/B)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--port", "{port}", "--data-dir", "{out}",
                "--processes", str(processes), *(extra or [])]
-    return Receiver(f"ours ({processes} process{'es' if processes > 1 else ''})", OUR_AE, command)
+    name = f"ours ({processes} process{'es' if processes > 1 else ''})"
+    env = dict(DCMTK_ENV)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+        name += f" from {src}"
+    return Receiver(name, OUR_AE, command, env)
 
 
 def receivers(parallel: int, our_processes: int) -> list[Receiver]:
@@ -183,19 +189,59 @@ def send(files: list[Path], port: int, ae_title: str, parallel: int) -> float:
     return elapsed
 
 
-def measure(receiver: Receiver, files: list[Path], parallel: int, work_dir: Path) -> float:
-    """One run: fresh folder, start the receiver, send, check, stop; instances per second."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its descendants, plus their reaped children.
+
+    Read from ``/proc/<pid>/stat`` (utime, stime, cutime, cstime): a listener process counts
+    while it lives, a ``storescp --fork`` child once its parent has reaped it.
+    """
+    total, pending, seen = 0, [pid], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue  # the process exited meanwhile
+    return total / CLOCK_TICKS
+
+
+@dataclass
+class Run:
+    """One measured run: instances per second and the receiver's CPU milliseconds per instance."""
+
+    rate: float
+    cpu_ms: float
+
+
+def measure(receiver: Receiver, files: list[Path], parallel: int, work_dir: Path) -> Run:
+    """One run: fresh folder, start the receiver, send, check, stop.
+
+    The receiver's CPU time is taken between the start of the senders and their end: less
+    noisy than the wall time when other work shares the machine.
+    """
     out_dir = Path(tempfile.mkdtemp(prefix="recv-", dir=work_dir))
     process, port = receiver.start(out_dir)
     try:
+        cpu_before = tree_cpu_seconds(process.pid)
         elapsed = send(files, port, receiver.ae_title, parallel)
+        cpu = tree_cpu_seconds(process.pid) - cpu_before
     finally:
         Receiver.stop(process)
     count = stored_files(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     if count != len(files):
         raise RuntimeError(f"{receiver.name} stored {count} of {len(files)} instances")
-    return len(files) / elapsed
+    return Run(len(files) / elapsed, 1000 * cpu / len(files))
 
 
 # --------------------------------------------------------------------------- our server (child)
@@ -260,11 +306,20 @@ def _version(command: list[str]) -> str:
     return out.strip().splitlines()[0] if out.strip() else "?"
 
 
-def render(results: dict[str, dict[int, list[float]]], ablation: dict[str, dict[int, list[float]]],
-           repetitions: int, wall: float) -> str:
+Results = dict[str, dict[int, list[Run]]]
+
+
+def medians(results: Results) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """Median instances per second and median receiver CPU ms per instance, by receiver and associations."""
+    rate = {name: {p: statistics.median(r.rate for r in runs) for p, runs in by_p.items()} for name, by_p in results.items()}
+    cpu = {name: {p: statistics.median(r.cpu_ms for r in runs) for p, runs in by_p.items()} for name, by_p in results.items()}
+    return rate, cpu
+
+
+def render(results: Results, ablation: Results, repetitions: int, wall: float) -> str:
     import pynetdicom
 
-    med = {name: {p: statistics.median(v) for p, v in by_p.items()} for name, by_p in results.items()}
+    med, cpu = medians(results)
     ours = next(n for n in med if n.startswith("ours"))
     dcmtk_1 = next(n for n in med if n.startswith("DCMTK") and "fork" not in n)
     dcmtk_4 = next(n for n in med if n.startswith("DCMTK") and "fork" in n)
@@ -283,36 +338,43 @@ def render(results: dict[str, dict[int, list[float]]], ablation: dict[str, dict[
         f"DCMTK {_version([STORESCP, '--version']).replace('$', '').strip()}",
         f"- Wall time of the whole benchmark: {wall:.0f} s",
         "",
-        "| receiver | 1 association (inst/s) | 4 associations (inst/s) |",
-        "|---|---|---|",
+        "| receiver | 1 association (inst/s) | 4 associations (inst/s) | receiver CPU ms/instance (1 / 4) |",
+        "|---|---|---|---|",
     ]
+    nan = float("nan")
     for name, by_p in med.items():
         label = name.replace(" --fork", "") if name.startswith("DCMTK") else name
         if name.startswith("DCMTK") and "fork" in name:
             continue
-        four = med[dcmtk_4][4] if name == dcmtk_1 else by_p.get(4, float("nan"))
+        four = med[dcmtk_4][4] if name == dcmtk_1 else by_p.get(4, nan)
+        cpu_four = cpu[dcmtk_4][4] if name == dcmtk_1 else cpu[name].get(4, nan)
         label = "DCMTK storescp (`--fork` for 4)" if name == dcmtk_1 else label
-        lines.append(f"| {label} | {by_p.get(1, float('nan')):.0f} | {four:.0f} |")
+        lines.append(f"| {label} | {by_p.get(1, nan):.0f} | {four:.0f} | {cpu[name].get(1, nan):.2f} / {cpu_four:.2f} |")
     r1 = med[ours][1] / med[dcmtk_1][1]
     r4 = med[ours][4] / med[dcmtk_4][4]
     lines += [
-        f"| **ratio ours / DCMTK** | **{r1:.2f}** | **{r4:.2f}** |",
+        f"| **ratio ours / DCMTK** | **{r1:.2f}** | **{r4:.2f}** | |",
+        "",
+        "Receiver CPU = user + system time of the receiving process(es) while the senders ran "
+        "(`/proc/<pid>/stat`, listener processes and reaped `--fork` children included), per instance: "
+        "steadier than the wall time when other work shares the machine.",
         "",
         "Ours: fsync `always` (file and folder fsynced before the answer), every instance indexed in SQLite "
         "before the answer; DCMTK and pynetdicom's app write files without fsync and keep no index. "
         "Target: ours >= 0.5 x DCMTK over 1 and over 4 associations.",
     ]
     if ablation:
-        amed = {name: {p: statistics.median(v) for p, v in by_p.items()} for name, by_p in ablation.items()}
+        amed, acpu = medians(ablation)
         lines += [
             "",
             "### What each tuning buys (ours, one undone at a time, same run)",
             "",
-            "| configuration | 1 association (inst/s) | 4 associations (inst/s) |",
-            "|---|---|---|",
+            "| configuration | 1 association (inst/s) | 4 associations (inst/s) | receiver CPU ms/instance (1 / 4) |",
+            "|---|---|---|---|",
         ]
         for name, by_p in amed.items():
-            lines.append(f"| {name} | {by_p.get(1, float('nan')):.0f} | {by_p.get(4, float('nan')):.0f} |")
+            lines.append(f"| {name} | {by_p.get(1, nan):.0f} | {by_p.get(4, nan):.0f} | "
+                         f"{acpu[name].get(1, nan):.2f} / {acpu[name].get(4, nan):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -332,7 +394,7 @@ def write_doc(section: str) -> None:
 ABLATION = [
     ("as shipped", None, []),
     ("1 process (no SO_REUSEPORT listeners)", 1, []),
-    ("pynetdicom's polling delays (no fast poll)", None, ["--slow-poll"]),
+    ("pynetdicom's own loops and encoders (no fast path)", None, ["--slow-poll"]),
     ("index synchronous=FULL (fsync per commit)", None, ["--index-sync", "FULL"]),
     ("fsync never", None, ["--fsync", "never"]),
     ("max PDU 16 KB (DCMTK's default)", None, ["--max-pdu", "16384"]),
@@ -346,6 +408,9 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="also measure ours with each tuning undone")
     parser.add_argument("--only-ours", action="store_true", help="measure only our receiver (for tuning)")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--baseline-src", type=Path, action="append", default=[],
+                        help="with --only-ours: also measure our receiver run from this source folder "
+                             "(e.g. an exported older commit's src/), interleaved; repeatable")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
@@ -365,31 +430,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sentinel-ingest-") as tmp:
         work = Path(tmp)
         files = make_workload(work / "files")
-        results: dict[str, dict[int, list[float]]] = {}
-        ablation: dict[str, dict[int, list[float]]] = {}
+        results: Results = {}
+        ablation: Results = {}
         for rep in range(args.repetitions):
             for parallel in (1, 4):
                 chosen = receivers(parallel, args.processes)
                 if args.only_ours:
-                    chosen = chosen[:1]
+                    chosen = chosen[:1] + [our_receiver(args.processes, src=src.resolve()) for src in args.baseline_src]
+                    if rep % 2:  # interleave: alternate which variant runs first
+                        chosen.reverse()
                 for receiver in chosen:
-                    rate = measure(receiver, files, parallel, work)
+                    run = measure(receiver, files, parallel, work)
                     key = receiver.name.replace(" --fork", "") + (" --fork" if parallel > 1 and receiver.name.startswith("DCMTK") else "")
-                    results.setdefault(key, {}).setdefault(parallel, []).append(rate)
-                    print(f"rep {rep + 1} {parallel} assoc {receiver.name:32s} {rate:7.1f} inst/s", file=sys.stderr)
+                    results.setdefault(key, {}).setdefault(parallel, []).append(run)
+                    print(f"rep {rep + 1} {parallel} assoc {receiver.name:32s} {run.rate:7.1f} inst/s "
+                          f"{run.cpu_ms:6.2f} CPU ms/inst", file=sys.stderr)
                 if args.ablation:
                     for label, processes, extra in ABLATION[1:]:
                         receiver = our_receiver(processes or args.processes, extra)
-                        rate = measure(receiver, files, parallel, work)
-                        ablation.setdefault(label, {}).setdefault(parallel, []).append(rate)
-                        print(f"rep {rep + 1} {parallel} assoc {label:44s} {rate:7.1f} inst/s", file=sys.stderr)
+                        run = measure(receiver, files, parallel, work)
+                        ablation.setdefault(label, {}).setdefault(parallel, []).append(run)
+                        print(f"rep {rep + 1} {parallel} assoc {label:44s} {run.rate:7.1f} inst/s "
+                              f"{run.cpu_ms:6.2f} CPU ms/inst", file=sys.stderr)
         if args.ablation:
             ours = next(n for n in results if n.startswith("ours"))
             ablation = {f"{ABLATION[0][0]} ({args.processes} processes)": results[ours], **ablation}
     wall = time.perf_counter() - started
     if args.only_ours:
-        for name, by_p in results.items():
-            print(name, {p: round(statistics.median(v), 1) for p, v in by_p.items()})
+        rate, cpu = medians(results)
+        for name in results:
+            print(f"{name}: inst/s {({p: round(v, 1) for p, v in rate[name].items()})} "
+                  f"CPU ms/inst {({p: round(v, 2) for p, v in cpu[name].items()})}")
         return
     section = render(results, ablation, args.repetitions, wall)
     print(section)

@@ -196,24 +196,50 @@ def test_free_disk_below_threshold_gets_a700_and_nothing_is_written(tmp_path: Pa
     assert not [p for p in spool.root.rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize("policy, fsyncs", [("always", 2), ("never", 0)])
-def test_fsync_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, fsyncs: int) -> None:
+@pytest.mark.parametrize("policy", ["always", "never"])
+def test_fsync_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
+    import os
+
     import pacs_sentinel.dicom_io.spool as spool_module
 
-    calls: list[int] = []
-    real_fsync = spool_module.os.fsync
-    monkeypatch.setattr(spool_module.os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    synced: list[str] = []  # what each flushed descriptor is (Linux: /proc/self/fd)
+
+    def recording(real):  # type: ignore[no-untyped-def]
+        def sync(fd: int) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)
+        return sync
+
+    monkeypatch.setattr(spool_module.os, "fsync", recording(os.fsync))
+    monkeypatch.setattr(spool_module, "_datasync", recording(spool_module._datasync))
     spool = Spool(tmp_path, Database(tmp_path / "index.db"))
     scp = StorageScp(ScpSettings("SENTINEL", "127.0.0.1", free_port(), fsync=policy), spool)  # type: ignore[arg-type]
     scp.start()
+    per_instance = []
     try:
         assoc = _associate(scp)
-        assert assoc.send_c_store(_ct()).Status == 0x0000
+        for k in range(2):  # two instances of one series
+            ds = _ct()
+            ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.77.{k + 1}"
+            before = len(synced)
+            assert assoc.send_c_store(ds).Status == 0x0000
+            per_instance.append(synced[before:])
         assoc.release()
     finally:
         scp.stop()
-    assert len(calls) == fsyncs  # the file and its folder, or nothing
-    assert len(_indexed(scp)) == 1
+    assert len(_indexed(scp)) == 2
+    if policy == "never":
+        assert per_instance == [[], []]
+        return
+    series = spool.path_for(spool_module.instance_info(_ct(), "1.2.840.10008.1.2.1")).parent
+    study = series.parent
+    first, second = per_instance
+    # The first instance: the new study folder's entry in the spool, the new series
+    # folder's entry in the study, the file's data (before the rename), its name.
+    assert [p for p in first if not p.endswith(TEMP_SUFFIX)] == [str(spool.root), str(study), str(series)]
+    assert len([p for p in first if p.endswith(TEMP_SUFFIX)]) == 1
+    # The second: its data and its name only.
+    assert len(second) == 2 and second[0].endswith(TEMP_SUFFIX) and second[1] == str(series)
 
 
 def test_receiver_with_two_listener_processes_shares_the_port(tmp_path: Path) -> None:
@@ -256,3 +282,20 @@ def test_whole_pdu_socket_returns_what_arrived_when_the_peer_closes() -> None:
         assert wrapper.recv(6) == bytearray()
     finally:
         ours.close()
+
+
+def test_each_association_negotiates_on_its_own_copy_of_the_contexts(scp: StorageScp) -> None:
+    from copy import deepcopy
+
+    server_contexts = scp._server.contexts  # type: ignore[union-attr]
+    before = [(cx.abstract_syntax, list(cx.transfer_syntax)) for cx in server_contexts]
+    copies = deepcopy(server_contexts)
+    assert [(cx.abstract_syntax, list(cx.transfer_syntax)) for cx in copies] == before
+    assert all(a is not b and a.transfer_syntax is not b.transfer_syntax for a, b in zip(copies, server_contexts))
+    copies[0].transfer_syntax.clear()
+    copies[0].context_id = 1
+    assoc = _associate(scp)
+    assert assoc.send_c_store(_ct()).Status == 0x0000
+    assoc.release()
+    assert [(cx.abstract_syntax, list(cx.transfer_syntax)) for cx in server_contexts] == before
+    assert all(cx.context_id is None for cx in server_contexts)

@@ -2,11 +2,19 @@
 
 pynetdicom 3 runs one reactor thread per association. It takes every complete DIMSE message
 off the association's queue and serves it as a request, unless a ``send_*()`` call paused it
-first. Two changes, both written against pynetdicom 3.0.x (``Association._run_reactor``):
+first. Two changes, both written against pynetdicom 3.0.x (``Association._run_reactor``,
+``_serve_request``, ``_abort_blocking``):
 
 - :class:`EventDrivenAcceptor`, for the Storage SCP's own associations: the reactor blocks
   on the DIMSE queue instead of sleeping 1 ms before every look (see
-  :mod:`pacs_sentinel.dicom_io.scp` for what that buys);
+  :mod:`pacs_sentinel.dicom_io.scp` for what that buys), and C-STORE and C-ECHO requests
+  do not travel through that queue at all: :class:`InlineRequestQueue` serves them in the
+  DUL thread that completed them. Each hand-over between the two threads (a condition
+  variable, then the wake-up of the DUL thread to send the answer) costs a trip through the
+  scheduler and the GIL per instance, and the sender waits for the answer anyway: it sends
+  nothing the DUL thread could read meanwhile. Other requests, and any request while
+  another waits in the queue, go to the reactor as before. An abort asked for from the DUL
+  thread does not wait for the DUL thread to stop (it would wait for itself);
 - :class:`ResponseSafeRequestor`, for the SCU's associations: the reactor never takes a
   *response* off the queue. pynetdicom's pause handshake has a window: ``send_c_store``
   clears the checkpoint and waits for ``_is_paused``, which the reactor sets *before* it
@@ -25,12 +33,14 @@ logic, in :func:`_housekeeping`.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from typing import Any
 
 import structlog
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
 log = structlog.get_logger(__name__)
 
@@ -68,8 +78,47 @@ def _housekeeping(assoc: Association) -> bool:
     return False
 
 
+#: Requests the DUL thread serves itself (their handlers never send on the association).
+INLINE_REQUESTS = (C_STORE, C_ECHO)
+
+
+class InlineRequestQueue(queue.Queue):  # type: ignore[type-arg]
+    """An acceptor's DIMSE message queue that serves C-STORE and C-ECHO requests on arrival.
+
+    ``DIMSEServiceProvider.receive_primitive`` puts each complete message here, in the DUL
+    thread. A C-STORE or C-ECHO request on an accepted context of an established association
+    is served right there when nothing is queued before it; everything else is queued for
+    the reactor thread, as pynetdicom does.
+    """
+
+    assoc: Association
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        context_id, primitive = item
+        assoc = self.assoc
+        if (
+            type(primitive) in INLINE_REQUESTS
+            and primitive.is_valid_request
+            and assoc.is_established
+            and not assoc._sent_release
+            and context_id in assoc._accepted_cx
+            and threading.current_thread() is assoc.dul
+            and self.empty()
+        ):
+            assoc._serve_request(primitive, context_id)
+            return
+        super().put(item, block, timeout)
+
+
 class EventDrivenAcceptor(Association):
-    """An acceptor association whose reactor blocks on the DIMSE queue instead of polling."""
+    """An acceptor association whose reactor blocks on the DIMSE queue instead of polling.
+
+    Made from pynetdicom's association by :func:`make_event_driven_acceptor`.
+    """
+
+    def _abort_blocking(self, block: bool = True) -> None:
+        # Waiting for the DUL thread to stop, in the DUL thread, would never end.
+        super()._abort_blocking(block and threading.current_thread() is not self.dul)
 
     def _run_reactor(self) -> None:
         self._is_paused = False
@@ -86,6 +135,19 @@ class EventDrivenAcceptor(Association):
                 self._serve_request(msg, context_id)
             if _housekeeping(self):
                 return
+
+
+def make_event_driven_acceptor(assoc: Association) -> EventDrivenAcceptor:
+    """Turn a new (not yet started) acceptor association into an :class:`EventDrivenAcceptor`."""
+    if assoc.is_alive() or not assoc.is_acceptor:
+        raise RuntimeError("only a new acceptor association can be made event driven")
+    assoc.__class__ = EventDrivenAcceptor
+    assert isinstance(assoc, EventDrivenAcceptor)
+    messages = assoc.dimse.msg_queue
+    messages.__class__ = InlineRequestQueue
+    assert isinstance(messages, InlineRequestQueue)
+    messages.assoc = assoc
+    return assoc
 
 
 class ResponseSafeRequestor(Association):

@@ -24,35 +24,43 @@ markedly more instances per second over parallel associations (docs/benchmarks.m
 
 from __future__ import annotations
 
+import copy
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import (AE, ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
+                        evt)
 from pynetdicom.association import Association
-from pynetdicom.dul import DULServiceProvider
+from pynetdicom._handlers import standard_dimse_recv_handler, standard_dimse_sent_handler
 from pynetdicom.events import Event
-from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from pacs_sentinel.dicom_io.dimse import make_store_response_fast
+from pacs_sentinel.dicom_io.dul import make_event_driven
 from pacs_sentinel.dicom_io.index import Database, Synchronous
-from pacs_sentinel.dicom_io.reactor import EventDrivenAcceptor
-from pacs_sentinel.dicom_io.spool import Spool, StoreOutcome, instance_info
+from pacs_sentinel.dicom_io.reactor import make_event_driven_acceptor
+from pacs_sentinel.dicom_io.spool import Spool, StoreOutcome, read_instance_info
 from pacs_sentinel.errors import DecodeError, SentinelError, StorageError
 
 log = structlog.get_logger(__name__)
+_PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -153,17 +161,31 @@ class ScpSettings:
 # the one place where the SCP changes pynetdicom's behaviour, on its own acceptor
 # associations only (the SCU and other AEs in the process are untouched):
 #
-# 1. the association reactor waits on the DIMSE queue (wakes when a message is complete)
-#    instead of sleeping (:class:`~pacs_sentinel.dicom_io.reactor.EventDrivenAcceptor`);
-# 2. the DUL's idle delay (a documented instance attribute) is lowered to 0.1 ms;
-# 3. a plain (non-TLS) socket reads a whole PDU with one ``recv_into(MSG_WAITALL)``.
+# 1. the DUL thread waits in ``select`` on its socket and a wake-up pair instead of polling,
+#    and reads a P-DATA-TF PDU with one copy (:mod:`~pacs_sentinel.dicom_io.dul`);
+# 2. C-STORE and C-ECHO requests are served in the DUL thread as soon as they are complete;
+#    the association reactor, for everything else, waits on the DIMSE queue instead of
+#    sleeping (:mod:`~pacs_sentinel.dicom_io.reactor`);
+# 3. C-STORE responses are encoded without pydicom (:mod:`~pacs_sentinel.dicom_io.dimse`);
+# 4. a plain (non-TLS) socket reads a whole PDU with one ``recv_into(MSG_WAITALL)``;
+# 5. pynetdicom's per-message logging handlers are unbound while its logger would drop
+#    their lines, and each association's presentation contexts are copied without
+#    ``deepcopy`` (:class:`_SupportedContexts`);
+# 6. listener processes (``Receiver`` with several processes, which run nothing but the
+#    SCP) switch threads every :data:`LISTENER_SWITCH_INTERVAL_S` instead of every 5 ms, so
+#    that the associations a process serves at once take turns at the GIL sooner.
 #
-# Written against pynetdicom 3.0.x (``Association._run_reactor``, ``AssociationSocket.recv``,
-# ``RequestHandler._create_association``); tests/dicom_io cover all three paths. Setting
-# ``ScpSettings.fast_poll = False`` turns all of it off.
+# Written against pynetdicom 3.0.x (``Association._run_reactor``, ``DULServiceProvider``,
+# ``DIMSEServiceProvider.send_msg``, ``AssociationSocket.recv``,
+# ``RequestHandler._create_association``); tests/dicom_io cover these paths. Setting
+# ``ScpSettings.fast_poll = False`` turns 1-5 off (the ablation in bench/ingest.py).
 
-#: The DUL thread's idle delay (pynetdicom's default: 0.001).
+#: The DUL thread's delay where it still sleeps: while waiting for itself to stop, and when
+#: its socket is gone (pynetdicom's default: 0.001).
 DUL_IDLE_DELAY_S = 0.0001
+
+#: ``sys.setswitchinterval`` in listener processes (Python's default: 0.005).
+LISTENER_SWITCH_INTERVAL_S = 0.0005
 
 
 class _WholePduSocket(AssociationSocket):
@@ -191,13 +213,37 @@ class _TunedRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         if getattr(self.server, "fast_poll", False):
-            assoc.__class__ = EventDrivenAcceptor
-            dul: DULServiceProvider = assoc.dul
+            make_event_driven_acceptor(assoc)
+            make_store_response_fast(assoc.dimse)
+            dul = make_event_driven(assoc.dul)
             dul._run_loop_delay = DUL_IDLE_DELAY_S
             sock = dul.socket
             if sock is not None and type(sock) is AssociationSocket:
                 sock.__class__ = _WholePduSocket
+            if not _PYNETDICOM_LOG.isEnabledFor(logging.INFO):
+                # pynetdicom's per-message logging handlers build lines nobody will see.
+                assoc.unbind(evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)
+                assoc.unbind(evt.EVT_DIMSE_SENT, standard_dimse_sent_handler)
         return assoc
+
+
+class _SupportedContexts(list):  # type: ignore[type-arg]
+    """The server's presentation contexts, with a fast copy for each new association.
+
+    pynetdicom deep-copies them for every association (``RequestHandler._create_association``)
+    so that negotiating one cannot change another's. A generic ``deepcopy`` of ~120 contexts
+    with ~35 transfer syntax UIDs each takes tens of milliseconds, while the caller waits for
+    its A-ASSOCIATE-AC; the UIDs are immutable, so copying each context and its list of
+    transfer syntaxes is the same copy.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        copies = []
+        for context in self:
+            duplicate = copy.copy(context)
+            duplicate._transfer_syntax = list(context._transfer_syntax)
+            copies.append(duplicate)
+        return copies
 
 
 class _Server(ThreadedAssociationServer):
@@ -275,7 +321,7 @@ class StorageScp:
         Args:
             settings: Identity, limits, access control, TLS and durability.
             spool: Where instances are stored and indexed.
-            on_stored: Called after each stored instance (in the association's thread).
+            on_stored: Called after each stored instance (in a thread of the association: it waits for the call).
             reuse_port: Bind with ``SO_REUSEPORT`` so that other processes may listen on
                 the same port (used by :class:`Receiver`).
         """
@@ -324,15 +370,20 @@ class StorageScp:
         assoc.kill()
 
     def handle_store(self, event: Event) -> int:
-        """EVT_C_STORE handler: persist and index, then return the DIMSE status."""
+        """EVT_C_STORE handler: persist and index, then return the DIMSE status.
+
+        The data set is stored as received: its identifying attributes are read from the
+        encoded bytes (:func:`read_instance_info`, no copy of the pixel data) and the bytes
+        go to the file as they are, behind the file meta the spool writes.
+        """
         calling_ae = str(event.assoc.requestor.ae_title).strip()
+        encoded: BytesIO = event.request.DataSet  # type: ignore[assignment]
         try:
-            dataset = event.dataset
-            info = instance_info(dataset, str(event.context.transfer_syntax))
+            info = read_instance_info(encoded, str(event.context.transfer_syntax))
         except DecodeError as exc:
             log.warning("instance refused: cannot understand", calling_ae=calling_ae, error=str(exc))
             return STATUS_CANNOT_UNDERSTAND
-        except Exception as exc:  # the lazy decoder raises whatever the parser raised
+        except Exception as exc:  # never let a parser's surprise become a success
             log.warning("instance refused: cannot decode", calling_ae=calling_ae, error=str(exc))
             return STATUS_CANNOT_UNDERSTAND
         bound = log.bind(study_uid=info.study_uid, sop_instance_uid=info.sop_instance_uid, calling_ae=calling_ae)
@@ -346,8 +397,11 @@ class StorageScp:
                             free_mb=self._disk.free_bytes() // (1024 * 1024),
                             min_free_disk_mb=self.settings.min_free_disk_mb)
                 return STATUS_OUT_OF_RESOURCES
-            outcome = self.spool.store(event.encoded_dataset(), info, calling_ae=calling_ae,
-                                       fsync=self.settings.fsync == "always")
+            with encoded.getbuffer() as dataset:
+                outcome = self.spool.store_dataset(
+                    dataset, info, calling_ae=calling_ae, fsync=self.settings.fsync == "always",
+                    implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
+                    implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION)
         except (StorageError, OSError) as exc:
             bound.error("instance refused: cannot store", error=str(exc))
             return STATUS_OUT_OF_RESOURCES
@@ -384,6 +438,8 @@ class StorageScp:
             server_class=server_class,
             request_handler=_TunedRequestHandler,
         )
+        if self.settings.fast_poll:
+            server.contexts = _SupportedContexts(server.contexts)
         ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{self.port}", daemon=True)
@@ -421,6 +477,8 @@ def _listener_main(settings: ScpSettings, data_dir: Path, db_path: Path, index_s
     """
     if log_setup is not None:
         log_setup()
+    if settings.fast_poll:
+        sys.setswitchinterval(LISTENER_SWITCH_INTERVAL_S)  # this process runs only the SCP
     try:
         database = Database(db_path)
         spool = Spool(data_dir, database, index_synchronous=index_synchronous)

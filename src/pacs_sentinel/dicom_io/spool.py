@@ -8,9 +8,12 @@ and a file is renamed only once it is complete).
 
 Durability (``fsync`` of :meth:`Spool.store`):
 
-- ``True`` (``[node] fsync = "always"``): the file is fsynced before the rename and its
-  folder after it, so the file and its name are on the disk before the instance is indexed
-  and acknowledged; it survives a power cut.
+- ``True`` (``[node] fsync = "always"``): the file's data are flushed (``fdatasync``)
+  before the rename and its folder after it, so the file and its name are on the disk
+  before the instance is indexed and acknowledged; it survives a power cut. A study or
+  series folder is made durable in its parent the first time this process writes into it
+  (created now or by another process a moment ago), so a new folder cannot vanish with the
+  instances acknowledged inside it.
 - ``False`` (``"never"``): the operating system writes the file back when it likes; a
   process crash loses nothing, a power cut may lose the last seconds of acknowledged
   instances. For spools on battery-backed storage or test systems.
@@ -25,12 +28,20 @@ from __future__ import annotations
 
 import os
 import re
+import struct
+import threading
 import time
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import structlog
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
 
 from pacs_sentinel.dicom_io.index import Database, Synchronous
 from pacs_sentinel.errors import DecodeError, StorageError
@@ -39,6 +50,18 @@ log = structlog.get_logger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TEMP_SUFFIX = ".partial"
+
+#: The attributes :func:`read_instance_info` reads; every other value is skipped, not copied.
+IDENTIFYING_TAGS = [Tag(keyword) for keyword in (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "PatientID")]
+
+#: The DICOM file preamble and prefix (PS3.10 7.1).
+PREAMBLE = b"\0" * 128 + b"DICM"
+
+#: Study and series folders a process remembers as durable (oldest forgotten first).
+KNOWN_FOLDERS_MAX = 4096
+
+_datasync = getattr(os, "fdatasync", os.fsync)  # data and size, not the times (no fdatasync on macOS)
 
 
 @dataclass(frozen=True)
@@ -92,22 +115,184 @@ def instance_info(dataset: pydicom.Dataset, transfer_syntax: str) -> InstanceInf
         raise DecodeError(f"cannot decode dataset: {exc}") from exc
 
 
-def _same_content(path: Path, encoded: bytes) -> bool:
-    """True when the file holds exactly these bytes."""
+def read_instance_info(dataset: BytesIO, transfer_syntax: str) -> InstanceInfo:
+    """Read the identifying attributes of an encoded data set (a C-STORE's *Data Set*).
+
+    Every top-level element is walked, as decoding the whole data set would, but only the
+    values of :data:`IDENTIFYING_TAGS` are copied: the pixel data stay where they are. A
+    little endian data set of plain elements is walked by :func:`_scan_little_endian`;
+    anything else (big endian, deflated, sequences of undefined length, a VR that is not
+    two capital letters, an element running past the end, text that is not ASCII) goes
+    through pydicom's reader, so both give the same answers.
+
+    Raises:
+        DecodeError: The data set cannot be parsed, or a UID is missing or malformed.
+    """
+    syntax = UID(transfer_syntax)
+    if syntax.is_little_endian and not syntax.is_deflated:
+        with dataset.getbuffer() as view:
+            values = _scan_little_endian(view, syntax.is_implicit_VR)
+        if values is not None:
+            return InstanceInfo(
+                sop_instance_uid=_uid(values.get(_SOP_INSTANCE_UID), "SOPInstanceUID"),
+                sop_class_uid=_uid(values.get(_SOP_CLASS_UID), "SOPClassUID"),
+                study_uid=_uid(values.get(_STUDY_UID), "StudyInstanceUID"),
+                series_uid=_uid(values.get(_SERIES_UID), "SeriesInstanceUID"),
+                modality=values.get(_MODALITY, "").strip(),
+                patient_id=values.get(_PATIENT_ID, "").rstrip(" \0"),
+                transfer_syntax=str(syntax),
+            )
     try:
-        if path.stat().st_size != len(encoded):
-            return False
-        return path.read_bytes() == encoded
+        if syntax.is_deflated:
+            dataset = BytesIO(zlib.decompress(dataset.getvalue(), -zlib.MAX_WBITS))
+        dataset.seek(0)
+        ds = read_dataset(dataset, syntax.is_implicit_VR, syntax.is_little_endian, specific_tags=IDENTIFYING_TAGS)
+    except Exception as exc:  # the parser raises whatever the bytes provoke
+        raise DecodeError(f"cannot decode dataset: {exc}") from exc
+    return instance_info(ds, str(syntax))
+
+
+_SOP_CLASS_UID, _SOP_INSTANCE_UID, _STUDY_UID, _SERIES_UID, _MODALITY, _PATIENT_ID = (int(tag) for tag in IDENTIFYING_TAGS)
+_WANTED = frozenset(int(tag) for tag in IDENTIFYING_TAGS)
+_PIXEL_DATA, _ITEM, _SEQUENCE_DELIMITER = 0x7FE00010, 0xFFFEE000, 0xFFFEE0DD
+#: Explicit VRs whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_IMPLICIT_HEADER = struct.Struct("<HHL")
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")
+_LONG_LENGTH = struct.Struct("<L")
+
+
+def _scan_little_endian(buffer: memoryview, implicit: bool) -> dict[int, str] | None:
+    """The identifying values of a little endian data set, walking every top-level element.
+
+    Returns ``None`` when the data set holds something this walk leaves to pydicom (see
+    :func:`read_instance_info`). Encapsulated pixel data (undefined length, items of defined
+    length) is stepped over; other values are never copied.
+    """
+    found: dict[int, str] = {}
+    offset, end = 0, len(buffer)
+    while offset < end:
+        if end - offset < 8:
+            return None
+        if implicit:
+            group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
+            offset += 8
+        else:
+            group, element, vr, length = _EXPLICIT_HEADER.unpack_from(buffer, offset)
+            if vr in _LONG_VRS:
+                if end - offset < 12:
+                    return None
+                length = _LONG_LENGTH.unpack_from(buffer, offset + 8)[0]
+                offset += 12
+            elif len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
+                offset += 8
+            else:
+                return None
+        tag = group << 16 | element
+        if length == 0xFFFFFFFF:
+            if tag != _PIXEL_DATA:
+                return None  # a sequence: pydicom's reader walks nested data sets
+            while True:  # encapsulated pixel data: items of defined length, then the delimiter
+                if end - offset < 8:
+                    return None
+                item_group, item_element, item_length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
+                offset += 8
+                item = item_group << 16 | item_element
+                if item == _SEQUENCE_DELIMITER:
+                    break
+                if item != _ITEM or item_length == 0xFFFFFFFF or offset + item_length > end:
+                    return None
+                offset += item_length
+            continue
+        if tag >= 0xFFFE0000 or offset + length > end:
+            return None
+        if tag in _WANTED:
+            value = bytes(buffer[offset:offset + length])
+            if not value.isascii() or b"\\" in value:
+                return None  # another character set, or several values: pydicom decides
+            found[tag] = value.decode("ascii").rstrip("\0 ")
+        offset += length
+    return found
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element, explicit VR little endian."""
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    value = text.encode("ascii")
+    return value + pad if len(value) % 2 else value
+
+
+def file_meta(info: InstanceInfo, *, implementation_class_uid: str, implementation_version_name: str = "",
+              source_ae: str = "") -> bytes:
+    """The preamble, prefix and File Meta Information of a stored instance (PS3.10 7.1).
+
+    Written directly (a handful of elements) instead of through pydicom's encoder, which
+    costs as much per instance as the rest of storing it; tests compare both byte for byte.
+    ``source_ae`` (the sender's AE title) goes into *Source Application Entity Title*, where
+    :meth:`Spool.reconcile` finds it when it re-indexes a file; it is left out when it is not
+    plain ASCII.
+    """
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _padded(info.sop_class_uid, b"\0")),
+        _meta_element(0x0003, b"UI", _padded(info.sop_instance_uid, b"\0")),
+        _meta_element(0x0010, b"UI", _padded(info.transfer_syntax, b"\0")),
+        _meta_element(0x0012, b"UI", _padded(implementation_class_uid, b"\0")),
+    ]
+    if implementation_version_name:
+        elements.append(_meta_element(0x0013, b"SH", _padded(implementation_version_name, b" ")))
+    if source_ae.strip() and source_ae.isascii():
+        elements.append(_meta_element(0x0016, b"AE", _padded(source_ae.strip(), b" ")))
+    body = b"".join(elements)
+    return PREAMBLE + struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def _dataset_offset(head: bytes) -> int:
+    """Where the data set starts in a DICOM file whose first bytes are ``head`` (0: unknown)."""
+    if len(head) >= 144 and head[128:132] == b"DICM" and head[132:138] == b"\x02\x00\x00\x00UL":
+        return 144 + struct.unpack_from("<L", head, 140)[0]
+    return 0
+
+
+def _same_dataset(path: Path, dataset: memoryview) -> bool:
+    """True when the file at ``path`` holds exactly this data set (its file meta may differ)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(144)
+            offset = _dataset_offset(head)
+            if not offset or os.fstat(handle.fileno()).st_size != offset + len(dataset):
+                return False
+            handle.seek(offset)
+            return handle.read() == dataset
     except OSError:
         return False
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
+    """Write every part to ``fd`` (one ``writev``; more only after a short write)."""
+    views = [memoryview(part).cast("B") for part in parts]
+    while views:
+        written = os.writev(fd, views)
+        if not written:
+            raise OSError(f"write to the spool made no progress ({sum(len(v) for v in views)} bytes left)")
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 class Spool:
@@ -127,6 +312,9 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
         self.database = database
         self.index_synchronous: Synchronous = index_synchronous
+        self._root = str(self.root)
+        self._known_folders: dict[str, None] = {}  # durable folders, in the order first seen
+        self._folders_lock = threading.Lock()
 
     def path_for(self, info: InstanceInfo) -> Path:
         """Where an instance lives in the spool."""
@@ -148,39 +336,104 @@ class Spool:
         Raises:
             StorageError: The file could not be written or the index could not be updated.
         """
+        view = memoryview(encoded)
+        return self._store([view], view[_dataset_offset(encoded[:144]):], info, calling_ae, fsync)
+
+    def store_dataset(self, dataset: bytes | memoryview, info: InstanceInfo, *, calling_ae: str,
+                      implementation_class_uid: str, implementation_version_name: str = "",
+                      fsync: bool = True) -> StoreOutcome:
+        """:meth:`store` for an encoded data set as received: the spool writes the file meta.
+
+        The data set is written as it is (no copy is made of it); the File Meta Information
+        comes from :func:`file_meta`, with ``calling_ae`` as the source AE title.
+
+        Raises:
+            StorageError: The file could not be written or the index could not be updated.
+        """
+        try:
+            header = file_meta(info, implementation_class_uid=implementation_class_uid,
+                               implementation_version_name=implementation_version_name, source_ae=calling_ae)
+        except UnicodeEncodeError as exc:
+            raise StorageError(f"cannot write the file meta of {info.sop_instance_uid}: {exc}") from exc
+        view = memoryview(dataset)
+        return self._store([header, view], view, info, calling_ae, fsync)
+
+    def _store(self, parts: list[bytes | memoryview], dataset: memoryview, info: InstanceInfo, calling_ae: str,
+               fsync: bool) -> StoreOutcome:
         target = self.path_for(info)
         db = self.database.connection()
         existing = db.execute(
             "SELECT path FROM instances WHERE sop_instance_uid = ?", [info.sop_instance_uid]
         ).fetchone()
-        if existing is not None and _same_content(Path(existing[0]), encoded):
+        if existing is not None and _same_dataset(Path(existing[0]), dataset):
             # An exact duplicate adds nothing: it neither rewrites the file nor makes the
             # study look newer (which would re-run a finished job). A changed instance sent
             # again under the same UID replaces the stored one.
             return StoreOutcome(info=info, path=Path(existing[0]), duplicate=True)
 
-        temp = target.with_name(f"{target.name}.{os.getpid()}.{time.monotonic_ns()}{TEMP_SUFFIX}")
+        folder = os.path.join(self._root, info.study_uid, info.series_uid)
+        final = os.path.join(folder, f"{info.sop_instance_uid}.dcm")
+        temp = f"{final}.{os.getpid()}.{time.monotonic_ns()}{TEMP_SUFFIX}"
+        size = sum(len(part) for part in parts)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(temp, "wb") as handle:
-                handle.write(encoded)
-                handle.flush()
-                if fsync:
-                    os.fsync(handle.fileno())
-            os.replace(temp, target)
-            if fsync:
-                _fsync_dir(target.parent)
-        except OSError as exc:
+            self._ensure_folder(info, fsync)
             try:
-                temp.unlink(missing_ok=True)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:  # the folder went away since we saw it: make it again
+                self._forget_folders(info)
+                self._ensure_folder(info, fsync)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                _write_all(fd, parts)
+                if fsync:
+                    _datasync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, final)
+            if fsync:
+                _fsync_dir(folder)
+        except OSError as exc:
+            self._forget_folders(info)
+            try:
+                os.unlink(temp)
             except OSError:
-                pass  # the folder itself is unusable; nothing was written there
-            raise StorageError(f"cannot write {target}: {exc}") from exc
+                pass  # never created, or the folder itself is unusable
+            raise StorageError(f"cannot write {final}: {exc}") from exc
         try:
-            self._index(info, target, len(encoded), calling_ae)
+            self._index(info, target, size, calling_ae)
         except Exception as exc:
             raise StorageError(f"cannot index {info.sop_instance_uid}: {exc}") from exc
         return StoreOutcome(info=info, path=target, duplicate=False)
+
+    def _ensure_folder(self, info: InstanceInfo, fsync: bool) -> None:
+        """Make the study and series folders exist, each durable in its parent.
+
+        A folder is made durable (its parent fsynced) the first time this process writes
+        into it, whoever created it: another thread or process may have created it a moment
+        ago and not yet flushed its parent. After that a set lookup is all it costs.
+        """
+        parent = self._root
+        for name in (info.study_uid, info.series_uid):
+            folder = os.path.join(parent, name)
+            if folder not in self._known_folders:
+                try:
+                    os.mkdir(folder)
+                except FileExistsError:
+                    if not os.path.isdir(folder):
+                        raise NotADirectoryError(f"{folder} exists and is not a folder") from None
+                if fsync:
+                    _fsync_dir(parent)
+                with self._folders_lock:
+                    self._known_folders[folder] = None
+                    if len(self._known_folders) > KNOWN_FOLDERS_MAX:
+                        del self._known_folders[next(iter(self._known_folders))]
+            parent = folder
+
+    def _forget_folders(self, info: InstanceInfo) -> None:
+        study = os.path.join(self._root, info.study_uid)
+        with self._folders_lock:
+            self._known_folders.pop(study, None)
+            self._known_folders.pop(os.path.join(study, info.series_uid), None)
 
     def _index(self, info: InstanceInfo, path: Path, size: int, calling_ae: str) -> None:
         now = time.time()

@@ -1,0 +1,168 @@
+"""The spool's own encoding work: identifying attributes, file meta, duplicates, folders."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pydicom.data
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+from pacs_sentinel.dicom_io.index import Database
+from pacs_sentinel.dicom_io.spool import (
+    InstanceInfo,
+    Spool,
+    file_meta,
+    instance_info,
+    read_instance_info,
+)
+from pacs_sentinel.errors import DecodeError
+
+TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+
+
+def _encoded_dataset(name: str) -> tuple[io.BytesIO, str, pydicom.Dataset]:
+    """A shipped file's data set bytes as a C-STORE carries them, its transfer syntax, the file."""
+    path = TEST_FILES / name
+    if not path.exists():
+        pytest.skip(f"pydicom does not ship {name} in this version")
+    raw = path.read_bytes()
+    ds = pydicom.dcmread(path)
+    with pydicom.dcmread(path, stop_before_pixels=True) as head:  # where the file meta ends
+        meta_end = 132 + 12 + int(head.file_meta.FileMetaInformationGroupLength)
+    return io.BytesIO(raw[meta_end:]), str(ds.file_meta.TransferSyntaxUID), ds
+
+
+@pytest.mark.parametrize("name", [
+    "CT_small.dcm",            # explicit VR little endian
+    "MR_small_implicit.dcm",   # implicit VR
+    "MR_small_bigendian.dcm",  # explicit VR big endian
+    "image_dfl.dcm",           # deflated
+    "MR_small_RLE.dcm",        # encapsulated pixel data (undefined length)
+    "JPEG2000.dcm",
+])
+def test_read_instance_info_reads_what_a_full_decode_reads(name: str) -> None:
+    encoded, transfer_syntax, ds = _encoded_dataset(name)
+    assert read_instance_info(encoded, transfer_syntax) == instance_info(ds, transfer_syntax)
+
+
+def test_read_instance_info_refuses_garbage_and_missing_uids() -> None:
+    with pytest.raises(DecodeError):
+        read_instance_info(io.BytesIO(b"this is not a DICOM data set at all" * 10), "1.2.840.10008.1.2.1")
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    del ds.SOPInstanceUID
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_dataset(encoded, ds)
+    with pytest.raises(DecodeError, match="SOPInstanceUID"):
+        read_instance_info(io.BytesIO(encoded.getvalue()), "1.2.840.10008.1.2.1")
+
+
+@pytest.mark.parametrize("sop_instance_uid, source_ae", [
+    ("1.2.826.0.1.3680043.8.498.1", "MODALITY"),   # even length, even AE title
+    ("1.2.826.0.1.3680043.8.498.12", "CT1"),       # odd length UID and AE title: padded
+    ("1.2.826.0.1.3680043.8.498.123", ""),         # no source AE title
+])
+def test_file_meta_is_what_pydicom_writes(sop_instance_uid: str, source_ae: str) -> None:
+    info = InstanceInfo(sop_instance_uid=sop_instance_uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                        study_uid="1.2.3", series_uid="1.2.3.4", modality="CT", patient_id="P",
+                        transfer_syntax="1.2.840.10008.1.2")
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = info.sop_class_uid
+    meta.MediaStorageSOPInstanceUID = info.sop_instance_uid
+    meta.TransferSyntaxUID = info.transfer_syntax
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    expected = io.BytesIO()
+    expected.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(expected, meta)
+    ours = file_meta(info, implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
+                     implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION, source_ae=source_ae)
+    assert ours == expected.getvalue()
+
+
+def test_store_dataset_writes_a_file_pydicom_reads_back(tmp_path: Path) -> None:
+    encoded, transfer_syntax, ds = _encoded_dataset("CT_small.dcm")
+    spool = Spool(tmp_path, Database(tmp_path / "index.db"))
+    info = read_instance_info(encoded, transfer_syntax)
+    outcome = spool.store_dataset(encoded.getbuffer(), info, calling_ae="CT1",
+                                  implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID)
+    stored = pydicom.dcmread(outcome.path)
+    assert stored.file_meta.SourceApplicationEntityTitle == "CT1"
+    assert stored.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert stored.PixelData == ds.PixelData
+    # The same data set again, even with file meta written by someone else, is a duplicate.
+    again = spool.store((TEST_FILES / "CT_small.dcm").read_bytes(), info, calling_ae="CT1")
+    assert again.duplicate and again.path == outcome.path
+
+
+def test_reconcile_keeps_the_senders_ae_title(tmp_path: Path) -> None:
+    encoded, transfer_syntax, _ = _encoded_dataset("CT_small.dcm")
+    spool = Spool(tmp_path, Database(tmp_path / "index.db"))
+    info = read_instance_info(encoded, transfer_syntax)
+    outcome = spool.store_dataset(encoded.getbuffer(), info, calling_ae="CT1",
+                                  implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID)
+    spool.database.connection().execute("DELETE FROM instances")  # the row lost to a power cut
+    assert spool.reconcile() == (0, 1)
+    rows = spool.database.rows("SELECT path, calling_ae FROM instances")
+    assert rows == [{"path": str(outcome.path), "calling_ae": "CT1"}]
+
+
+def test_a_series_folder_removed_behind_the_spools_back_is_made_again(tmp_path: Path) -> None:
+    encoded, transfer_syntax, _ = _encoded_dataset("CT_small.dcm")
+    spool = Spool(tmp_path, Database(tmp_path / "index.db"))
+    info = read_instance_info(encoded, transfer_syntax)
+    first = spool.store_dataset(encoded.getbuffer(), info, calling_ae="CT1",
+                                implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID)
+    first.path.unlink()
+    first.path.parent.rmdir()  # the spool still remembers the folder as made
+    other = InstanceInfo(**{**info.__dict__, "sop_instance_uid": info.sop_instance_uid + ".2"})
+    second = spool.store_dataset(encoded.getbuffer(), other, calling_ae="CT1",
+                                 implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID)
+    assert second.path.parent == first.path.parent and second.path.is_file()
+
+
+def _shipped_files() -> list[Path]:
+    return sorted(p for p in TEST_FILES.glob("*.dcm") if p.stat().st_size < 5_000_000)
+
+
+def test_read_instance_info_agrees_with_pydicom_on_every_shipped_file() -> None:
+    """The quick walk and pydicom's reader give the same answer, or both refuse."""
+    compared = 0
+    for path in _shipped_files():
+        try:
+            ds = pydicom.dcmread(path)
+            transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+            meta_end = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+        except Exception:
+            continue  # no file meta, or not a file pydicom reads at all
+        encoded = io.BytesIO(path.read_bytes()[meta_end:])
+        try:
+            expected = instance_info(ds, transfer_syntax)
+        except DecodeError:
+            with pytest.raises(DecodeError):
+                read_instance_info(encoded, transfer_syntax)
+            continue
+        assert read_instance_info(encoded, transfer_syntax) == expected, path.name
+        compared += 1
+    assert compared >= 20
+
+
+def test_the_quick_walk_reads_plain_little_endian_data_sets_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pacs_sentinel.dicom_io.spool as spool_module
+
+    def no_pydicom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pydicom's reader was used")
+
+    monkeypatch.setattr(spool_module, "read_dataset", no_pydicom)
+    for name in ("CT_small.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm"):
+        encoded, transfer_syntax, ds = _encoded_dataset(name)
+        assert read_instance_info(encoded, transfer_syntax).sop_instance_uid == ds.SOPInstanceUID
