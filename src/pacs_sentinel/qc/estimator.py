@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from monai.networks.nets import Regressor
 
 from pacs_sentinel.errors import ModelError
-from pacs_sentinel.qc.heuristics import Signal, ramp
+from pacs_sentinel.qc.heuristics import Signal, bounding_box, ramp
 from pacs_sentinel.results import Reason
 
 log = structlog.get_logger(__name__)
@@ -114,8 +114,9 @@ def estimator_input(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
         raise ValueError("the estimator needs a non-empty mask")
     image, canonical_spacing = _canonical(image, direction, spacing)
     mask, _ = _canonical(mask, direction, spacing)
-    coords = np.argwhere(mask)
-    centre = (coords.min(axis=0) + coords.max(axis=0)) / 2.0
+    box = bounding_box(mask)
+    assert box is not None  # the mask is not empty (checked above)
+    centre = np.array([(lo + hi - 1) / 2.0 for lo, hi in box])
     size = [max(1, int(round(BOX_MM / s))) for s in canonical_spacing]
     low = [int(round(c - n / 2.0)) for c, n in zip(centre, size, strict=True)]
     src = tuple(slice(max(0, lo), min(dim, lo + n)) for lo, n, dim in zip(low, size, image.shape, strict=True))

@@ -25,6 +25,7 @@ from pacs_sentinel.qc.fusion import FusionModel, load_fusion, policy_reasons
 from pacs_sentinel.qc.heuristics import (
     Signal,
     border_contact_signal,
+    bounding_box,
     confidence_signal,
     expected_dice_signal,
     fragmentation_signal,
@@ -61,10 +62,10 @@ def verdict_for(score: float, accept_threshold: float, *, out_of_range: bool = F
 
 def crop_to_mask(mask: np.ndarray, margin: int = 1) -> np.ndarray:
     """The mask's bounding box, padded with ``margin`` empty voxels on every side."""
-    coords = np.argwhere(mask)
-    low, high = coords.min(axis=0), coords.max(axis=0) + 1
-    box = mask[tuple(slice(lo, hi) for lo, hi in zip(low, high, strict=True))]
-    return np.pad(box, margin, constant_values=False)
+    box = bounding_box(mask)
+    if box is None:
+        raise ValueError("an empty mask has no bounding box")
+    return np.pad(mask[tuple(slice(lo, hi) for lo, hi in box)], margin, constant_values=False)
 
 
 def segment_signals(volume: Volume, result: SegmentationResult, index: int, *, image_signals: list[Signal],
