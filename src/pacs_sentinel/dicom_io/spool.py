@@ -371,8 +371,8 @@ class Spool:
             # again under the same UID replaces the stored one.
             return StoreOutcome(info=info, path=Path(existing[0]), duplicate=True)
 
-        folder = os.path.join(self._root, info.study_uid, info.series_uid)
-        final = os.path.join(folder, f"{info.sop_instance_uid}.dcm")
+        final = os.fspath(target)
+        folder = os.path.dirname(final)
         temp = f"{final}.{os.getpid()}.{time.monotonic_ns()}{TEMP_SUFFIX}"
         size = sum(len(part) for part in parts)
         try:
