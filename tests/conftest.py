@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
+import pydicom.data
 import pytest
 import structlog
 from pydicom import config as pydicom_config
@@ -32,6 +33,24 @@ def _isolated_structlog() -> Iterator[None]:
     structlog.configure(**_STRUCTLOG_AT_START)
     yield
     structlog.configure(**_STRUCTLOG_AT_START)
+
+
+#: The test files pydicom ships in its package folder.
+PYDICOM_TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+
+
+def shipped_path(name: str) -> Path:
+    """A file pydicom ships, from its package folder (``get_testdata_file`` may download);
+    the test is skipped when this pydicom version does not ship it."""
+    path = PYDICOM_TEST_FILES / name
+    if not path.exists():
+        pytest.skip(f"pydicom does not ship {name} in this version")
+    return path
+
+
+def shipped(name: str) -> pydicom.Dataset:
+    """:func:`shipped_path`, read."""
+    return pydicom.dcmread(shipped_path(name))
 
 
 def require_program(path: str, package: str) -> str:

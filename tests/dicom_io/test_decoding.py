@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pydicom.data
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
@@ -21,17 +20,8 @@ from pydicom.pixels import apply_modality_lut
 from pacs_sentinel.dicom_io.series import decode_frame, load_series_files, load_volume
 from pacs_sentinel.errors import SeriesError
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
-from tests.conftest import require_program
+from tests.conftest import require_program, shipped
 
-TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
-
-
-def shipped(name: str) -> Dataset:
-    """A file pydicom ships, read from its package folder (get_testdata_file may download)."""
-    path = TEST_FILES / name
-    if not path.exists():
-        pytest.skip(f"pydicom does not ship {name} in this version")
-    return pydicom.dcmread(path)
 
 
 def pydicom_modality_values(ds: Dataset) -> np.ndarray:

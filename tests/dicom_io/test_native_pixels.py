@@ -6,8 +6,6 @@ import copy
 from pathlib import Path
 
 import numpy as np
-import pydicom
-import pydicom.data
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
@@ -15,16 +13,8 @@ from pydicom.pixels import pixel_array
 from pacs_sentinel.dicom_io import series
 from pacs_sentinel.dicom_io.series import load_series_files, native_stored_values
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
+from tests.conftest import shipped
 
-TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
-
-
-def shipped(name: str) -> Dataset:
-    """A file pydicom ships, read from its package folder (get_testdata_file may download)."""
-    path = TEST_FILES / name
-    if not path.exists():
-        pytest.skip(f"pydicom does not ship {name} in this version")
-    return pydicom.dcmread(path)
 
 
 def as_frames(ds: Dataset) -> np.ndarray:

@@ -6,7 +6,6 @@ import io
 from pathlib import Path
 
 import pydicom
-import pydicom.data
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -22,15 +21,13 @@ from pacs_sentinel.dicom_io.spool import (
     read_instance_info,
 )
 from pacs_sentinel.errors import DecodeError
+from tests.conftest import PYDICOM_TEST_FILES, shipped_path
 
-TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
 
 def _encoded_dataset(name: str) -> tuple[io.BytesIO, str, pydicom.Dataset]:
     """A shipped file's data set bytes as a C-STORE carries them, its transfer syntax, the file."""
-    path = TEST_FILES / name
-    if not path.exists():
-        pytest.skip(f"pydicom does not ship {name} in this version")
+    path = shipped_path(name)
     raw = path.read_bytes()
     ds = pydicom.dcmread(path)
     with pydicom.dcmread(path, stop_before_pixels=True) as head:  # where the file meta ends
@@ -54,7 +51,7 @@ def test_read_instance_info_reads_what_a_full_decode_reads(name: str) -> None:
 def test_read_instance_info_refuses_garbage_and_missing_uids() -> None:
     with pytest.raises(DecodeError):
         read_instance_info(io.BytesIO(b"this is not a DICOM data set at all" * 10), "1.2.840.10008.1.2.1")
-    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds = pydicom.dcmread(PYDICOM_TEST_FILES / "CT_small.dcm")
     del ds.SOPInstanceUID
     encoded = DicomBytesIO()
     encoded.is_little_endian, encoded.is_implicit_VR = True, False
@@ -100,7 +97,7 @@ def test_store_dataset_writes_a_file_pydicom_reads_back(tmp_path: Path) -> None:
     assert stored.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert stored.PixelData == ds.PixelData
     # The same data set again, even with file meta written by someone else, is a duplicate.
-    again = spool.store((TEST_FILES / "CT_small.dcm").read_bytes(), info, calling_ae="CT1")
+    again = spool.store((PYDICOM_TEST_FILES / "CT_small.dcm").read_bytes(), info, calling_ae="CT1")
     assert again.duplicate and again.path == outcome.path
 
 
@@ -131,7 +128,7 @@ def test_a_series_folder_removed_behind_the_spools_back_is_made_again(tmp_path: 
 
 
 def _shipped_files() -> list[Path]:
-    return sorted(p for p in TEST_FILES.glob("*.dcm") if p.stat().st_size < 5_000_000)
+    return sorted(p for p in PYDICOM_TEST_FILES.glob("*.dcm") if p.stat().st_size < 5_000_000)
 
 
 def test_read_instance_info_agrees_with_pydicom_on_every_shipped_file() -> None:
