@@ -10,7 +10,7 @@ from pacs_sentinel.errors import ModelError
 from pacs_sentinel.inference.models import load_segmentation_model
 from pacs_sentinel.inference.phantoms import make_ct_phantom
 from pacs_sentinel.inference.training import phantom_volume
-from pacs_sentinel.inference.uncertainty import draw_samples, mc_dropout
+from pacs_sentinel.inference.uncertainty import MC_DROPOUT_SEED, draw_samples, mc_dropout
 
 from .fakes import sphere_volume, threshold_model
 
@@ -102,10 +102,35 @@ def test_unknown_flip_is_a_model_error() -> None:
 
 
 def test_mc_dropout_context_restores_modes() -> None:
-    net = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1), torch.nn.BatchNorm3d(1), torch.nn.Dropout(0.5)).eval()
-    with mc_dropout(net) as active:
-        assert active == 1 and net[2].training and not net[1].training
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1), torch.nn.BatchNorm3d(1), torch.nn.Dropout(0.5),
+                              torch.nn.AlphaDropout(0.5)).eval()
+    x = torch.ones(1, 1, 4, 4, 4)
+    with torch.no_grad():
+        before = net(x)
+        with mc_dropout(net) as active:
+            assert active == 2 and not net[1].training
+            assert net[3].training  # no portable form: the device's generator, seeded
+            assert not torch.equal(net(x), before)
+        assert torch.equal(net(x), before)
     assert not any(m.training for m in net.modules())
+    assert "forward" not in net[2].__dict__
+
+
+def test_mc_dropout_masks_are_drawn_on_the_cpu_from_the_fixed_seed() -> None:
+    """The masks come from a CPU generator in call order, element-wise or per feature map, so a
+    GPU draws the same ones (tests/inference/test_cuda.py compares the devices where there is one)."""
+    net = torch.nn.Sequential(torch.nn.Dropout(0.25), torch.nn.Dropout3d(0.5)).eval()
+    x = torch.randn(3, 4, 2, 5, 5)
+    torch.manual_seed(99)
+    with torch.no_grad(), mc_dropout(net):
+        out = net(x)
+    generator = torch.Generator().manual_seed(MC_DROPOUT_SEED)
+    first = (torch.rand(x.shape, generator=generator) >= 0.25).float() / 0.75
+    second = (torch.rand((3, 4, 1, 1, 1), generator=generator) >= 0.5).float() / 0.5
+    assert torch.allclose(out, x * first * second)
+    assert 0 < int((second == 0).sum()) < 12  # whole channels dropped, not all of them
+    with torch.no_grad(), mc_dropout(net):
+        assert torch.equal(net(x), out)  # same seed, same samples, whatever the global RNG did
 
 
 def test_mc_dropout_samples_are_reproducible_and_leave_the_global_rng_alone() -> None:

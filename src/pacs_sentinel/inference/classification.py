@@ -39,7 +39,7 @@ from pydicom.pixels import apply_modality_lut
 from pacs_sentinel.errors import DecodeError, ModelError, SeriesError
 from pacs_sentinel.inference.models import resolve_device
 from pacs_sentinel.inference.sources import card_folder_files, resolve_spec
-from pacs_sentinel.inference.uncertainty import seeded_dropout
+from pacs_sentinel.inference.uncertainty import mc_dropout
 from pacs_sentinel.results import ClassificationResult, Code, FindingLabel
 
 log = structlog.get_logger(__name__)
@@ -328,13 +328,9 @@ class ClassificationModel:
                 sample_logits: list[np.ndarray] = []
                 kinds: list[str] = []
                 if mc_dropout_samples > 0:
-                    _set_dropout(self.network, True)
-                    try:
-                        batch = inputs.expand(mc_dropout_samples, *inputs.shape[1:])
-                        with seeded_dropout():  # same image, same samples, same verdict
-                            sample_logits.append(self.logits(batch).cpu().numpy())
-                    finally:
-                        _set_dropout(self.network, False)
+                    batch = inputs.expand(mc_dropout_samples, *inputs.shape[1:])
+                    with mc_dropout(self.network):  # same image, same samples, same verdict, any device
+                        sample_logits.append(self.logits(batch).cpu().numpy())
                     kinds += ["mc-dropout"] * mc_dropout_samples
                 flips = [f for f in tta_flips if f in FLIP_DIMS]
                 if flips:

@@ -6,8 +6,13 @@ network together in another batch. A batch of ``N`` costs less than ``N`` passes
 per-pass overhead (sliding-window bookkeeping, kernel launches, small-tensor inefficiency) is
 paid once; ``bench/inference.py`` measures the speed-up.
 
-Only dropout modules are switched to training mode for MC dropout; normalisation layers stay
-in eval mode so the samples differ by dropout alone.
+Only dropout layers sample; normalisation layers stay in eval mode so the samples differ by
+dropout alone. The dropout masks are **the same on every device**: for the standard layers
+(``nn.Dropout``, ``nn.Dropout1d/2d/3d``) they are drawn on the CPU from a fixed seed and moved to
+the network's device, instead of from the device's own generator (CUDA's differs from the
+CPU's, so a GPU would otherwise draw other masks and give the same study another QC score:
+``bench/gpu.py`` measured classification QC scores up to 0.71 apart). Other dropout layers
+(alpha dropout, TorchScript copies) fall back to the device's generator, seeded the same way.
 """
 
 from __future__ import annotations
@@ -48,25 +53,62 @@ def seeded_dropout() -> Iterator[None]:
         yield
 
 
+#: Layer type -> number of trailing (spatial) dimensions one mask value covers: channel-wise
+#: dropout zeroes whole feature maps. Only these types, with their own ``forward``, sample portably.
+PORTABLE_DROPOUT: dict[type, int] = {torch.nn.Dropout: 0, torch.nn.Dropout1d: 1, torch.nn.Dropout2d: 2,
+                                     torch.nn.Dropout3d: 3}
+
+
+def _portable_forward(layer: torch.nn.Module, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A dropout forward whose mask comes from ``generator`` (CPU), whatever device the input is on."""
+    spatial = PORTABLE_DROPOUT[type(layer)]
+    p = float(layer.p)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if p <= 0.0:
+            return x
+        if p >= 1.0:
+            return x * 0
+        shape = tuple(x.shape[:x.dim() - spatial]) + (1,) * spatial if 0 < spatial < x.dim() else tuple(x.shape)
+        keep = torch.rand(shape, generator=generator) >= p
+        return x * keep.to(device=x.device, dtype=x.dtype) * (1.0 / (1.0 - p))
+
+    return forward
+
+
+def is_portable(layer: torch.nn.Module) -> bool:
+    """Whether ``layer``'s MC dropout masks are drawn device-independently (see the module docs)."""
+    kind = type(layer)
+    return kind in PORTABLE_DROPOUT and "forward" not in layer.__dict__
+
+
 @contextlib.contextmanager
 def mc_dropout(network: torch.nn.Module) -> Iterator[int]:
-    """Put only the dropout layers of ``network`` in training mode for the duration.
+    """Make only the dropout layers of ``network`` sample for the duration.
 
-    Dropout masks come from a fixed seed (:func:`seeded_dropout`): a study sent twice gets
-    the same samples and therefore the same quality score and verdict.
+    Masks come from a fixed seed, drawn in call order: a study sent twice gets the same samples
+    and therefore the same quality score and verdict, on the CPU and on a GPU alike (standard
+    layers; see the module docs for the others).
 
     Yields:
-        How many dropout layers are active (0: the model cannot do MC dropout).
+        How many dropout layers sample (0: the model cannot do MC dropout).
     """
     layers = dropout_modules(network)
-    modes = [layer.training for layer in layers]
+    portable = [layer for layer in layers if is_portable(layer)]
+    native = [layer for layer in layers if not is_portable(layer)]
+    modes = [layer.training for layer in native]
+    generator = torch.Generator().manual_seed(MC_DROPOUT_SEED)
     try:
-        for layer in layers:
+        for layer in portable:
+            layer.forward = _portable_forward(layer, generator)  # an instance attribute shadows the method
+        for layer in native:
             layer.train(True)
         with seeded_dropout():
             yield len(layers)
     finally:
-        for layer, mode in zip(layers, modes):
+        for layer in portable:
+            layer.__dict__.pop("forward", None)
+        for layer, mode in zip(native, modes):
             layer.train(mode)
 
 
