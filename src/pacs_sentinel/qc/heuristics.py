@@ -154,9 +154,9 @@ def expected_dice_signal(probabilities: np.ndarray, mask: np.ndarray) -> Signal:
     mask (:func:`confidence_signal`) only sees what was added. Only where the probabilities
     exist (our own model); a third-party SEG has the agreement signal instead.
     """
-    p = probabilities.astype(np.float64, copy=False)
-    total = float(p.sum()) + float(np.count_nonzero(mask))
-    value = 2.0 * float(p[mask].sum()) / total if total > 0 else 0.0
+    # Sums accumulate in float64 without a float64 copy of the map (630 MB on a 512x512x300 CT).
+    total = float(np.sum(probabilities, dtype=np.float64)) + float(np.count_nonzero(mask))
+    value = 2.0 * float(np.sum(probabilities[mask], dtype=np.float64)) / total if total > 0 else 0.0
     subscore = ramp(value, EXPECTED_DICE_LOW, EXPECTED_DICE_HIGH)
     return Signal("expected_dice", value, subscore, Reason.LOW_EXPECTED_DICE)
 
