@@ -225,3 +225,43 @@ def test_nothing_accepted_or_status_0122_is_permanent_other_failures_are_retried
         row = next(database.connection()["outbox"].rows)
         assert (row["state"], row["attempts"]) == (state, 1), hex(status)
         assert f"0x{status:04X}" in row["last_error"]
+
+
+def test_a_rerun_supersedes_what_the_earlier_job_has_not_delivered(database: Database) -> None:
+    """Late arrivals re-run a study while the first job's results still wait in the outbox
+    (one dead letter, one pending): once the re-run records its results, the old undelivered
+    objects are never sent (nor requeued by ``sentinel outbox retry``) and the old job is DONE
+    with a note; what it already delivered, and other studies' items, are left alone."""
+    from pacs_sentinel.daemon.outbox import SUPERSEDED, requeue_dead_letters
+
+    jobs = JobStore(database)
+    first = _job_with_items(database, "pacs", [CT_SMALL, CT_SMALL, CT_SMALL])
+    ids = [r["id"] for r in database.connection()["outbox"].rows]
+    with database.transaction() as tx:
+        tx.execute("UPDATE outbox SET state = 'sent', sent_at = 1 WHERE id = ?", [ids[0]])
+        tx.execute("UPDATE outbox SET state = 'dead-letter', last_error = 'no answer' WHERE id = ?", [ids[1]])
+        tx.execute("UPDATE jobs SET state = 'FAILED', error = 'delivery failed (pacs: no answer)' WHERE id = ?",
+                   [first])
+    jobs.queue_study("9.9.9", {"a": time.time()})  # another study: untouched
+    unrelated = jobs.claim_next()
+    assert unrelated is not None
+    jobs.record_results(unrelated.id, result={"verdict": "Accepted"},
+                        outbox_items=[{"destination": "pacs", "path": str(CT_SMALL), "sop_instance_uid": "1.1",
+                                       "sop_class_uid": "1.2"}])
+
+    time.sleep(0.01)
+    assert jobs.queue_study("1.2.3", {"a": time.time()})  # late arrivals: a re-run
+    rerun = jobs.claim_next()
+    assert rerun is not None and rerun.id not in (first, unrelated.id)
+    jobs.record_results(rerun.id, result={"verdict": "Accepted"},
+                        outbox_items=[{"destination": "pacs", "path": str(CT_SMALL), "sop_instance_uid": "2.2",
+                                       "sop_class_uid": "1.2"}])
+
+    states = {r["id"]: (r["job_id"], r["state"], r["last_error"]) for r in database.connection()["outbox"].rows}
+    assert states[ids[0]][1] == "sent"
+    for item in ids[1:]:
+        assert states[item][1] == SUPERSEDED and f"superseded by job {rerun.id}" in states[item][2]
+    assert [s for j, s, _ in states.values() if j in (unrelated.id, rerun.id)] == ["pending", "pending"]
+    old = jobs.get(first)
+    assert old.state is JobState.DONE and old.error == f"superseded by job {rerun.id}: 2 undelivered object(s) dropped"
+    assert requeue_dead_letters(database) == 0

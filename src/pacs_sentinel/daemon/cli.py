@@ -111,9 +111,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     database = Database(db_path, migrations=MIGRATIONS)
     summary = outbox_summary(database)
     print("\noutbox:")
-    rows = [[name, counts.get("pending", 0), counts.get("sent", 0), counts.get("dead-letter", 0)]
-            for name, counts in sorted(summary.items())]
-    print(format_table(["destination", "pending", "sent", "dead letters"], rows) if rows else "  (empty)")
+    rows = [[name, counts.get("pending", 0), counts.get("sent", 0), counts.get("dead-letter", 0),
+             counts.get("superseded", 0)] for name, counts in sorted(summary.items())]
+    print(format_table(["destination", "pending", "sent", "dead letters", "superseded"], rows) if rows else "  (empty)")
     letters = dead_letters(database)
     if letters:
         print("\ndead letters (given up; requeue with `sentinel outbox retry [ITEM ...]`):")

@@ -3,7 +3,8 @@
 ``RECEIVING -> QUEUED -> RUNNING -> (DELIVERING -> DONE) | FAILED | REJECTED``.
 A study is RECEIVING while instances arrive (it has no job yet, or only finished ones
 older than its newest instance); the quiet timer turns it into one QUEUED job per
-matching pipeline. Jobs found RUNNING at start-up were interrupted and are re-queued.
+matching pipeline. Jobs found RUNNING at start-up were interrupted and are re-queued. A
+re-run's results supersede what an earlier job of the study and pipeline has not delivered yet.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlite_utils
+import structlog
 
 from pacs_sentinel.daemon import review
 from pacs_sentinel.dicom_io.index import Database, Migration
 from pacs_sentinel.results import QCResult
 
+log = structlog.get_logger(__name__)
 
 class JobState(str, enum.Enum):
     """States of a job (DESIGN.md, "Job states")."""
@@ -167,6 +170,34 @@ class Job:
             output_dir=row["output_dir"],
             series_uid=row.get("series_uid"),
         )
+
+
+def _supersede_older_results(tx: Any, job_id: int, now: float) -> None:
+    """Stop delivering what earlier jobs of the same study and pipeline have not delivered yet.
+
+    A re-run (late arrivals) replaces their results: their pending and dead-letter outbox items
+    become ``superseded`` (never sent, never requeued by ``sentinel outbox retry``), and such a
+    job still waiting on delivery (DELIVERING, or FAILED because delivery failed) is DONE with
+    a note saying by which job and how many objects were dropped. Objects already sent stay sent.
+    """
+    study_uid, pipeline = tx.execute("SELECT study_uid, pipeline FROM jobs WHERE id = ?", [job_id]).fetchone()
+    older = tx.execute(
+        """SELECT o.job_id, COUNT(*) FROM outbox o JOIN jobs j ON j.id = o.job_id
+           WHERE j.study_uid = ? AND j.pipeline IS ? AND j.id < ? AND o.state IN ('pending', 'dead-letter')
+           GROUP BY o.job_id""",
+        [study_uid, pipeline, job_id],
+    ).fetchall()
+    for old_id, count in older:
+        tx.execute("UPDATE outbox SET state = 'superseded', last_error = ? "
+                   "WHERE job_id = ? AND state IN ('pending', 'dead-letter')",
+                   [f"superseded by job {job_id} (a re-run of the study)", old_id])
+        tx.execute(
+            "UPDATE jobs SET state = ?, error = ?, finished_at = ?, updated_at = ? "
+            "WHERE id = ? AND (state = ? OR (state = ? AND error LIKE 'delivery failed%'))",
+            [JobState.DONE.value, f"superseded by job {job_id}: {count} undelivered object(s) dropped", now, now,
+             old_id, JobState.DELIVERING.value, JobState.FAILED.value],
+        )
+        log.info("undelivered results superseded", job_id=old_id, newer_job_id=job_id, objects=int(count))
 
 
 class JobStore:
@@ -333,6 +364,7 @@ class JobStore:
                 tx["outbox"].insert(
                     {**item, "job_id": job_id, "state": "pending", "attempts": 0, "next_attempt_at": now}
                 )
+            _supersede_older_results(tx, job_id, now)
             review.ReviewStore.record_job_result(tx, job_id, result)
         return state
 

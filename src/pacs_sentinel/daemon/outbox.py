@@ -7,7 +7,8 @@ after ``max_attempts`` the item moves to the dead letters (state ``dead-letter``
 destination does not support the object's SOP class: retrying cannot help until its
 configuration changes) is a dead letter at once. ``sentinel outbox retry`` puts dead letters
 back in the queue (:func:`requeue_dead_letters`), e.g. after the destination was fixed. A job
-whose items are all delivered becomes DONE.
+whose items are all delivered becomes DONE. When a re-run of the study (late arrivals) records
+its results, the earlier job's undelivered items become ``superseded`` and are never sent.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ log = structlog.get_logger(__name__)
 PENDING = "pending"
 SENT = "sent"
 DEAD_LETTER = "dead-letter"
+#: Not delivered because a re-run of the study replaced the job's results (daemon/jobs.py).
+SUPERSEDED = "superseded"
 
 
 class Outbox:
