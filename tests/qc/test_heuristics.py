@@ -18,6 +18,7 @@ from pacs_sentinel.qc.heuristics import (
     hole_signal,
     left_share,
     location_signal,
+    patient_x_mm,
 )
 from pacs_sentinel.qc.image import assess_image
 from pacs_sentinel.results import Code, Reason, SegmentationResult, SegmentLabel, Verdict
@@ -212,6 +213,24 @@ def test_left_share_follows_the_patient_orientation() -> None:
     assert left_share(mask, 48 * SPACING[2], SPACING, np.eye(3)) == 0.0  # column index -> patient left
     flipped = np.diag([-1.0, 1.0, -1.0])  # column index -> patient right (e.g. feet-first prone)
     assert left_share(mask, -48 * SPACING[2], SPACING, flipped) == 1.0
+
+
+@pytest.mark.parametrize("direction", [
+    np.eye(3), np.diag([-1.0, 1.0, 1.0]),
+    np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]),  # sagittal slices: x follows the slice
+    np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]]),  # x follows the row
+    np.array([[0.94, 0.0, 0.34], [0.0, 1.0, 0.0], [-0.34, 0.0, 0.94]]),  # oblique: every voxel listed
+], ids=["axial", "axial-flipped", "x-by-slice", "x-by-row", "oblique"])
+def test_left_share_counts_every_voxel_by_its_patient_x(direction: np.ndarray) -> None:
+    # The per-axis count used when patient x follows one index axis gives what listing every
+    # voxel's patient x gives.
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        mask = rng.random((12, 17, 19)) > rng.uniform(0.3, 0.99)
+        spacing = tuple(rng.uniform(0.5, 3.0, 3))
+        midline = float(rng.uniform(-20.0, 40.0))
+        expected = np.mean(patient_x_mm(np.argwhere(mask), spacing, direction) > midline) if mask.any() else 0.0
+        assert left_share(mask, midline, spacing, direction) == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_right_mask_on_the_wrong_side_goes_to_review_whatever_its_score() -> None:
