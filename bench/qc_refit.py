@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     phantoms = phantom_cases(n_per_family=args.eval_n_per_family, perturbations=args.eval_perturbations, model=model)
     eval_seconds = time.perf_counter() - started
 
-    rows = []
+    rows, activated = [], []
     for name, cut in (("agrees with QC's target (Dice >= 0.7)", 0.7), ("stricter (Dice >= 0.85)", 0.85)):
         cases = [FeedbackCase(i + 1, 1, c.signals, c.dice >= cut, "ai-correct" if c.dice >= cut else "ai-rejected")
                  for i, c in enumerate(drawn)]
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                             eval_perturbations=args.eval_perturbations, phantoms=phantoms)
             fit_seconds = time.perf_counter() - started
         fb, ph = outcome.feedback, outcome.phantoms
+        activated.append(outcome.activated)
         rows.append(
             f"| {name} | {outcome.n_cases} ({sum(c.acceptable for c in cases)} acceptable) | "
             f"{outcome.a:.3f} / {outcome.b:.3f} | "
@@ -103,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "Reading: a reviewer who agrees with the fusion's target moves it little and the refit is activated. A "
-        "stricter reviewer's recalibration fits the feedback much better but makes the score a worse "
+        "Reading: a reviewer who agrees with the fusion's target moves it little (Platt a near 1, b near 0) "
+        + ("and the refit is activated. " if activated[0] else
+           "and the refit is not activated: the shipped fusion already fits that feedback, and the recalibration "
+           "does worse on its held-out third than the rule tolerates, so the active version stays. ")
+        + "A stricter reviewer's recalibration fits the feedback much better but makes the score a worse "
         "P(Dice >= 0.7) on the phantoms (Brier up), so the activation rule keeps the old version: the score's "
         "documented meaning wins. For a hospital that wants fewer accepted results, the lever is the verdict "
         "threshold (`[qc] target_review_rate` / `max_risk`), not the recalibration.",

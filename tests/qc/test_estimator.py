@@ -5,19 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from pacs_sentinel.inference.phantoms import make_ct_phantom
 from pacs_sentinel.qc.cases import EVALUATION_SEED_OFFSET
 from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, MASK_FAMILIES, dice, perturb_mask
 from pacs_sentinel.qc.estimator import (
     BOX_MM,
+    ESTIMATOR_ARCHITECTURE,
     GRID,
+    INPUT_CHANNELS,
+    QualityEstimator,
     build_estimator_network,
     estimator_input,
     estimator_signal,
     load_estimator,
 )
-from pacs_sentinel.qc.train_estimator import estimator_from, train_estimator
+from pacs_sentinel.qc.train_estimator import _augment, estimator_from, train_estimator, without_probabilities
 from pacs_sentinel.results import Reason
 
 SEED = 7_000_000 + EVALUATION_SEED_OFFSET  # far from every training and calibration seed
@@ -28,9 +32,9 @@ def phantom():
     return make_ct_phantom(SEED)
 
 
-def test_input_is_two_channels_on_a_fixed_grid_in_range(phantom) -> None:
+def test_input_is_three_channels_on_a_fixed_grid_in_range(phantom) -> None:
     x = estimator_input(phantom.hu, phantom.liver, phantom.spacing)
-    assert x.shape == (2, GRID, GRID, GRID) and x.dtype == np.float32
+    assert x.shape == (INPUT_CHANNELS, GRID, GRID, GRID) == (3, GRID, GRID, GRID) and x.dtype == np.float32
     assert 0.0 <= x.min() and x.max() <= 1.0
     # Area averaging keeps the mask's volume: voxel fractions times the output voxel volume.
     out_voxel_ml = np.prod([round(BOX_MM / s) * s / GRID for s in phantom.spacing]) / 1000.0
@@ -38,6 +42,23 @@ def test_input_is_two_channels_on_a_fixed_grid_in_range(phantom) -> None:
     # The image channel shows the organ brighter inside the mask than around it.
     assert x[0][x[1] > 0.9].mean() > x[0][(x[1] == 0) & (x[0] > 0.1)].mean()
 
+
+def test_probability_channel_is_the_map_or_else_the_mask(phantom) -> None:
+    without = estimator_input(phantom.hu, phantom.liver, phantom.spacing)
+    np.testing.assert_array_equal(without[2], without[1])  # no map: the mask stands in
+    # A map that is 0.8 on the organ and 0.1 in a shell around it: averaged down like the mask.
+    probabilities = 0.8 * phantom.liver.astype(np.float32)
+    probabilities[ndimage.binary_dilation(phantom.liver, iterations=4) & ~phantom.liver] = 0.1
+    x = estimator_input(phantom.hu, phantom.liver, phantom.spacing, probabilities=probabilities)
+    np.testing.assert_array_equal(x[:2], without[:2])
+    assert x[2].max() == pytest.approx(0.8, abs=1e-5)
+    assert 0.0 < x[2][without[1] == 0].max() <= 0.1 + 1e-6  # the shell outside the mask shows
+    # Estimators 1.x take two channels: the same image and mask.
+    np.testing.assert_array_equal(estimator_input(phantom.hu, phantom.liver, phantom.spacing, channels=2), x[:2])
+    flipped = np.diag([-1.0, 1.0, 1.0])
+    y = estimator_input(phantom.hu[:, :, ::-1], phantom.liver[:, :, ::-1], phantom.spacing, flipped,
+                        probabilities[:, :, ::-1])
+    np.testing.assert_allclose(x, y, atol=1e-6)  # the map is reoriented with the image
 
 def test_input_is_the_same_whatever_the_stored_orientation(phantom) -> None:
     flipped = np.diag([-1.0, 1.0, 1.0])  # column index runs towards patient right
@@ -51,25 +72,57 @@ def test_bad_inputs_are_clear_errors(phantom) -> None:
         estimator_input(phantom.hu, np.zeros_like(phantom.liver), phantom.spacing)
     with pytest.raises(ValueError, match="same 3D shape"):
         estimator_input(phantom.hu[:-1], phantom.liver, phantom.spacing)
+    with pytest.raises(ValueError, match="probabilities"):
+        estimator_input(phantom.hu, phantom.liver, phantom.spacing, probabilities=np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="2 or 3 channels"):
+        estimator_input(phantom.hu, phantom.liver, phantom.spacing, channels=4)
 
 
 def test_network_maps_a_batch_to_one_logit_each() -> None:
     torch.manual_seed(0)
     network = build_estimator_network().eval()
-    out = network(torch.rand(3, 2, GRID, GRID, GRID))
-    assert out.shape == (3, 1)
+    out = network(torch.rand(4, INPUT_CHANNELS, GRID, GRID, GRID))
+    assert out.shape == (4, 1)
     estimator = estimator_from(network)
-    predicted = estimator.predict_inputs(np.random.default_rng(0).random((3, 2, GRID, GRID, GRID)))
-    assert predicted.shape == (3,) and ((predicted > 0) & (predicted < 1)).all()
+    predicted = estimator.predict_inputs(np.random.default_rng(0).random((4, INPUT_CHANNELS, GRID, GRID, GRID)))
+    assert predicted.shape == (4,) and ((predicted > 0) & (predicted < 1)).all()
+
+
+def test_a_two_channel_estimator_is_fed_two_channels(phantom) -> None:
+    torch.manual_seed(0)
+    architecture = dict(ESTIMATOR_ARCHITECTURE, in_shape=[2, GRID, GRID, GRID])
+    estimator = QualityEstimator(build_estimator_network(architecture), {"version": "1.0.0",
+                                                                        "architecture": architecture})
+    assert estimator.channels == 2
+    probabilities = phantom.liver.astype(np.float32)
+    value = estimator.predict(phantom.hu, phantom.liver, phantom.spacing, probabilities=probabilities)
+    assert value == estimator.predict(phantom.hu, phantom.liver, phantom.spacing)  # the map is not used
+    assert 0.0 < value < 1.0
+
+
+def test_probability_dropout_puts_the_mask_in_the_third_channel() -> None:
+    torch.manual_seed(0)
+    batch = torch.rand(64, 3, 4, 4, 4)
+    dropped = _augment(batch, 0.0, probability_dropout=1.0)
+    assert torch.equal(dropped[:, 2], dropped[:, 1])
+    kept = _augment(batch, 0.0, probability_dropout=0.0)
+    assert not torch.equal(kept[:, 2], kept[:, 1])
+    some = _augment(batch, 0.0, probability_dropout=0.3)
+    share = (some[:, 2] == some[:, 1]).all(dim=(1, 2, 3)).float().mean()
+    assert 0.1 < float(share) < 0.5
+    np.testing.assert_array_equal(without_probabilities(batch)[:, 2], batch[:, 1])
 
 
 def test_shipped_estimator_is_deterministic_and_ranks_masks(phantom) -> None:
     estimator = load_estimator()
     assert estimator.card["training"]["held_out_families"]  # the card says what it never saw
+    assert estimator.channels == 3 and estimator.version.startswith("2.")
     good = estimator.predict(phantom.hu.astype(np.float32), phantom.liver, phantom.spacing)
     again = estimator.predict(phantom.hu.astype(np.float32), phantom.liver, phantom.spacing)
     assert good == again
     assert good > 0.8
+    confident = phantom.liver.astype(np.float32)  # a model sure of exactly this mask
+    assert estimator.predict(phantom.hu, phantom.liver, phantom.spacing, probabilities=confident) > 0.8
     rng = np.random.default_rng(0)
     wrong = perturb_mask(phantom.liver, "wrong-organ", rng, phantom.hu, phantom.spacing)
     half = perturb_mask(phantom.liver, "partial-miss", np.random.default_rng(3), phantom.hu, phantom.spacing)
@@ -99,7 +152,8 @@ def test_training_is_seeded_and_writes_a_loadable_estimator_with_its_card(tmp_pa
     runs = []
     for name in ("a", "b"):
         metrics = train_estimator(tmp_path / name, seed=3, epochs=1, n_train=2, n_val=1, progress=False)
-        assert set(metrics) == {"validation", "training"} and metrics["validation"]["n"] > 0
+        assert set(metrics) == {"validation", "validation_without_probabilities", "training"}
+        assert metrics["validation"]["n"] > 0
         runs.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
     for key in runs[0]:
         assert torch.equal(runs[0][key], runs[1][key]), key  # same seed, same weights

@@ -15,6 +15,7 @@ from pacs_sentinel.qc.fusion import (
     FusionModel,
     LogisticModel,
     fit_logistic,
+    fit_ranked_logistic,
     load_fusion,
     policy_reasons,
 )
@@ -136,6 +137,32 @@ def test_fit_gives_non_negative_weights_and_a_calibrated_probability() -> None:
         fit_logistic("test", ["predicted_dice"], rows[:5], np.ones(5, bool))
 
 
+def test_two_stage_fit_orders_good_masks_too_and_stays_calibrated_and_monotone() -> None:
+    rng = np.random.default_rng(1)
+    n = 600
+    dice = rng.uniform(0.3, 1.0, n)
+    rows = [{
+        "predicted_dice": Signal("predicted_dice", float(np.clip(d + rng.normal(0, 0.04), 0, 1)), 1.0,
+                                 Reason.LOW_PREDICTED_DICE),
+        "roundness": Signal("roundness", float(np.clip(1.2 - d + rng.normal(0, 0.3), 0, 1)), 1.0,
+                            Reason.SHAPE_IRREGULARITY),
+    } for d in dice]
+    for target in ("dice", "logit-dice"):
+        model = fit_ranked_logistic("test", ["predicted_dice", "roundness"], rows, dice, target=target)
+        assert model.weights[0] > 0 and model.weights[1] == 0.0  # the anti-correlated signal gets no weight
+        p = np.array([model.probability(r) for r in rows])
+        acceptable = dice >= 0.7
+        assert abs(p.mean() - acceptable.mean()) < 0.03  # the Platt stage matches the base rate
+        assert p[dice > 0.85].mean() > 0.9 and p[dice < 0.55].mean() < 0.1
+        worse = dict(rows[0], predicted_dice=Signal("predicted_dice", rows[0]["predicted_dice"].value - 0.1, 1.0,
+                                                    Reason.LOW_PREDICTED_DICE))
+        assert model.probability(worse) < model.probability(rows[0])
+    with pytest.raises(ValueError, match="both"):
+        fit_ranked_logistic("test", ["predicted_dice"], rows[:5], np.ones(5))
+    with pytest.raises(ValueError, match="target"):
+        fit_ranked_logistic("test", ["predicted_dice"], rows, dice, target="iou")
+
+
 def test_fusion_files_are_checked(tmp_path) -> None:
     fusion = FusionModel("9.9.9", [LogisticModel("m", ["predicted_dice"], [1.0], 0.0)])
     path = tmp_path / "fusion.json"
@@ -150,3 +177,30 @@ def test_fusion_files_are_checked(tmp_path) -> None:
         load_fusion(path)
     with pytest.raises(ModelError, match="not found"):
         load_fusion(tmp_path / "missing.json")
+
+
+def test_the_model_without_probabilities_learns_from_the_estimator_run_without_them() -> None:
+    from pacs_sentinel.qc.calibrate import fit_models
+    from pacs_sentinel.qc.cases import QCCase
+
+    rng = np.random.default_rng(2)
+    cases = []
+    for i, d in enumerate(rng.uniform(0.3, 1.0, 300)):
+        signals = [
+            Signal("predicted_dice", float(np.clip(d + rng.normal(0, 0.03), 0, 1)), 1.0, Reason.LOW_PREDICTED_DICE),
+            Signal("expected_dice", float(np.clip(d + rng.normal(0, 0.1), 0, 1)), 1.0, Reason.LOW_EXPECTED_DICE),
+            Signal("roundness", float(np.clip(d + rng.normal(0, 0.2), 0, 1)), 1.0, Reason.SHAPE_IRREGULARITY),
+        ]
+        # Without the probability map the estimator here knows nothing: the same value for every mask.
+        cases.append(QCCase(i, "clean", "dilation", float(d), False, signals,
+                            predicted_dice_without_probabilities=0.8))
+    for fit in ("two-stage", "logistic"):
+        models = {m.name: m for m in fit_models(cases, 0.01, fit)}
+        assert set(models) == {"without-uncertainty", "without-probabilities"}  # no own-model cases
+        with_map, without = models["without-uncertainty"], models["without-probabilities"]
+        assert with_map.weights[with_map.features.index("predicted_dice")] > 0
+        assert without.weights[without.features.index("predicted_dice")] == 0.0  # a constant says nothing
+        assert without.weights[without.features.index("roundness")] > 0
+        assert "expected_dice" not in without.features
+    with pytest.raises(ValueError, match="fusion fit"):
+        fit_models(cases, 0.01, "isotonic")

@@ -3,9 +3,15 @@
 Calibration cases (:mod:`pacs_sentinel.qc.cases`, seeds ``CALIBRATION_SEED_OFFSET``, never
 seen by the estimator) are judged with every QC signal, including the shipped estimator's
 and the uncertainty of ``MC_DROPOUT_SAMPLES`` dropout passes (as the shipped config asks for).
-Three non-negative logistic regressions (:mod:`pacs_sentinel.qc.fusion`) are fitted on
-"Dice >= 0.7": ``with-uncertainty`` on the model's own masks, ``without-uncertainty`` and
-``without-probabilities`` (no probability-map signals: the third-party SEG path) on all cases.
+Three non-negative logistic models (:mod:`pacs_sentinel.qc.fusion`) read as P(Dice >= 0.7):
+``with-uncertainty`` on the model's own masks, ``without-uncertainty`` and
+``without-probabilities`` (no probability-map signals, and the estimator's prediction made
+without the probability map: the third-party SEG path) on all cases. Since QC 2.2.0 each is
+fitted in two stages (:func:`~pacs_sentinel.qc.fusion.fit_ranked_logistic`): a non-negative
+regression of logit(Dice) on the signals, which orders every case by its Dice (the good masks
+among themselves too), then a Platt calibration of it to "Dice >= 0.7"; a direct logistic fit
+(QC 2.1.0, ``fit = "logistic"``) only cares about the cases near the 0.7 line and saturates
+among good masks.
 The held-out families (:data:`~pacs_sentinel.qc.corruptions.HELD_OUT_FAMILIES`) and
 empty masks (scored 0 by rule) are never drawn.
 
@@ -28,7 +34,7 @@ import structlog
 
 from pacs_sentinel.qc.cases import CALIBRATION_SEED_OFFSET, QCCase, draw_cases, seeds_for
 from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES
-from pacs_sentinel.qc.estimator import QualityEstimator, load_estimator
+from pacs_sentinel.qc.estimator import QualityEstimator, estimator_signal, load_estimator
 from pacs_sentinel.qc.evaluate import QC_VERSION
 from pacs_sentinel.qc.fusion import (
     ACCEPTABLE_DICE,
@@ -39,6 +45,7 @@ from pacs_sentinel.qc.fusion import (
     FusionModel,
     LogisticModel,
     fit_logistic,
+    fit_ranked_logistic,
     policy_reasons,
 )
 from pacs_sentinel.qc.metrics import auroc, expected_calibration_error, spearman
@@ -53,6 +60,8 @@ CALIBRATION_RECIPE: dict[str, Any] = {
     "mc_dropout_samples": 4,
     "folds": 5,
     "l2": 0.01,
+    "fit": "two-stage",
+    "platt_l2": 0.001,
 }
 FEATURES_WITH_UNCERTAINTY = list(SIGNAL_TRANSFORMS)
 FEATURES_WITHOUT_UNCERTAINTY = [f for f in SIGNAL_TRANSFORMS if f not in UNCERTAINTY_SIGNALS]
@@ -63,18 +72,45 @@ def _rows(cases: list[QCCase]) -> list[dict]:
     return [{s.name: s for s in c.signals} for c in cases]
 
 
-def fit_models(cases: list[QCCase], l2: float) -> list[LogisticModel]:
-    """The fusion models fitted on these cases (each needs good and failed cases)."""
+def _rows_without_probabilities(cases: list[QCCase]) -> list[dict]:
+    """Signals as QC computes them for a mask without a probability map: the estimator's
+    prediction from (image, mask) alone (the probability signals are not among the features)."""
+    rows = _rows(cases)
+    for row, case in zip(rows, cases, strict=True):
+        if case.predicted_dice_without_probabilities is not None:
+            row["predicted_dice"] = estimator_signal(case.predicted_dice_without_probabilities)
+    return rows
+
+
+def fit_models(cases: list[QCCase], l2: float, fit: str = "two-stage",
+               platt_l2: float = 0.001) -> list[LogisticModel]:
+    """The fusion models fitted on these cases (each needs good and failed cases).
+
+    Args:
+        fit: ``"two-stage"`` (:func:`~pacs_sentinel.qc.fusion.fit_ranked_logistic`, ridge ``l2``
+            on the regression, ``platt_l2`` on the calibration) or ``"logistic"``
+            (:func:`~pacs_sentinel.qc.fusion.fit_logistic` on Dice >= 0.7, ridge ``l2``).
+
+    Raises:
+        ValueError: Unknown ``fit``, or a model without both good and failed cases.
+    """
+    if fit not in ("two-stage", "logistic"):
+        raise ValueError(f"unknown fusion fit {fit!r}; expected 'two-stage' or 'logistic'")
+
+    def one(name: str, features: list[str], rows: list[dict], group: list[QCCase]) -> LogisticModel:
+        dice = np.array([c.dice for c in group])
+        if fit == "logistic":
+            return fit_logistic(name, features, rows, dice >= ACCEPTABLE_DICE, l2=l2)
+        return fit_ranked_logistic(name, features, rows, dice, l2=l2, platt_l2=platt_l2)
+
     judged = [c for c in cases if c.signals is not None]
     own = [c for c in judged if c.uncertainty]
     models = []
     if own:
-        models.append(fit_logistic("with-uncertainty", FEATURES_WITH_UNCERTAINTY, _rows(own),
-                                   np.array([c.dice >= ACCEPTABLE_DICE for c in own]), l2=l2))
-    acceptable = np.array([c.dice >= ACCEPTABLE_DICE for c in judged])
-    models.append(fit_logistic("without-uncertainty", FEATURES_WITHOUT_UNCERTAINTY, _rows(judged), acceptable, l2=l2))
-    models.append(fit_logistic("without-probabilities", FEATURES_WITHOUT_PROBABILITIES, _rows(judged), acceptable,
-                               l2=l2))
+        models.append(one("with-uncertainty", FEATURES_WITH_UNCERTAINTY, _rows(own), own))
+    models.append(one("without-uncertainty", FEATURES_WITHOUT_UNCERTAINTY, _rows(judged), judged))
+    models.append(one("without-probabilities", FEATURES_WITHOUT_PROBABILITIES, _rows_without_probabilities(judged),
+                      judged))
     return models
 
 
@@ -92,7 +128,8 @@ def review_case(fusion: FusionModel, case: QCCase, accept_threshold: float = 0.5
     return score_case(fusion, case) < accept_threshold or bool(policy_reasons(case.signals))
 
 
-def cross_validated_scores(cases: list[QCCase], l2: float, folds: int, seed: int) -> np.ndarray:
+def cross_validated_scores(cases: list[QCCase], l2: float, folds: int, seed: int, fit: str = "two-stage",
+                           platt_l2: float = 0.001) -> np.ndarray:
     """Scores of each case from models fitted without its phantom (folds grouped by seed)."""
     phantoms = sorted({c.seed for c in cases})
     order = np.random.default_rng(seed).permutation(len(phantoms))
@@ -100,7 +137,7 @@ def cross_validated_scores(cases: list[QCCase], l2: float, folds: int, seed: int
     scores = np.zeros(len(cases))
     for fold in range(folds):
         train = [c for c in cases if fold_of[c.seed] != fold]
-        fusion = FusionModel(QC_VERSION, fit_models(train, l2))
+        fusion = FusionModel(QC_VERSION, fit_models(train, l2, fit, platt_l2))
         for i, case in enumerate(cases):
             if fold_of[case.seed] == fold:
                 scores[i] = score_case(fusion, case)
@@ -133,7 +170,7 @@ def fit_fusion(out_path: Path | None = None, *, seed: int = 0, n_images: int | N
                        perturbations_per_image=recipe["perturbations_per_image"],
                        mc_dropout_samples=recipe["mc_dropout_samples"], estimator=estimator, collect_signals=True,
                        progress=progress, desc="fusion: calibration cases")
-    cv = cross_validated_scores(cases, recipe["l2"], recipe["folds"], seed)
+    cv = cross_validated_scores(cases, recipe["l2"], recipe["folds"], seed, recipe["fit"], recipe["platt_l2"])
     dice = np.array([c.dice for c in cases])
     own = np.array([c.uncertainty for c in cases])
     # A case an out-of-range check flags goes to review whatever the threshold: the threshold
@@ -151,7 +188,7 @@ def fit_fusion(out_path: Path | None = None, *, seed: int = 0, n_images: int | N
         "cv_ece_all": round(expected_calibration_error(cv, acceptable), 4),
     }
     fusion = FusionModel(
-        QC_VERSION, fit_models(cases, recipe["l2"]),
+        QC_VERSION, fit_models(cases, recipe["l2"], recipe["fit"], recipe["platt_l2"]),
         calibration={
             "description": ("cross-validated fused scores of the calibration set's own-model masks "
                             "(the segmentation pipeline's path, with MC-dropout samples) that no "

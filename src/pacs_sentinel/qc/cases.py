@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.qc.corruptions import IMAGE_FAMILIES, corrupt_image, dice, perturb_mask
-from pacs_sentinel.qc.estimator import QualityEstimator, estimator_input
+from pacs_sentinel.qc.estimator import INPUT_CHANNELS, QualityEstimator, estimator_input
 from pacs_sentinel.qc.evaluate import segment_signals
 from pacs_sentinel.qc.heuristics import Signal
 from pacs_sentinel.qc.image import assess_image
@@ -50,8 +50,11 @@ class QCCase:
         dice: Dice of the mask against the ground truth.
         empty: The mask is empty (QC scores it 0 without signals).
         signals: The QC signals (None for an empty mask or when not collected).
-        inputs: The estimator input ``(2, G, G, G)`` float16 (None when empty or not collected).
+        inputs: The estimator input ``(channels, G, G, G)`` float16 (None when empty or not collected).
         uncertainty: The case carries the model's stochastic samples.
+        predicted_dice_without_probabilities: The estimator's predicted Dice when the mask is
+            judged without the model's probability map (a third-party SEG's path; None when
+            not collected or the estimator takes no probability map).
     """
 
     seed: int
@@ -62,13 +65,15 @@ class QCCase:
     signals: list[Signal] | None = None
     inputs: np.ndarray | None = None
     uncertainty: bool = False
+    predicted_dice_without_probabilities: float | None = None
 
 
 def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_families: Sequence[str], *,
                perturbations_per_image: int = 3, include_own: bool = True, truth_share: float = 0.0,
                mc_dropout_samples: int = 0, cycle_perturbations: bool = False,
                estimator: QualityEstimator | None = None, collect_signals: bool = False,
-               collect_inputs: bool = False, progress: bool = True, desc: str = "cases") -> list[QCCase]:
+               collect_inputs: bool = False, input_channels: int = INPUT_CHANNELS, progress: bool = True,
+               desc: str = "cases") -> list[QCCase]:
     """Draw cases: phantom ``i`` uses ``seeds[i]`` and image family ``image_families[i % n]``.
 
     Args:
@@ -86,7 +91,10 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
             each image family meeting every mask family) instead of drawing them (evaluation).
         estimator: Adds the estimator's signal when collecting signals.
         collect_signals: Compute every QC signal of each case.
-        collect_inputs: Keep the estimator input of each case.
+        collect_inputs: Keep the estimator input of each case (the model's probability map in
+            the third channel, for every mask family: a perturbed mask is judged against the
+            probabilities the model produced for its own mask, as QC judges it).
+        input_channels: Channels of the kept inputs (:func:`~pacs_sentinel.qc.estimator.estimator_input`).
         progress: tqdm progress bar.
 
     Returns:
@@ -122,7 +130,8 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
             case = QCCase(seed, family, mask_family, dice(mask, phantom.liver), empty=not mask.any(),
                           uncertainty=mask_family == "none" and result.uncertainty is not None)
             if not case.empty and collect_inputs:
-                case.inputs = estimator_input(hu, mask, phantom.spacing).astype(np.float16)
+                case.inputs = estimator_input(hu, mask, phantom.spacing, probabilities=result.probabilities[0],
+                                              channels=input_channels).astype(np.float16)
             if not case.empty and collect_signals:
                 judged = copy.copy(result)
                 judged.mask = mask[None]
@@ -130,6 +139,8 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
                     judged.uncertainty = None
                 case.signals = segment_signals(volume, judged, 0, image_signals=image_qc.signals,
                                                midline_x=midline, estimator=estimator)
+                if estimator is not None and estimator.channels == 3:
+                    case.predicted_dice_without_probabilities = estimator.predict(hu, mask, phantom.spacing)
             cases.append(case)
     return cases
 

@@ -10,10 +10,14 @@ the label.
 
 Input (:func:`estimator_input`): a cube of ``BOX_MM`` mm around the centre of the mask's
 bounding box, in canonical (axial, LPS) index order, averaged down to ``GRID`` voxels per
-side (area interpolation: the mask channel keeps its partial volume); two channels, the
-image windowed to ``WINDOW_HU`` and scaled to [0, 1], and the mask's voxel fraction. A fixed
-physical size keeps the organ's scale and its neighbours in view. Output: the predicted Dice
-in [0, 1] (sigmoid). Network: MONAI ``Regressor``.
+side (area interpolation: the mask channel keeps its partial volume); three channels, the
+image windowed to ``WINDOW_HU`` and scaled to [0, 1], the mask's voxel fraction and (since
+estimator 2.0.0) the segmentation model's probability map. A mask that comes without
+probabilities (a third-party SEG) gets the mask itself in the third channel: the network was
+trained with that substitution on a share of its cases (:mod:`pacs_sentinel.qc.train_estimator`),
+so one estimator judges both. A fixed physical size keeps the organ's scale and its neighbours
+in view. Output: the predicted Dice in [0, 1] (sigmoid). Network: MONAI ``Regressor``.
+Estimators of two channels (1.x: image, mask) still load and are fed two channels.
 
 Shipped weights live in ``qc/models/estimator/`` (``model.pt`` + ``card.json``, the card
 recording the recipe, seeds, families and held-out metrics); ``sentinel train-demo
@@ -53,9 +57,12 @@ WINDOW_HU = (-200.0, 300.0)
 PREDICTED_DICE_LOW = 0.5
 PREDICTED_DICE_HIGH = 0.9
 
+#: Input channels: image, mask, probability map (2: the 1.x estimators' image and mask).
+INPUT_CHANNELS = 3
+
 #: Architecture of the estimator network (keyword arguments of MONAI ``Regressor``).
 ESTIMATOR_ARCHITECTURE: dict[str, Any] = {
-    "in_shape": [2, GRID, GRID, GRID],
+    "in_shape": [INPUT_CHANNELS, GRID, GRID, GRID],
     "out_shape": [1],
     "channels": [8, 16, 32, 64],
     "strides": [2, 2, 2, 2],
@@ -95,8 +102,9 @@ def _canonical(array: np.ndarray, direction: np.ndarray | None, spacing: tuple[f
 
 
 def estimator_input(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float],
-                    direction: np.ndarray | None = None) -> np.ndarray:
-    """The network input for one mask: ``(2, GRID, GRID, GRID)`` float32.
+                    direction: np.ndarray | None = None, probabilities: np.ndarray | None = None, *,
+                    channels: int = INPUT_CHANNELS) -> np.ndarray:
+    """The network input for one mask: ``(channels, GRID, GRID, GRID)`` float32.
 
     Args:
         image: ``(slices, rows, cols)`` in HU.
@@ -104,16 +112,25 @@ def estimator_input(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
         spacing: ``(slice, row, col)`` in mm.
         direction: The volume's direction matrix (columns: column, row, slice index vectors);
             None for axial LPS.
+        probabilities: The segmentation model's probability map of this label, same shape,
+            values in [0, 1]; None when the mask came without one (the mask stands in).
+        channels: 3 (image, mask, probabilities) or 2 (image, mask: estimators 1.x).
 
     Raises:
-        ValueError: Shapes differ or the mask is empty.
+        ValueError: Shapes differ, the mask is empty, or ``channels`` is not 2 or 3.
     """
     if image.shape != mask.shape or image.ndim != 3:
         raise ValueError(f"image {image.shape} and mask {mask.shape} must be the same 3D shape")
+    if probabilities is not None and probabilities.shape != mask.shape:
+        raise ValueError(f"probabilities {probabilities.shape} and mask {mask.shape} must be the same shape")
+    if channels not in (2, 3):
+        raise ValueError(f"the estimator input has 2 or 3 channels, not {channels}")
     if not mask.any():
         raise ValueError("the estimator needs a non-empty mask")
     image, canonical_spacing = _canonical(image, direction, spacing)
     mask, _ = _canonical(mask, direction, spacing)
+    if probabilities is not None:
+        probabilities, _ = _canonical(probabilities, direction, spacing)
     box = bounding_box(mask)
     assert box is not None  # the mask is not empty (checked above)
     centre = np.array([(lo + hi - 1) / 2.0 for lo, hi in box])
@@ -125,7 +142,11 @@ def estimator_input(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     windowed = np.clip((image[src].astype(np.float32) - lo_hu) / (hi_hu - lo_hu), 0.0, 1.0)
     windowed = np.pad(windowed, pad, constant_values=0.0)  # air outside the image
     fraction = np.pad(mask[src].astype(np.float32), pad, constant_values=0.0)
-    stacked = torch.from_numpy(np.stack([windowed, fraction]))[None]
+    planes = [windowed, fraction]
+    if channels == 3:
+        planes.append(fraction if probabilities is None else
+                      np.pad(np.clip(probabilities[src].astype(np.float32), 0.0, 1.0), pad, constant_values=0.0))
+    stacked = torch.from_numpy(np.stack(planes))[None]
     resized = F.interpolate(stacked, size=(GRID, GRID, GRID), mode="area")
     return resized[0].numpy().astype(np.float32)
 
@@ -137,20 +158,24 @@ class QualityEstimator:
         self.network = network.eval()
         self.card = card
         self.version = str(card.get("version", "0"))
+        #: Input channels the network takes (3: image, mask, probabilities; 2: estimators 1.x).
+        self.channels = int((card.get("architecture") or ESTIMATOR_ARCHITECTURE)["in_shape"][0])
         self._lock = threading.Lock()
 
     def predict_inputs(self, inputs: np.ndarray) -> np.ndarray:
-        """Predicted Dice for a batch of :func:`estimator_input` arrays ``(n, 2, GRID, GRID, GRID)``."""
+        """Predicted Dice for a batch of :func:`estimator_input` arrays ``(n, channels, GRID, GRID, GRID)``."""
         with self._lock, torch.inference_mode():
             logits = self.network(torch.as_tensor(inputs, dtype=torch.float32))
         return torch.sigmoid(logits).reshape(-1).numpy().astype(np.float64)
 
     def predict(self, image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float],
-                direction: np.ndarray | None = None) -> float:
-        """Predicted Dice of ``mask`` on ``image`` (0.0 for an empty mask)."""
+                direction: np.ndarray | None = None, probabilities: np.ndarray | None = None) -> float:
+        """Predicted Dice of ``mask`` on ``image`` (0.0 for an empty mask); ``probabilities``: the
+        model's probability map of the mask's label, None for a mask that came without one."""
         if not mask.any():
             return 0.0
-        return float(self.predict_inputs(estimator_input(image, mask, spacing, direction)[None])[0])
+        inputs = estimator_input(image, mask, spacing, direction, probabilities, channels=self.channels)
+        return float(self.predict_inputs(inputs[None])[0])
 
 
 _cache: dict[Path, QualityEstimator] = {}

@@ -2,10 +2,11 @@
 
 The input-image checks (:mod:`pacs_sentinel.qc.image`, computed once per volume and applied
 to every segment), the mask heuristics, the learned confidence estimator
-(:mod:`pacs_sentinel.qc.estimator`, a predicted Dice), the model's own probability map (mean
+(:mod:`pacs_sentinel.qc.estimator`, a predicted Dice; since QC 2.2.0 it sees the model's
+probability map too when there is one), the model's own probability map (mean
 probability inside the mask and, since QC 2.1.0, the expected Dice of the mask under it) and,
 when the inference produced stochastic samples, the uncertainty signals are fused by the fitted
-fusion model (:mod:`pacs_sentinel.qc.fusion`): a non-negative logistic regression fitted on a calibration
+fusion model (:mod:`pacs_sentinel.qc.fusion`): a non-negative logistic model fitted on a calibration
 set, so the score reads as the probability that the mask's Dice is at least 0.7; checks
 the calibration never saw multiply it. The verdict is *Accepted* when ``quality_score >=
 accept_threshold`` and no check against the model card's range fired (volume, location: the
@@ -41,7 +42,7 @@ from pacs_sentinel.results import QCResult, Reason, SegmentationResult, SegmentQ
 
 log = structlog.get_logger(__name__)
 
-QC_VERSION = "2.1.0"
+QC_VERSION = "2.2.0"
 
 
 def shipped_fusion() -> FusionModel:
@@ -96,7 +97,9 @@ def segment_signals(volume: Volume, result: SegmentationResult, index: int, *, i
         if location_check is not None:
             signals.append(location_check)
     if estimator is not None:
-        signals.append(estimator_signal(estimator.predict(volume.array, mask, volume.spacing, volume.direction)))
+        probabilities = result.probabilities[index] if result.probabilities is not None else None
+        signals.append(estimator_signal(estimator.predict(volume.array, mask, volume.spacing, volume.direction,
+                                                          probabilities)))
     if result.uncertainty is not None:
         signals += uncertainty_signals(result.uncertainty, index)
     signals += extra or []

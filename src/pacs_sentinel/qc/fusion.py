@@ -1,9 +1,13 @@
 """Fitted fusion of the QC signals: one score that reads as P(Dice >= 0.7).
 
-The fusion is a logistic regression on monotone transforms of the signals, fitted on a
+The fusion is a logistic model on monotone transforms of the signals, fitted on a
 calibration set of phantom cases (:mod:`pacs_sentinel.qc.calibrate`), with every weight
 constrained to be non-negative: each transform grows with the signal's "goodness", so a
-strictly worse signal can never raise the score (monotonicity, tested). Transforms:
+strictly worse signal can never raise the score (monotonicity, tested). Since QC 2.2.0 it is
+fitted in two stages (:func:`fit_ranked_logistic`: a non-negative regression of logit(Dice)
+on the features, then a Platt calibration of that predictor to Dice >= 0.7), so the score
+orders good masks by their Dice too instead of saturating among them; the stored model is
+the same logistic model (:func:`fit_logistic` fits it directly on Dice >= 0.7). Transforms:
 
 - ``"logit"``: ``logit(value)`` for signals where higher is better (predicted Dice, sample
   Dice, mean probability, expected Dice, largest-component share, roundness), clipped to [0.01, 0.99];
@@ -274,3 +278,71 @@ def calibrated_threshold(fusion: FusionModel, *, target_review_rate: float | Non
 
     scores, failed = calibration_curve(fusion)
     return derive_threshold(scores, failed, target_review_rate=target_review_rate, max_risk=max_risk)
+
+
+def fit_ranked_logistic(name: str, features: list[str], rows: list[dict[str, Signal]], dice: np.ndarray,
+                        l2: float = 1e-2, platt_l2: float = 1e-3, target: str = "logit-dice") -> LogisticModel:
+    """Fit in two stages: a non-negative linear predictor of the Dice, then its calibration.
+
+    Stage 1 regresses the Dice (``target="dice"``) or its logit (``"logit-dice"``, the Dice
+    clipped to [0.01, 0.99]) on the standardised features, weights >= 0 (ridge penalty ``l2``
+    per case): the predictor orders *every* case by its Dice, where a logistic fit on
+    ``Dice >= 0.7`` only cares about the cases near that line and saturates among good masks.
+    Stage 2 is a one-dimensional Platt calibration of that predictor to P(Dice >=
+    :data:`ACCEPTABLE_DICE`) (``sigmoid(a z + b)``, a >= 0, a ridge ``platt_l2`` on ``a`` of
+    the standardised predictor: light, since a strong one flattens the probabilities, a very
+    light one lets the scores of the worst and best masks saturate and tie at the reported
+    four decimals). The product is a :class:`LogisticModel` with weights ``a * w`` (still >= 0:
+    monotone) and the same reading as :func:`fit_logistic`'s.
+
+    Raises:
+        ValueError: No rows, only one class, or an unknown target.
+    """
+    from scipy.optimize import lsq_linear
+
+    dice = np.asarray(dice, dtype=np.float64)
+    y = (dice >= ACCEPTABLE_DICE).astype(np.float64)
+    if len(rows) == 0 or y.min() == y.max():
+        raise ValueError(f"fusion model {name!r} needs both acceptable and failed cases (got {len(rows)} rows)")
+    if target == "dice":
+        t = dice
+    elif target == "logit-dice":
+        clipped = np.clip(dice, _LOGIT_CLIP, 1.0 - _LOGIT_CLIP)
+        t = np.log(clipped / (1.0 - clipped))
+    else:
+        raise ValueError(f"unknown regression target {target!r}; expected 'dice' or 'logit-dice'")
+    probe = LogisticModel(name, features, [0.0] * len(features), 0.0)
+    x = np.stack([probe.feature_vector(r) for r in rows])
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std[std < 1e-9] = np.inf  # a constant feature gets weight 0
+    xs = (x - mean) / std
+    n, k = xs.shape
+    # Ridge as extra rows: minimise |xs w + c - t|^2 / n + l2 |w|^2 with w >= 0, c free.
+    design = np.vstack([np.hstack([xs, np.ones((n, 1))]) / math.sqrt(n),
+                        np.hstack([math.sqrt(l2) * np.eye(k), np.zeros((k, 1))])])
+    rhs = np.concatenate([(t - t.mean()) / math.sqrt(n), np.zeros(k)])
+    lower, upper = np.r_[np.zeros(k), -np.inf], np.full(k + 1, np.inf)
+    solution = lsq_linear(design, rhs, bounds=(lower, upper), method="bvls").x
+    w, c = solution[:k], solution[k]
+    z = xs @ w + c
+    scale = float(z.std()) if z.std() > 1e-12 else 1.0
+    a, b = _platt(z / scale, y, platt_l2)
+    weights = a / scale * w / std
+    intercept = float(a / scale * (c - np.sum(w * mean / std)) + b)
+    return LogisticModel(name, list(features), [float(max(0.0, v)) for v in weights], intercept)
+
+
+def _platt(z: np.ndarray, y: np.ndarray, l2: float) -> tuple[float, float]:
+    """``(a, b)`` of the logistic fit ``sigmoid(a z + b)`` to ``y``, a >= 0, ridge ``l2`` on a."""
+    from scipy.optimize import minimize
+
+    n = len(y)
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        u = theta[0] * z + theta[1]
+        p = 1.0 / (1.0 + np.exp(-np.clip(u, -50, 50)))
+        nll = np.sum(np.logaddexp(0.0, u) - y * u) / n + 0.5 * l2 * theta[0] ** 2
+        return float(nll), np.array([np.sum((p - y) * z) / n + l2 * theta[0], np.sum(p - y) / n])
+
+    result = minimize(loss, np.array([1.0, 0.0]), jac=True, bounds=[(0.0, None), (None, None)], method="L-BFGS-B")
+    return float(result.x[0]), float(result.x[1])
