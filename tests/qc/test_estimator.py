@@ -15,6 +15,7 @@ from pacs_sentinel.qc.estimator import (
     ESTIMATOR_ARCHITECTURE,
     GRID,
     INPUT_CHANNELS,
+    WINDOW_HU,
     QualityEstimator,
     build_estimator_network,
     estimator_input,
@@ -65,6 +66,38 @@ def test_input_is_the_same_whatever_the_stored_orientation(phantom) -> None:
     a = estimator_input(phantom.hu, phantom.liver, phantom.spacing)
     b = estimator_input(phantom.hu[:, :, ::-1], phantom.liver[:, :, ::-1], phantom.spacing, flipped)
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _reference_input(image, mask, spacing, probabilities):
+    """The estimator input by its definition (axial LPS): a BOX_MM box centred on the mask's
+    bounding box, padded with zeros (air, no mask, no probability), image windowed to [0, 1],
+    probabilities clipped, area-averaged to GRID^3."""
+    box = [(int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))).min()),
+            int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))).max()) + 1) for k in range(3)]
+    size = [max(1, int(round(BOX_MM / s))) for s in spacing]
+    low = [int(round((lo + hi - 1) / 2.0 - n / 2.0)) for (lo, hi), n in zip(box, size)]
+    src = tuple(slice(max(0, lo), min(d, lo + n)) for lo, n, d in zip(low, size, image.shape))
+    pad = [(max(0, -lo), max(0, lo + n - d)) for lo, n, d in zip(low, size, image.shape)]
+    low_hu, high_hu = WINDOW_HU
+    planes = [np.pad(np.clip((image[src].astype(np.float32) - low_hu) / (high_hu - low_hu), 0, 1), pad),
+              np.pad(mask[src].astype(np.float32), pad)]
+    planes.append(planes[1] if probabilities is None else np.pad(np.clip(probabilities[src], 0, 1), pad))
+    stacked = torch.from_numpy(np.stack(planes).astype(np.float32))[None]
+    return torch.nn.functional.interpolate(stacked, size=(GRID,) * 3, mode="area")[0].numpy()
+
+
+def test_input_matches_its_definition_also_where_the_box_leaves_the_image() -> None:
+    rng = np.random.default_rng(1)
+    for case in range(12):
+        shape = tuple(int(n) for n in rng.integers(20, 70, 3))
+        image = rng.normal(0.0, 300.0, shape).astype(np.int16 if case % 3 == 0 else np.float32)
+        z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+        centre = [int(rng.integers(0, n)) for n in shape]  # often near an edge
+        mask = (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 < int(rng.integers(2, 15)) ** 2
+        spacing = tuple(float(s) for s in rng.uniform(0.5, 6.0, 3))
+        probabilities = rng.uniform(-0.1, 1.1, shape).astype(np.float32) if case % 2 else None
+        np.testing.assert_array_equal(estimator_input(image, mask, spacing, None, probabilities),
+                                      _reference_input(image, mask, spacing, probabilities))
 
 
 def test_bad_inputs_are_clear_errors(phantom) -> None:

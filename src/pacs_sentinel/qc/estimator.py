@@ -138,16 +138,22 @@ def estimator_input(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     low = [int(round(c - n / 2.0)) for c, n in zip(centre, size, strict=True)]
     src = tuple(slice(max(0, lo), min(dim, lo + n)) for lo, n, dim in zip(low, size, image.shape, strict=True))
     pad = [(max(0, -lo), max(0, lo + n - dim)) for lo, n, dim in zip(low, size, image.shape, strict=True)]
+    # Each plane is written once into a zeroed box (zero = air, no mask, no probability outside
+    # the image): no padded copies, no stacking copy (a 200 mm box on a 0.8 mm CT is 16M voxels).
+    planes = np.zeros((channels, *size), dtype=np.float32)
+    dst = tuple(slice(before, before + (s.stop - s.start)) for (before, _), s in zip(pad, src, strict=True))
     lo_hu, hi_hu = WINDOW_HU
-    windowed = np.clip((image[src].astype(np.float32) - lo_hu) / (hi_hu - lo_hu), 0.0, 1.0)
-    windowed = np.pad(windowed, pad, constant_values=0.0)  # air outside the image
-    fraction = np.pad(mask[src].astype(np.float32), pad, constant_values=0.0)
-    planes = [windowed, fraction]
+    windowed = image[src].astype(np.float32)
+    windowed -= lo_hu
+    windowed /= hi_hu - lo_hu
+    np.clip(windowed, 0.0, 1.0, out=planes[0][dst])
+    planes[1][dst] = mask[src]
     if channels == 3:
-        planes.append(fraction if probabilities is None else
-                      np.pad(np.clip(probabilities[src].astype(np.float32), 0.0, 1.0), pad, constant_values=0.0))
-    stacked = torch.from_numpy(np.stack(planes))[None]
-    resized = F.interpolate(stacked, size=(GRID, GRID, GRID), mode="area")
+        if probabilities is None:
+            planes[2] = planes[1]  # the mask stands in
+        else:
+            np.clip(probabilities[src].astype(np.float32, copy=False), 0.0, 1.0, out=planes[2][dst])
+    resized = F.interpolate(torch.from_numpy(planes)[None], size=(GRID, GRID, GRID), mode="area")
     return resized[0].numpy().astype(np.float32)
 
 
