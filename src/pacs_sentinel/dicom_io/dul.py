@@ -242,9 +242,6 @@ class EventDrivenDUL(DULServiceProvider):
         finally:
             self._wake_r.close()
             self._wake_w.close()
-            abandon = getattr(self.assoc.dimse, "abandon_message", None)
-            if abandon is not None:  # a data set cut off mid-transfer: remove its spool file
-                abandon()
 
 
 def make_event_driven(dul: DULServiceProvider) -> EventDrivenDUL:

@@ -52,11 +52,11 @@ from pynetdicom.presentation import PresentationContext, StoragePresentationCont
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from pacs_sentinel.dicom_io.dimse import make_acceptor_dimse
+from pacs_sentinel.dicom_io.dimse import make_store_response_fast
 from pacs_sentinel.dicom_io.dul import make_event_driven
 from pacs_sentinel.dicom_io.index import Database, Synchronous
 from pacs_sentinel.dicom_io.reactor import make_event_driven_acceptor
-from pacs_sentinel.dicom_io.spool import IncomingFile, Spool, StoreOutcome, read_instance_info
+from pacs_sentinel.dicom_io.spool import Spool, StoreOutcome, read_instance_info
 from pacs_sentinel.errors import DecodeError, SentinelError, StorageError
 
 log = structlog.get_logger(__name__)
@@ -166,10 +166,7 @@ class ScpSettings:
 # 2. C-STORE and C-ECHO requests are served in the DUL thread as soon as they are complete;
 #    the association reactor, for everything else, waits on the DIMSE queue instead of
 #    sleeping (:mod:`~pacs_sentinel.dicom_io.reactor`);
-# 3. C-STORE responses are encoded without pydicom, and a C-STORE data set is written to its
-#    spool file fragment by fragment while it arrives, its write-back started at once, so
-#    that the flush before the answer waits only for the tail
-#    (:mod:`~pacs_sentinel.dicom_io.dimse`, :meth:`Spool.open_incoming`);
+# 3. C-STORE responses are encoded without pydicom (:mod:`~pacs_sentinel.dicom_io.dimse`);
 # 4. a plain (non-TLS) socket reads a whole PDU with one ``recv_into(MSG_WAITALL)``;
 # 5. pynetdicom's per-message logging handlers are unbound while its logger would drop
 #    their lines, and each association's presentation contexts are copied without
@@ -217,7 +214,7 @@ class _TunedRequestHandler(RequestHandler):
         assoc = super()._create_association()
         if getattr(self.server, "fast_poll", False):
             make_event_driven_acceptor(assoc)
-            make_acceptor_dimse(assoc.dimse, getattr(self.server, "open_data_set_file", None))
+            make_store_response_fast(assoc.dimse)
             dul = make_event_driven(assoc.dul)
             dul._run_loop_delay = DUL_IDLE_DELAY_S
             sock = dul.socket
@@ -255,7 +252,6 @@ class _Server(ThreadedAssociationServer):
     reuse_port = False
     fast_poll = False
     handshake_timeout: float | None = 30.0
-    open_data_set_file: Callable[[Association, int, Any], IncomingFile | None] | None = None
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -373,44 +369,15 @@ class StorageScp:
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
 
-    def open_data_set_file(self, assoc: Association, context_id: int, command_set: Any) -> IncomingFile | None:
-        """The spool file a C-STORE data set is written to while it arrives (see :mod:`.dimse`).
-
-        Made from the request's announced UIDs; :meth:`handle_store` stores from it only when
-        the decoded data set gives the same file meta, and removes it otherwise. ``None``
-        (data set kept in memory only, stored the usual way) when the context is not
-        accepted, the disk is short of room or the command lacks a UID.
-        """
-        context = assoc._accepted_cx.get(context_id)
-        sop_class_uid = command_set.get("AffectedSOPClassUID")
-        sop_instance_uid = command_set.get("AffectedSOPInstanceUID")
-        if context is None or not sop_class_uid or not sop_instance_uid or not self._disk.has_room():
-            return None
-        return self.spool.open_incoming(
-            str(sop_class_uid), str(sop_instance_uid), str(context.transfer_syntax[0]),
-            calling_ae=str(assoc.requestor.ae_title).strip(), fsync=self.settings.fsync == "always",
-            implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
-            implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION)
-
     def handle_store(self, event: Event) -> int:
         """EVT_C_STORE handler: persist and index, then return the DIMSE status.
 
         The data set is stored as received: its identifying attributes are read from the
         encoded bytes (:func:`read_instance_info`, no copy of the pixel data) and the bytes
-        go to the file as they are, behind the file meta the spool writes. When the data set
-        was already written while it arrived (``sink`` of the request's data set), that file
-        is used if it holds exactly those bytes, and removed otherwise.
+        go to the file as they are, behind the file meta the spool writes.
         """
-        encoded: BytesIO = event.request.DataSet  # type: ignore[assignment]
-        incoming: IncomingFile | None = getattr(encoded, "sink", None)
-        try:
-            return self._store(event, encoded, incoming)
-        finally:
-            if incoming is not None:
-                incoming.discard()  # nothing when it became the stored file
-
-    def _store(self, event: Event, encoded: BytesIO, incoming: IncomingFile | None) -> int:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
+        encoded: BytesIO = event.request.DataSet  # type: ignore[assignment]
         try:
             info = read_instance_info(encoded, str(event.context.transfer_syntax))
         except DecodeError as exc:
@@ -434,7 +401,7 @@ class StorageScp:
                 outcome = self.spool.store_dataset(
                     dataset, info, calling_ae=calling_ae, fsync=self.settings.fsync == "always",
                     implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
-                    implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION, incoming=incoming)
+                    implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION)
         except (StorageError, OSError) as exc:
             bound.error("instance refused: cannot store", error=str(exc))
             return STATUS_OUT_OF_RESOURCES
@@ -463,7 +430,6 @@ class StorageScp:
             "reuse_port": self.reuse_port,
             "fast_poll": self.settings.fast_poll,
             "handshake_timeout": self.settings.acse_timeout,
-            "open_data_set_file": staticmethod(self.open_data_set_file),
         })
         server = ae.make_server(
             (self.settings.host, self.settings.port),

@@ -18,14 +18,6 @@ Durability (``fsync`` of :meth:`Spool.store`):
   process crash loses nothing, a power cut may lose the last seconds of acknowledged
   instances. For spools on battery-backed storage or test systems.
 
-A data set received over the network can be written while it arrives
-(:meth:`Spool.open_incoming`): its temporary file lives in ``<spool>/.incoming`` until the
-whole data set is in, and with ``fsync`` the kernel is asked to start writing each fragment
-back at once (``sync_file_range``, Linux), so the flush before the rename only waits for the
-tail. The file is then finished exactly as above (flushed, renamed into its folder, folder
-flushed, indexed); until the rename it is a temporary file that :meth:`Spool.reconcile`
-removes.
-
 The index row is committed with SQLite ``synchronous=NORMAL`` by default (see
 :mod:`pacs_sentinel.dicom_io.index`): it survives a process crash, and a row lost to a power
 cut is rebuilt from its fsynced file by :meth:`Spool.reconcile` at start-up. The file, not
@@ -34,16 +26,13 @@ the row, is what makes an acknowledged instance durable.
 
 from __future__ import annotations
 
-import ctypes
-import itertools
 import os
 import re
 import struct
-import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -73,36 +62,6 @@ PREAMBLE = b"\0" * 128 + b"DICM"
 KNOWN_FOLDERS_MAX = 4096
 
 _datasync = getattr(os, "fdatasync", os.fsync)  # data and size, not the times (no fdatasync on macOS)
-
-#: Folder under the spool root that holds the temporary files of data sets being received.
-INCOMING_FOLDER = ".incoming"
-
-#: ``sync_file_range`` flag: start writing the range back, do not wait (Linux).
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def _find_sync_file_range() -> Callable[[int, int, int], None] | None:
-    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)`` from the C library, or None.
-
-    Python's :mod:`os` does not offer it; without it (not Linux, or a C library without the
-    call) received data are written back when the flush asks for them, as before.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-
-    def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-        function(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)  # a hint: its failure changes nothing
-
-    return start_writeback
-
-
-_start_writeback = _find_sync_file_range()
 
 
 @dataclass(frozen=True)
@@ -278,18 +237,11 @@ def file_meta(info: InstanceInfo, *, implementation_class_uid: str, implementati
     :meth:`Spool.reconcile` finds it when it re-indexes a file; it is left out when it is not
     plain ASCII.
     """
-    return _file_meta(info.sop_class_uid, info.sop_instance_uid, info.transfer_syntax,
-                      implementation_class_uid=implementation_class_uid,
-                      implementation_version_name=implementation_version_name, source_ae=source_ae)
-
-
-def _file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, *, implementation_class_uid: str,
-               implementation_version_name: str, source_ae: str) -> bytes:
     elements = [
         _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\0")),
-        _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\0")),
-        _meta_element(0x0010, b"UI", _padded(transfer_syntax, b"\0")),
+        _meta_element(0x0002, b"UI", _padded(info.sop_class_uid, b"\0")),
+        _meta_element(0x0003, b"UI", _padded(info.sop_instance_uid, b"\0")),
+        _meta_element(0x0010, b"UI", _padded(info.transfer_syntax, b"\0")),
         _meta_element(0x0012, b"UI", _padded(implementation_class_uid, b"\0")),
     ]
     if implementation_version_name:
@@ -343,97 +295,6 @@ def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
             views[0] = views[0][written:]
 
 
-class IncomingFile:
-    """The temporary file of a data set that is written to the spool while it arrives.
-
-    Made by :meth:`Spool.open_incoming` once a C-STORE request's command set is in: the
-    file starts with the File Meta Information made from the command's UIDs, and each
-    data set fragment is appended by :meth:`write` as it arrives. :meth:`Spool.store_dataset`
-    uses the file only when the File Meta Information made from the *decoded* data set is
-    the same bytes and every fragment was written; otherwise it writes the instance from
-    memory as usual. A file that is not used is removed by :meth:`discard`. Used by one
-    thread at a time (the association's).
-    """
-
-    _counter = itertools.count()
-
-    def __init__(self, folder: str, header: bytes, *, writeback: bool) -> None:
-        """Create the temporary file and write ``header`` into it.
-
-        Raises:
-            OSError: The file cannot be created or written.
-        """
-        self.header = header
-        self.path = os.path.join(folder, f"{os.getpid()}.{next(self._counter)}.{time.monotonic_ns()}{TEMP_SUFFIX}")
-        self.dataset_size = 0
-        self.error: OSError | None = None
-        self._writeback = _start_writeback if writeback else None
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self._offset = 0
-        try:
-            self._append(header)
-        except OSError:
-            self.discard()
-            raise
-
-    def _append(self, data: bytes | memoryview) -> None:
-        assert self._fd is not None
-        _write_all(self._fd, [data])
-        if self._writeback is not None:
-            self._writeback(self._fd, self._offset, len(data))
-        self._offset += len(data)
-
-    def write(self, fragment: bytes | memoryview) -> None:
-        """Append a data set fragment; a failure is kept in :attr:`error` (the data set stays in memory)."""
-        if self._fd is None or self.error is not None:
-            return
-        try:
-            self._append(fragment)
-            self.dataset_size += len(fragment)
-        except OSError as exc:
-            self.error = exc
-
-    def usable_for(self, header: bytes, dataset_size: int) -> bool:
-        """True when this file holds ``header`` followed by a data set of ``dataset_size`` bytes."""
-        return self._fd is not None and self.error is None and header == self.header \
-            and dataset_size == self.dataset_size
-
-    def finish(self, fsync: bool) -> str:
-        """Flush (with ``fsync``) and close the file; returns its path, ready to be renamed.
-
-        Raises:
-            OSError: The flush failed (the file is left for the caller to remove).
-        """
-        fd, self._fd = self._fd, None
-        if fd is None:
-            raise OSError(f"{self.path} was already finished or discarded")
-        try:
-            if fsync:
-                _datasync(fd)
-        finally:
-            os.close(fd)
-        return self.path
-
-    def discard(self) -> None:
-        """Close and remove the file (nothing happens when it was finished or discarded)."""
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            os.close(fd)
-        finally:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass  # the folder went away; reconcile removes what is left
-
-    def __del__(self) -> None:  # an association that ended between fragments and answer
-        try:
-            self.discard()
-        except OSError:
-            pass
-
-
 class Spool:
     """Received instances on disk under ``<data_dir>/spool/<study>/<series>/<sop>.dcm``."""
 
@@ -449,8 +310,6 @@ class Spool:
         """
         self.root = Path(data_dir) / "spool"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.incoming = self.root / INCOMING_FOLDER
-        self.incoming.mkdir(exist_ok=True)
         self.database = database
         self.index_synchronous: Synchronous = index_synchronous
         self._root = str(self.root)
@@ -480,59 +339,27 @@ class Spool:
         view = memoryview(encoded)
         return self._store([view], view[_dataset_offset(encoded[:144]):], info, calling_ae, fsync)
 
-    def open_incoming(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, *, calling_ae: str,
-                      implementation_class_uid: str, implementation_version_name: str = "",
-                      fsync: bool = True) -> IncomingFile | None:
-        """Start the file of a data set that is still arriving (see :class:`IncomingFile`).
-
-        The UIDs are those the C-STORE request announces; :meth:`store_dataset` checks them
-        against the decoded data set. ``fsync`` starts the write-back of every fragment at once.
-
-        Returns:
-            The file, or ``None`` when it cannot be made (the instance is then stored from
-            memory, and any real trouble with the disk is reported there).
-        """
-        try:
-            header = _file_meta(sop_class_uid, sop_instance_uid, transfer_syntax,
-                                implementation_class_uid=implementation_class_uid,
-                                implementation_version_name=implementation_version_name, source_ae=calling_ae)
-            return IncomingFile(str(self.incoming), header, writeback=fsync)
-        except FileNotFoundError:  # the folder was removed behind our back: make it again next time
-            self.incoming.mkdir(exist_ok=True)
-            return None
-        except (OSError, UnicodeEncodeError):
-            return None
-
     def store_dataset(self, dataset: bytes | memoryview, info: InstanceInfo, *, calling_ae: str,
                       implementation_class_uid: str, implementation_version_name: str = "",
-                      fsync: bool = True, incoming: IncomingFile | None = None) -> StoreOutcome:
+                      fsync: bool = True) -> StoreOutcome:
         """:meth:`store` for an encoded data set as received: the spool writes the file meta.
 
         The data set is written as it is (no copy is made of it); the File Meta Information
-        comes from :func:`file_meta`, with ``calling_ae`` as the source AE title. With
-        ``incoming`` (the same data set, already written while it arrived) that file is
-        finished instead when it holds exactly these bytes; it is removed in every other case.
+        comes from :func:`file_meta`, with ``calling_ae`` as the source AE title.
 
         Raises:
             StorageError: The file could not be written or the index could not be updated.
         """
         try:
-            try:
-                header = file_meta(info, implementation_class_uid=implementation_class_uid,
-                                   implementation_version_name=implementation_version_name, source_ae=calling_ae)
-            except UnicodeEncodeError as exc:
-                raise StorageError(f"cannot write the file meta of {info.sop_instance_uid}: {exc}") from exc
-            view = memoryview(dataset)
-            if incoming is not None and not incoming.usable_for(header, len(view)):
-                incoming.discard()
-                incoming = None
-            return self._store([header, view], view, info, calling_ae, fsync, incoming)
-        finally:
-            if incoming is not None:
-                incoming.discard()  # nothing when it became the stored file
+            header = file_meta(info, implementation_class_uid=implementation_class_uid,
+                               implementation_version_name=implementation_version_name, source_ae=calling_ae)
+        except UnicodeEncodeError as exc:
+            raise StorageError(f"cannot write the file meta of {info.sop_instance_uid}: {exc}") from exc
+        view = memoryview(dataset)
+        return self._store([header, view], view, info, calling_ae, fsync)
 
     def _store(self, parts: list[bytes | memoryview], dataset: memoryview, info: InstanceInfo, calling_ae: str,
-               fsync: bool, incoming: IncomingFile | None = None) -> StoreOutcome:
+               fsync: bool) -> StoreOutcome:
         target = self.path_for(info)
         db = self.database.connection()
         existing = db.execute(
@@ -546,22 +373,23 @@ class Spool:
 
         final = os.fspath(target)
         folder = os.path.dirname(final)
-        temp = incoming.path if incoming is not None else f"{final}.{os.getpid()}.{time.monotonic_ns()}{TEMP_SUFFIX}"
+        temp = f"{final}.{os.getpid()}.{time.monotonic_ns()}{TEMP_SUFFIX}"
         size = sum(len(part) for part in parts)
         try:
             self._ensure_folder(info, fsync)
-            if incoming is not None:
-                incoming.finish(fsync)
-            else:
-                self._write_temp(temp, parts, info, fsync)
             try:
-                os.replace(temp, final)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:  # the folder went away since we saw it: make it again
-                if incoming is None:
-                    raise
                 self._forget_folders(info)
                 self._ensure_folder(info, fsync)
-                os.replace(temp, final)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                _write_all(fd, parts)
+                if fsync:
+                    _datasync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, final)
             if fsync:
                 _fsync_dir(folder)
         except OSError as exc:
@@ -576,21 +404,6 @@ class Spool:
         except Exception as exc:
             raise StorageError(f"cannot index {info.sop_instance_uid}: {exc}") from exc
         return StoreOutcome(info=info, path=target, duplicate=False)
-
-    def _write_temp(self, temp: str, parts: list[bytes | memoryview], info: InstanceInfo, fsync: bool) -> None:
-        """Write ``parts`` to the new file ``temp`` beside its final name, flushed with ``fsync``."""
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:  # the folder went away since we saw it: make it again
-            self._forget_folders(info)
-            self._ensure_folder(info, fsync)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            _write_all(fd, parts)
-            if fsync:
-                _datasync(fd)
-        finally:
-            os.close(fd)
 
     def _ensure_folder(self, info: InstanceInfo, fsync: bool) -> None:
         """Make the study and series folders exist, each durable in its parent.
