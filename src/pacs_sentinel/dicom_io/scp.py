@@ -57,7 +57,7 @@ from pynetdicom.presentation import PresentationContext, StoragePresentationCont
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from pacs_sentinel.dicom_io.dimse import make_store_response_fast
+from pacs_sentinel.dicom_io.dimse import make_store_fast
 from pacs_sentinel.dicom_io.dul import make_event_driven
 from pacs_sentinel.dicom_io.index import Database, Synchronous
 from pacs_sentinel.dicom_io.reactor import make_event_driven_acceptor
@@ -180,7 +180,8 @@ class ScpSettings:
 # 2. C-STORE and C-ECHO requests are served in the DUL thread as soon as they are complete;
 #    the association reactor, for everything else, waits on the DIMSE queue instead of
 #    sleeping (:mod:`~pacs_sentinel.dicom_io.reactor`);
-# 3. C-STORE responses are encoded without pydicom (:mod:`~pacs_sentinel.dicom_io.dimse`);
+# 3. C-STORE requests are decoded and responses encoded without pydicom
+#    (:mod:`~pacs_sentinel.dicom_io.dimse`);
 # 4. a plain (non-TLS) socket reads a whole PDU with one ``recv_into(MSG_WAITALL)``;
 # 5. pynetdicom's per-message logging handlers are unbound while its logger would drop
 #    their lines, and each association's presentation contexts are copied without
@@ -231,7 +232,7 @@ class _TunedRequestHandler(RequestHandler):
             balance.hand_over(assoc)
         if getattr(self.server, "fast_poll", False):
             make_event_driven_acceptor(assoc)
-            make_store_response_fast(assoc.dimse)
+            make_store_fast(assoc.dimse)
             dul = make_event_driven(assoc.dul)
             dul._run_loop_delay = DUL_IDLE_DELAY_S
             sock = dul.socket
