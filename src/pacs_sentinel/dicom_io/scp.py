@@ -293,9 +293,11 @@ class AcceptBalance:
             BlockingIOError: Another listener accepted the caller meanwhile.
         """
         deadline = time.monotonic() + BALANCE_GRACE_S
+        pending = select.poll()  # not select(): no limit on the descriptor's number
+        pending.register(listening, select.POLLIN)
         while not self.my_turn() and time.monotonic() < deadline:
             time.sleep(BALANCE_POLL_S)
-            if not select.select([listening], [], [], 0)[0]:
+            if not pending.poll(0):
                 raise BlockingIOError("another listener accepted the association")
 
     def opened(self) -> None:
