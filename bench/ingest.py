@@ -393,7 +393,7 @@ def write_doc(section: str) -> None:
 #: Our receiver with one tuning undone each: (label, processes, extra --serve arguments).
 ABLATION = [
     ("as shipped", None, []),
-    ("1 process (no SO_REUSEPORT listeners)", 1, []),
+    ("1 process (no listener processes)", 1, []),
     ("pynetdicom's own loops and encoders (no fast path)", None, ["--slow-poll"]),
     ("index synchronous=FULL (fsync per commit)", None, ["--index-sync", "FULL"]),
     ("fsync never", None, ["--fsync", "never"]),

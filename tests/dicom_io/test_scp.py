@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -264,6 +265,64 @@ def test_receiver_with_two_listener_processes_shares_the_port(tmp_path: Path) ->
     rows = list(Database(tmp_path / "index.db").connection()["instances"].rows)
     assert sorted(r["sop_instance_uid"] for r in rows) == sorted(uids)
     assert all(pydicom.dcmread(r["path"]).SOPInstanceUID == r["sop_instance_uid"] for r in rows)
+
+
+def test_two_listener_processes_take_parallel_associations_in_turn(tmp_path: Path) -> None:
+    """Four associations held open at once land two and two on two listeners, whatever their ports."""
+    from pacs_sentinel.dicom_io.scp import Receiver
+
+    receiver = Receiver(ScpSettings("SENTINEL", "127.0.0.1", 0), tmp_path, tmp_path / "index.db", processes=2)
+    receiver.start()
+    associations = []
+    try:
+        assert receiver.associations_per_listener() == [0, 0]
+        for k in range(4):
+            ae = AE(ae_title=f"MODALITY{k}")
+            ae.add_requested_context(CTImageStorage)
+            assoc = ae.associate("127.0.0.1", receiver.port, ae_title="SENTINEL")
+            assert assoc.is_established
+            associations.append(assoc)
+        assert receiver.associations_per_listener() == [2, 2]
+        for k, assoc in enumerate(associations):
+            ds = _ct()
+            ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.55.{k + 1}"
+            assert assoc.send_c_store(ds).Status == 0x0000
+        for assoc in associations:
+            assoc.release()
+        associations = []
+        deadline = time.monotonic() + 10
+        while receiver.associations_per_listener() != [0, 0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert receiver.associations_per_listener() == [0, 0]
+    finally:
+        for assoc in associations:
+            assoc.abort()
+        receiver.stop()
+    assert len(list(Database(tmp_path / "index.db").connection()["instances"].rows)) == 4
+
+
+def test_a_listener_serving_more_leaves_a_caller_to_the_others_but_not_forever() -> None:
+    """Balancing is a preference: a caller nobody else accepts is taken after the grace period."""
+    import socket as socketlib
+    from multiprocessing import RawArray
+
+    from pacs_sentinel.dicom_io.scp import AcceptBalance
+
+    counts = RawArray("l", 2)
+    counts[0] = 1  # this listener serves one association, the other (stuck, or gone) none
+    balance = AcceptBalance(counts, 0)
+    assert not balance.my_turn() and AcceptBalance(counts, 1).my_turn()
+    with socketlib.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(4)
+        with pytest.raises(BlockingIOError):  # no caller waits (another listener took it)
+            balance.wait_for_turn(listening)
+        with socketlib.create_connection(listening.getsockname()):
+            balance.wait_for_turn(listening)  # returns: nobody else accepted it in time
+            client, _ = listening.accept()
+            client.close()
+    balance.request_done()  # a request thread that made no association: its caller is uncounted
+    assert balance.my_turn()
 
 
 def test_whole_pdu_socket_returns_what_arrived_when_the_peer_closes() -> None:

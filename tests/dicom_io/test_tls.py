@@ -134,3 +134,43 @@ def test_required_client_certificate_refuses_a_client_without_one(tmp_path: Path
         assoc.release()
     finally:
         scp.stop()
+
+
+def test_listener_processes_keep_tls_and_access_control(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """Two listener processes sharing one socket: TLS only, allowed peers only, counts back to zero."""
+    import time
+
+    from pacs_sentinel.dicom_io.scp import Receiver
+
+    tls = TlsSettings(pki["server_cert"], pki["server_key"], pki["ca"])
+    settings = ScpSettings("SENTINEL", "127.0.0.1", 0, tls=tls, allowed_peers=(("MODALITY", None),))
+    receiver = Receiver(settings, tmp_path, tmp_path / "index.db", processes=2)
+
+    def wait_until_idle() -> None:  # the server side of a refused caller winds down after the client saw it
+        deadline = time.monotonic() + 10
+        while receiver.associations_per_listener() != [0, 0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert receiver.associations_per_listener() == [0, 0]
+
+    receiver.start()
+    try:
+        tls_args = (_client_context(pki, with_cert=True), "localhost")
+        assert not _associate(receiver.port, None).is_established  # plain TCP
+        stranger = AE(ae_title="STRANGER")
+        stranger.acse_timeout = stranger.network_timeout = 5
+        stranger.add_requested_context(Verification)
+        refused = stranger.associate("127.0.0.1", receiver.port, ae_title="SENTINEL", tls_args=tls_args)
+        assert refused.is_rejected
+        wait_until_idle()
+        served = [_associate(receiver.port, tls_args) for _ in range(2)]
+        assert all(assoc.is_established for assoc in served)
+        assert receiver.associations_per_listener() == [1, 1]
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        assert served[0].send_c_store(ds).Status == 0x0000
+        for assoc in served:
+            assoc.release()
+        wait_until_idle()
+    finally:
+        receiver.stop()
+    rows = list(Database(tmp_path / "index.db").connection()["instances"].rows)
+    assert [r["sop_instance_uid"] for r in rows] == [ds.SOPInstanceUID]

@@ -17,9 +17,13 @@ in the list (reason 3). With ``tls`` the listener speaks DICOM over TLS only.
 
 :class:`StorageScp` serves in background threads of the current process.
 :class:`Receiver` runs one :class:`StorageScp` in-process, or several listener processes
-sharing the port (``SO_REUSEPORT``), each writing the spool and the index itself: one
-Python process holds one GIL, and on these machines two listener processes receive
-markedly more instances per second over parallel associations (docs/benchmarks.md).
+sharing one listening socket, each writing the spool and the index itself: one Python
+process holds one GIL, and on these machines two listener processes receive markedly more
+instances per second over parallel associations (docs/benchmarks.md). The listeners keep
+the associations balanced (:class:`AcceptBalance`): a listener accepts a new association
+only while it serves no more than any other, so four associations land two and two on two
+listeners, where ``SO_REUSEPORT``'s hash of the caller's port put three or four on one
+listener in 10 of 16 cases.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -52,7 +57,7 @@ from pynetdicom.presentation import PresentationContext, StoragePresentationCont
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from pacs_sentinel.dicom_io.dimse import make_store_response_fast
+from pacs_sentinel.dicom_io.dimse import make_store_fast
 from pacs_sentinel.dicom_io.dul import make_event_driven
 from pacs_sentinel.dicom_io.index import Database, Synchronous
 from pacs_sentinel.dicom_io.reactor import make_event_driven_acceptor
@@ -81,6 +86,15 @@ DISK_CHECK_INTERVAL_S = 1.0
 
 #: How often a listener process checks that the process that started it is still alive.
 PARENT_CHECK_INTERVAL_S = 1.0
+
+#: Pending connections on the listening socket shared by listener processes.
+LISTEN_BACKLOG = 64
+
+#: How long a listener that serves more associations than another leaves a new caller to
+#: the other one before it accepts the caller itself (a listener that is stuck or gone must
+#: not keep callers waiting), and how often it looks meanwhile.
+BALANCE_GRACE_S = 0.1
+BALANCE_POLL_S = 0.0005
 
 #: Storage classes accepted beyond pynetdicom's default list of 120 (which stops short of the
 #: 128-context limit): Label Map Segmentation, which our own ``[reports] seg_type =
@@ -166,7 +180,8 @@ class ScpSettings:
 # 2. C-STORE and C-ECHO requests are served in the DUL thread as soon as they are complete;
 #    the association reactor, for everything else, waits on the DIMSE queue instead of
 #    sleeping (:mod:`~pacs_sentinel.dicom_io.reactor`);
-# 3. C-STORE responses are encoded without pydicom (:mod:`~pacs_sentinel.dicom_io.dimse`);
+# 3. C-STORE requests are decoded and responses encoded without pydicom
+#    (:mod:`~pacs_sentinel.dicom_io.dimse`);
 # 4. a plain (non-TLS) socket reads a whole PDU with one ``recv_into(MSG_WAITALL)``;
 # 5. pynetdicom's per-message logging handlers are unbound while its logger would drop
 #    their lines, and each association's presentation contexts are copied without
@@ -212,9 +227,12 @@ class _TunedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        balance: AcceptBalance | None = getattr(self.server, "balance", None)
+        if balance is not None:
+            balance.hand_over(assoc)
         if getattr(self.server, "fast_poll", False):
             make_event_driven_acceptor(assoc)
-            make_store_response_fast(assoc.dimse)
+            make_store_fast(assoc.dimse)
             dul = make_event_driven(assoc.dul)
             dul._run_loop_delay = DUL_IDLE_DELAY_S
             sock = dul.socket
@@ -246,28 +264,128 @@ class _SupportedContexts(list):  # type: ignore[type-arg]
         return copies
 
 
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server plus ``SO_REUSEPORT`` and a bounded TLS handshake."""
+class AcceptBalance:
+    """Associations served by each listener process, so that they take new callers in turn.
 
-    reuse_port = False
+    One slot per listener in shared memory (a ``multiprocessing`` array of integers that
+    each listener writes only its own slot of). A listener whose count is at most every
+    other listener's accepts a new caller; the others leave the caller to it for up to
+    :data:`BALANCE_GRACE_S`. Each listener accepts from the same listening socket, so a
+    caller is never tied to a listener that is busy or gone.
+    """
+
+    def __init__(self, counts: Any, index: int) -> None:
+        """``counts``: the shared array (one slot per listener); ``index``: this listener's slot."""
+        self.counts = counts
+        self.index = index
+        self._lock = threading.Lock()
+        self._local = threading.local()  # per request thread: was the caller handed to an association?
+
+    def my_turn(self) -> bool:
+        """True when this listener serves no more associations than any other."""
+        mine = self.counts[self.index]
+        return all(mine <= count for slot, count in enumerate(self.counts) if slot != self.index)
+
+    def wait_for_turn(self, listening: socket.socket) -> None:
+        """Return when this listener should accept the pending caller.
+
+        Raises:
+            BlockingIOError: Another listener accepted the caller meanwhile.
+        """
+        deadline = time.monotonic() + BALANCE_GRACE_S
+        pending = select.poll()  # not select(): no limit on the descriptor's number
+        pending.register(listening, select.POLLIN)
+        while not self.my_turn() and time.monotonic() < deadline:
+            time.sleep(BALANCE_POLL_S)
+            if not pending.poll(0):
+                raise BlockingIOError("another listener accepted the association")
+
+    def opened(self) -> None:
+        """Count a caller just accepted (before the next accept looks at the counts)."""
+        with self._lock:
+            self.counts[self.index] += 1
+
+    def hand_over(self, association: Association) -> None:
+        """Count the accepted caller until ``association``'s thread ends, not its request thread.
+
+        pynetdicom's request handler starts the association's own thread and returns.
+        Called in the request thread, which :meth:`request_done` ends.
+        """
+        self._local.handed_over = True
+        run = association.run
+
+        def run_then_uncount() -> None:
+            try:
+                run()
+            finally:
+                self._closed()
+
+        association.run = run_then_uncount  # type: ignore[method-assign]
+
+    def request_done(self) -> None:
+        """The request thread of an accepted caller ends: uncount it unless its association counts it."""
+        if not getattr(self._local, "handed_over", False):
+            self._closed()
+        self._local.handed_over = False
+
+    def _closed(self) -> None:
+        with self._lock:
+            self.counts[self.index] -= 1
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server plus a bounded TLS handshake and, for listener processes,
+    a listening socket shared with the others and balanced accepting."""
+
     fast_poll = False
     handshake_timeout: float | None = 30.0
+    shared_socket: socket.socket | None = None
+    balance: AcceptBalance | None = None
 
     def server_bind(self) -> None:
-        if self.reuse_port:
-            # pynetdicom sets only SO_REUSEADDR; listener processes sharing a port need this.
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self.shared_socket is None:
+            super().server_bind()
+            return
+        # Already bound and listening (made by the Receiver). Non-blocking: when several
+        # listeners wake for one caller, those that lose the race get BlockingIOError
+        # (socketserver then simply waits again) instead of waiting in accept().
+        self.socket.close()
+        self.socket = self.shared_socket
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.shared_socket is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self.shared_socket is None:
+            super().server_close()
+        else:
+            self.socket.close()  # no shutdown(): that would stop the other listeners accepting
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        if self.balance is not None:
+            self.balance.wait_for_turn(self.socket)
         client, address = self.socket.accept()
+        if self.shared_socket is not None:
+            client.setblocking(True)  # as pynetdicom's own listening socket hands them out
         if self.ssl_context:
             # The handshake runs in the accepting thread: bound it, or one silent client
             # would stop every other caller from being accepted.
             client.settimeout(self.handshake_timeout)
             client = self.ssl_context.wrap_socket(client, server_side=True)
             client.settimeout(None)
+        if self.balance is not None:
+            self.balance.opened()
         return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.balance is not None:
+                self.balance.request_done()
 
 
 class _DiskGuard:
@@ -315,20 +433,22 @@ class StorageScp:
     """A storage + verification SCP writing into a :class:`Spool`."""
 
     def __init__(self, settings: ScpSettings, spool: Spool, on_stored: StoredCallback | None = None,
-                 *, reuse_port: bool = False) -> None:
+                 *, listening_socket: socket.socket | None = None, balance: AcceptBalance | None = None) -> None:
         """Prepare the SCP (nothing listens before :meth:`start`).
 
         Args:
             settings: Identity, limits, access control, TLS and durability.
             spool: Where instances are stored and indexed.
             on_stored: Called after each stored instance (in a thread of the association: it waits for the call).
-            reuse_port: Bind with ``SO_REUSEPORT`` so that other processes may listen on
-                the same port (used by :class:`Receiver`).
+            listening_socket: Accept from this bound, listening socket (shared with other
+                listener processes by :class:`Receiver`) instead of binding ``settings.port``.
+            balance: With ``listening_socket``: take callers in turn with the other listeners.
         """
         self.settings = settings
         self.spool = spool
         self.on_stored = on_stored
-        self.reuse_port = reuse_port
+        self.listening_socket = listening_socket
+        self.balance = balance
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._disk = _DiskGuard(spool.root, settings.min_free_disk_mb)
@@ -427,7 +547,8 @@ class StorageScp:
         ssl_context = self.settings.tls.server_context() if self.settings.tls is not None else None
         handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REQUESTED, self.handle_requested)]
         server_class = type("SentinelAssociationServer", (_Server,), {
-            "reuse_port": self.reuse_port,
+            "shared_socket": self.listening_socket,
+            "balance": self.balance,
             "fast_poll": self.settings.fast_poll,
             "handshake_timeout": self.settings.acse_timeout,
         })
@@ -469,8 +590,9 @@ class StorageScp:
 
 def _listener_main(settings: ScpSettings, data_dir: Path, db_path: Path, index_synchronous: Synchronous,
                    ready: multiprocessing.connection.Connection, stop: Any,
-                   log_setup: Callable[[], None] | None, parent_pid: int) -> None:
-    """A listener process: serve on the shared port until ``stop`` is set or the parent dies.
+                   log_setup: Callable[[], None] | None, parent_pid: int,
+                   listening: socket.socket, counts: Any, index: int) -> None:
+    """A listener process: serve on the shared socket until ``stop`` is set or the parent dies.
 
     Watching the parent matters: a listener orphaned by a SIGKILL of the daemon would go
     on accepting instances on the shared port beside the next daemon's listeners.
@@ -482,7 +604,7 @@ def _listener_main(settings: ScpSettings, data_dir: Path, db_path: Path, index_s
     try:
         database = Database(db_path)
         spool = Spool(data_dir, database, index_synchronous=index_synchronous)
-        scp = StorageScp(settings, spool, reuse_port=True)
+        scp = StorageScp(settings, spool, listening_socket=listening, balance=AcceptBalance(counts, index))
         scp.start()
     except BaseException as exc:
         ready.send(f"{type(exc).__name__}: {exc}")
@@ -509,11 +631,14 @@ class Receiver:
     """The node's receiving side: a :class:`StorageScp` in this process or in several.
 
     With ``processes == 1`` the SCP runs in background threads of this process and
-    ``on_stored`` is called for each stored instance. With ``processes > 1`` that many
-    listener processes bind the same port with ``SO_REUSEPORT`` (the kernel spreads
-    incoming associations over them); each writes the spool and the index itself, so the
-    daemon learns of new instances by polling the ``instances``/``studies`` tables
-    (``on_stored`` is not available). Run :meth:`Spool.reconcile` before :meth:`start`.
+    ``on_stored`` is called for each stored instance. With ``processes > 1`` this process
+    binds and listens, and that many listener processes accept from the same socket, each
+    taking a new association only while it serves no more than the others
+    (:class:`AcceptBalance`); each writes the spool and the index itself, so the daemon
+    learns of new instances by polling the ``instances``/``studies`` tables (``on_stored``
+    is not available). The socket also carries ``SO_REUSEPORT``, so that a restarted
+    daemon can listen while the listeners of a killed one wind down (they stop within
+    :data:`PARENT_CHECK_INTERVAL_S`). Run :meth:`Spool.reconcile` before :meth:`start`.
     """
 
     def __init__(self, settings: ScpSettings, data_dir: Path, db_path: Path, *, processes: int = 1,
@@ -550,6 +675,7 @@ class Receiver:
         self._scp: StorageScp | None = None
         self._listeners: list[_Listener] = []
         self._stop: Any = None
+        self._counts: Any = None
         self._port = settings.port
 
     def start(self) -> None:
@@ -566,20 +692,23 @@ class Receiver:
             return
         context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
         self._stop = context.Event()
-        with socket.socket(socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET) as reservation:
-            # Hold the port (a bound socket that does not listen gets no connections) so
-            # that every listener binds the same one when the configured port is 0.
-            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            reservation.bind((self.settings.host, self.settings.port))
-            self._port = int(reservation.getsockname()[1])
+        counts = context.RawArray("l", self.processes)  # associations served by each listener
+        self._counts = counts
+        with socket.socket(socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET) as listening:
+            # One listening socket for every listener (passed to each process as it is
+            # spawned); this process closes its copy once they all listen.
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listening.bind((self.settings.host, self.settings.port))
+            listening.listen(LISTEN_BACKLOG)
+            self._port = int(listening.getsockname()[1])
             settings = _replace_port(self.settings, self._port)
-            for _ in range(self.processes):
+            for index in range(self.processes):
                 parent_end, child_end = context.Pipe(duplex=False)
                 process = context.Process(
                     target=_listener_main,
                     args=(settings, self.data_dir, self.db_path, self.settings.index_synchronous, child_end,
-                          self._stop, self.log_setup, os.getpid()),
+                          self._stop, self.log_setup, os.getpid(), listening, counts, index),
                     name=f"sentinel-listener-{len(self._listeners) + 1}",
                     daemon=True,
                 )
@@ -603,6 +732,10 @@ class Receiver:
     def port(self) -> int:
         """The bound port."""
         return self._port
+
+    def associations_per_listener(self) -> list[int]:
+        """Associations each listener process serves now (empty with one process)."""
+        return list(self._counts) if self._counts is not None else []
 
     def stop(self) -> None:
         """Stop every listener (in-flight associations are finished by the OS or dropped)."""
