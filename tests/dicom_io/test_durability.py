@@ -107,19 +107,24 @@ def _storescu_acknowledged(log: str, files: list[Path]) -> list[str]:
 
 def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, dcmtk_env: dict[str, str]) -> None:
     storescu = require_program("/usr/bin/storescu", "dcmtk")
-    dcmtk_files = _instances(tmp_path / "dcmtk", "1", 400)
+    # storescu outpaces the Python sender by far: it gets more files, and starts second.
+    dcmtk_files = _instances(tmp_path / "dcmtk", "1", 1200)
     recorder_files = _instances(tmp_path / "recorder", "2", 400)
     data_dir, port = tmp_path / "node", free_port()
     child = subprocess.Popen([sys.executable, "-c", SCP_SCRIPT, str(port), str(data_dir)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_echo(port, child)
+        recorder = _RecordingSender(port, recorder_files)
+        recorder.start()
+        deadline = time.monotonic() + 30
+        while not recorder.acknowledged and recorder.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert recorder.acknowledged and recorder.is_alive(), "the Python sender did not get going"
         storescu_log = tmp_path / "storescu.log"
         with storescu_log.open("w") as log:
             sender = subprocess.Popen([storescu, "-v", "-aet", "MODALITY", "-aec", "SENTINEL", "127.0.0.1", str(port),
                                        *map(str, dcmtk_files)], env=dcmtk_env, stdout=log, stderr=subprocess.STDOUT)
-        recorder = _RecordingSender(port, recorder_files)
-        recorder.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             dcmtk_acks = storescu_log.read_text().count("Received Store Response (Success)")
