@@ -392,7 +392,7 @@ def write_doc(section: str) -> None:
 
 #: Our receiver with one tuning undone each: (label, processes, extra --serve arguments).
 ABLATION = [
-    ("as shipped", None, []),
+    ("every tuning on", None, []),
     ("1 process (no listener processes)", 1, []),
     ("pynetdicom's own loops and encoders (no fast path)", None, ["--slow-poll"]),
     ("index synchronous=FULL (fsync per commit)", None, ["--index-sync", "FULL"]),
