@@ -215,6 +215,19 @@ def load_fusion(path: Path | None = None, *, qc_version: str | None = None) -> F
     return fusion
 
 
+def _standardized(name: str, features: list[str],
+                  rows: list[dict[str, Signal]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows' feature vectors standardized per feature, with the means and scales used.
+
+    A constant feature gets an infinite scale, so its standardized column is 0 (weight 0).
+    """
+    probe = LogisticModel(name, features, [0.0] * len(features), 0.0)
+    x = np.stack([probe.feature_vector(r) for r in rows])
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std[std < 1e-9] = np.inf
+    return (x - mean) / std, mean, std
+
+
 def fit_logistic(name: str, features: list[str], rows: list[dict[str, Signal]], acceptable: np.ndarray,
                  l2: float = 1e-2) -> LogisticModel:
     """Fit a non-negative-weight logistic regression of ``acceptable`` on the signals' features.
@@ -231,11 +244,7 @@ def fit_logistic(name: str, features: list[str], rows: list[dict[str, Signal]], 
     y = np.asarray(acceptable, dtype=np.float64)
     if len(rows) == 0 or y.min() == y.max():
         raise ValueError(f"fusion model {name!r} needs both acceptable and failed cases (got {len(rows)} rows)")
-    probe = LogisticModel(name, features, [0.0] * len(features), 0.0)
-    x = np.stack([probe.feature_vector(r) for r in rows])
-    mean, std = x.mean(axis=0), x.std(axis=0)
-    std[std < 1e-9] = np.inf  # a constant feature gets weight 0
-    xs = (x - mean) / std
+    xs, mean, std = _standardized(name, features, rows)
     n = len(y)
 
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -311,11 +320,7 @@ def fit_ranked_logistic(name: str, features: list[str], rows: list[dict[str, Sig
         t = np.log(clipped / (1.0 - clipped))
     else:
         raise ValueError(f"unknown regression target {target!r}; expected 'dice' or 'logit-dice'")
-    probe = LogisticModel(name, features, [0.0] * len(features), 0.0)
-    x = np.stack([probe.feature_vector(r) for r in rows])
-    mean, std = x.mean(axis=0), x.std(axis=0)
-    std[std < 1e-9] = np.inf  # a constant feature gets weight 0
-    xs = (x - mean) / std
+    xs, mean, std = _standardized(name, features, rows)
     n, k = xs.shape
     # Ridge as extra rows: minimise |xs w + c - t|^2 / n + l2 |w|^2 with w >= 0, c free.
     design = np.vstack([np.hstack([xs, np.ones((n, 1))]) / math.sqrt(n),
