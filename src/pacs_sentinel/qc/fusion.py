@@ -239,12 +239,22 @@ def fit_logistic(name: str, features: list[str], rows: list[dict[str, Signal]], 
     Raises:
         ValueError: No rows, or only one class.
     """
-    from scipy.optimize import minimize
-
     y = np.asarray(acceptable, dtype=np.float64)
     if len(rows) == 0 or y.min() == y.max():
         raise ValueError(f"fusion model {name!r} needs both acceptable and failed cases (got {len(rows)} rows)")
     xs, mean, std = _standardized(name, features, rows)
+    w, c = _nonnegative_logistic(xs, y, l2, np.zeros(len(features) + 1))
+    weights = w / std
+    intercept = float(c - np.sum(w * mean / std))
+    return LogisticModel(name, list(features), [float(max(0.0, v)) for v in weights], intercept)
+
+
+def _nonnegative_logistic(xs: np.ndarray, y: np.ndarray, l2: float, start: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(w, c)`` minimising the mean log-loss of ``sigmoid(xs @ w + c)`` on ``y`` plus
+    ``l2 / 2 |w|^2``, with ``w >= 0`` and ``c`` free (SciPy's L-BFGS-B with bounds), from
+    ``start = [c, *w]``."""
+    from scipy.optimize import minimize
+
     n = len(y)
 
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -254,11 +264,9 @@ def fit_logistic(name: str, features: list[str], rows: list[dict[str, Signal]], 
         grad = np.concatenate([[np.sum(p - y) / n], xs.T @ (p - y) / n + l2 * theta[1:]])
         return float(nll), grad
 
-    bounds = [(None, None)] + [(0.0, None)] * len(features)
-    result = minimize(loss, np.zeros(len(features) + 1), jac=True, bounds=bounds, method="L-BFGS-B")
-    weights = result.x[1:] / std
-    intercept = float(result.x[0] - np.sum(result.x[1:] * mean / std))
-    return LogisticModel(name, list(features), [float(max(0.0, w)) for w in weights], intercept)
+    bounds = [(None, None)] + [(0.0, None)] * xs.shape[1]
+    result = minimize(loss, start, jac=True, bounds=bounds, method="L-BFGS-B")
+    return result.x[1:], float(result.x[0])
 
 
 def calibration_curve(fusion: FusionModel) -> tuple[np.ndarray, np.ndarray]:
@@ -339,15 +347,5 @@ def fit_ranked_logistic(name: str, features: list[str], rows: list[dict[str, Sig
 
 def _platt(z: np.ndarray, y: np.ndarray, l2: float) -> tuple[float, float]:
     """``(a, b)`` of the logistic fit ``sigmoid(a z + b)`` to ``y``, a >= 0, ridge ``l2`` on a."""
-    from scipy.optimize import minimize
-
-    n = len(y)
-
-    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        u = theta[0] * z + theta[1]
-        p = 1.0 / (1.0 + np.exp(-np.clip(u, -50, 50)))
-        nll = np.sum(np.logaddexp(0.0, u) - y * u) / n + 0.5 * l2 * theta[0] ** 2
-        return float(nll), np.array([np.sum((p - y) * z) / n + l2 * theta[0], np.sum(p - y) / n])
-
-    result = minimize(loss, np.array([1.0, 0.0]), jac=True, bounds=[(0.0, None), (None, None)], method="L-BFGS-B")
-    return float(result.x[0]), float(result.x[1])
+    a, b = _nonnegative_logistic(z[:, None], y, l2, np.array([0.0, 1.0]))
+    return float(a[0]), b
