@@ -103,7 +103,7 @@ def mc_dropout(network: torch.nn.Module) -> Iterator[int]:
             layer.forward = _portable_forward(layer, generator)  # an instance attribute shadows the method
         for layer in native:
             layer.train(True)
-        with seeded_dropout():
+        with seeded_dropout() if native else contextlib.nullcontext():  # portable masks leave the RNG alone
             yield len(layers)
     finally:
         for layer in portable:
