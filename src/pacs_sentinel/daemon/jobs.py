@@ -24,6 +24,7 @@ from pacs_sentinel.results import QCResult
 
 log = structlog.get_logger(__name__)
 
+
 class JobState(str, enum.Enum):
     """States of a job (DESIGN.md, "Job states")."""
 
