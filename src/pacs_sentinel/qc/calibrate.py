@@ -169,6 +169,7 @@ def fit_fusion(out_path: Path | None = None, *, seed: int = 0, n_images: int | N
     cases = draw_cases(model, seeds, training_image_families(), training_mask_families(),
                        perturbations_per_image=recipe["perturbations_per_image"],
                        mc_dropout_samples=recipe["mc_dropout_samples"], estimator=estimator, collect_signals=True,
+                       collect_without_probabilities=True,
                        progress=progress, desc="fusion: calibration cases")
     cv = cross_validated_scores(cases, recipe["l2"], recipe["folds"], seed, recipe["fit"], recipe["platt_l2"])
     dice = np.array([c.dice for c in cases])

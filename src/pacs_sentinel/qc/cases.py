@@ -72,7 +72,8 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
                perturbations_per_image: int = 3, include_own: bool = True, truth_share: float = 0.0,
                mc_dropout_samples: int = 0, cycle_perturbations: bool = False,
                estimator: QualityEstimator | None = None, collect_signals: bool = False,
-               collect_inputs: bool = False, input_channels: int = INPUT_CHANNELS, progress: bool = True,
+               collect_inputs: bool = False, input_channels: int = INPUT_CHANNELS,
+               collect_without_probabilities: bool = False, progress: bool = True,
                desc: str = "cases") -> list[QCCase]:
     """Draw cases: phantom ``i`` uses ``seeds[i]`` and image family ``image_families[i % n]``.
 
@@ -95,6 +96,9 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
             the third channel, for every mask family: a perturbed mask is judged against the
             probabilities the model produced for its own mask, as QC judges it).
         input_channels: Channels of the kept inputs (:func:`~pacs_sentinel.qc.estimator.estimator_input`).
+        collect_without_probabilities: With ``collect_signals`` and a three-channel estimator,
+            also run the estimator without the probability map (the fusion's
+            ``without-probabilities`` model is fitted on it; nothing else reads it).
         progress: tqdm progress bar.
 
     Returns:
@@ -139,7 +143,7 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
                     judged.uncertainty = None
                 case.signals = segment_signals(volume, judged, 0, image_signals=image_qc.signals,
                                                midline_x=midline, estimator=estimator)
-                if estimator is not None and estimator.channels == 3:
+                if collect_without_probabilities and estimator is not None and estimator.channels == 3:
                     case.predicted_dice_without_probabilities = estimator.predict(hu, mask, phantom.spacing)
             cases.append(case)
     return cases
