@@ -47,6 +47,7 @@ from pacs_sentinel.inference.models import load_segmentation_model  # noqa: E402
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series  # noqa: E402
 from pacs_sentinel.inference.radiographs import make_cxr_phantom  # noqa: E402
 from pacs_sentinel.qc.classification import evaluate_classification  # noqa: E402
+from pacs_sentinel.qc.corruptions import dice  # noqa: E402
 from pacs_sentinel.qc.evaluate import evaluate_segmentation  # noqa: E402
 
 SEG_SPEC = "demo:organ-seg"
@@ -65,12 +66,6 @@ QC_RUNS = 3
 #: What the cxr-cls pipeline asks for (default_config.toml).
 CLS_MC_SAMPLES = 8
 CLS_TTA_FLIPS = ("x",)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def synchronize(device: str) -> None:
