@@ -197,8 +197,8 @@ def test_free_disk_below_threshold_gets_a700_and_nothing_is_written(tmp_path: Pa
     assert not [p for p in spool.root.rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize("policy", ["always", "never"])
-def test_fsync_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
+@pytest.mark.parametrize("policy, name_durable", [("always", True), ("always", False), ("never", True)])
+def test_fsync_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, name_durable: bool) -> None:
     import os
 
     import pacs_sentinel.dicom_io.spool as spool_module
@@ -213,7 +213,7 @@ def test_fsync_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: s
 
     monkeypatch.setattr(spool_module.os, "fsync", recording(os.fsync))
     monkeypatch.setattr(spool_module, "_datasync", recording(spool_module._datasync))
-    spool = Spool(tmp_path, Database(tmp_path / "index.db"))
+    spool = Spool(tmp_path, Database(tmp_path / "index.db"), name_durable_with_file=name_durable)
     scp = StorageScp(ScpSettings("SENTINEL", "127.0.0.1", free_port(), fsync=policy), spool)  # type: ignore[arg-type]
     scp.start()
     per_instance = []
@@ -235,12 +235,16 @@ def test_fsync_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: s
     series = spool.path_for(spool_module.instance_info(_ct(), "1.2.840.10008.1.2.1")).parent
     study = series.parent
     first, second = per_instance
+    # The file is flushed through the descriptor opened on its temporary name (which /proc
+    # shows as deleted once the file has its final name), after it got that name; the
+    # series folder is flushed too only where the file's flush does not commit its name.
+    name = [] if name_durable else [str(series)]
     # The first instance: the new study folder's entry in the spool, the new series
-    # folder's entry in the study, the file's data (before the rename), its name.
-    assert [p for p in first if not p.endswith(TEMP_SUFFIX)] == [str(spool.root), str(study), str(series)]
-    assert len([p for p in first if p.endswith(TEMP_SUFFIX)]) == 1
-    # The second: its data and its name only.
-    assert len(second) == 2 and second[0].endswith(TEMP_SUFFIX) and second[1] == str(series)
+    # folder's entry in the study, the file (data, size, name), the name where needed.
+    assert [p for p in first if TEMP_SUFFIX not in p] == [str(spool.root), str(study), *name]
+    assert [p.endswith(f"{TEMP_SUFFIX} (deleted)") for p in first if TEMP_SUFFIX in p] == [True]
+    # The second: the file, and its name where needed.
+    assert len(second) == 1 + len(name) and second[0].endswith(f"{TEMP_SUFFIX} (deleted)") and second[1:] == name
 
 
 def test_receiver_with_two_listener_processes_shares_the_port(tmp_path: Path) -> None:

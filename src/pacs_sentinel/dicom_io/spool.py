@@ -1,22 +1,36 @@
 """The spool: received instances as files on disk, each indexed in SQLite.
 
 An instance is stored by writing its bytes to a temporary file in the target folder,
-flushing it to disk, renaming it into place and then indexing it. A crash at any point
+giving it its final name, flushing it to disk and then indexing it. A crash at any point
 leaves either no index row (the file, if complete, is re-indexed at start-up) or a
-complete file with its row; a half-written file is never indexed (only renamed files are,
-and a file is renamed only once it is complete).
+complete file with its row; a half-written file is never indexed (a process crash cannot
+leave one under a final name, which a file gets only once it is written; a power cut can,
+and its seal gives it away: see below).
 
 Durability (``fsync`` of :meth:`Spool.store`):
 
-- ``True`` (``[node] fsync = "always"``): the file's data are flushed (``fdatasync``)
-  before the rename and its folder after it, so the file and its name are on the disk
-  before the instance is indexed and acknowledged; it survives a power cut. A study or
-  series folder is made durable in its parent the first time this process writes into it
-  (created now or by another process a moment ago), so a new folder cannot vanish with the
-  instances acknowledged inside it.
+- ``True`` (``[node] fsync = "always"``): the file and its name are on the disk before
+  the instance is indexed and acknowledged; it survives a power cut. A new instance is
+  written *sealed* (below), linked to its final name (a hard link, which never replaces a
+  file; the temporary name is then removed) and flushed with one ``fsync`` of the file: on
+  the journaling filesystems Linux spools live on (ext4, XFS, btrfs) that one flush commits
+  the data and the new name together, because the link changed the file's inode in the
+  same journal transaction. Elsewhere (NFS, tmpfs, unknown) the folder is
+  fsynced as well, as POSIX asks. An instance that *replaces* a stored one under the same
+  UID is flushed before its rename and the folder after it, so the stored copy stays whole
+  until the new one is on the disk. A study or series folder is made durable in its parent
+  the first time this process writes into it (created now or by another process a moment
+  ago), so a new folder cannot vanish with the instances acknowledged inside it.
 - ``False`` (``"never"``): the operating system writes the file back when it likes; a
   process crash loses nothing, a power cut may lose the last seconds of acknowledged
   instances. For spools on battery-backed storage or test systems.
+
+Sealed files: a power cut between the link and the end of the flush can leave a torn
+file under its final name (never acknowledged: the answer waits for the flush). Its
+preamble, which PS3.10 7.1 leaves to the implementation, therefore carries a seal:
+:data:`SEAL_MAGIC`, the length of everything after the preamble and its CRC-32.
+:meth:`Spool.reconcile` checks the seal of every file it would re-index and sets a torn
+one aside (renamed to ``*.torn``) instead of indexing it. Readers ignore the preamble.
 
 The index row is committed with SQLite ``synchronous=NORMAL`` by default (see
 :mod:`pacs_sentinel.dicom_io.index`): it survives a process crash, and a row lost to a power
@@ -26,6 +40,7 @@ the row, is what makes an acknowledged instance durable.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
@@ -62,6 +77,18 @@ PREAMBLE = b"\0" * 128 + b"DICM"
 KNOWN_FOLDERS_MAX = 4096
 
 _datasync = getattr(os, "fdatasync", os.fsync)  # data and size, not the times (no fdatasync on macOS)
+
+#: A sealed file's preamble starts with this, then :data:`_SEAL` (see the module docstring).
+SEAL_MAGIC = b"PACS-SENTINEL SEAL 1\0"
+#: Length of everything after the preamble, and its CRC-32.
+_SEAL = struct.Struct("<QL")
+#: The suffix a torn file found by :meth:`Spool.reconcile` is renamed to.
+TORN_SUFFIX = ".torn"
+#: Octal escapes in /proc/self/mountinfo paths (``\\040`` is a space).
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
+#: Filesystems whose ``fsync`` of a file also commits the link that gave it its name (the
+#: link logs the file's inode in the journal transaction the fsync waits for).
+NAME_DURABLE_FILESYSTEMS = frozenset({"ext3", "ext4", "xfs", "btrfs"})
 
 
 @dataclass(frozen=True)
@@ -259,6 +286,73 @@ def _dataset_offset(head: bytes) -> int:
     return 0
 
 
+def _seal(parts: Sequence[bytes | memoryview]) -> bytes:
+    """The sealed preamble for a file whose bytes after the preamble are ``parts``."""
+    crc, length = 0, 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)  # releases the GIL for large buffers
+        length += len(part)
+    seal = SEAL_MAGIC + _SEAL.pack(length, crc)
+    return seal + b"\0" * (128 - len(seal))
+
+
+def _link_new(temp: str, final: str) -> bool:
+    """Give ``temp`` the name ``final`` unless that name exists (a hard link never replaces).
+
+    Returns ``False``, leaving ``temp`` as it is, when ``final`` exists (another writer
+    stored the same instance a moment ago, or an unindexed file waits for reconciliation) or
+    the filesystem has no hard links; the caller then replaces the file the careful way.
+    """
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            return False
+        raise
+    os.unlink(temp)
+    return True
+
+
+def seal_state(path: Path) -> bool | None:
+    """``True``: the file is sealed and whole; ``False``: sealed and torn; ``None``: not sealed.
+
+    Raises:
+        OSError: The file cannot be read.
+    """
+    with open(path, "rb") as handle:
+        preamble = handle.read(128)
+        if not preamble.startswith(SEAL_MAGIC) or len(preamble) < 128:
+            return None
+        length, expected = _SEAL.unpack_from(preamble, len(SEAL_MAGIC))
+        crc, read = 0, 0
+        while chunk := handle.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+            read += len(chunk)
+    return read == length and crc == expected
+
+
+def filesystem_type(path: Path | str) -> str:
+    """The type of the filesystem ``path`` lives on (``/proc/self/mountinfo``; ``""`` unknown)."""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                if "-" not in fields:
+                    continue
+                mount_point = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+                fstype = fields[fields.index("-") + 1]
+                inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, kind = mount_point, fstype
+    except OSError:
+        return ""
+    return kind
+
+
 def _same_dataset(path: Path, dataset: memoryview) -> bool:
     """True when the file at ``path`` holds exactly this data set (its file meta may differ)."""
     try:
@@ -298,7 +392,8 @@ def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
 class Spool:
     """Received instances on disk under ``<data_dir>/spool/<study>/<series>/<sop>.dcm``."""
 
-    def __init__(self, data_dir: Path, database: Database, *, index_synchronous: Synchronous = "NORMAL") -> None:
+    def __init__(self, data_dir: Path, database: Database, *, index_synchronous: Synchronous = "NORMAL",
+                 name_durable_with_file: bool | None = None) -> None:
         """Open (and create) the spool under ``data_dir``.
 
         Args:
@@ -307,11 +402,17 @@ class Spool:
             index_synchronous: SQLite durability of the index rows (see the module docstring);
                 ``FULL`` adds a log fsync to every stored instance and buys nothing that
                 :meth:`reconcile` does not restore.
+            name_durable_with_file: Whether a file's fsync also makes its new name durable,
+                so a new instance's folder need not be fsynced; ``None``: decided from the
+                spool's filesystem type (:data:`NAME_DURABLE_FILESYSTEMS`).
         """
         self.root = Path(data_dir) / "spool"
         self.root.mkdir(parents=True, exist_ok=True)
         self.database = database
         self.index_synchronous: Synchronous = index_synchronous
+        if name_durable_with_file is None:
+            name_durable_with_file = filesystem_type(self.root) in NAME_DURABLE_FILESYSTEMS
+        self.name_durable_with_file = name_durable_with_file
         self._root = str(self.root)
         self._known_folders: dict[str, None] = {}  # durable folders, in the order first seen
         self._folders_lock = threading.Lock()
@@ -356,10 +457,12 @@ class Spool:
         except UnicodeEncodeError as exc:
             raise StorageError(f"cannot write the file meta of {info.sop_instance_uid}: {exc}") from exc
         view = memoryview(dataset)
-        return self._store([header, view], view, info, calling_ae, fsync)
+        header_view = memoryview(header)[128:]
+        return self._store([_seal([header_view, view]), header_view, view], view, info, calling_ae, fsync,
+                           sealed=True)
 
     def _store(self, parts: list[bytes | memoryview], dataset: memoryview, info: InstanceInfo, calling_ae: str,
-               fsync: bool) -> StoreOutcome:
+               fsync: bool, *, sealed: bool = False) -> StoreOutcome:
         target = self.path_for(info)
         db = self.database.connection()
         existing = db.execute(
@@ -385,12 +488,22 @@ class Spool:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 _write_all(fd, parts)
-                if fsync:
-                    _datasync(fd)
+                if sealed and existing is None and _link_new(temp, final):
+                    # Named first, then one flush: data, size and (on a filesystem where
+                    # name_durable_with_file) the new name reach the disk together.
+                    if fsync:
+                        os.fsync(fd)  # not fdatasync: the link changed only the inode's link count
+                    flush_folder = fsync and not self.name_durable_with_file
+                else:
+                    # A replacement (or a file that is not sealed) is flushed before it takes
+                    # the name, so the stored copy stays whole until the new one is on the disk.
+                    if fsync:
+                        _datasync(fd)
+                    os.replace(temp, final)
+                    flush_folder = fsync
             finally:
                 os.close(fd)
-            os.replace(temp, final)
-            if fsync:
+            if flush_folder:
                 _fsync_dir(folder)
         except OSError as exc:
             self._forget_folders(info)
@@ -486,8 +599,10 @@ class Spool:
 
         Removes orphan temporary files and re-indexes complete files that have no index row
         (written and renamed, but the process died before indexing, or the row was lost to a
-        power cut under ``synchronous=NORMAL``). Run it before the SCP starts: a temporary
-        file of a transfer in progress would be taken for an orphan.
+        power cut under ``synchronous=NORMAL``). A sealed file whose seal does not match (torn
+        by a power cut before its flush ended; never acknowledged) is renamed to ``*.torn``
+        and not indexed. Run it before the SCP starts: a temporary file of a transfer in
+        progress would be taken for an orphan.
 
         Returns:
             ``(temporary files removed, files re-indexed)``.
@@ -504,6 +619,11 @@ class Spool:
             if path.suffix != ".dcm" or str(path) in indexed:
                 continue
             try:
+                if seal_state(path) is False:
+                    path.rename(path.with_name(path.name + TORN_SUFFIX))
+                    log.warning("torn spool file set aside, not indexed (it was never acknowledged)",
+                                path=str(path), renamed_to=path.name + TORN_SUFFIX)
+                    continue
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
                 info = instance_info(ds, str(ds.file_meta.TransferSyntaxUID))
                 self._index(info, path, path.stat().st_size, calling_ae=str(ds.file_meta.get("SourceApplicationEntityTitle", "") or ""))
