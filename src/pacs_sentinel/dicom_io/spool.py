@@ -362,7 +362,7 @@ def _same_dataset(path: Path, dataset: memoryview) -> bool:
             if not offset or os.fstat(handle.fileno()).st_size != offset + len(dataset):
                 return False
             handle.seek(offset)
-            return handle.read() == dataset
+            return handle.read() == dataset.tobytes()  # bytes == memoryview compares item by item: 20x slower
     except OSError:
         return False
 
