@@ -359,7 +359,7 @@ def render(results: Results, ablation: Results, repetitions: int, wall: float) -
         "(`/proc/<pid>/stat`, listener processes and reaped `--fork` children included), per instance: "
         "steadier than the wall time when other work shares the machine.",
         "",
-        "Ours: fsync `always` (file and folder fsynced before the answer), every instance indexed in SQLite "
+        "Ours: fsync `always` (each file and its name flushed to disk before the answer), every instance indexed in SQLite "
         "before the answer; DCMTK and pynetdicom's app write files without fsync and keep no index. "
         "Target: ours >= 0.5 x DCMTK over 1 and over 4 associations.",
     ]

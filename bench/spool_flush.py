@@ -19,6 +19,7 @@ import argparse
 import io
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -130,8 +131,6 @@ def main() -> None:
                 if writer is not None:
                     writer.join(timeout=30)
     finally:
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
     wall = time.perf_counter() - started
     fs = filesystem_type(Path.cwd()) or "unknown"

@@ -29,14 +29,19 @@ from pacs_sentinel.dicom_io.spool import (
 from tests.conftest import shipped_path
 
 
+def _encoded(ds: pydicom.Dataset) -> io.BytesIO:
+    """A data set encoded as a C-STORE carries it (explicit VR little endian)."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return io.BytesIO(buffer.getvalue())
+
+
 def _received(sop_suffix: str = "") -> tuple[io.BytesIO, InstanceInfo]:
     """CT_small's data set as a C-STORE carries it (its SOP Instance UID + ``sop_suffix``)."""
     ds = pydicom.dcmread(shipped_path("CT_small.dcm"))
     ds.SOPInstanceUID += sop_suffix
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_dataset(buffer, ds)
-    encoded = io.BytesIO(buffer.getvalue())
+    encoded = _encoded(ds)
     return encoded, read_instance_info(encoded, str(ds.file_meta.TransferSyntaxUID))
 
 
@@ -48,8 +53,8 @@ def _store(spool: Spool, encoded: io.BytesIO, info: InstanceInfo):  # type: igno
 class _Flushes:
     """Counts the flushes a store makes: file fsyncs, fdatasyncs and folder fsyncs."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls: list[str] = []
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, calls: list[str] | None = None) -> None:
+        self.calls: list[str] = [] if calls is None else calls
         real_fsync, real_datasync, real_dir = os.fsync, spool_module._datasync, spool_module._fsync_dir
 
         def fsync(fd: int) -> None:
@@ -91,15 +96,11 @@ def test_a_replacement_is_flushed_before_it_takes_the_name(tmp_path: Path, monke
     first = _store(spool, encoded, info)
     ds = pydicom.dcmread(first.path)
     ds.SeriesDescription = "corrected"
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_dataset(buffer, ds)
-    changed = io.BytesIO(buffer.getvalue())
+    changed = _encoded(ds)
     order: list[str] = []
     real_replace = os.replace
     monkeypatch.setattr(spool_module.os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b))[1])
-    flushes = _Flushes(monkeypatch)
-    flushes.calls = order
+    _Flushes(monkeypatch, calls=order)  # flushes and the rename in one list, in order
     second = _store(spool, changed, info)
     assert not second.duplicate and second.path == first.path
     assert order == ["datasync", "replace", "dir"]
