@@ -85,6 +85,17 @@ def test_check_config_command_prints_every_problem(tmp_path: Path) -> None:
     assert "node.port:" in result.stderr and "node.bogus: unknown key" in result.stderr
 
 
+def test_check_config_command_names_the_file_once(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[node\n")
+    result = _check_config(path)
+    assert result.returncode == 1
+    assert result.stderr.count(str(path)) == 1 and "not valid TOML" in result.stderr
+    missing = _check_config(tmp_path / "absent.toml")
+    assert missing.returncode == 1
+    assert missing.stderr.count("absent.toml") == 1 and "cannot read configuration file" in missing.stderr
+
+
 def test_check_config_command_names_a_missing_model(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[[pipelines]]\nname = "p"\nmodel = "demo:no-such-model"\n')

@@ -45,8 +45,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
+        name = str(Path(args.config))
         for problem in exc.problems:
-            print(f"{args.config}: {problem}", file=sys.stderr)
+            # A problem with the file as a whole (unreadable, not TOML) already names it.
+            print(problem if problem.startswith(f"{name}: ") else f"{name}: {problem}", file=sys.stderr)
         return EXIT_FAILURE
     problems = []
     try:
