@@ -31,6 +31,7 @@ from pacs_sentinel.dicom_io.series import Volume, functional_group_item
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.identity import creation_times, equipment_attributes
 from pacs_sentinel.reports.seg import VERDICT_COLOURS, verdict_text
+from pacs_sentinel.reports.source import character_set, patient_study_source
 from pacs_sentinel.results import QCResult, Reason, SegmentationResult, Verdict
 
 #: Default soft-tissue window (centre, width) in HU, used when the dataset has none.
@@ -348,6 +349,7 @@ def rgb_secondary_capture(
             # highdicom insists on an orientation; an unknown one is sent empty below.
             patient_orientation=orientation or ("L", "F"),
             transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
+            specific_character_set=character_set(source),
             series_description=series_description,
             **equipment_attributes(),
             **creation_times(),
@@ -356,6 +358,9 @@ def rgb_secondary_capture(
         raise ReportError(f"cannot build SC overlay: {exc}") from exc
     if orientation is None:
         sc.PatientOrientation = ""
+    # from_ref_dataset copies only the type 2 identity; the SEG and SR carry the whole Patient
+    # and General Study modules (Study Description, Patient's Age, ...), and so does the SC.
+    sc.copy_patient_and_study_information(patient_study_source(source))
     copy_body_part(source, sc, frame_number)
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"

@@ -38,6 +38,7 @@ from pydicom.uid import (
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.identity import creation_times, equipment_attributes
+from pacs_sentinel.reports.source import character_set, patient_study_source
 from pacs_sentinel.results import Code, QCResult, SegmentationResult, Verdict
 
 #: Content Label (0070,0080) of our SEG objects (CS: upper case, digits, underscore).
@@ -170,7 +171,9 @@ def build_segmentation(
     every_segment_present = bool(binary.reshape(n_labels, -1).any(axis=1).all())
     try:
         return hd.seg.Segmentation(
-            source_images=source_images,
+            # highdicom takes patient and study from the first source (reports/source.py)
+            source_images=[patient_study_source(source_images[0]), *source_images[1:]],
+            specific_character_set=character_set(source_images[0]),
             pixel_array=pixels,
             segmentation_type=segmentation_type,
             segment_descriptions=descriptions,

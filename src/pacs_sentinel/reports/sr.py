@@ -55,6 +55,7 @@ from pacs_sentinel.reports.identity import (
     equipment_attributes,
 )
 from pacs_sentinel.reports.seg import coded, verdict_text
+from pacs_sentinel.reports.source import character_set, patient_study_source
 from pacs_sentinel.results import (
     QC_FINDING,
     QC_SCHEME,
@@ -187,7 +188,9 @@ def build_document(
     try:
         with content_not_copied(report[0]):
             return hd.sr.Comprehensive3DSR(
-                evidence=evidence,
+                # highdicom takes patient and study from the first item (reports/source.py)
+                evidence=[patient_study_source(evidence[0]), *evidence[1:]],
+                specific_character_set=character_set(evidence[0]),
                 content=report,
                 series_instance_uid=generate_uid(),
                 series_number=series_number,

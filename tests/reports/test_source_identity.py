@@ -1,0 +1,97 @@
+"""What the result objects take over from the source images: patient and study identity, and
+the character set it is written in — whatever optional attributes the source leaves out and
+whichever character set it declares (docs/conformance.md §6)."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.dataset import Dataset
+
+from pacs_sentinel.dicom_io.series import Volume, load_volume
+from pacs_sentinel.reports.kos import build_quality_issue_kos
+from pacs_sentinel.reports.resultset import build_result_set
+from pacs_sentinel.reports.validate import check_before_sending
+from pacs_sentinel.results import Verdict
+from tests.reports.conftest import LIVER, make_ct_series, make_qc, make_result, roundtrip
+
+#: Type 2 attributes of the Patient and General Study modules; a source may leave them out.
+OPTIONAL_PATIENT_STUDY = ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                          "ReferringPhysicianName", "StudyDate", "StudyTime")
+#: What each object must carry as the source has it.
+COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+          "AccessionNumber", "StudyDate", "StudyTime", "StudyDescription", "PatientAge")
+
+
+def _volume(edit) -> Volume:  # type: ignore[no-untyped-def]
+    datasets = make_ct_series(seed=5)
+    for ds in datasets:
+        edit(ds)
+    return load_volume(datasets)
+
+
+def _objects(volume: Volume) -> list[Dataset]:
+    result = make_result(volume, [LIVER])
+    qc = make_qc(volume, result, Verdict.NEEDS_REVIEW, [], 0.3)
+    result_set = build_result_set(volume, result, qc)
+    kos = build_quality_issue_kos(volume.datasets, qc, model_name="organ-seg", series_number=904)
+    return [*result_set.datasets(), kos]
+
+
+def _leave_out_optional(ds: Dataset) -> None:
+    for keyword in OPTIONAL_PATIENT_STUDY:
+        delattr(ds, keyword)
+
+
+def test_a_source_without_the_optional_patient_and_study_attributes(require_tool) -> None:
+    volume = _volume(_leave_out_optional)
+    objects = _objects(volume)
+    assert [ds.Modality for ds in objects] == ["SEG", "SR", "OT", "KO"]
+    check_before_sending(objects, "dciodvfy" if require_tool("dciodvfy") else "roundtrip")
+    for ds in objects:
+        for keyword in OPTIONAL_PATIENT_STUDY:
+            assert keyword in ds and ds[keyword].value in ("", None), (ds.Modality, keyword)
+        assert str(ds.PatientName) == "Phantom^Reports"
+    for keyword in OPTIONAL_PATIENT_STUDY:
+        assert keyword not in volume.datasets[0], "the source itself is left as it was"
+
+
+def test_every_object_carries_the_source_patient_and_study() -> None:
+    volume = _volume(lambda ds: setattr(ds, "PatientAge", "054Y"))
+    source = volume.datasets[0]
+    for ds in _objects(volume):
+        for keyword in COPIED:
+            assert str(ds.get(keyword)) == str(source.get(keyword)), (ds.Modality, keyword)
+
+
+def _names(character_set: str | list[str], name: str):  # type: ignore[no-untyped-def]
+    def edit(ds: Dataset) -> None:
+        ds.SpecificCharacterSet = character_set
+        ds.PatientName = name
+    return edit
+
+
+# (source Specific Character Set, patient name, what the objects declare)
+CHARACTER_SETS = {
+    "latin1": ("ISO_IR 100", "Müller^Jürgen", "ISO_IR 100"),
+    "utf8": ("ISO_IR 192", "Müller^Jürgen=山田^太郎", "ISO_IR 192"),
+    # an empty first value means ISO 2022 IR 6 (PS3.3 C.12.1.1.2): Japanese sites send these
+    "japanese": (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう", ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+    "japanese-explicit": (["ISO 2022 IR 6", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎",
+                          ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+    # highdicom 0.28 does not know Korean (IR 149): written in UTF-8, which holds any text
+    "korean": (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", "ISO_IR 192"),
+    "empty": ("", "Phantom^Reports", None),
+    "ascii-misnamed": ("ISO_IR 6", "Phantom^Reports", "ISO_IR 192"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHARACTER_SETS))
+def test_objects_declare_a_character_set_that_holds_the_source_text(case: str, require_tool) -> None:
+    character_set, name, declared = CHARACTER_SETS[case]
+    volume = _volume(_names(character_set, name))
+    objects = _objects(volume)
+    check_before_sending(objects, "dciodvfy" if require_tool("dciodvfy") else "roundtrip")
+    for ds in objects:
+        value = ds.get("SpecificCharacterSet")
+        assert (value if value is None or isinstance(value, str) else list(value)) == declared, ds.Modality
+        assert str(roundtrip(ds).PatientName) == name, ds.Modality
