@@ -26,7 +26,7 @@ def _volume(edit) -> Volume:  # type: ignore[no-untyped-def]
     datasets = make_ct_series(seed=5)
     for ds in datasets:
         edit(ds)
-    return load_volume(datasets)
+    return load_volume([roundtrip(ds) for ds in datasets])  # as read from the spool: values not decoded yet
 
 
 def _objects(volume: Volume) -> list[Dataset]:
@@ -95,3 +95,43 @@ def test_objects_declare_a_character_set_that_holds_the_source_text(case: str, r
         value = ds.get("SpecificCharacterSet")
         assert (value if value is None or isinstance(value, str) else list(value)) == declared, ds.Modality
         assert str(roundtrip(ds).PatientName) == name, ds.Modality
+
+
+def _raw(keyword: str, value: bytes):  # type: ignore[no-untyped-def]
+    def edit(ds: Dataset) -> None:
+        ds[keyword].value = value
+    return edit
+
+
+def _set(**values: object):  # type: ignore[no-untyped-def]
+    def edit(ds: Dataset) -> None:
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+    return edit
+
+
+# Sources a PACS stores although their values break the VR rules (PS3.5 6.2), and what our
+# objects carry instead of failing dciodvfy (and so sending nothing).
+INVALID_SOURCES = {
+    "backslash": (_set(StudyDescription="CT\\abdomen"), "StudyDescription", "CT/abdomen"),
+    "tab": (_set(StudyDescription="CT\tabdomen"), "StudyDescription", "CT abdomen"),
+    "long-description": (_set(StudyDescription="D" * 90), "StudyDescription", "D" * 64),
+    # a PN component group holds 64 characters: the longest component is cut, all stay
+    "long-name": (_set(PatientName="Verylong" * 12 + "^Given"), "PatientName", ("Verylong" * 12)[:58] + "^Given"),
+    "long-accession": (_set(AccessionNumber="A" * 20), "AccessionNumber", "A" * 16),
+    # No Specific Character Set, Latin-1 bytes (read as such): declared UTF-8 in our objects.
+    "undeclared-latin1": (lambda ds: (delattr(ds, "SpecificCharacterSet"),
+                                      _raw("PatientName", b"M\xfcller^J\xfcrgen")(ds)), "PatientName", "Müller^Jürgen"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID_SOURCES))
+def test_values_invalid_in_the_source_are_repaired_not_copied(case: str, require_tool) -> None:
+    edit, keyword, expected = INVALID_SOURCES[case]
+    volume = _volume(edit)
+    before = volume.datasets[0][keyword].value
+    objects = _objects(volume)
+    check_before_sending(objects, "dciodvfy" if require_tool("dciodvfy") else "roundtrip")
+    for ds in objects:
+        assert str(roundtrip(ds)[keyword].value) == expected, ds.Modality
+    assert volume.datasets[0][keyword].value == before, "the source itself is left as it was"

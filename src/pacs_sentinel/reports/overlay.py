@@ -335,9 +335,10 @@ def rgb_secondary_capture(
     Raises:
         ReportError: highdicom refuses the image.
     """
+    identity = patient_study_source(source)  # the patient and study as our objects write them
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
+            ref_dataset=identity,
             pixel_array=pixels,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
@@ -360,7 +361,7 @@ def rgb_secondary_capture(
         sc.PatientOrientation = ""
     # from_ref_dataset copies only the type 2 identity; the SEG and SR carry the whole Patient
     # and General Study modules (Study Description, Patient's Age, ...), and so does the SC.
-    sc.copy_patient_and_study_information(patient_study_source(source))
+    sc.copy_patient_and_study_information(identity)
     copy_body_part(source, sc, frame_number)
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"

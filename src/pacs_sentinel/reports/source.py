@@ -10,17 +10,27 @@ correct and common: an empty first value of a multi-valued set (``\\ISO 2022 IR 
 usual Japanese declaration; PS3.3 C.12.1.1.2 reads it as ISO 2022 IR 6), ISO 2022 IR 149
 (Korean), or a wrong but harmless ``ISO_IR 6``.
 
+And it copies values as they are: a value the PACS stored although it breaks its VR's rules
+(a 90-character Study Description, a TAB, a backslash that makes two values of one) makes
+our object fail dciodvfy, and the whole result set is then not sent.
+
 :func:`patient_study_source` gives highdicom a source with the missing type 2 attributes
-present and empty (the source itself is not changed); :func:`character_set` the value our
-objects declare: the source's own, with an empty first value written out as ISO 2022 IR 6,
-or ISO_IR 192 (UTF-8) when highdicom cannot write the source's — the copied text is decoded
-already (pydicom), and UTF-8 holds any of it.
+present and empty and such LO / SH / PN values repaired (the source itself is not changed);
+:func:`character_set` the value our objects declare: the source's own, with an empty first
+value written out as ISO 2022 IR 6, or ISO_IR 192 (UTF-8) when highdicom cannot write the
+source's, or when the source declares none but holds text outside the default repertoire —
+the copied text is decoded already (pydicom), and UTF-8 holds any of it.
 """
 
 from __future__ import annotations
 
+import re
+
 from highdicom.enum import SpecificCharacterSetValues
+from pydicom.datadict import dictionary_VM
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 #: Type 2 attributes of the Patient and General Study modules that highdicom reads from the
 #: source by name; each is written empty when the source has none.
@@ -40,6 +50,12 @@ DEFAULT_REPERTOIRE_WITH_EXTENSIONS = "ISO 2022 IR 6"
 #: What our objects declare when highdicom cannot write the source's character set.
 UTF8 = "ISO_IR 192"
 _WRITABLE = frozenset(value.value for value in SpecificCharacterSetValues)
+#: Longest value of the text VRs whose values are repaired (PS3.5 6.2; PN: each component group).
+MAX_LENGTH: dict[str, int] = {"LO": 64, "SH": 16, "PN": 64}
+#: Control characters, which none of those VRs may hold (decoded text has no ESC left).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Text VRs whose values are searched for characters outside the default repertoire.
+_TEXT_VRS = frozenset({"LO", "SH", "PN", "LT", "ST", "UT", "UC"})
 
 
 def character_set(source: Dataset) -> str | list[str] | None:
@@ -54,7 +70,9 @@ def character_set(source: Dataset) -> str | list[str] | None:
     values = [] if value is None else [value] if isinstance(value, str) else list(value)
     values = [str(v).strip() for v in values]
     if not any(values):
-        return None
+        # Undeclared, so read as the default repertoire (pydicom: as Latin-1); text outside
+        # it would be invalid as it is: UTF-8 holds what was read.
+        return UTF8 if _has_non_ascii_text(source) else None
     if len(values) > 1 and not values[0]:
         values[0] = DEFAULT_REPERTOIRE_WITH_EXTENSIONS
     if not all(v in _WRITABLE for v in values):
@@ -62,14 +80,99 @@ def character_set(source: Dataset) -> str | list[str] | None:
     return values[0] if len(values) == 1 else values
 
 
+def _has_non_ascii_text(source: Dataset) -> bool:
+    for element in source:
+        if element.VR in _TEXT_VRS and any(not str(v).isascii() for v in _values(element.value)):
+            return True
+    return False
+
+
+def _values(value: object) -> list[object]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+
+
+def repaired_value(keyword: str, vr: str, value: object) -> str | None:
+    """Return the value of a LO, SH or PN element made valid, or None when it is valid.
+
+    Repairs, in this order: several values where the data dictionary allows one (a backslash
+    in the text) are joined with ``/``; control characters (TAB, CR, LF, ...) become
+    spaces; a value longer than :data:`MAX_LENGTH` (for PN: a component group) is cut.
+    Text is never added; trailing spaces are dropped.
+    """
+    values = _values(value)
+    text_values = [str(v) for v in values]
+    single = dictionary_VM(keyword) == "1" if keyword else True
+    if single and len(text_values) > 1:
+        text_values = ["/".join(text_values)]
+    limit = MAX_LENGTH[vr]
+    repaired = []
+    for text in text_values:
+        text = _CONTROL.sub(" ", text)
+        if vr == "PN":
+            text = "=".join(_cut_name(group, limit) for group in text.split("="))
+        else:
+            text = text[:limit].rstrip()
+        repaired.append(text)
+    if repaired == [str(v) for v in values]:
+        return None
+    return "\\".join(repaired)
+
+
+def _cut_name(group: str, limit: int) -> str:
+    """A PN component group cut to ``limit`` characters: its longest component loses the end,
+    one character at a time, so that family and given names both stay."""
+    components = group.split("^")
+    while len("^".join(components)) > limit:
+        longest = max(range(len(components)), key=lambda i: len(components[i]))
+        components[longest] = components[longest][:-1]
+    return "^".join(c.rstrip() for c in components)
+
+
+def _repairs(source: Dataset) -> dict[str, str]:
+    """keyword -> repaired value of every top-level LO, SH and PN element of ``source`` that
+    breaks its VR's rules."""
+    found = {}
+    for element in source:
+        if element.VR in MAX_LENGTH and element.keyword:
+            repaired = repaired_value(element.keyword, element.VR, element.value)
+            if repaired is not None:
+                found[element.keyword] = repaired
+    return found
+
+
+def _declared(source: Dataset) -> str | list[str] | None:
+    value = source.get("SpecificCharacterSet")
+    if value is None or isinstance(value, str):
+        return value or None
+    return list(value)
+
+
+def _decoded_text(source: Dataset) -> dict[str, str]:
+    """keyword -> the text of every top-level text element holding non-ASCII characters, as
+    read with the source's character set (to be encoded again in ours)."""
+    return {element.keyword: "\\".join(str(v) for v in _values(element.value))
+            for element in source
+            if element.keyword and element.VR in _TEXT_VRS and not all(str(v).isascii() for v in _values(element.value))}
+
+
 def patient_study_source(source: Dataset) -> Dataset:
-    """Return ``source``, or when it lacks type 2 Patient / Study attributes
-    (:data:`TYPE2_PATIENT_STUDY`), a dataset holding the same elements plus those, empty.
+    """Return ``source``, or a dataset holding the same elements made fit to copy: type 2
+    Patient / Study attributes the source lacks (:data:`TYPE2_PATIENT_STUDY`) present and
+    empty, and every LO, SH and PN value that breaks its VR's rules repaired
+    (:func:`repaired_value`) — highdicom copies them as they are, and one invalid value fails
+    the validation of the object, so that nothing is sent.
 
     The elements are shared, not copied (pixel data included); ``source`` is not changed.
     """
     missing = [keyword for keyword in TYPE2_PATIENT_STUDY if keyword not in source]
-    if not missing:
+    repairs = _repairs(source)
+    if character_set(source) != _declared(source):
+        # Written in another character set than read: the text goes in as text, not as the
+        # source's bytes.
+        repairs = {**_decoded_text(source), **repairs}
+    if not missing and not repairs:
         return source
     completed = Dataset()
     completed.update(source)
@@ -77,4 +180,8 @@ def patient_study_source(source: Dataset) -> Dataset:
         completed.file_meta = source.file_meta
     for keyword in missing:
         setattr(completed, keyword, None)
+    for keyword, value in repairs.items():
+        # A new element: setting the value of the shared one would change the source.
+        element = source[keyword]
+        completed[element.tag] = DataElement(element.tag, element.VR, value)
     return completed
