@@ -135,3 +135,55 @@ def test_values_invalid_in_the_source_are_repaired_not_copied(case: str, require
     for ds in objects:
         assert str(roundtrip(ds)[keyword].value) == expected, ds.Modality
     assert volume.datasets[0][keyword].value == before, "the source itself is left as it was"
+
+
+def _undeclared(ds: Dataset) -> None:
+    del ds.SpecificCharacterSet
+
+
+@pytest.mark.parametrize("edit", [_undeclared, _names("ISO_IR 100", "Müller^Jürgen")], ids=["no-charset", "latin1"])
+def test_text_the_objects_add_is_covered_by_their_character_set(edit, require_tool) -> None:
+    """A label from a model card, or a vendor's segment label, tracking ID and code meaning in
+    the seg-qc SR, may hold characters the source's character set has not: the objects then
+    declare UTF-8 rather than fail to be written (or be written invalid)."""
+    from pacs_sentinel.dicom_io.seg_masks import map_segments
+    from pacs_sentinel.qc.segqc import judge_segmentation
+    from pacs_sentinel.reports.resultset import build_seg_qc_result_set
+    from pacs_sentinel.results import Code, SegmentLabel
+    from tests.conftest import make_third_party_seg
+    from tests.reports.conftest import sphere_mask
+
+    volume = _volume(edit)
+    name = str(volume.datasets[0].PatientName)
+    leber = SegmentLabel(name="Leber (Lebergewebe) ü", property_category=LIVER.property_category,
+                         property_type=Code("10200004", "SCT", "Leber 肝臓"), tracking_id="organ-seg Leber ü")
+    result = make_result(volume, [leber])
+    qc = make_qc(volume, result, Verdict.NEEDS_REVIEW, [], 0.3)
+    objects = _objects_of(build_result_set(volume, result, qc).datasets())
+
+    vendor = make_third_party_seg(volume.datasets, [sphere_mask(*volume.array.shape)], [("10200004", "SCT", "Liver")])
+    vendor.SpecificCharacterSet = "ISO_IR 192"
+    segment = vendor.SegmentSequence[0]
+    segment.SegmentLabel, segment.TrackingID = "Leber 肝臓", "Leber-ü-1"
+    segment.SegmentedPropertyTypeCodeSequence[0].CodeMeaning = "Leber 肝臓"
+    segment.SegmentAlgorithmName = "VendorSeg™"
+    mapped = map_segments(roundtrip(vendor), volume)
+    judged, vendor_qc, _ = judge_segmentation(volume, mapped, [], accept_threshold=0.5)
+    objects += _objects_of(build_seg_qc_result_set(volume, mapped.dataset, judged, vendor_qc).datasets())
+
+    check_before_sending(objects, "dciodvfy" if require_tool("dciodvfy") else "roundtrip")
+    for ds in objects:
+        again = roundtrip(ds)
+        assert str(again.PatientName) == name, ds.Modality
+        if ds.Modality in ("SEG", "SR"):
+            assert again.SpecificCharacterSet == "ISO_IR 192", ds.Modality
+    seg_again = roundtrip(objects[0])
+    assert seg_again.SegmentSequence[0].SegmentLabel == "Leber (Lebergewebe) ü"
+    vendor_sr = roundtrip(objects[3])
+    texts = {str(element.value) for element in vendor_sr.iterall() if element.VR in ("UT", "LO")}
+    assert {"Leber-ü-1", "Leber 肝臓", "VendorSeg™"} <= texts
+
+
+def _objects_of(datasets: list[Dataset]) -> list[Dataset]:
+    """Each object as it is sent (Part 10 bytes), so that writing it is part of the test."""
+    return [roundtrip(ds) for ds in datasets]

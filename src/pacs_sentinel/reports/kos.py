@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.identity import creation_times, equipment_attributes
-from pacs_sentinel.reports.source import character_set, patient_study_source
+from pacs_sentinel.reports.source import character_set, patient_study_source, text_values
 from pacs_sentinel.reports.sr import device_observer
 from pacs_sentinel.results import QCResult
 
@@ -79,11 +79,12 @@ def build_quality_issue_kos(
             observer_device_context=device_observer(model_name),
             description=quality_issue_description(qc, model_name),
         )
-        source = patient_study_source(evidence[0])
+        charset = character_set(evidence[0], text_values(content[0]))
+        source = patient_study_source(evidence[0], written_in=charset)
         document = hd.ko.KeyObjectSelectionDocument(
             # highdicom takes patient and study from the first item (reports/source.py)
             evidence=[source, *evidence[1:]],
-            specific_character_set=character_set(evidence[0]),
+            specific_character_set=charset,
             content=content,
             series_instance_uid=generate_uid(),
             series_number=series_number,

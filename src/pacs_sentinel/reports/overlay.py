@@ -335,7 +335,8 @@ def rgb_secondary_capture(
     Raises:
         ReportError: highdicom refuses the image.
     """
-    identity = patient_study_source(source)  # the patient and study as our objects write them
+    charset = character_set(source, [series_description])
+    identity = patient_study_source(source, written_in=charset)  # the patient and study as our objects write them
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=identity,
@@ -350,7 +351,7 @@ def rgb_secondary_capture(
             # highdicom insists on an orientation; an unknown one is sent empty below.
             patient_orientation=orientation or ("L", "F"),
             transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
-            specific_character_set=character_set(source),
+            specific_character_set=charset,
             series_description=series_description,
             **equipment_attributes(),
             **creation_times(),

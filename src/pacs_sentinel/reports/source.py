@@ -25,8 +25,10 @@ the copied text is decoded already (pydicom), and UTF-8 holds any of it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from highdicom.enum import SpecificCharacterSetValues
+from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VM
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -58,14 +60,48 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TEXT_VRS = frozenset({"LO", "SH", "PN", "LT", "ST", "UT", "UC"})
 
 
-def character_set(source: Dataset) -> str | list[str] | None:
-    """Return the Specific Character Set our objects declare for text copied from ``source``.
+def character_set(source: Dataset, added_text: Iterable[str] = ()) -> str | list[str] | None:
+    """Return the Specific Character Set of an object holding text copied from ``source``
+    and ``added_text`` (what the object adds: labels and names from a model card or a
+    third-party SEG, see :func:`text_values`).
 
     Returns:
         None when the source declares none (or an empty one: the default repertoire); the
         source's value, an empty first value of several written as ``"ISO 2022 IR 6"``; or
-        ``"ISO_IR 192"`` when highdicom cannot write that value.
+        ``"ISO_IR 192"`` when highdicom cannot write that value, or when that value cannot
+        encode some of ``added_text``.
     """
+    declared = _source_character_set(source)
+    if declared != UTF8 and not all(_encodes(text, declared) for text in added_text):
+        return UTF8
+    return declared
+
+
+def _encodes(text: str, declared: str | list[str] | None) -> bool:
+    """Whether ``text`` can be written in the character set ``declared`` (None: default repertoire)."""
+    if text.isascii():
+        return True
+    terms = [] if declared is None else [declared] if isinstance(declared, str) else declared
+    for term in terms:
+        try:
+            text.encode(python_encoding[term])
+            return True
+        except (KeyError, LookupError, UnicodeError):
+            continue
+    return False
+
+
+def text_values(*datasets: Dataset) -> list[str]:
+    """Every text value in ``datasets`` and their sequences, for :func:`character_set`."""
+    found = []
+    for dataset in datasets:
+        for element in dataset.iterall():
+            if element.VR in _TEXT_VRS:
+                found += [str(v) for v in _values(element.value)]
+    return found
+
+
+def _source_character_set(source: Dataset) -> str | list[str] | None:
     value = source.get("SpecificCharacterSet")
     values = [] if value is None else [value] if isinstance(value, str) else list(value)
     values = [str(v).strip() for v in values]
@@ -157,18 +193,21 @@ def _decoded_text(source: Dataset) -> dict[str, str]:
             if element.keyword and element.VR in _TEXT_VRS and not all(str(v).isascii() for v in _values(element.value))}
 
 
-def patient_study_source(source: Dataset) -> Dataset:
+def patient_study_source(source: Dataset, *, written_in: str | list[str] | None) -> Dataset:
     """Return ``source``, or a dataset holding the same elements made fit to copy: type 2
     Patient / Study attributes the source lacks (:data:`TYPE2_PATIENT_STUDY`) present and
     empty, and every LO, SH and PN value that breaks its VR's rules repaired
     (:func:`repaired_value`) — highdicom copies them as they are, and one invalid value fails
     the validation of the object, so that nothing is sent.
 
+    ``written_in`` is the character set the object declares (:func:`character_set`); when it
+    is not the source's, the source's text goes in as decoded text, to be encoded again.
+
     The elements are shared, not copied (pixel data included); ``source`` is not changed.
     """
     missing = [keyword for keyword in TYPE2_PATIENT_STUDY if keyword not in source]
     repairs = _repairs(source)
-    if character_set(source) != _declared(source):
+    if written_in != _declared(source):
         # Written in another character set than read: the text goes in as text, not as the
         # source's bytes.
         repairs = {**_decoded_text(source), **repairs}

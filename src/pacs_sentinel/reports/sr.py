@@ -56,7 +56,7 @@ from pacs_sentinel.reports.identity import (
     equipment_attributes,
 )
 from pacs_sentinel.reports.seg import coded, verdict_text
-from pacs_sentinel.reports.source import character_set, patient_study_source
+from pacs_sentinel.reports.source import character_set, patient_study_source, text_values
 from pacs_sentinel.results import (
     QC_FINDING,
     QC_SCHEME,
@@ -186,12 +186,15 @@ def build_document(
     equipment: dict = equipment_attributes()
     # Software Versions: the product's, then which model and QC produced the content.
     equipment["software_versions"] = [equipment["software_versions"], provenance_text(result, qc)[:64]]
+    # Tracking IDs, labels, code meanings and algorithm names (a third-party SEG's, a model
+    # card's) may hold text the source's character set has not.
+    charset = character_set(evidence[0], [*text_values(*report), series_description, *equipment["software_versions"]])
     try:
         with content_not_copied(report[0]):
             return hd.sr.Comprehensive3DSR(
                 # highdicom takes patient and study from the first item (reports/source.py)
-                evidence=[patient_study_source(evidence[0]), *evidence[1:]],
-                specific_character_set=character_set(evidence[0]),
+                evidence=[patient_study_source(evidence[0], written_in=charset), *evidence[1:]],
+                specific_character_set=charset,
                 content=report,
                 series_instance_uid=generate_uid(),
                 series_number=series_number,
