@@ -2,7 +2,8 @@
 
 Every viewer shows a secondary capture, even those that cannot display SEG or SR. The image
 is the CT slice with the largest mask area, windowed with that slice's own VOI window (the
-top-level one of a classic image, the frame's Frame VOI LUT of an enhanced multi-frame one),
+top-level one of a classic image, the frame's Frame VOI LUT of an enhanced multi-frame one;
+without one, 40/400 HU for CT and the 0.5th-99.5th percentile of the slice for MR and others),
 with each segment outlined in a colour: green when accepted; when it needs review, the colour
 of its first QC reason (:data:`REASON_COLOURS`: red = volume anomaly, yellow = shape
 irregularity, blue = fragmentation, purple = low model confidence, ...), or orange when it has
@@ -94,20 +95,43 @@ def window_of(ds: Dataset, frame_number: int | None = None) -> tuple[float, floa
     in the Frame VOI LUT macro of its per-frame or shared functional groups; there the window
     of ``frame_number`` (1-based; default: the shared one) is used.
     """
+    return own_window(ds, frame_number) or DEFAULT_WINDOW
+
+
+def own_window(ds: Dataset, frame_number: int | None = None) -> tuple[float, float] | None:
+    """(centre, width) of the first usable VOI window the image states (see :func:`window_of`), or None."""
     source: Dataset = ds
     if "WindowCenter" not in ds:
         source = _macro(ds, frame_number, "FrameVOILUTSequence") or ds
     centre, width = source.get("WindowCenter"), source.get("WindowWidth")
     if centre is None or width is None:
-        return DEFAULT_WINDOW
+        return None
     try:
         centre = float(centre[0] if isinstance(centre, MultiValue) else centre)
         width = float(width[0] if isinstance(width, MultiValue) else width)
     except (TypeError, ValueError, IndexError):
-        return DEFAULT_WINDOW
+        return None
     if not (math.isfinite(centre) and math.isfinite(width)) or width <= 1:
-        return DEFAULT_WINDOW
+        return None
     return centre, width
+
+
+#: Percentiles of a slice's values that bound the window of an image that states none and is
+#: not CT (whose values are HU: :data:`DEFAULT_WINDOW`); the radiograph overlays use the same.
+AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
+
+
+def slice_window(ds: Dataset, values: np.ndarray, frame_number: int | None = None) -> tuple[float, float]:
+    """The window a slice is shown with: its own, else 40/400 HU for CT, else the
+    :data:`AUTO_WINDOW_PERCENTILES` of its ``values`` (MR and others: arbitrary units, which a
+    HU window would show all white or all black)."""
+    window = own_window(ds, frame_number)
+    if window is not None:
+        return window
+    if str(ds.get("Modality", "")).upper() == "CT":
+        return DEFAULT_WINDOW
+    low, high = (float(v) for v in np.percentile(values, AUTO_WINDOW_PERCENTILES))
+    return (low + high) / 2, max(high - low, 2.0)
 
 
 #: Added to the banner title and series description when the SEG is withheld by policy.
@@ -202,7 +226,8 @@ def render_overlay(
     height = int(round(rows * scale * (row_spacing / col_spacing)))
 
     frame_number = volume.frame_numbers[slice_index] if volume.frame_numbers is not None else None
-    gray = _windowed(volume.array[slice_index], *window_of(volume.datasets[slice_index], frame_number))
+    values = volume.array[slice_index]
+    gray = _windowed(values, *slice_window(volume.datasets[slice_index], values, frame_number))
     image = Image.fromarray(gray, mode="L").resize((width, height), Image.Resampling.BILINEAR).convert("RGB")
     canvas = np.array(image)
 
