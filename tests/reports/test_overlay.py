@@ -160,3 +160,31 @@ def test_an_image_without_window_that_is_not_ct_gets_a_window_from_its_values(se
     gray = image[..., 0].astype(float)
     assert gray[body & ~organ].mean() < 250, "the body is not saturated"
     assert gray[inner].mean() - gray[body & ~organ].mean() > 8, "the organ stands out from the body"
+
+
+# (Body Part Examined of the source, what the SC carries, its Laterality: absent (None) or empty)
+BODY_PARTS = {
+    "unpaired": ("ABDOMEN", "ABDOMEN", None),
+    "lower-case": ("head", "HEAD", None),
+    "paired": ("KIDNEY", "KIDNEY", ""),
+    # terms the standard does not define: their side is unknown, so Laterality is sent empty
+    "vendor-term": ("CTABDOMEN", "CTABDOMEN", ""),
+    "phantom": ("PHANTOM", "PHANTOM", ""),
+    # values that are no CS at all are not copied (Body Part Examined is type 3)
+    "slash": ("CHEST/ABDOMEN", None, ""),
+    "too-long": ("ABDOMEN PELVIS AREA", None, ""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BODY_PARTS))
+def test_body_part_and_laterality_of_the_overlay(case, seg_result, qc_review, dciodvfy_clean):
+    """Whatever Body Part Examined the source gives, the SC is valid: a value that breaks the
+    CS rules is not copied, and Laterality is left out only for an unpaired structure."""
+    source_value, copied, laterality = BODY_PARTS[case]
+    datasets = make_ct_series(seed=7)
+    for ds in datasets:
+        ds.BodyPartExamined = source_value
+    sc, _ = build_overlay(load_volume(datasets), seg_result, qc_review)
+    assert sc.get("BodyPartExamined") == copied
+    assert (sc.Laterality if "Laterality" in sc else None) == laterality
+    dciodvfy_clean(sc, "SCImage")

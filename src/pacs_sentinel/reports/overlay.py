@@ -18,6 +18,7 @@ shows, and for a multi-frame source the frame (Referenced Frame Number).
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 
 import highdicom as hd
@@ -333,11 +334,22 @@ def patient_orientation(ds: Dataset, frame_number: int | None = None) -> tuple[s
     return letter(orientation[:3]), letter(orientation[3:])
 
 
-#: Body Part Examined values of paired structures, which need a Laterality.
-PAIRED_BODY_PARTS = frozenset(
-    {"BREAST", "EYE", "EAR", "KIDNEY", "LUNG", "SHOULDER", "ELBOW", "WRIST", "HAND", "HIP", "KNEE",
-     "ANKLE", "FOOT", "ARM", "LEG", "UPRLIMB", "LOWRLIMB", "CLAVICLE", "FEMUR", "HUMERUS", "TIBIA"}
+#: Body Part Examined defined terms of unpaired structures (PS3.16 Annex L, as dciodvfy knows
+#: them): the General Series module wants no Laterality for these. Any other value — a paired
+#: structure, or a term the standard does not define ("CTABDOMEN", "PHANTOM") — needs one
+#: (type 2C), sent empty ("unknown") when the source does not say.
+UNPAIRED_BODY_PARTS = frozenset(
+    {"ABDOMEN", "ABDOMENPELVIS", "AORTA", "BACK", "BLADDER", "BRAIN", "CEREBELLUM", "CSPINE", "CTSPINE",
+     "CERVIX", "CHEST", "CHESTABDOMEN", "CHESTABDPELVIS", "CIRCLEOFWILLIS", "COCCYX", "COLON",
+     "CORONARYARTERY", "DUODENUM", "ESOPHAGUS", "FACE", "GALLBLADDER", "HEAD", "HEADNECK", "HEART", "ILEUM",
+     "ILIUM", "JAW", "JEJUNUM", "LARYNX", "LIVER", "LSPINE", "LSSPINE", "MAXILLA", "MEDIASTINUM", "MOUTH",
+     "NECK", "NECKCHEST", "NECKCHESTABDOMEN", "NECKCHESTABDPELV", "NOSE", "PANCREAS", "PELVIS", "PENIS",
+     "PHARYNX", "PROSTATE", "RECTUM", "SSPINE", "SCALP", "SKULL", "SPINE", "SPLEEN", "STERNUM", "STOMACH",
+     "TSPINE", "TLSPINE", "THYMUS", "THYROID", "TONGUE", "TRACHEA", "URETER", "URETHRA", "UTERUS", "VAGINA",
+     "VULVA", "WHOLEBODY"}
 )
+#: A Body Part Examined value that is a valid CS: upper case, digits, space, underscore, 16 at most.
+_CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")
 
 
 def rgb_secondary_capture(
@@ -397,13 +409,18 @@ def rgb_secondary_capture(
 def copy_body_part(source: Dataset, sc: Dataset, frame_number: int | None = None) -> None:
     """Copy Body Part Examined and Laterality from the source image into the SC.
 
-    The General Series module requires Laterality (2C) unless the body part is known to be
-    unpaired; when the source does not say, the value is left empty ("unknown"). An enhanced
-    multi-frame source states laterality per frame (Frame Anatomy macro, Frame Laterality);
-    ``R`` or ``L`` there is copied. (Its ``U``, unpaired, cannot leave Laterality out: without
-    Body Part Examined, which enhanced images code as Anatomic Region, validators require it.)
+    Body Part Examined is copied in upper case when it is a valid CS value; one that is not
+    ("CHEST/ABDOMEN", longer than 16 characters) is left out (type 3) rather than make the SC
+    invalid. The General Series module requires Laterality (2C) unless the body part is an
+    unpaired structure (:data:`UNPAIRED_BODY_PARTS`); when the source does not say, the value
+    is left empty ("unknown"). An enhanced multi-frame source states laterality per frame
+    (Frame Anatomy macro, Frame Laterality); ``R`` or ``L`` there is copied. (Its ``U``,
+    unpaired, cannot leave Laterality out: without Body Part Examined, which enhanced images
+    code as Anatomic Region, validators require it.)
     """
     body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
+    if not _CODE_STRING.fullmatch(body_part):
+        body_part = ""
     if body_part:
         sc.BodyPartExamined = body_part
     laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "").strip().upper()
@@ -412,7 +429,7 @@ def copy_body_part(source: Dataset, sc: Dataset, frame_number: int | None = None
         laterality = str(anatomy.get("FrameLaterality", "") or "").strip().upper() if anatomy else ""
     if laterality in ("R", "L"):
         sc.Laterality = laterality
-    elif not body_part or body_part in PAIRED_BODY_PARTS:
+    elif body_part not in UNPAIRED_BODY_PARTS:
         sc.Laterality = ""
 
 
