@@ -119,6 +119,14 @@ INVALID_SOURCES = {
     # a PN component group holds 64 characters: the longest component is cut, all stay
     "long-name": (_set(PatientName="Verylong" * 12 + "^Given"), "PatientName", ("Verylong" * 12)[:58] + "^Given"),
     "long-accession": (_set(AccessionNumber="A" * 20), "AccessionNumber", "A" * 16),
+    # Values highdicom parses itself, and refuses when they break the rules (common in the wild)
+    "sex-U": (_raw("PatientSex", b"U"), "PatientSex", ""),
+    "sex-word": (_raw("PatientSex", b"Female"), "PatientSex", "F"),
+    "sex-lower-case": (_raw("PatientSex", b"m"), "PatientSex", "M"),
+    "birth-date-with-dashes": (_raw("PatientBirthDate", b"1970-01-31"), "PatientBirthDate", "19700131"),
+    "study-date-nonsense": (_raw("StudyDate", b"unknown"), "StudyDate", ""),
+    "study-time-with-colons": (_raw("StudyTime", b"10:30:00"), "StudyTime", "103000"),
+    "age-without-unit": (_raw("PatientAge", b"54"), "PatientAge", "054Y"),
     # No Specific Character Set, Latin-1 bytes (read as such): declared UTF-8 in our objects.
     "undeclared-latin1": (lambda ds: (delattr(ds, "SpecificCharacterSet"),
                                       _raw("PatientName", b"M\xfcller^J\xfcrgen")(ds)), "PatientName", "Müller^Jürgen"),
@@ -128,7 +136,7 @@ INVALID_SOURCES = {
 @pytest.mark.parametrize("case", sorted(INVALID_SOURCES))
 def test_values_invalid_in_the_source_are_repaired_not_copied(case: str, require_tool) -> None:
     edit, keyword, expected = INVALID_SOURCES[case]
-    volume = _volume(edit)
+    volume = _volume(lambda ds: (ds.setdefault("PatientAge", "054Y"), edit(ds)))
     before = volume.datasets[0][keyword].value
     objects = _objects(volume)
     check_before_sending(objects, "dciodvfy" if require_tool("dciodvfy") else "roundtrip")

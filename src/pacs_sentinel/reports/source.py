@@ -10,12 +10,14 @@ correct and common: an empty first value of a multi-valued set (``\\ISO 2022 IR 
 usual Japanese declaration; PS3.3 C.12.1.1.2 reads it as ISO 2022 IR 6), ISO 2022 IR 149
 (Korean), or a wrong but harmless ``ISO_IR 6``.
 
-And it copies values as they are: a value the PACS stored although it breaks its VR's rules
-(a 90-character Study Description, a TAB, a backslash that makes two values of one) makes
-our object fail dciodvfy, and the whole result set is then not sent.
+It parses Patient's Sex, Birth Date and Study Date/Time and refuses what senders often write
+(``U``, ``Male``, ``1970-01-31``, ``10:30:00``). And it copies other values as they are: a
+value the PACS stored although it breaks its VR's rules (a 90-character Study Description, a
+TAB, a backslash that makes two values of one) makes our object fail dciodvfy, and the whole
+result set is then not sent.
 
 :func:`patient_study_source` gives highdicom a source with the missing type 2 attributes
-present and empty and such LO / SH / PN values repaired (the source itself is not changed);
+present and empty, and such values repaired (the source itself is not changed);
 :func:`character_set` the value our objects declare: the source's own, with an empty first
 value written out as ISO 2022 IR 6, or ISO_IR 192 (UTF-8) when highdicom cannot write the
 source's, or when the source declares none but holds text outside the default repertoire —
@@ -24,6 +26,7 @@ the copied text is decoded already (pydicom), and UTF-8 holds any of it.
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Iterable
 
@@ -166,15 +169,75 @@ def _cut_name(group: str, limit: int) -> str:
     return "^".join(c.rstrip() for c in components)
 
 
+#: Patient's Sex as senders write it -> the enumerated value (M, F, O); anything else is
+#: unknown, which the type 2 attribute says by being empty.
+_SEXES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
+
+
+def _sex(text: str) -> str:
+    return _SEXES.get(text.strip().upper(), "")
+
+
+def _date(text: str) -> str:
+    """A DA value (YYYYMMDD); ``1970-01-31``, ``1970.01.31`` and ``1970/01/31`` are read too;
+    anything else is unknown (empty)."""
+    text = text.strip()
+    if re.fullmatch(r"\d{4}([-./])\d{2}\1\d{2}", text):
+        text = re.sub(r"[-./]", "", text)
+    try:
+        datetime.datetime.strptime(text, "%Y%m%d")
+    except ValueError:
+        return ""
+    return text
+
+
+def _time(text: str) -> str:
+    """A TM value (HH[MM[SS[.F]]]); ``10:30:00`` (the old ACR-NEMA form) is read too;
+    anything else is unknown (empty)."""
+    text = text.strip()
+    if re.fullmatch(r"\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?", text):
+        text = text.replace(":", "")
+    match = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?", text)
+    if match is None or (match.group(4) and not match.group(3)):
+        return ""
+    hours, minutes, seconds = (int(g) if g else 0 for g in match.groups()[:3])
+    return text if hours < 24 and minutes < 60 and seconds <= 60 else ""
+
+
+def _age(text: str) -> str:
+    """An AS value (nnnD/W/M/Y); a bare number of up to three digits is read as years."""
+    text = text.strip().upper()
+    if re.fullmatch(r"\d{3}[DWMY]", text):
+        return text
+    return f"{int(text):03d}Y" if re.fullmatch(r"\d{1,3}", text) else ""
+
+
+#: Attributes the objects take over whose values highdicom parses (and refuses when they break
+#: the rules), or that dciodvfy checks by format: keyword -> the value made valid.
+_FORMATTED = {
+    "PatientSex": _sex,
+    "PatientBirthDate": _date,
+    "PatientBirthTime": _time,
+    "StudyDate": _date,
+    "StudyTime": _time,
+    "PatientAge": _age,
+}
+
+
 def _repairs(source: Dataset) -> dict[str, str]:
     """keyword -> repaired value of every top-level LO, SH and PN element of ``source`` that
-    breaks its VR's rules."""
+    breaks its VR's rules, and of the :data:`_FORMATTED` attributes whose value is not valid."""
     found = {}
     for element in source:
         if element.VR in MAX_LENGTH and element.keyword:
             repaired = repaired_value(element.keyword, element.VR, element.value)
             if repaired is not None:
                 found[element.keyword] = repaired
+    for keyword, valid in _FORMATTED.items():
+        if keyword in source and source[keyword].value not in (None, ""):
+            text = str(source[keyword].value)
+            if valid(text) != text:
+                found[keyword] = valid(text)
     return found
 
 
@@ -196,9 +259,10 @@ def _decoded_text(source: Dataset) -> dict[str, str]:
 def patient_study_source(source: Dataset, *, written_in: str | list[str] | None) -> Dataset:
     """Return ``source``, or a dataset holding the same elements made fit to copy: type 2
     Patient / Study attributes the source lacks (:data:`TYPE2_PATIENT_STUDY`) present and
-    empty, and every LO, SH and PN value that breaks its VR's rules repaired
-    (:func:`repaired_value`) — highdicom copies them as they are, and one invalid value fails
-    the validation of the object, so that nothing is sent.
+    empty, every LO, SH and PN value that breaks its VR's rules repaired
+    (:func:`repaired_value`), and Patient's Sex, Age, Birth Date/Time and Study Date/Time in a
+    form highdicom or dciodvfy refuses rewritten (empty when unreadable) — highdicom copies
+    or parses them as they are, and one invalid value fails the object, so nothing is sent.
 
     ``written_in`` is the character set the object declares (:func:`character_set`); when it
     is not the source's, the source's text goes in as decoded text, to be encoded again.
