@@ -195,3 +195,25 @@ def test_text_the_objects_add_is_covered_by_their_character_set(edit, require_to
 def _objects_of(datasets: list[Dataset]) -> list[Dataset]:
     """Each object as it is sent (Part 10 bytes), so that writing it is part of the test."""
     return [roundtrip(ds) for ds in datasets]
+
+
+def test_sequences_taken_over_are_written_in_the_objects_character_set() -> None:
+    """When an object declares another character set than the source (UTF-8 for a label the
+    source's cannot hold), text inside the sequences it copies (Procedure Code Sequence of the
+    General Study module) is encoded again too, not written as the source's bytes."""
+    from pacs_sentinel.results import SegmentLabel
+
+    def edit(ds: Dataset) -> None:
+        _names("ISO_IR 100", "Müller^Jürgen")(ds)
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "X1", "99LOCAL", "CT Bauch Übersicht"
+        ds.ProcedureCodeSequence = [code]
+
+    volume = _volume(edit)
+    leber = SegmentLabel(name="Leber 肝臓", property_category=LIVER.property_category,
+                         property_type=LIVER.property_type, tracking_id="organ-seg Leber")
+    result = make_result(volume, [leber])
+    seg = roundtrip(build_result_set(volume, result, make_qc(volume, result, Verdict.ACCEPTED, [], 0.9)).segmentation)
+    assert seg.SpecificCharacterSet == "ISO_IR 192"
+    assert str(seg.PatientName) == "Müller^Jürgen"
+    assert seg.ProcedureCodeSequence[0].CodeMeaning == "CT Bauch Übersicht"

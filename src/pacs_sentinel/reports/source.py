@@ -26,6 +26,7 @@ the copied text is decoded already (pydicom), and UTF-8 holds any of it.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import re
 from collections.abc import Iterable
@@ -224,10 +225,10 @@ _FORMATTED = {
 }
 
 
-def _repairs(source: Dataset) -> dict[str, str]:
+def _repairs(source: Dataset) -> dict[str, object]:
     """keyword -> repaired value of every top-level LO, SH and PN element of ``source`` that
     breaks its VR's rules, and of the :data:`_FORMATTED` attributes whose value is not valid."""
-    found = {}
+    found: dict[str, object] = {}
     for element in source:
         if element.VR in MAX_LENGTH and element.keyword:
             repaired = repaired_value(element.keyword, element.VR, element.value)
@@ -248,12 +249,20 @@ def _declared(source: Dataset) -> str | list[str] | None:
     return list(value)
 
 
-def _decoded_text(source: Dataset) -> dict[str, str]:
-    """keyword -> the text of every top-level text element holding non-ASCII characters, as
-    read with the source's character set (to be encoded again in ours)."""
-    return {element.keyword: "\\".join(str(v) for v in _values(element.value))
-            for element in source
-            if element.keyword and element.VR in _TEXT_VRS and not all(str(v).isascii() for v in _values(element.value))}
+def _decoded_text(source: Dataset) -> dict[str, object]:
+    """keyword -> the value of every top-level element holding non-ASCII text, as read with
+    the source's character set (to be encoded again in ours): a text element's text, or a
+    copy of a sequence whose items hold such text (decoded: a sequence item keeps the bytes
+    it was read with until a value is asked for)."""
+    found: dict[str, object] = {}
+    for element in source:
+        if not element.keyword:
+            continue
+        if element.VR in _TEXT_VRS and not all(str(v).isascii() for v in _values(element.value)):
+            found[element.keyword] = "\\".join(str(v) for v in _values(element.value))
+        elif element.VR == "SQ" and not all(text.isascii() for text in text_values(*element.value)):
+            found[element.keyword] = copy.deepcopy(element.value)  # text_values decoded every item
+    return found
 
 
 def patient_study_source(source: Dataset, *, written_in: str | list[str] | None) -> Dataset:
