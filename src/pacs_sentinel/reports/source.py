@@ -87,6 +87,8 @@ def _encodes(text: str, declared: str | list[str] | None) -> bool:
         return True
     terms = [] if declared is None else [declared] if isinstance(declared, str) else declared
     for term in terms:
+        if term == DEFAULT_REPERTOIRE_WITH_EXTENSIONS:
+            continue  # ASCII (pydicom reads it as Latin-1, which it is not)
         try:
             text.encode(python_encoding[term])
             return True
