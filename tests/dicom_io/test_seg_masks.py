@@ -72,6 +72,24 @@ def test_frames_without_source_references_are_placed_by_position(series) -> None
     np.testing.assert_array_equal(mapped.segments[1].mask, second)
 
 
+def test_positions_on_another_frame_of_reference_are_refused(series) -> None:
+    """Positions mean something only in their frame of reference: a SEG on another one whose
+    frames name no source image cannot be placed (it would land on the wrong slices)."""
+    _, volume = series
+    first, second = distinct_masks(volume.array.shape)
+    seg = make_third_party_seg(volume.datasets, [first, second], [LIVER, SPLEEN])
+    seg.FrameOfReferenceUID = "1.2.3.4.5"
+    mapped = map_segments(seg, volume)  # placed by its source references: unambiguous
+    np.testing.assert_array_equal(mapped.segments[0].mask, first)
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        del frame.DerivationImageSequence
+
+    with pytest.raises(SeriesError, match=rf"frame 1 of SEG {seg.SOPInstanceUID} references no instance of the "
+                                          rf"series and its frame of reference 1\.2\.3\.4\.5 is not the series' "
+                                          rf"{volume.datasets[0].FrameOfReferenceUID}"):
+        map_segments(seg, volume)
+
+
 def test_label_map_seg(series) -> None:
     datasets, volume = series
     first, second = distinct_masks(volume.array.shape)
@@ -113,6 +131,7 @@ def test_a_seg_of_another_series_is_refused(series) -> None:
     other = load_volume(make_ct_series(seed=4))
     first, _ = distinct_masks(other.array.shape)
     seg = make_third_party_seg(other.datasets, [first], [LIVER])
+    seg.FrameOfReferenceUID = volume.datasets[0].FrameOfReferenceUID  # positions comparable, not on a slice
     for frame in seg.PerFrameFunctionalGroupsSequence:
         del frame.DerivationImageSequence
         # Move the frames off the judged volume's slices.

@@ -163,3 +163,23 @@ def test_result_set_passes_seg_type_through(volume, disjoint_result, disjoint_qc
     assert binary.segmentation.SegmentationType == "BINARY"
     with pytest.raises(ReportError, match="'OTHER'"):
         build_result_set(volume, disjoint_result, disjoint_qc, seg_type="OTHER")
+
+
+@pytest.mark.parametrize("withheld", [False, True], ids=["sent", "withheld"])
+def test_sr_of_a_labelmap_names_the_source_images_each_segment_lies_on(volume, disjoint_result, disjoint_qc,
+                                                                        withheld):
+    """As for a BINARY SEG (docs/conformance.md §6.2): one Source Image item per slice the
+    segment lies on. Label-map frames name no segment; their pixels do."""
+    uids = [str(ds.SOPInstanceUID) for ds in volume.datasets]
+    expected = {number: {uids[k] for k in np.flatnonzero(disjoint_result.mask[number - 1].any(axis=(1, 2)))}
+                for number in (1, 2)}
+    for seg_type in ("BINARY", "LABELMAP"):
+        result_set = build_result_set(volume, disjoint_result, disjoint_qc, seg_type=seg_type, withheld_seg=withheld)
+        sr = hd.sr.Comprehensive3DSR.from_dataset(result_set.report)
+        groups = [group for container in sr.ContentSequence if container.ConceptNameCodeSequence[0].CodeValue == "126010"
+                  for group in container.ContentSequence]
+        assert len(groups) == 2
+        for number, group in enumerate(groups, start=1):
+            images = {str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for item in group.ContentSequence
+                      if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue in ("121233", "121112")}
+            assert images == expected[number], (seg_type, number)

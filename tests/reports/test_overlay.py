@@ -8,6 +8,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
 
 from pacs_sentinel.dicom_io.series import load_volume
 from pacs_sentinel.errors import ReportError
@@ -136,3 +137,54 @@ def test_secondary_capture_passes_dciodvfy(body_part, seg_result, qc_review, dci
         assert len(warnings) == 1 and "<Laterality>" in warnings[0]
     else:
         assert warnings == []
+
+
+def test_an_image_without_window_that_is_not_ct_gets_a_window_from_its_values(seg_result, qc_review):
+    """MR intensities are no HU: the soft-tissue CT window would show the whole body white.
+    Without a window of its own, a non-CT slice is shown between its 0.5th and 99.5th
+    percentile (like the radiograph overlays); CT keeps 40/400 HU."""
+    from .conftest import sphere_mask
+
+    datasets = make_ct_series(seed=6)
+    for ds in datasets:
+        del ds.WindowCenter, ds.WindowWidth, ds.RescaleType
+        ds.Modality = "MR"
+        ds.RescaleSlope = 0.6  # body about 640, the organ about 675: arbitrary MR units
+        ds.RescaleIntercept = 0
+    volume = load_volume(datasets)
+    image = render_overlay(volume, seg_result, qc_review)[: volume.array.shape[1] * 8]
+    organ = np.kron(sphere_mask(*volume.array.shape)[representative_slice(seg_result)], np.ones((8, 8), dtype=bool))
+    rows, cols = np.mgrid[0:organ.shape[0], 0:organ.shape[1]]
+    body = ((rows / 8 - 32) / 28.8) ** 2 + ((cols / 8 - 32) / 28.8) ** 2 <= 0.5
+    inner = ndimage.binary_erosion(organ, iterations=6)  # the organ, its outline aside
+    gray = image[..., 0].astype(float)
+    assert gray[body & ~organ].mean() < 250, "the body is not saturated"
+    assert gray[inner].mean() - gray[body & ~organ].mean() > 8, "the organ stands out from the body"
+
+
+# (Body Part Examined of the source, what the SC carries, its Laterality: absent (None) or empty)
+BODY_PARTS = {
+    "unpaired": ("ABDOMEN", "ABDOMEN", None),
+    "lower-case": ("head", "HEAD", None),
+    "paired": ("KIDNEY", "KIDNEY", ""),
+    # terms the standard does not define: their side is unknown, so Laterality is sent empty
+    "vendor-term": ("CTABDOMEN", "CTABDOMEN", ""),
+    "phantom": ("PHANTOM", "PHANTOM", ""),
+    # values that are no CS at all are not copied (Body Part Examined is type 3)
+    "slash": ("CHEST/ABDOMEN", None, ""),
+    "too-long": ("ABDOMEN PELVIS AREA", None, ""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BODY_PARTS))
+def test_body_part_and_laterality_of_the_overlay(case, seg_result, qc_review, dciodvfy_clean):
+    """Whatever Body Part Examined the source gives, the SC is valid: a value that breaks the
+    CS rules is not copied, and Laterality is left out only for an unpaired structure."""
+    source_value, copied, laterality = BODY_PARTS[case]
+    datasets = make_ct_series(seed=7)
+    for ds in datasets:
+        ds.BodyPartExamined = source_value
+    sc, _ = build_overlay(load_volume(datasets), seg_result, qc_review)
+    assert sc.get("BodyPartExamined") == copied
+    assert (sc.Laterality if "Laterality" in sc else None) == laterality
+    dciodvfy_clean(sc, "SCImage")

@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset
 
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.resultset import build_result_set
-from pacs_sentinel.reports.validate import check_before_sending, dciodvfy_path, read_back, validate
+from pacs_sentinel.reports.validate import check_before_sending, dciodvfy_path, read_back, run_dciodvfy, validate
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,17 @@ def test_written_files_are_checked_as_written(result_sets, tmp_path, require_too
     paths[0].write_bytes(data[: len(data) // 2])  # a half-written file is never sent
     with pytest.raises(ReportError, match="SEG .* does not read back"):
         check_before_sending(paths, "dciodvfy")
+
+
+def test_dciodvfy_quoting_latin1_text_is_a_report_not_a_crash(result_sets, require_tool) -> None:  # type: ignore[no-untyped-def]
+    """dciodvfy prints a value it complains about in the object's own bytes: ISO_IR 100 text is
+    no UTF-8, and must still give the validator's words, not a UnicodeDecodeError."""
+    require_tool("dciodvfy")
+    seg, sr, sc = result_sets["BINARY"].datasets()
+    broken = copy.deepcopy(sc)
+    broken.SpecificCharacterSet = "ISO_IR 100"
+    broken.PatientName = "Müller" * 12 + "^Jürgen"  # 79 characters: longer than a PN component may be
+    report = run_dciodvfy(broken)
+    assert report is not None and any("Patient's Name" in line and "M\ufffdller" in line for line in report.errors)
+    with pytest.raises(ReportError, match=rf"OT {sc.SOPInstanceUID} fails dciodvfy: .*Patient's Name"):
+        check_before_sending([seg, sr, broken], "dciodvfy")

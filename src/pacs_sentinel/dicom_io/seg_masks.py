@@ -194,7 +194,8 @@ def map_segments(ds: Dataset, volume: Volume) -> MappedSegmentation:
     Raises:
         SeriesError: The SEG cannot be read as a segmentation, its frames have another
             matrix or orientation than the series, or a frame can be placed on no slice
-            (it references an instance outside the series and its position lies on none).
+            (it references no instance of the series, and its position lies on none or is
+            in another frame of reference).
     """
     uid = str(ds.get("SOPInstanceUID", "?"))
     try:
@@ -221,6 +222,9 @@ def map_segments(ds: Dataset, volume: Volume) -> MappedSegmentation:
     shared_segment = functional_group_item(seg, 0, "SegmentIdentificationSequence") if segmentation_type != "LABELMAP" else None
     placer = _Placer(volume)
     by_position = 0
+    # A position means something only in its frame of reference (source references do not need one).
+    seg_frame_of_reference = str(seg.get("FrameOfReferenceUID", "") or "")
+    series_frame_of_reference = str(volume.datasets[0].get("FrameOfReferenceUID", "") or "")
     for index in range(frames.shape[0]):
         what = f"frame {index + 1} of SEG {uid}"
         slice_index = placer.by_reference(_source_refs(seg, index))
@@ -228,6 +232,10 @@ def map_segments(ds: Dataset, volume: Volume) -> MappedSegmentation:
             position = functional_group_item(seg, index, "PlanePositionSequence")
             if position is None or "ImagePositionPatient" not in position:
                 raise SeriesError(f"{what} references no instance of the series and has no position")
+            if seg_frame_of_reference and series_frame_of_reference and seg_frame_of_reference != series_frame_of_reference:
+                raise SeriesError(f"{what} references no instance of the series and its frame of reference "
+                                  f"{seg_frame_of_reference} is not the series' {series_frame_of_reference}: "
+                                  "its position cannot be placed")
             slice_index = placer.by_position(np.asarray([float(v) for v in position.ImagePositionPatient]), what)
             by_position += 1
         frame = frames[index]

@@ -51,6 +51,7 @@ from pydicom.uid import generate_uid
 from pacs_sentinel.errors import ReportError
 # Helpers of the segmentation overlay, shared so both overlays look the same.
 from pacs_sentinel.reports.overlay import (
+    AUTO_WINDOW_PERCENTILES,
     DASH,
     DEFAULT_WINDOW,
     MIN_WIDTH,
@@ -90,9 +91,6 @@ HEATMAP_FLOOR = 0.2
 #: Opacity of the heat map where it is 1; elsewhere opacity = value x this (the grey image
 #: always shows through).
 HEATMAP_MAX_ALPHA = 0.6
-#: Percentiles of the modality values mapped to black and white when the image has no VOI
-#: window or LUT and is not CT (radiographs without presentation values).
-AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
 #: What the writers accept as a source, for error messages.
 _SINGLE_FRAME_HINT = "a single-frame 2D grayscale image (DX/CR, or one CT/MR slice)"
 

@@ -18,6 +18,7 @@ from pydicom.uid import generate_uid
 
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.identity import creation_times, equipment_attributes
+from pacs_sentinel.reports.source import character_set, patient_study_source, text_values
 from pacs_sentinel.reports.sr import device_observer
 from pacs_sentinel.results import QCResult
 
@@ -78,8 +79,12 @@ def build_quality_issue_kos(
             observer_device_context=device_observer(model_name),
             description=quality_issue_description(qc, model_name),
         )
-        return hd.ko.KeyObjectSelectionDocument(
-            evidence=evidence,
+        charset = character_set(evidence[0], text_values(content[0]))
+        source = patient_study_source(evidence[0], written_in=charset)
+        document = hd.ko.KeyObjectSelectionDocument(
+            # highdicom takes patient and study from the first item (reports/source.py)
+            evidence=[source, *evidence[1:]],
+            specific_character_set=charset,
             content=content,
             series_instance_uid=generate_uid(),
             series_number=series_number,
@@ -92,5 +97,8 @@ def build_quality_issue_kos(
             content_time=times["content_time"],
             **equipment_attributes(),
         )
+        # The whole Patient and General Study modules, as the SEG and SR carry them.
+        document.copy_patient_and_study_information(source)
+        return document
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"cannot build KOS: {exc}") from exc

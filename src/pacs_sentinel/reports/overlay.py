@@ -2,7 +2,8 @@
 
 Every viewer shows a secondary capture, even those that cannot display SEG or SR. The image
 is the CT slice with the largest mask area, windowed with that slice's own VOI window (the
-top-level one of a classic image, the frame's Frame VOI LUT of an enhanced multi-frame one),
+top-level one of a classic image, the frame's Frame VOI LUT of an enhanced multi-frame one;
+without one, 40/400 HU for CT and the 0.5th-99.5th percentile of the slice for MR and others),
 with each segment outlined in a colour: green when accepted; when it needs review, the colour
 of its first QC reason (:data:`REASON_COLOURS`: red = volume anomaly, yellow = shape
 irregularity, blue = fragmentation, purple = low model confidence, ...), or orange when it has
@@ -17,6 +18,7 @@ shows, and for a multi-frame source the frame (Referenced Frame Number).
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 
 import highdicom as hd
@@ -31,6 +33,7 @@ from pacs_sentinel.dicom_io.series import Volume, functional_group_item
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.identity import creation_times, equipment_attributes
 from pacs_sentinel.reports.seg import VERDICT_COLOURS, verdict_text
+from pacs_sentinel.reports.source import character_set, patient_study_source
 from pacs_sentinel.results import QCResult, Reason, SegmentationResult, Verdict
 
 #: Default soft-tissue window (centre, width) in HU, used when the dataset has none.
@@ -93,20 +96,43 @@ def window_of(ds: Dataset, frame_number: int | None = None) -> tuple[float, floa
     in the Frame VOI LUT macro of its per-frame or shared functional groups; there the window
     of ``frame_number`` (1-based; default: the shared one) is used.
     """
+    return own_window(ds, frame_number) or DEFAULT_WINDOW
+
+
+def own_window(ds: Dataset, frame_number: int | None = None) -> tuple[float, float] | None:
+    """(centre, width) of the first usable VOI window the image states (see :func:`window_of`), or None."""
     source: Dataset = ds
     if "WindowCenter" not in ds:
         source = _macro(ds, frame_number, "FrameVOILUTSequence") or ds
     centre, width = source.get("WindowCenter"), source.get("WindowWidth")
     if centre is None or width is None:
-        return DEFAULT_WINDOW
+        return None
     try:
         centre = float(centre[0] if isinstance(centre, MultiValue) else centre)
         width = float(width[0] if isinstance(width, MultiValue) else width)
     except (TypeError, ValueError, IndexError):
-        return DEFAULT_WINDOW
+        return None
     if not (math.isfinite(centre) and math.isfinite(width)) or width <= 1:
-        return DEFAULT_WINDOW
+        return None
     return centre, width
+
+
+#: Percentiles of a slice's values that bound the window of an image that states none and is
+#: not CT (whose values are HU: :data:`DEFAULT_WINDOW`); the radiograph overlays use the same.
+AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
+
+
+def slice_window(ds: Dataset, values: np.ndarray, frame_number: int | None = None) -> tuple[float, float]:
+    """The window a slice is shown with: its own, else 40/400 HU for CT, else the
+    :data:`AUTO_WINDOW_PERCENTILES` of its ``values`` (MR and others: arbitrary units, which a
+    HU window would show all white or all black)."""
+    window = own_window(ds, frame_number)
+    if window is not None:
+        return window
+    if str(ds.get("Modality", "")).upper() == "CT":
+        return DEFAULT_WINDOW
+    low, high = (float(v) for v in np.percentile(values, AUTO_WINDOW_PERCENTILES))
+    return (low + high) / 2, max(high - low, 2.0)
 
 
 #: Added to the banner title and series description when the SEG is withheld by policy.
@@ -201,7 +227,8 @@ def render_overlay(
     height = int(round(rows * scale * (row_spacing / col_spacing)))
 
     frame_number = volume.frame_numbers[slice_index] if volume.frame_numbers is not None else None
-    gray = _windowed(volume.array[slice_index], *window_of(volume.datasets[slice_index], frame_number))
+    values = volume.array[slice_index]
+    gray = _windowed(values, *slice_window(volume.datasets[slice_index], values, frame_number))
     image = Image.fromarray(gray, mode="L").resize((width, height), Image.Resampling.BILINEAR).convert("RGB")
     canvas = np.array(image)
 
@@ -307,11 +334,22 @@ def patient_orientation(ds: Dataset, frame_number: int | None = None) -> tuple[s
     return letter(orientation[:3]), letter(orientation[3:])
 
 
-#: Body Part Examined values of paired structures, which need a Laterality.
-PAIRED_BODY_PARTS = frozenset(
-    {"BREAST", "EYE", "EAR", "KIDNEY", "LUNG", "SHOULDER", "ELBOW", "WRIST", "HAND", "HIP", "KNEE",
-     "ANKLE", "FOOT", "ARM", "LEG", "UPRLIMB", "LOWRLIMB", "CLAVICLE", "FEMUR", "HUMERUS", "TIBIA"}
+#: Body Part Examined defined terms of unpaired structures (PS3.16 Annex L, as dciodvfy knows
+#: them): the General Series module wants no Laterality for these. Any other value — a paired
+#: structure, or a term the standard does not define ("CTABDOMEN", "PHANTOM") — needs one
+#: (type 2C), sent empty ("unknown") when the source does not say.
+UNPAIRED_BODY_PARTS = frozenset(
+    {"ABDOMEN", "ABDOMENPELVIS", "AORTA", "BACK", "BLADDER", "BRAIN", "CEREBELLUM", "CSPINE", "CTSPINE",
+     "CERVIX", "CHEST", "CHESTABDOMEN", "CHESTABDPELVIS", "CIRCLEOFWILLIS", "COCCYX", "COLON",
+     "CORONARYARTERY", "DUODENUM", "ESOPHAGUS", "FACE", "GALLBLADDER", "HEAD", "HEADNECK", "HEART", "ILEUM",
+     "ILIUM", "JAW", "JEJUNUM", "LARYNX", "LIVER", "LSPINE", "LSSPINE", "MAXILLA", "MEDIASTINUM", "MOUTH",
+     "NECK", "NECKCHEST", "NECKCHESTABDOMEN", "NECKCHESTABDPELV", "NOSE", "PANCREAS", "PELVIS", "PENIS",
+     "PHARYNX", "PROSTATE", "RECTUM", "SSPINE", "SCALP", "SKULL", "SPINE", "SPLEEN", "STERNUM", "STOMACH",
+     "TSPINE", "TLSPINE", "THYMUS", "THYROID", "TONGUE", "TRACHEA", "URETER", "URETHRA", "UTERUS", "VAGINA",
+     "VULVA", "WHOLEBODY"}
 )
+#: A Body Part Examined value that is a valid CS: upper case, digits, space, underscore, 16 at most.
+_CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")
 
 
 def rgb_secondary_capture(
@@ -334,9 +372,11 @@ def rgb_secondary_capture(
     Raises:
         ReportError: highdicom refuses the image.
     """
+    charset = character_set(source, [series_description])
+    identity = patient_study_source(source, written_in=charset)  # the patient and study as our objects write them
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
+            ref_dataset=identity,
             pixel_array=pixels,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
@@ -348,6 +388,7 @@ def rgb_secondary_capture(
             # highdicom insists on an orientation; an unknown one is sent empty below.
             patient_orientation=orientation or ("L", "F"),
             transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
+            specific_character_set=charset,
             series_description=series_description,
             **equipment_attributes(),
             **creation_times(),
@@ -356,6 +397,9 @@ def rgb_secondary_capture(
         raise ReportError(f"cannot build SC overlay: {exc}") from exc
     if orientation is None:
         sc.PatientOrientation = ""
+    # from_ref_dataset copies only the type 2 identity; the SEG and SR carry the whole Patient
+    # and General Study modules (Study Description, Patient's Age, ...), and so does the SC.
+    sc.copy_patient_and_study_information(identity)
     copy_body_part(source, sc, frame_number)
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
@@ -365,13 +409,18 @@ def rgb_secondary_capture(
 def copy_body_part(source: Dataset, sc: Dataset, frame_number: int | None = None) -> None:
     """Copy Body Part Examined and Laterality from the source image into the SC.
 
-    The General Series module requires Laterality (2C) unless the body part is known to be
-    unpaired; when the source does not say, the value is left empty ("unknown"). An enhanced
-    multi-frame source states laterality per frame (Frame Anatomy macro, Frame Laterality);
-    ``R`` or ``L`` there is copied. (Its ``U``, unpaired, cannot leave Laterality out: without
-    Body Part Examined, which enhanced images code as Anatomic Region, validators require it.)
+    Body Part Examined is copied in upper case when it is a valid CS value; one that is not
+    ("CHEST/ABDOMEN", longer than 16 characters) is left out (type 3) rather than make the SC
+    invalid. The General Series module requires Laterality (2C) unless the body part is an
+    unpaired structure (:data:`UNPAIRED_BODY_PARTS`); when the source does not say, the value
+    is left empty ("unknown"). An enhanced multi-frame source states laterality per frame
+    (Frame Anatomy macro, Frame Laterality); ``R`` or ``L`` there is copied. (Its ``U``,
+    unpaired, cannot leave Laterality out: without Body Part Examined, which enhanced images
+    code as Anatomic Region, validators require it.)
     """
     body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
+    if not _CODE_STRING.fullmatch(body_part):
+        body_part = ""
     if body_part:
         sc.BodyPartExamined = body_part
     laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "").strip().upper()
@@ -380,7 +429,7 @@ def copy_body_part(source: Dataset, sc: Dataset, frame_number: int | None = None
         laterality = str(anatomy.get("FrameLaterality", "") or "").strip().upper() if anatomy else ""
     if laterality in ("R", "L"):
         sc.Laterality = laterality
-    elif not body_part or body_part in PAIRED_BODY_PARTS:
+    elif body_part not in UNPAIRED_BODY_PARTS:
         sc.Laterality = ""
 
 

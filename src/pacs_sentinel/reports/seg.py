@@ -38,6 +38,7 @@ from pydicom.uid import (
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.identity import creation_times, equipment_attributes
+from pacs_sentinel.reports.source import character_set, patient_study_source, text_values
 from pacs_sentinel.results import Code, QCResult, SegmentationResult, Verdict
 
 #: Content Label (0070,0080) of our SEG objects (CS: upper case, digits, underscore).
@@ -168,9 +169,14 @@ def build_segmentation(
         pixels = pixels[slice_order] if reorder else pixels
         segmentation_type = SegmentationTypeValues.BINARY
     every_segment_present = bool(binary.reshape(n_labels, -1).any(axis=1).all())
+    content_description = f"{result.model_name} {result.model_version}"[:64]
+    # Labels, codes and names from the model card may hold text the source's character set has not.
+    charset = character_set(source_images[0], [*text_values(*descriptions), content_description, series_description])
     try:
         return hd.seg.Segmentation(
-            source_images=source_images,
+            # highdicom takes patient and study from the first source (reports/source.py)
+            source_images=[patient_study_source(source_images[0], written_in=charset), *source_images[1:]],
+            specific_character_set=charset,
             pixel_array=pixels,
             segmentation_type=segmentation_type,
             segment_descriptions=descriptions,
@@ -184,7 +190,7 @@ def build_segmentation(
             transfer_syntax_uid=transfer_syntax_uid,
             workers=workers,
             content_label=CONTENT_LABEL,
-            content_description=f"{result.model_name} {result.model_version}"[:64],
+            content_description=content_description,
             series_description=series_description[:64],
         )
     except (ValueError, TypeError) as exc:

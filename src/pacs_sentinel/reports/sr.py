@@ -41,6 +41,7 @@ from highdicom.sr import (
 )
 from highdicom.sr.enum import RelationshipTypeValues
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array as decode_pixel_array
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -55,6 +56,7 @@ from pacs_sentinel.reports.identity import (
     equipment_attributes,
 )
 from pacs_sentinel.reports.seg import coded, verdict_text
+from pacs_sentinel.reports.source import character_set, patient_study_source, text_values
 from pacs_sentinel.results import (
     QC_FINDING,
     QC_SCHEME,
@@ -184,10 +186,15 @@ def build_document(
     equipment: dict = equipment_attributes()
     # Software Versions: the product's, then which model and QC produced the content.
     equipment["software_versions"] = [equipment["software_versions"], provenance_text(result, qc)[:64]]
+    # Tracking IDs, labels, code meanings and algorithm names (a third-party SEG's, a model
+    # card's) may hold text the source's character set has not.
+    charset = character_set(evidence[0], [*text_values(*report), series_description, *equipment["software_versions"]])
     try:
         with content_not_copied(report[0]):
             return hd.sr.Comprehensive3DSR(
-                evidence=evidence,
+                # highdicom takes patient and study from the first item (reports/source.py)
+                evidence=[patient_study_source(evidence[0], written_in=charset), *evidence[1:]],
+                specific_character_set=charset,
                 content=report,
                 series_instance_uid=generate_uid(),
                 series_number=series_number,
@@ -205,34 +212,57 @@ def build_document(
         raise ReportError(f"cannot build SR: {exc}") from exc
 
 
-def segment_sources(
-    segmentation: hd.seg.Segmentation, segment_number: int
-) -> tuple[dict[str, str], dict[str, set[int]]]:
-    """Return the source instances of one segment's frames: SOP Instance UID -> SOP Class UID
-    (in frame order, each once) and, for multi-frame sources, UID -> referenced frame numbers.
+#: The source images of one segment: SOP Instance UID -> SOP Class UID (in frame order, each
+#: once) and, for multi-frame sources, SOP Instance UID -> referenced frame numbers.
+SegmentSources = tuple[dict[str, str], dict[str, set[int]]]
 
-    Reads the segment number from the per-frame and the shared functional groups (a
-    single-segment SEG keeps it in the shared ones).
+
+def all_segment_sources(segmentation: hd.seg.Segmentation) -> dict[int, SegmentSources]:
+    """Return the source instances of every segment's frames, by segment number.
+
+    A BINARY or FRACTIONAL SEG names the segment of each frame in its per-frame functional
+    groups, or in the shared ones (a single-segment SEG). A label map's frames name no
+    segment: a segment lies on the frames whose pixels hold its number, so those are decoded.
+
+    Raises:
+        ReportError: The frames of a label map cannot be decoded.
     """
-    shared = segmentation.SharedFunctionalGroupsSequence[0]
-    shared_segment = shared.get("SegmentIdentificationSequence")
-    sources: dict[str, str] = {}
-    frames_of: dict[str, set[int]] = {}
-    for frame in segmentation.PerFrameFunctionalGroupsSequence:
-        identification = frame.get("SegmentIdentificationSequence") or shared_segment
-        if identification is None or int(identification[0].ReferencedSegmentNumber) != segment_number:
-            continue
-        for derivation in frame.get("DerivationImageSequence", []):
+    numbers = [int(item.SegmentNumber) for item in segmentation.SegmentSequence]
+    found: dict[int, SegmentSources] = {number: ({}, {}) for number in numbers}
+    frames = segmentation.PerFrameFunctionalGroupsSequence
+    if str(segmentation.get("SegmentationType", "")) == "LABELMAP":
+        try:
+            pixels = np.asarray(decode_pixel_array(segmentation)).reshape(len(frames), -1)
+        except Exception as exc:  # decoder plugins raise many types; all mean "cannot decode"
+            raise ReportError(f"cannot decode the frames of label map SEG {segmentation.SOPInstanceUID}: {exc}") from exc
+        holds = {number: (pixels == number).any(axis=1) for number in numbers if number != 0}
+        segments_of = [[number for number, on in holds.items() if on[index]] for index in range(len(frames))]
+    else:
+        shared = segmentation.SharedFunctionalGroupsSequence[0].get("SegmentIdentificationSequence")
+        segments_of = []
+        for frame in frames:
+            identification = frame.get("SegmentIdentificationSequence") or shared
+            segments_of.append([] if identification is None else [int(identification[0].ReferencedSegmentNumber)])
+    for frame, segments in zip(frames, segments_of, strict=True):
+        for derivation in frame.get("DerivationImageSequence", []) if segments else []:
             for source in derivation.get("SourceImageSequence", []):
                 uid = str(source.ReferencedSOPInstanceUID)
-                sources.setdefault(uid, str(source.ReferencedSOPClassUID))
-                numbers = source.get("ReferencedFrameNumber")
-                if numbers not in (None, ""):
-                    frames_of.setdefault(uid, set()).update(int(n) for n in np.atleast_1d(numbers))
-    return sources, frames_of
+                numbers_of_frame = source.get("ReferencedFrameNumber")
+                for number in segments:
+                    sources, frames_of = found.setdefault(number, ({}, {}))
+                    sources.setdefault(uid, str(source.ReferencedSOPClassUID))
+                    if numbers_of_frame not in (None, ""):
+                        frames_of.setdefault(uid, set()).update(int(n) for n in np.atleast_1d(numbers_of_frame))
+    return found
 
 
-def referenced_segment(segmentation: hd.seg.Segmentation, segment_number: int) -> ReferencedSegment:
+def segment_sources(segmentation: hd.seg.Segmentation, segment_number: int) -> SegmentSources:
+    """The source instances of one segment's frames (see :func:`all_segment_sources`)."""
+    return all_segment_sources(segmentation).get(segment_number, ({}, {}))
+
+
+def referenced_segment(segmentation: hd.seg.Segmentation, segment_number: int,
+                       sources: SegmentSources | None = None) -> ReferencedSegment:
     """Return the SR reference to one segment of ``segmentation`` and to its source images.
 
     ``ReferencedSegment.from_segmentation`` (highdicom 0.28) only looks for the segment
@@ -242,13 +272,13 @@ def referenced_segment(segmentation: hd.seg.Segmentation, segment_number: int) -
     Each source instance is listed once. When the SEG frames reference frames of a
     multi-frame source, its item names those frames (Referenced Frame Number), ascending.
     """
-    sources, frames_of = segment_sources(segmentation, segment_number)
+    sources_by_uid, frames_of = sources if sources is not None else segment_sources(segmentation, segment_number)
     common = {
         "sop_class_uid": segmentation.SOPClassUID,
         "sop_instance_uid": segmentation.SOPInstanceUID,
         "segment_number": segment_number,
     }
-    if sources:
+    if sources_by_uid:
         return ReferencedSegment(
             **common,
             source_images=[
@@ -257,7 +287,7 @@ def referenced_segment(segmentation: hd.seg.Segmentation, segment_number: int) -
                     referenced_sop_instance_uid=uid,
                     referenced_frame_numbers=sorted(frames_of[uid]) if uid in frames_of else None,
                 )
-                for uid, cls in sources.items()
+                for uid, cls in sources_by_uid.items()
             ],
         )
     series_uid = str(segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID)
@@ -286,6 +316,7 @@ def withheld_segment_group(
     algorithm: AlgorithmIdentification,
     measurements: list[Measurement],
     qualitative_evaluations: list[QualitativeEvaluation],
+    sources: SegmentSources | None = None,
 ) -> MeasurementsAndQualitativeEvaluations:
     """Return the TID 1501 group of a segment whose SEG is withheld: no reference to the SEG.
 
@@ -296,7 +327,7 @@ def withheld_segment_group(
     number = segment_qc.segment_number
     seg_item = next(item for item in segmentation.SegmentSequence if int(item.SegmentNumber) == number)
     label = segment_qc.label
-    sources, frames_of = segment_sources(segmentation, number)
+    sources, frames_of = sources if sources is not None else segment_sources(segmentation, number)
     site = [FindingSite(coded(label.property_type))] if label.property_category.value == ANATOMICAL_STRUCTURE else None
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=str(seg_item.TrackingUID), identifier=str(seg_item.TrackingID)),
@@ -352,6 +383,7 @@ def build_qc_report(
             [0, 1], or highdicom refuses the content.
     """
     seg_segments = {int(item.SegmentNumber): item for item in segmentation.SegmentSequence}
+    sources_of = all_segment_sources(segmentation)  # one pass over the frames for every segment
     observer = device_observer(result.model_name)
     algorithm = AlgorithmIdentification(name=result.model_name, version=result.model_version)
 
@@ -380,11 +412,12 @@ def build_qc_report(
                     algorithm=algorithm,
                     measurements=measurements,
                     qualitative_evaluations=evaluations,
+                    sources=sources_of.get(number),
                 )
             else:
                 group = VolumetricROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=segment_tracking_identifier(segmentation, seg_item),
-                    referenced_segment=referenced_segment(segmentation, number),
+                    referenced_segment=referenced_segment(segmentation, number, sources_of.get(number)),
                     finding_type=coded(segment_qc.label.property_type),
                     finding_category=coded(segment_qc.label.property_category),
                     algorithm_id=algorithm,

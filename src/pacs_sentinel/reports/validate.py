@@ -133,10 +133,15 @@ def run_dciodvfy(ds: Dataset | Path, *, executable: str | None = None) -> Valida
 
 
 def _dciodvfy(executable: str, path: Path) -> subprocess.CompletedProcess[str] | None:
-    """Run dciodvfy on one file; None when it does not finish in time."""
+    """Run dciodvfy on one file; None when it does not finish in time.
+
+    dciodvfy quotes the values it complains about in the object's own bytes (ISO_IR 100,
+    GB18030, ...): bytes that are no UTF-8 are replaced (U+FFFD), so that the report is read.
+    """
     try:
         return subprocess.run(
-            [executable, str(path)], capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False
+            [executable, str(path)], capture_output=True, text=True, errors="replace", timeout=TIMEOUT_SECONDS,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         return None
