@@ -5,11 +5,13 @@ whichever character set it declares (docs/conformance.md §6)."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 from pydicom.dataset import Dataset
 
 from pacs_sentinel.dicom_io.series import Volume, load_volume
+from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.kos import build_quality_issue_kos
 from pacs_sentinel.reports.resultset import build_result_set
 from pacs_sentinel.reports.validate import check_before_sending
@@ -120,7 +122,6 @@ INVALID_SOURCES = {
     "long-description": (_set(StudyDescription="D" * 90), "StudyDescription", "D" * 64),
     # a PN component group holds 64 characters: the longest component is cut, all stay
     "long-name": (_set(PatientName="Verylong" * 12 + "^Given"), "PatientName", ("Verylong" * 12)[:58] + "^Given"),
-    "long-accession": (_set(AccessionNumber="A" * 20), "AccessionNumber", "A" * 16),
     # Values highdicom parses itself, and refuses when they break the rules (common in the wild)
     "sex-U": (_raw("PatientSex", b"U"), "PatientSex", ""),
     "sex-word": (_raw("PatientSex", b"Female"), "PatientSex", "F"),
@@ -145,6 +146,23 @@ def test_values_invalid_in_the_source_are_repaired_not_copied(case: str, require
     for ds in objects:
         assert str(roundtrip(ds)[keyword].value) == expected, ds.Modality
     assert volume.datasets[0][keyword].value == before, "the source itself is left as it was"
+
+
+@pytest.mark.parametrize("keyword,value,tag", [("AccessionNumber", "A" * 20, "(0x0008,0x0050)"),
+                                               ("PatientID", "P\tI" + "D" * 70, "(0x0010,0x0020)")],
+                         ids=["long-accession", "patient-id-with-tab"])
+def test_identifiers_are_copied_exactly_even_when_they_break_their_vr(keyword: str, value: str, tag: str,
+                                                                      require_tool) -> None:
+    """A cut or cleaned Patient ID or Accession Number would file the result under an ID
+    nobody issued: it is copied as it is, and the check before sending refuses the object,
+    naming the attribute (the job FAILS with that reason, nothing is sent)."""
+    volume = _volume(_set(**{keyword: value}))
+    objects = _objects(volume)
+    for ds in objects:
+        assert str(roundtrip(ds)[keyword].value) == value, ds.Modality
+    if require_tool("dciodvfy"):
+        with pytest.raises(ReportError, match=re.escape(tag)):
+            check_before_sending(objects, "dciodvfy")
 
 
 def _undeclared(ds: Dataset) -> None:

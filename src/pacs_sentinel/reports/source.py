@@ -51,6 +51,16 @@ TYPE2_PATIENT_STUDY: tuple[str, ...] = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+#: Identifiers a PACS, RIS or worklist matches our objects to the patient and the order by:
+#: copied exactly, never repaired. One that breaks its VR fails the check before sending
+#: (the job FAILS, saying which), rather than file the result under an ID nobody issued.
+IDENTIFIERS: frozenset[str] = frozenset({
+    "PatientID",
+    "IssuerOfPatientID",
+    "OtherPatientIDs",
+    "AccessionNumber",
+    "StudyID",
+})
 #: The first value of a multi-valued Specific Character Set when the source leaves it empty.
 DEFAULT_REPERTOIRE_WITH_EXTENSIONS = "ISO 2022 IR 6"
 #: What our objects declare when highdicom cannot write the source's character set.
@@ -229,10 +239,11 @@ _FORMATTED = {
 
 def _repairs(source: Dataset) -> dict[str, object]:
     """keyword -> repaired value of every top-level LO, SH and PN element of ``source`` that
-    breaks its VR's rules, and of the :data:`_FORMATTED` attributes whose value is not valid."""
+    breaks its VR's rules (but :data:`IDENTIFIERS`), and of the :data:`_FORMATTED` attributes
+    whose value is not valid."""
     found: dict[str, object] = {}
     for element in source:
-        if element.VR in MAX_LENGTH and element.keyword:
+        if element.VR in MAX_LENGTH and element.keyword and element.keyword not in IDENTIFIERS:
             repaired = repaired_value(element.keyword, element.VR, element.value)
             if repaired is not None:
                 found[element.keyword] = repaired
