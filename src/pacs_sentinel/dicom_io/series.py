@@ -47,6 +47,9 @@ DUPLICATE_TOLERANCE_MM = 0.01
 SHEAR_TOLERANCE_PIXELS = 0.25
 #: Relative difference of two pixel spacings that still counts as "the same".
 PIXEL_SPACING_TOLERANCE = 1e-3
+#: Pixel spacings (mm) outside this range are no image a pipeline can use: zero, negative or
+#: wild values (a broken export) would make later stages fail obscurely or allocate terabytes.
+PLAUSIBLE_PIXEL_SPACING_MM = (0.01, 100.0)
 
 
 @dataclass
@@ -259,9 +262,17 @@ def _rescale(ds: Dataset, frame_index: int) -> tuple[float, float]:
     """``(slope, intercept)`` of one frame: functional groups, then top level, then identity."""
     item = functional_group_item(ds, frame_index, "PixelValueTransformationSequence") if _is_enhanced(ds) else None
     source = item if item is not None and "RescaleSlope" in item else ds
-    slope = source.get("RescaleSlope", 1)
-    intercept = source.get("RescaleIntercept", 0)
-    return float(1 if slope in (None, "") else slope), float(0 if intercept in (None, "") else intercept)
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        try:
+            value = source.get(keyword, default)
+            values.append(default if value in (None, "") else float(value))
+        except (TypeError, ValueError) as exc:  # pydicom converts the DS on access
+            raw = source.get_item(pydicom.tag.Tag(keyword))  # the element as received, undecoded
+            value = raw.value if raw is not None else None
+            shown = value.decode(errors="replace").strip() if isinstance(value, bytes) else str(value)
+            raise SeriesError(f"{keyword} of {_uid_of(ds)} is not a number: {shown!r}") from exc
+    return values[0], values[1]
 
 
 def _to_modality_values(stored: np.ndarray, ds: Dataset, frame_index: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -318,12 +329,26 @@ def _floats(value: object, count: int, what: str) -> np.ndarray:
     return array
 
 
+def _pixel_spacing(value: object, what: str) -> np.ndarray:
+    """``PixelSpacing`` as two numbers within :data:`PLAUSIBLE_PIXEL_SPACING_MM`.
+
+    Raises:
+        SeriesError: Not two numbers, or a value outside the plausible range.
+    """
+    spacing = _floats(value, 2, f"PixelSpacing of {what}")
+    low, high = PLAUSIBLE_PIXEL_SPACING_MM
+    if not np.all((spacing >= low) & (spacing <= high)):
+        raise SeriesError(f"PixelSpacing {_format_vector(spacing)} of {what} is not a plausible pixel spacing "
+                          f"(each value between {low:g} and {high:g} mm)")
+    return spacing
+
+
 def _single_frame_slice(ds: Dataset) -> _Slice:
     uid = _uid_of(ds)
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if ds.get(keyword) in (None, ""):
             raise SeriesError(f"instance {uid} has no {keyword}")
-    spacing = _floats(ds.PixelSpacing, 2, f"PixelSpacing of {uid}")
+    spacing = _pixel_spacing(ds.PixelSpacing, uid)
     return _Slice(
         dataset=ds,
         frame_number=None,
@@ -357,7 +382,7 @@ def _multi_frame_slices(ds: Dataset) -> list[_Slice]:
         ):
             if macro is None or macro.get(keyword) in (None, ""):
                 raise SeriesError(f"{what} has no {keyword} ({name})")
-        spacing = _floats(measures.PixelSpacing, 2, f"PixelSpacing of {what}")  # type: ignore[union-attr]
+        spacing = _pixel_spacing(measures.PixelSpacing, what)  # type: ignore[union-attr]
         slices.append(
             _Slice(
                 dataset=ds,
@@ -498,7 +523,8 @@ def _check_spacing(slices: list[_Slice], along: np.ndarray) -> None:
 
 
 def _single_slice_spacing(s: _Slice) -> float:
-    """Slice spacing of a one-slice volume: SpacingBetweenSlices, SliceThickness, else 1 mm."""
+    """Slice spacing of a one-slice volume: SpacingBetweenSlices, SliceThickness (the first that is a
+    positive number), else 1 mm."""
     sources = [s.dataset]
     if s.frame_number is not None:
         measures = functional_group_item(s.dataset, s.frame_number - 1, "PixelMeasuresSequence")
@@ -506,9 +532,12 @@ def _single_slice_spacing(s: _Slice) -> float:
             sources.insert(0, measures)
     for source in sources:
         for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-            value = source.get(keyword)
-            if value not in (None, "") and float(value) > 0:
-                return float(value)
+            try:
+                value = float(source.get(keyword) or 0)
+            except (TypeError, ValueError):  # not a number: try the next source
+                continue
+            if math.isfinite(value) and value > 0:
+                return value
     return 1.0
 
 
