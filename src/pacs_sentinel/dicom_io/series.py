@@ -258,8 +258,12 @@ def _decode_stored(ds: Dataset) -> np.ndarray:
     return pixels
 
 
-def _rescale(ds: Dataset, frame_index: int) -> tuple[float, float]:
-    """``(slope, intercept)`` of one frame: functional groups, then top level, then identity."""
+def rescale(ds: Dataset, frame_index: int = 0) -> tuple[float, float]:
+    """``(slope, intercept)`` of one frame: functional groups, then top level, then identity.
+
+    Raises:
+        SeriesError: The slope or intercept is there but is no number.
+    """
     item = functional_group_item(ds, frame_index, "PixelValueTransformationSequence") if _is_enhanced(ds) else None
     source = item if item is not None and "RescaleSlope" in item else ds
     values = []
@@ -283,7 +287,7 @@ def _to_modality_values(stored: np.ndarray, ds: Dataset, frame_index: int, out: 
             return np.asarray(values, dtype=np.float32)
         out[...] = values
         return out
-    slope, intercept = _rescale(ds, frame_index)
+    slope, intercept = rescale(ds, frame_index)
     if out is None:
         out = stored.astype(np.float32)
     else:
@@ -329,16 +333,17 @@ def _floats(value: object, count: int, what: str) -> np.ndarray:
     return array
 
 
-def _pixel_spacing(value: object, what: str) -> np.ndarray:
-    """``PixelSpacing`` as two numbers within :data:`PLAUSIBLE_PIXEL_SPACING_MM`.
+def pixel_spacing(value: object, what: str, keyword: str = "PixelSpacing") -> np.ndarray:
+    """A pixel spacing (``PixelSpacing``, ``ImagerPixelSpacing``) as two numbers within
+    :data:`PLAUSIBLE_PIXEL_SPACING_MM`; ``what`` names its instance (or frame) in the message.
 
     Raises:
         SeriesError: Not two numbers, or a value outside the plausible range.
     """
-    spacing = _floats(value, 2, f"PixelSpacing of {what}")
+    spacing = _floats(value, 2, f"{keyword} of {what}")
     low, high = PLAUSIBLE_PIXEL_SPACING_MM
     if not np.all((spacing >= low) & (spacing <= high)):
-        raise SeriesError(f"PixelSpacing {_format_vector(spacing)} of {what} is not a plausible pixel spacing "
+        raise SeriesError(f"{keyword} {_format_vector(spacing)} of {what} is not a plausible pixel spacing "
                           f"(each value between {low:g} and {high:g} mm)")
     return spacing
 
@@ -348,7 +353,7 @@ def _single_frame_slice(ds: Dataset) -> _Slice:
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if ds.get(keyword) in (None, ""):
             raise SeriesError(f"instance {uid} has no {keyword}")
-    spacing = _pixel_spacing(ds.PixelSpacing, uid)
+    spacing = pixel_spacing(ds.PixelSpacing, uid)
     return _Slice(
         dataset=ds,
         frame_number=None,
@@ -382,7 +387,7 @@ def _multi_frame_slices(ds: Dataset) -> list[_Slice]:
         ):
             if macro is None or macro.get(keyword) in (None, ""):
                 raise SeriesError(f"{what} has no {keyword} ({name})")
-        spacing = _pixel_spacing(measures.PixelSpacing, what)  # type: ignore[union-attr]
+        spacing = pixel_spacing(measures.PixelSpacing, what)  # type: ignore[union-attr]
         slices.append(
             _Slice(
                 dataset=ds,
