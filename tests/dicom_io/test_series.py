@@ -223,6 +223,27 @@ def test_one_slice_with_a_slice_thickness_that_is_no_number_gets_1_mm() -> None:
     assert load_volume(datasets, min_slices=1).spacing == pytest.approx((1.0, 0.8, 0.7))
 
 
+@pytest.mark.parametrize("keyword", ["Rows", "Columns"])
+def test_missing_matrix_size_is_refused(keyword: str) -> None:
+    # It was "internal error: AttributeError: 'FileDataset' object has no attribute 'Rows'".
+    datasets = make_slices([0.0, 2.5, 5.0])
+    del datasets[1][keyword]
+    refused(datasets, rf"^instance {re.escape(str(datasets[1].SOPInstanceUID))} has no {keyword}$")
+
+
+@pytest.mark.parametrize("keyword", ["ImagePositionPatient", "Rows", "BitsAllocated", "RescaleSlope", "SliceThickness"])
+def test_an_attribute_pydicom_cannot_read_is_named(keyword: str) -> None:
+    # A value representation pydicom does not know (a corrupted or non-standard header) made
+    # reading the attribute raise NotImplementedError: an "internal error" of the job.
+    from pydicom.dataelem import RawDataElement
+    from pydicom.datadict import tag_for_keyword
+
+    datasets = make_slices([0.0, 2.5, 5.0])
+    tag = pydicom.tag.Tag(tag_for_keyword(keyword))
+    datasets[2][tag] = RawDataElement(tag, "Dt", 2, b"12", 0, False, True)
+    refused(datasets, rf"^{keyword} of instance {re.escape(str(datasets[2].SOPInstanceUID))} cannot be read: ")
+
+
 @pytest.mark.parametrize("keyword", ["RescaleSlope", "RescaleIntercept"])
 def test_rescale_that_is_no_number_is_refused(keyword: str) -> None:
     # It was an "internal error: ValueError: could not convert string to float: 'x'".

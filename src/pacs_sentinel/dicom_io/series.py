@@ -400,10 +400,39 @@ def _multi_frame_slices(ds: Dataset) -> list[_Slice]:
     return slices
 
 
+#: The attributes loading reads from every instance (besides the functional groups).
+HEADER_KEYWORDS = (
+    "SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "NumberOfFrames", "SamplesPerPixel",
+    "PhotometricInterpretation", "PlanarConfiguration", "Rows", "Columns", "BitsAllocated", "BitsStored",
+    "HighBit", "PixelRepresentation", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+    "RescaleSlope", "RescaleIntercept", "SliceThickness", "SpacingBetweenSlices",
+)
+
+
+def _check_header(ds: Dataset) -> None:
+    """Refuse an instance whose header pydicom cannot read, or that has no matrix size.
+
+    pydicom converts an element when it is first read; a value representation it does not
+    know, or a value whose length does not fit its VR, raises then (``NotImplementedError``,
+    ``BytesLengthException``...), deep inside whatever stage reads it first.
+    """
+    for keyword in HEADER_KEYWORDS:
+        try:
+            ds.get(keyword)
+        except Exception as exc:  # pydicom raises many types for an element it cannot convert
+            uid = "?" if keyword == "SOPInstanceUID" else _uid_of(ds)
+            raise SeriesError(f"{keyword} of instance {uid} cannot be read: {exc}") from exc
+    for keyword in ("Rows", "Columns"):
+        if ds.get(keyword) in (None, ""):
+            raise SeriesError(f"instance {_uid_of(ds)} has no {keyword}")
+
+
 def _check_instances(datasets: Sequence[Dataset], min_slices: int) -> None:
-    """Refuse empty input, several series, mixed SOP classes and too few slices."""
+    """Refuse empty input, unreadable headers, several series, mixed SOP classes and too few slices."""
     if not datasets:
         raise SeriesError("no instances in series")
+    for ds in datasets:
+        _check_header(ds)
     series_uids = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in datasets})
     if len(series_uids) != 1:
         shown = ", ".join(uid or "(none)" for uid in series_uids[:3]) + (", ..." if len(series_uids) > 3 else "")
