@@ -43,7 +43,10 @@ def test_bad_studies_fail_or_are_rejected_and_good_ones_still_run(tmp_path: Path
     assert jobs[uid["single"]].state is JobState.FAILED
     assert jobs[uid["single"]].error == "series has 1 slice; this pipeline needs at least 8"
     assert jobs[uid["mr"]].state is JobState.REJECTED
-    assert "no pipeline matches" in (jobs[uid["mr"]].error or "")
+    # The reason says why, as `check-config --explain` would: which series, which rule failed.
+    assert (jobs[uid["mr"]].error or "").startswith("no pipeline matches any series of the study: ")
+    assert "series 1.3.6.1.4.1.5962.1.3.4.1.20040826185059.5457 (MR): organ-seg: Modality is 'MR', not one of ['CT']" \
+        in (jobs[uid["mr"]].error or "")
     assert jobs[uid["gappy"]].state is JobState.FAILED
     assert "missing 1 slice" in (jobs[uid["gappy"]].error or "")
     assert jobs[uid["good"]].state is JobState.DONE
