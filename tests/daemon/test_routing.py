@@ -8,7 +8,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from pacs_sentinel.daemon.config import PipelineConfig
-from pacs_sentinel.daemon.routing import SeriesCandidate, matches, select_series
+from pacs_sentinel.daemon.routing import SeriesCandidate, matches, rejection_reason, select_series
 
 
 def _candidate(uid: str, files: int, frames: int | None = None, **attributes: object) -> SeriesCandidate:
@@ -29,6 +29,22 @@ def test_every_match_attribute_must_have_an_allowed_value_case_insensitively() -
     assert not matches(PIPELINE, _candidate("1", 1, Modality="CT").header)
     assert matches(PipelineConfig(name="x", model="m", match={"ImageType": ["AXIAL"]}),
                    _candidate("1", 1, ImageType=["ORIGINAL", "PRIMARY", "AXIAL"]).header)
+
+
+def test_the_rejection_reason_names_the_series_and_the_rules_they_fail() -> None:
+    # It was "no pipeline matches any series of the study", whatever the study held.
+    cls = PipelineConfig(name="cls", kind="classification", model="demo:cxr-cls", match={"Modality": ["DX"]})
+    mr = _candidate("1.2.1", 20, Modality="MR")
+    chest = _candidate("1.2.2", 30, Modality="CT", BodyPartExamined="CHEST")
+    assert rejection_reason([PIPELINE, cls], [mr, chest]) == (
+        "no pipeline matches any series of the study: series 1.2.1 (MR): seg: Modality is 'MR', not one of ['CT'], "
+        "BodyPartExamined is absent, not one of ['abdomen']; cls: Modality is 'MR', not one of ['DX'] | "
+        "series 1.2.2 (CT): seg: BodyPartExamined is 'CHEST', not one of ['abdomen']; "
+        "cls: Modality is 'CT', not one of ['DX']")
+    many = [_candidate(f"1.3.{i}", 1, Modality="MR") for i in range(5)]
+    reason = rejection_reason([PIPELINE], many)
+    assert reason.endswith(" | and 2 more series") and reason.count("series 1.3.") == 3
+    assert rejection_reason([PIPELINE], []) == "no pipeline matches any series of the study: it holds no image series"
 
 
 def test_the_series_with_most_images_is_chosen_and_frames_count() -> None:

@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from pacs_sentinel.daemon.jobs import FINISHED_STATES, JobState
 from pacs_sentinel.dicom_io.scu import Peer, send_files
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
-from tests.conftest import received_modalities, require_program
+from tests.conftest import free_port, received_modalities, require_program
 from tests.daemon.conftest import make_config
 
 
@@ -43,7 +43,10 @@ def test_bad_studies_fail_or_are_rejected_and_good_ones_still_run(tmp_path: Path
     assert jobs[uid["single"]].state is JobState.FAILED
     assert jobs[uid["single"]].error == "series has 1 slice; this pipeline needs at least 8"
     assert jobs[uid["mr"]].state is JobState.REJECTED
-    assert "no pipeline matches" in (jobs[uid["mr"]].error or "")
+    # The reason says why, as `check-config --explain` would: which series, which rule failed.
+    assert (jobs[uid["mr"]].error or "").startswith("no pipeline matches any series of the study: ")
+    assert "series 1.3.6.1.4.1.5962.1.3.4.1.20040826185059.5457 (MR): organ-seg: Modality is 'MR', not one of ['CT']" \
+        in (jobs[uid["mr"]].error or "")
     assert jobs[uid["gappy"]].state is JobState.FAILED
     assert "missing 1 slice" in (jobs[uid["gappy"]].error or "")
     assert jobs[uid["good"]].state is JobState.DONE
@@ -138,3 +141,56 @@ def test_send_kos_adds_a_quality_issue_kos_to_flagged_results_only(tmp_path: Pat
     referenced = {str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
                   for item in kos.ContentSequence if item.ValueType == "IMAGE"}
     assert referenced == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in flagged}
+
+
+def _raw_ds(ds: pydicom.Dataset, keyword: str, value: bytes) -> None:
+    """Put ``value`` into ``ds`` as the undecoded bytes of a DS element, as a sender's file
+    would carry them (pydicom refuses to build such values)."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    value = value if len(value) % 2 == 0 else value + b" "
+    tag = Tag(tag_for_keyword(keyword))
+    ds[tag] = RawDataElement(tag, "DS", len(value), value, 0, False, True)
+
+
+def test_radiographs_with_broken_numbers_fail_with_their_reason(tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
+    # Both were "internal error: TypeError / UFuncTypeError ..." (highdicom and pydicom choking
+    # on the text), which says nothing to IT; a radiograph sent after them is still classified.
+    from pacs_sentinel.daemon.config import parse_config
+    from pacs_sentinel.inference.radiographs import make_cxr_phantom, write_dx_image
+
+    config = parse_config({
+        "node": {"port": free_port(), "data_dir": str(tmp_path / "var"), "min_free_disk_mb": 0},
+        "study": {"quiet_seconds": 1.0},
+        "outbox": {"retry_initial_seconds": 0.5},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        "pipelines": [{"name": "cxr-cls", "kind": "classification", "model": "demo:cxr-cls",
+                       "match": {"Modality": ["DX"]}, "min_slices": 1}],
+    })
+    sentinel = sentinel_factory(config)
+    broken = {"ImagerPixelSpacing": b"x\\y", "RescaleSlope": b"x"}
+    files = {}
+    for seed, (keyword, value) in enumerate(broken.items(), start=1):
+        path = write_dx_image(make_cxr_phantom(seed), tmp_path / keyword, seed=seed, patient_id=f"DX{seed}")
+        ds = pydicom.dcmread(path)
+        _raw_ds(ds, keyword, value)
+        ds.save_as(path, enforce_file_format=True)
+        files[keyword] = path
+    files["good"] = write_dx_image(make_cxr_phantom(3), tmp_path / "good", seed=3, patient_id="DX3")
+    peer = Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)
+    for path in files.values():
+        assert all(r.delivered for r in send_files([path], peer))
+
+    jobs = _finished(sentinel, 3)
+    by_name = {name: jobs[str(pydicom.dcmread(path).StudyInstanceUID)] for name, path in files.items()}
+    for keyword in broken:
+        job = by_name[keyword]
+        sop = str(pydicom.dcmread(files[keyword]).SOPInstanceUID)
+        assert job.state is JobState.FAILED
+        assert (job.error or "").startswith(f"{keyword} of {sop} is not "), job.error
+        assert "internal error" not in (job.error or "")
+    assert "is not 2 numbers: ['x', 'y']" in (by_name["ImagerPixelSpacing"].error or "")
+    assert (by_name["RescaleSlope"].error or "").endswith("is not a number: 'x'")
+    assert by_name["good"].state is JobState.DONE

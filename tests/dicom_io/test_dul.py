@@ -170,3 +170,28 @@ def test_a_blocking_abort_from_the_dul_thread_does_not_hang(tmp_path: Path) -> N
     finally:
         server.stop()
     assert len(server.spool.database.rows("SELECT * FROM instances")) == 1
+
+
+def test_a_connection_closed_before_an_association_request_frees_its_place_at_once(tmp_path: Path) -> None:
+    # A TCP health check or port scan connects and closes without a word. Its association
+    # thread waited acse_timeout (30 s) for an A-ASSOCIATE-RQ that could no longer come and
+    # counted against max_associations meanwhile: 12 such probes made the node refuse
+    # modalities ("local limit exceeded") for half a minute.
+    import socket
+
+    settings = ScpSettings("SENTINEL", "127.0.0.1", free_port(), max_associations=2, acse_timeout=30.0)
+    server = StorageScp(settings, Spool(tmp_path, Database(tmp_path / "i.db")))
+    server.start()
+    try:
+        for _ in range(5):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+        assert server._server is not None
+        deadline = time.monotonic() + 5
+        while server._server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server._server.active_associations == []
+        assoc = _associate(server.port)
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        server.stop()

@@ -193,6 +193,65 @@ def test_mixed_pixel_spacings() -> None:
     refused(datasets, r"^series mixes pixel spacings 0\.8x0\.7 mm and 0\.9x0\.9 mm \(row x column\)$")
 
 
+def _raw(ds: Dataset, keyword: str, value: bytes) -> None:
+    """Put ``value`` into ``ds`` as the undecoded bytes of a DS element, as a sender's file
+    would carry them (pydicom refuses to build such values)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.datadict import tag_for_keyword
+
+    value = value if len(value) % 2 == 0 else value + b" "
+    tag = pydicom.tag.Tag(tag_for_keyword(keyword))
+    ds[tag] = RawDataElement(tag, "DS", len(value), value, 0, False, True)
+
+
+@pytest.mark.parametrize("spacing", [b"0\\0", b"-0.8\\-0.7", b"0.8\\0", b"1e-4\\1e-4", b"1e6\\1e6"])
+def test_implausible_pixel_spacing_is_refused(spacing: bytes) -> None:
+    # Zero or negative spacing gave a baffling reason (a MONAI orientation error, "mixes pixel
+    # spacings -0.8x-0.7 mm and -0.8x-0.7 mm"); a wild one made later stages try to allocate
+    # terabytes (MemoryError as an "internal error").
+    datasets = make_slices([0.0, 2.5, 5.0])
+    for ds in datasets:
+        _raw(ds, "PixelSpacing", spacing)
+    refused(datasets, rf"^PixelSpacing \[.*\] of {re.escape(str(datasets[0].SOPInstanceUID))} is not a plausible pixel "
+                      r"spacing \(each value between 0\.01 and 100 mm\)$")
+
+
+def test_one_slice_with_a_slice_thickness_that_is_no_number_gets_1_mm() -> None:
+    # It was an "internal error: ValueError" for a one-slice pipeline (min_slices = 1).
+    datasets = make_slices([3.0])
+    _raw(datasets[0], "SliceThickness", b"x")
+    assert load_volume(datasets, min_slices=1).spacing == pytest.approx((1.0, 0.8, 0.7))
+
+
+@pytest.mark.parametrize("keyword", ["Rows", "Columns"])
+def test_missing_matrix_size_is_refused(keyword: str) -> None:
+    # It was "internal error: AttributeError: 'FileDataset' object has no attribute 'Rows'".
+    datasets = make_slices([0.0, 2.5, 5.0])
+    del datasets[1][keyword]
+    refused(datasets, rf"^instance {re.escape(str(datasets[1].SOPInstanceUID))} has no {keyword}$")
+
+
+@pytest.mark.parametrize("keyword", ["ImagePositionPatient", "Rows", "BitsAllocated", "RescaleSlope", "SliceThickness"])
+def test_an_attribute_pydicom_cannot_read_is_named(keyword: str) -> None:
+    # A value representation pydicom does not know (a corrupted or non-standard header) made
+    # reading the attribute raise NotImplementedError: an "internal error" of the job.
+    from pydicom.dataelem import RawDataElement
+    from pydicom.datadict import tag_for_keyword
+
+    datasets = make_slices([0.0, 2.5, 5.0])
+    tag = pydicom.tag.Tag(tag_for_keyword(keyword))
+    datasets[2][tag] = RawDataElement(tag, "Dt", 2, b"12", 0, False, True)
+    refused(datasets, rf"^{keyword} of instance {re.escape(str(datasets[2].SOPInstanceUID))} cannot be read: ")
+
+
+@pytest.mark.parametrize("keyword", ["RescaleSlope", "RescaleIntercept"])
+def test_rescale_that_is_no_number_is_refused(keyword: str) -> None:
+    # It was an "internal error: ValueError: could not convert string to float: 'x'".
+    datasets = make_slices([0.0, 2.5, 5.0])
+    _raw(datasets[1], keyword, b"x")
+    refused(datasets, rf"^{keyword} of {re.escape(str(datasets[1].SOPInstanceUID))} is not a number: 'x'$")
+
+
 @pytest.mark.parametrize("keyword", ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"])
 def test_missing_geometry(keyword: str) -> None:
     datasets = make_slices([0.0, 2.5, 5.0])

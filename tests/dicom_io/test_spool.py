@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pydicom
@@ -111,6 +112,57 @@ def test_reconcile_keeps_the_senders_ae_title(tmp_path: Path) -> None:
     assert spool.reconcile() == (0, 1)
     rows = spool.database.rows("SELECT path, calling_ae FROM instances")
     assert rows == [{"path": str(outcome.path), "calling_ae": "CT1"}]
+
+
+def _encoded(ds: pydicom.Dataset) -> io.BytesIO:
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_dataset(encoded, ds)
+    return io.BytesIO(encoded.getvalue())
+
+
+def test_an_instance_moved_to_another_study_leaves_no_copy_behind(tmp_path: Path) -> None:
+    # A PACS that splits or merges studies re-sends instances under their own SOP Instance UID
+    # with a new Study/Series Instance UID. The copy under the old study stayed in the spool;
+    # at the next start-up the reconciliation took it for a file that lost its row and indexed
+    # it again: the instance jumped back into the old study (and did so at every restart).
+    ds = pydicom.dcmread(PYDICOM_TEST_FILES / "CT_small.dcm")
+    spool = Spool(tmp_path, Database(tmp_path / "index.db"))
+    first = spool.store_dataset(_encoded(ds).getbuffer(), instance_info(ds, "1.2.840.10008.1.2.1"), calling_ae="CT1",
+                                implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4", "1.2.3.4.5"
+    moved = spool.store_dataset(_encoded(ds).getbuffer(), instance_info(ds, "1.2.840.10008.1.2.1"), calling_ae="PACS",
+                                implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID)
+    assert moved.path != first.path and not moved.duplicate
+    assert not first.path.exists()
+    assert spool.reconcile() == (0, 0)
+    assert spool.database.rows("SELECT study_uid, path FROM instances") == [
+        {"study_uid": "1.2.3.4", "path": str(moved.path)}]
+
+
+def test_reconcile_keeps_the_newer_of_two_copies_of_one_instance(tmp_path: Path) -> None:
+    # A crash between indexing the moved instance and removing its old copy leaves both files.
+    ds = pydicom.dcmread(PYDICOM_TEST_FILES / "CT_small.dcm")
+    spool = Spool(tmp_path, Database(tmp_path / "index.db"))
+    first = spool.store_dataset(_encoded(ds).getbuffer(), instance_info(ds, "1.2.840.10008.1.2.1"), calling_ae="CT1",
+                                implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID)
+    kept = first.path.read_bytes()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4", "1.2.3.4.5"
+    moved = spool.store_dataset(_encoded(ds).getbuffer(), instance_info(ds, "1.2.840.10008.1.2.1"), calling_ae="PACS",
+                                implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID)
+    first.path.parent.mkdir(parents=True, exist_ok=True)
+    first.path.write_bytes(kept)
+    os.utime(first.path, (1, 1))  # the old copy is the older file
+    assert spool.reconcile() == (0, 0)
+    assert not first.path.exists()
+    assert spool.database.rows("SELECT path FROM instances") == [{"path": str(moved.path)}]
+    # Both rows lost (a power cut): the newer copy wins whichever file is found first.
+    first.path.write_bytes(kept)
+    os.utime(first.path, (1, 1))
+    spool.database.connection().execute("DELETE FROM instances")
+    assert spool.reconcile() == (0, 1)
+    assert not first.path.exists()
+    assert spool.database.rows("SELECT path FROM instances") == [{"path": str(moved.path)}]
 
 
 def test_a_series_folder_removed_behind_the_spools_back_is_made_again(tmp_path: Path) -> None:

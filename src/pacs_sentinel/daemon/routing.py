@@ -214,6 +214,32 @@ def matching_pipelines(pipelines: list[PipelineConfig], candidates: list[SeriesC
     return inputs
 
 
+#: Series a rejection reason describes one by one; the others are counted.
+REJECTION_SERIES_SHOWN = 3
+
+
+def rejection_reason(pipelines: list[PipelineConfig], candidates: list[SeriesCandidate]) -> str:
+    """The one-line reason of a study no pipeline takes: per image series (the first
+    :data:`REJECTION_SERIES_SHOWN`), per pipeline, the ``match`` rules it fails — what
+    ``sentinel check-config --explain`` shows on several lines."""
+    reason = "no pipeline matches any series of the study"
+    if not candidates:
+        return f"{reason}: it holds no image series"
+    parts = []
+    for candidate in candidates[:REJECTION_SERIES_SHOWN]:
+        why = []
+        for pipeline in pipelines:
+            problems = mismatches(pipeline, candidate.header)
+            if not problems and pipeline.kind == "seg-qc":
+                problems = ["no third-party SEG references it"]
+            why.append(f"{pipeline.name}: {', '.join(problems)}")
+        modality = str(candidate.header.get("Modality", "") or "?")
+        parts.append(f"series {candidate.series_uid} ({modality}): {'; '.join(why)}")
+    if len(candidates) > REJECTION_SERIES_SHOWN:
+        parts.append(f"and {len(candidates) - REJECTION_SERIES_SHOWN} more series")
+    return f"{reason}: {' | '.join(parts)}"
+
+
 def explain(pipelines: list[PipelineConfig], path: Path) -> str:
     """Which pipeline would take which series of the DICOM files under ``path``, and why not.
 

@@ -19,7 +19,7 @@ from pacs_sentinel.daemon.jobs import JobStore
 from pacs_sentinel.daemon.logs import configure_logging
 from pacs_sentinel.daemon.outbox import Outbox
 from pacs_sentinel.daemon.review import ReviewStore
-from pacs_sentinel.daemon.routing import matching_pipelines, read_candidates
+from pacs_sentinel.daemon.routing import matching_pipelines, read_candidates, rejection_reason
 from pacs_sentinel.daemon.seg_qc import third_party_segs
 from pacs_sentinel.daemon.worker import Worker
 from pacs_sentinel.dicom_io.index import Database
@@ -141,7 +141,7 @@ class Sentinel:
             segs = third_party_segs(self.config, self.spool, self.jobs, study_uid, series_files)
             pipelines = matching_pipelines(self.config.pipelines, candidates, segs)
             if not pipelines:
-                job_id = self.jobs.reject_study(study_uid, "no pipeline matches any series of the study")
+                job_id = self.jobs.reject_study(study_uid, rejection_reason(self.config.pipelines, candidates))
                 if job_id is not None:
                     bound.warning("study rejected: no pipeline matches", job_id=job_id)
                 return

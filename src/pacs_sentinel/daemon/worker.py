@@ -21,7 +21,7 @@ from pacs_sentinel.daemon.jobs import Job, JobState, JobStore, qc_signal_rows
 from pacs_sentinel.daemon.routing import read_candidates, segs_to_judge, select_series
 from pacs_sentinel.daemon.seg_qc import judge_segs, third_party_segs
 from pacs_sentinel.daemon.warmup import warm_up
-from pacs_sentinel.dicom_io.series import load_series_files
+from pacs_sentinel.dicom_io.series import load_series_files, pixel_spacing
 from pacs_sentinel.dicom_io.spool import Spool
 from pacs_sentinel.errors import SentinelError, SeriesError
 from pacs_sentinel.inference.models import load_segmentation_model
@@ -244,11 +244,11 @@ class Worker:
 
         source = first_image(files)
         image = image_from_dataset(source)
-        spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+        spacing = radiograph_spacing(source)
         inference = self.config.inference
         model = load_classification_model(pipeline.model, device=inference.device,
                                           mixed_precision=inference.mixed_precision)
-        result = model.predict(image, tuple(float(v) for v in spacing) if spacing else None,
+        result = model.predict(image, spacing,
                                mc_dropout_samples=pipeline.mc_dropout_samples, tta_flips=tuple(pipeline.tta_flips))
         qc = evaluate_classification(result, accept_threshold=self.config.qc.accept_threshold, image=image)
         result_set = build_classification_result_set(source, result, qc,
@@ -289,6 +289,24 @@ def first_image(files: list[Path]) -> pydicom.Dataset:
     if best is None:
         raise SeriesError("series has no single-frame image to classify")
     return best[1]
+
+
+def radiograph_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """The pixel spacing a radiograph is classified with: PixelSpacing, else ImagerPixelSpacing;
+    None when it has neither.
+
+    Raises:
+        SeriesError: One of them is there but is not two plausible numbers (the findings report
+            copies both, so a broken one would fail the job later with a library's TypeError).
+    """
+    found: tuple[float, float] | None = None
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value in (None, ""):
+            continue
+        spacing = pixel_spacing(value, str(ds.get("SOPInstanceUID", "?")), keyword)
+        found = found or (float(spacing[0]), float(spacing[1]))
+    return found
 
 
 def output_files(job: Job) -> list[Path]:

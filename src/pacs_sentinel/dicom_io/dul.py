@@ -24,6 +24,9 @@ polls: every loop sleeps ``_run_loop_delay``, then looks at its queues and at th
   nothing for P-DATA) to ``EVT_PDU_RECV``. Otherwise, and for every other PDU type,
   pynetdicom's own decoding runs.
 
+A connection closed before its A-ASSOCIATE-RQ ends its association thread at once (pynetdicom
+lets it wait ``acse_timeout``, holding a place of ``max_associations``).
+
 Everything else (the state machine, the events, the abort on an exception) is pynetdicom's,
 written against pynetdicom 3.0.x (``DULServiceProvider.run_reactor``, ``_read_pdu_data``).
 """
@@ -238,7 +241,14 @@ class EventDrivenDUL(DULServiceProvider):
                 except queue.Empty:
                     self._wait_for_work()
                     continue
+                awaiting_request = self.state_machine.current_state == "Sta2"
                 self.state_machine.do_action(event)
+                if awaiting_request and event == "Evt17":
+                    # The peer closed the connection before asking for an association (a TCP
+                    # health check, a port scan): no A-ASSOCIATE-RQ can come any more. The
+                    # association thread waits for one for acse_timeout, counted against
+                    # max_associations; None is what it gets when that wait times out.
+                    self.to_user_queue.put(None)  # type: ignore[arg-type]
         finally:
             self._wake_r.close()
             self._wake_w.close()

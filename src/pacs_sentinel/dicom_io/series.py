@@ -47,6 +47,9 @@ DUPLICATE_TOLERANCE_MM = 0.01
 SHEAR_TOLERANCE_PIXELS = 0.25
 #: Relative difference of two pixel spacings that still counts as "the same".
 PIXEL_SPACING_TOLERANCE = 1e-3
+#: Pixel spacings (mm) outside this range are no image a pipeline can use: zero, negative or
+#: wild values (a broken export) would make later stages fail obscurely or allocate terabytes.
+PLAUSIBLE_PIXEL_SPACING_MM = (0.01, 100.0)
 
 
 @dataclass
@@ -255,13 +258,25 @@ def _decode_stored(ds: Dataset) -> np.ndarray:
     return pixels
 
 
-def _rescale(ds: Dataset, frame_index: int) -> tuple[float, float]:
-    """``(slope, intercept)`` of one frame: functional groups, then top level, then identity."""
+def rescale(ds: Dataset, frame_index: int = 0) -> tuple[float, float]:
+    """``(slope, intercept)`` of one frame: functional groups, then top level, then identity.
+
+    Raises:
+        SeriesError: The slope or intercept is there but is no number.
+    """
     item = functional_group_item(ds, frame_index, "PixelValueTransformationSequence") if _is_enhanced(ds) else None
     source = item if item is not None and "RescaleSlope" in item else ds
-    slope = source.get("RescaleSlope", 1)
-    intercept = source.get("RescaleIntercept", 0)
-    return float(1 if slope in (None, "") else slope), float(0 if intercept in (None, "") else intercept)
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        try:
+            value = source.get(keyword, default)
+            values.append(default if value in (None, "") else float(value))
+        except (TypeError, ValueError) as exc:  # pydicom converts the DS on access
+            raw = source.get_item(pydicom.tag.Tag(keyword))  # the element as received, undecoded
+            value = raw.value if raw is not None else None
+            shown = value.decode(errors="replace").strip() if isinstance(value, bytes) else str(value)
+            raise SeriesError(f"{keyword} of {_uid_of(ds)} is not a number: {shown!r}") from exc
+    return values[0], values[1]
 
 
 def _to_modality_values(stored: np.ndarray, ds: Dataset, frame_index: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -272,7 +287,7 @@ def _to_modality_values(stored: np.ndarray, ds: Dataset, frame_index: int, out: 
             return np.asarray(values, dtype=np.float32)
         out[...] = values
         return out
-    slope, intercept = _rescale(ds, frame_index)
+    slope, intercept = rescale(ds, frame_index)
     if out is None:
         out = stored.astype(np.float32)
     else:
@@ -318,12 +333,27 @@ def _floats(value: object, count: int, what: str) -> np.ndarray:
     return array
 
 
+def pixel_spacing(value: object, what: str, keyword: str = "PixelSpacing") -> np.ndarray:
+    """A pixel spacing (``PixelSpacing``, ``ImagerPixelSpacing``) as two numbers within
+    :data:`PLAUSIBLE_PIXEL_SPACING_MM`; ``what`` names its instance (or frame) in the message.
+
+    Raises:
+        SeriesError: Not two numbers, or a value outside the plausible range.
+    """
+    spacing = _floats(value, 2, f"{keyword} of {what}")
+    low, high = PLAUSIBLE_PIXEL_SPACING_MM
+    if not np.all((spacing >= low) & (spacing <= high)):
+        raise SeriesError(f"{keyword} {_format_vector(spacing)} of {what} is not a plausible pixel spacing "
+                          f"(each value between {low:g} and {high:g} mm)")
+    return spacing
+
+
 def _single_frame_slice(ds: Dataset) -> _Slice:
     uid = _uid_of(ds)
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if ds.get(keyword) in (None, ""):
             raise SeriesError(f"instance {uid} has no {keyword}")
-    spacing = _floats(ds.PixelSpacing, 2, f"PixelSpacing of {uid}")
+    spacing = pixel_spacing(ds.PixelSpacing, uid)
     return _Slice(
         dataset=ds,
         frame_number=None,
@@ -357,7 +387,7 @@ def _multi_frame_slices(ds: Dataset) -> list[_Slice]:
         ):
             if macro is None or macro.get(keyword) in (None, ""):
                 raise SeriesError(f"{what} has no {keyword} ({name})")
-        spacing = _floats(measures.PixelSpacing, 2, f"PixelSpacing of {what}")  # type: ignore[union-attr]
+        spacing = pixel_spacing(measures.PixelSpacing, what)  # type: ignore[union-attr]
         slices.append(
             _Slice(
                 dataset=ds,
@@ -370,10 +400,39 @@ def _multi_frame_slices(ds: Dataset) -> list[_Slice]:
     return slices
 
 
+#: The attributes loading reads from every instance (besides the functional groups).
+HEADER_KEYWORDS = (
+    "SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "NumberOfFrames", "SamplesPerPixel",
+    "PhotometricInterpretation", "PlanarConfiguration", "Rows", "Columns", "BitsAllocated", "BitsStored",
+    "HighBit", "PixelRepresentation", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+    "RescaleSlope", "RescaleIntercept", "SliceThickness", "SpacingBetweenSlices",
+)
+
+
+def _check_header(ds: Dataset) -> None:
+    """Refuse an instance whose header pydicom cannot read, or that has no matrix size.
+
+    pydicom converts an element when it is first read; a value representation it does not
+    know, or a value whose length does not fit its VR, raises then (``NotImplementedError``,
+    ``BytesLengthException``...), deep inside whatever stage reads it first.
+    """
+    for keyword in HEADER_KEYWORDS:
+        try:
+            ds.get(keyword)
+        except Exception as exc:  # pydicom raises many types for an element it cannot convert
+            uid = "?" if keyword == "SOPInstanceUID" else _uid_of(ds)
+            raise SeriesError(f"{keyword} of instance {uid} cannot be read: {exc}") from exc
+    for keyword in ("Rows", "Columns"):
+        if ds.get(keyword) in (None, ""):
+            raise SeriesError(f"instance {_uid_of(ds)} has no {keyword}")
+
+
 def _check_instances(datasets: Sequence[Dataset], min_slices: int) -> None:
-    """Refuse empty input, several series, mixed SOP classes and too few slices."""
+    """Refuse empty input, unreadable headers, several series, mixed SOP classes and too few slices."""
     if not datasets:
         raise SeriesError("no instances in series")
+    for ds in datasets:
+        _check_header(ds)
     series_uids = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in datasets})
     if len(series_uids) != 1:
         shown = ", ".join(uid or "(none)" for uid in series_uids[:3]) + (", ..." if len(series_uids) > 3 else "")
@@ -498,7 +557,8 @@ def _check_spacing(slices: list[_Slice], along: np.ndarray) -> None:
 
 
 def _single_slice_spacing(s: _Slice) -> float:
-    """Slice spacing of a one-slice volume: SpacingBetweenSlices, SliceThickness, else 1 mm."""
+    """Slice spacing of a one-slice volume: SpacingBetweenSlices, SliceThickness (the first that is a
+    positive number), else 1 mm."""
     sources = [s.dataset]
     if s.frame_number is not None:
         measures = functional_group_item(s.dataset, s.frame_number - 1, "PixelMeasuresSequence")
@@ -506,9 +566,12 @@ def _single_slice_spacing(s: _Slice) -> float:
             sources.insert(0, measures)
     for source in sources:
         for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-            value = source.get(keyword)
-            if value not in (None, "") and float(value) > 0:
-                return float(value)
+            try:
+                value = float(source.get(keyword) or 0)
+            except (TypeError, ValueError):  # not a number: try the next source
+                continue
+            if math.isfinite(value) and value > 0:
+                return value
     return 1.0
 
 

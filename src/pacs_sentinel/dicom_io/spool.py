@@ -375,6 +375,23 @@ def _fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
+def _remove_superseded(path: Path, *, fsync: bool, replaced_by: Path) -> None:
+    """Remove the old copy of an instance now stored (and indexed) at ``replaced_by``.
+
+    A failure is logged, not raised: the instance itself is safe, and the start-up
+    reconciliation removes a leftover copy (it keeps the newer file).
+    """
+    try:
+        path.unlink(missing_ok=True)
+        if fsync:
+            _fsync_dir(path.parent)
+    except OSError as exc:
+        log.warning("old copy of a moved instance not removed", path=str(path), replaced_by=str(replaced_by),
+                    error=str(exc))
+        return
+    log.info("old copy of a moved instance removed", path=str(path), replaced_by=str(replaced_by))
+
+
 def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
     """Write every part to ``fd`` (one ``writev``; more only after a short write)."""
     views = [memoryview(part).cast("B") for part in parts]
@@ -516,6 +533,10 @@ class Spool:
             self._index(info, target, size, calling_ae)
         except Exception as exc:
             raise StorageError(f"cannot index {info.sop_instance_uid}: {exc}") from exc
+        if existing is not None and existing[0] != final:
+            # The instance moved to another study or series (a PACS split or merged studies):
+            # its old copy would come back into the old study at the next reconciliation.
+            _remove_superseded(Path(existing[0]), fsync=fsync, replaced_by=target)
         return StoreOutcome(info=info, path=target, duplicate=False)
 
     def _ensure_folder(self, info: InstanceInfo, fsync: bool) -> None:
@@ -608,7 +629,9 @@ class Spool:
             ``(temporary files removed, files re-indexed)``.
         """
         removed = reindexed = 0
-        indexed = {row[0] for row in self.database.connection().execute("SELECT path FROM instances")}
+        rows = self.database.connection().execute("SELECT sop_instance_uid, path FROM instances").fetchall()
+        indexed = {row[1] for row in rows}
+        path_of = {row[0]: row[1] for row in rows}
         for path in sorted(self.root.rglob("*")):
             if not path.is_file():
                 continue
@@ -626,7 +649,16 @@ class Spool:
                     continue
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
                 info = instance_info(ds, str(ds.file_meta.TransferSyntaxUID))
+                other = path_of.get(info.sop_instance_uid)
+                if other is not None and other != str(path) and os.path.exists(other):
+                    # Two copies of one instance (it moved to another study or series and the
+                    # old copy outlived a crash): the newer one is the instance.
+                    if path.stat().st_mtime_ns <= os.stat(other).st_mtime_ns:
+                        _remove_superseded(path, fsync=True, replaced_by=Path(other))
+                        continue
+                    _remove_superseded(Path(other), fsync=True, replaced_by=path)
                 self._index(info, path, path.stat().st_size, calling_ae=str(ds.file_meta.get("SourceApplicationEntityTitle", "") or ""))
+                path_of[info.sop_instance_uid] = str(path)
                 reindexed += 1
             except Exception as exc:  # an unreadable file is kept for inspection, not deleted
                 log.warning("spool file not re-indexed", path=str(path), error=str(exc))

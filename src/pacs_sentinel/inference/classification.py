@@ -36,6 +36,7 @@ from monai.networks.nets import DenseNet121
 from monai.visualize import GradCAM
 from pydicom.pixels import apply_modality_lut
 
+from pacs_sentinel.dicom_io.series import rescale
 from pacs_sentinel.errors import DecodeError, ModelError, SeriesError
 from pacs_sentinel.inference.models import resolve_device
 from pacs_sentinel.inference.sources import card_folder_files, resolve_spec
@@ -117,7 +118,8 @@ def image_from_dataset(ds: pydicom.Dataset, *, frame: int | None = None) -> np.n
         A float32 ``(rows, cols)`` array.
 
     Raises:
-        SeriesError: Not a 2D grayscale image (colour, several frames without ``frame``).
+        SeriesError: Not a 2D grayscale image (colour, several frames without ``frame``), or a
+            rescale slope/intercept that is no number.
         DecodeError: Missing or undecodable pixel data.
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -138,6 +140,8 @@ def image_from_dataset(ds: pydicom.Dataset, *, frame: int | None = None) -> np.n
         pixels = pixels[int(frame or 0)]
     if pixels.ndim != 2:
         raise SeriesError(f"instance {ds.get('SOPInstanceUID', '?')}: pixel array of shape {pixels.shape} is not 2D")
+    if "ModalityLUTSequence" not in ds:
+        rescale(ds)  # a slope or intercept that is no number: a clear SeriesError, not numpy's TypeError
     image = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
         bits = int(ds.get("BitsStored", 16))
