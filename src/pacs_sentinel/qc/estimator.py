@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import Regressor
 
 from pacs_sentinel.errors import ModelError
@@ -137,24 +136,62 @@ def estimator_input(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     size = [max(1, int(round(BOX_MM / s))) for s in canonical_spacing]
     low = [int(round(c - n / 2.0)) for c, n in zip(centre, size, strict=True)]
     src = tuple(slice(max(0, lo), min(dim, lo + n)) for lo, n, dim in zip(low, size, image.shape, strict=True))
-    pad = [(max(0, -lo), max(0, lo + n - dim)) for lo, n, dim in zip(low, size, image.shape, strict=True)]
-    # Each plane is written once into a zeroed box (zero = air, no mask, no probability outside
-    # the image): no padded copies, no stacking copy (a 200 mm box on a 0.8 mm CT is 16M voxels).
-    planes = np.zeros((channels, *size), dtype=np.float32)
-    dst = tuple(slice(before, before + (s.stop - s.start)) for (before, _), s in zip(pad, src, strict=True))
+    offset = [s.start - lo for s, lo in zip(src, low, strict=True)]  # where the image starts in the box
     lo_hu, hi_hu = WINDOW_HU
-    windowed = image[src].astype(np.float32)
-    windowed -= lo_hu
-    windowed /= hi_hu - lo_hu
-    np.clip(windowed, 0.0, 1.0, out=planes[0][dst])
-    planes[1][dst] = mask[src]
+
+    def window(values: np.ndarray) -> np.ndarray:
+        out = values.astype(np.float32)
+        out -= lo_hu
+        out /= hi_hu - lo_hu
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    def fraction(values: np.ndarray) -> np.ndarray:
+        return np.clip(values.astype(np.float32, copy=False), 0.0, 1.0)
+
+    planes = [_area_average(image[src], window, size, offset), _area_average(mask[src], fraction, size, offset)]
     if channels == 3:
-        if probabilities is None:
-            planes[2] = planes[1]  # the mask stands in
-        else:
-            np.clip(probabilities[src].astype(np.float32, copy=False), 0.0, 1.0, out=planes[2][dst])
-    resized = F.interpolate(torch.from_numpy(planes)[None], size=(GRID, GRID, GRID), mode="area")
-    return resized[0].numpy().astype(np.float32)
+        planes.append(planes[1] if probabilities is None  # the mask stands in
+                      else _area_average(probabilities[src], fraction, size, offset))
+    return np.stack(planes)
+
+
+def _cells(n: int) -> list[tuple[int, int]]:
+    """The box indices each of the ``GRID`` output voxels averages along an axis of ``n``:
+    ``[floor(i n / GRID), ceil((i + 1) n / GRID))``, the cells of area interpolation
+    (adaptive average pooling; they overlap by a voxel where ``n`` is no multiple of GRID)."""
+    return [((i * n) // GRID, -(-(i + 1) * n // GRID)) for i in range(GRID)]
+
+
+def _area_average(region: np.ndarray, values, size: list[int], offset: list[int]) -> np.ndarray:
+    """``(GRID, GRID, GRID)`` float32: the box of ``size`` voxels averaged down by area, where
+    ``region`` is the part of the box inside the image (starting at box index ``offset``) and
+    everything outside it counts as 0 (air, no mask, no probability).
+
+    The average is taken one axis at a time (an average over a product of ranges is the
+    average of averages), the first axis slab by slab with ``values`` applied to each slab: the
+    box itself is never built. At 256 mm it holds 16M voxels per channel on a 1 mm CT and 600M
+    on a 0.3 mm one; this needs the image region and a few slabs of it.
+    """
+    out = region
+    for axis, (n, start) in enumerate(zip(size, offset, strict=True)):
+        length = out.shape[axis]
+        shape = list(out.shape)
+        shape[axis] = GRID
+        pooled = np.zeros(shape, dtype=np.float32)
+        for i, (first, end) in enumerate(_cells(n)):
+            lo, hi = max(first - start, 0), min(end - start, length)
+            if hi <= lo:
+                continue  # the cell lies outside the image: 0
+            take = [slice(None)] * 3
+            take[axis] = slice(lo, hi)
+            slab = out[tuple(take)]
+            if axis == 0:
+                slab = values(slab)
+            put = [slice(None)] * 3
+            put[axis] = i
+            pooled[tuple(put)] = slab.sum(axis=axis, dtype=np.float32) / (end - first)
+        out = pooled
+    return out
 
 
 class QualityEstimator:
