@@ -87,6 +87,29 @@ def test_a_truncated_field_of_view_is_flagged() -> None:
     assert "truncated_slice_share" in _fired(_volume(np.ascontiguousarray(truncated)))
 
 
+def _stored(axial: np.ndarray, spacing: tuple[float, float, float], plane: str) -> Volume:
+    """The axial ``(z, y, x)`` array stored as a sagittal (slices along x, rows head to feet,
+    columns front to back) or coronal (slices along y, rows head to feet, columns along x) series."""
+    if plane == "sagittal":
+        array, order = np.transpose(axial, (2, 0, 1))[:, ::-1, :], (2, 0, 1)
+        direction = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], dtype=float)  # columns: col, row, slice vectors
+    else:
+        array, order = np.transpose(axial, (1, 0, 2))[:, ::-1, :], (1, 0, 2)
+        direction = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], dtype=float)
+    return Volume(np.ascontiguousarray(array, dtype=np.float32), tuple(spacing[i] for i in order), (0.0, 0.0, 0.0),
+                  direction, [])
+
+
+@pytest.mark.parametrize("plane", ["sagittal", "coronal"])
+def test_a_reformatted_series_is_judged_like_the_axial_one(plane: str) -> None:
+    """A sagittal or coronal slice always ends at the scan range (head, feet): that is no
+    truncated field of view; a body cut by the field of view still is, stored in any plane."""
+    phantom = make_ct_phantom(3)
+    assert _fired(_stored(phantom.hu, phantom.spacing, plane)) == set()
+    cut = np.ascontiguousarray(_array()[:, 24:104, 24:104])
+    assert "truncated_slice_share" in _fired(_stored(cut, SPACING, plane))
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_normal_phantoms_raise_nothing(seed: int) -> None:
     qc = assess_image(phantom_volume(make_ct_phantom(seed)))

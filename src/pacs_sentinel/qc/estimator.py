@@ -37,7 +37,7 @@ import torch
 from monai.networks.nets import Regressor
 
 from pacs_sentinel.errors import ModelError
-from pacs_sentinel.qc.heuristics import Signal, bounding_box, ramp
+from pacs_sentinel.qc.heuristics import Signal, axial_view, bounding_box, ramp
 from pacs_sentinel.results import Reason
 
 log = structlog.get_logger(__name__)
@@ -76,30 +76,6 @@ def build_estimator_network(architecture: dict[str, Any] | None = None) -> torch
                      strides=arch["strides"], num_res_units=arch["num_res_units"], dropout=arch.get("dropout"))
 
 
-def _canonical(array: np.ndarray, direction: np.ndarray | None, spacing: tuple[float, float, float]) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """``array`` in axial LPS index order when ``direction`` is a signed axis permutation.
-
-    ``direction``'s columns are the patient-space vectors of the column, row and slice index
-    (:class:`~pacs_sentinel.dicom_io.series.Volume`). Oblique volumes are used as they are.
-    """
-    if direction is None:
-        return array, spacing
-    d = np.asarray(direction, dtype=np.float64)
-    rounded = np.rint(d)
-    if not np.allclose(d, rounded, atol=1e-3) or sorted(np.abs(rounded).sum(axis=0)) != [1, 1, 1]:
-        return array, spacing
-    # array axes are (slice, row, col) = direction columns (2, 1, 0); patient axis of each:
-    axis_of_index = [int(np.argmax(np.abs(rounded[:, c]))) for c in (2, 1, 0)]
-    signs = [float(rounded[axis_of_index[i], c]) for i, c in enumerate((2, 1, 0))]
-    # Target order (slice, row, col) = patient (z, y, x) = axes (2, 1, 0).
-    order = [axis_of_index.index(p) for p in (2, 1, 0)]
-    out = np.transpose(array, order)
-    for target, source in enumerate(order):
-        if signs[source] < 0:
-            out = np.flip(out, axis=target)
-    return out, tuple(float(spacing[i]) for i in order)  # type: ignore[return-value]
-
-
 def estimator_input(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float],
                     direction: np.ndarray | None = None, probabilities: np.ndarray | None = None, *,
                     channels: int = INPUT_CHANNELS) -> np.ndarray:
@@ -126,10 +102,10 @@ def estimator_input(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
         raise ValueError(f"the estimator input has 2 or 3 channels, not {channels}")
     if not mask.any():
         raise ValueError("the estimator needs a non-empty mask")
-    image, canonical_spacing = _canonical(image, direction, spacing)
-    mask, _ = _canonical(mask, direction, spacing)
+    image, canonical_spacing = axial_view(image, direction, spacing)
+    mask, _ = axial_view(mask, direction, spacing)
     if probabilities is not None:
-        probabilities, _ = _canonical(probabilities, direction, spacing)
+        probabilities, _ = axial_view(probabilities, direction, spacing)
     box = bounding_box(mask)
     assert box is not None  # the mask is not empty (checked above)
     centre = np.array([(lo + hi - 1) / 2.0 for lo, hi in box])

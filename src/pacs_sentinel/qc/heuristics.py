@@ -291,3 +291,27 @@ def location_signal(share_left: float, reference: dict[str, float] | None) -> Si
     excess = max(0.0, share_left - high, low - share_left)
     subscore = 1.0 - ramp(excess, 0.0, LEFT_SHARE_ZERO_EXCESS)
     return Signal("left_share", share_left, subscore, Reason.IMPLAUSIBLE_LOCATION)
+
+
+def axial_view(array: np.ndarray, direction: np.ndarray | None, spacing: tuple[float, float, float]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``array`` in axial LPS index order when ``direction`` is a signed axis permutation.
+
+    ``direction``'s columns are the patient-space vectors of the column, row and slice index
+    (:class:`~pacs_sentinel.dicom_io.series.Volume`). Oblique volumes are used as they are.
+    """
+    if direction is None:
+        return array, spacing
+    d = np.asarray(direction, dtype=np.float64)
+    rounded = np.rint(d)
+    if not np.allclose(d, rounded, atol=1e-3) or sorted(np.abs(rounded).sum(axis=0)) != [1, 1, 1]:
+        return array, spacing
+    # array axes are (slice, row, col) = direction columns (2, 1, 0); patient axis of each:
+    axis_of_index = [int(np.argmax(np.abs(rounded[:, c]))) for c in (2, 1, 0)]
+    signs = [float(rounded[axis_of_index[i], c]) for i, c in enumerate((2, 1, 0))]
+    # Target order (slice, row, col) = patient (z, y, x) = axes (2, 1, 0).
+    order = [axis_of_index.index(p) for p in (2, 1, 0)]
+    out = np.transpose(array, order)
+    for target, source in enumerate(order):
+        if signs[source] < 0:
+            out = np.flip(out, axis=target)
+    return out, tuple(float(spacing[i]) for i in order)  # type: ignore[return-value]

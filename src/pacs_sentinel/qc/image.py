@@ -18,8 +18,9 @@ into a sub-score in [0, 1] with :func:`~pacs_sentinel.qc.heuristics.ramp` and ra
   no CT value lies above the 12-bit range (3071 HU) in more than a handful of voxels;
 - ``contrast_range_hu``: the spread between the 1st and 99th percentile (a flat, windowed or
   saturated image has almost none);
-- ``truncated_slice_share``: truncated field of view, the share of slices on which the body
-  touches the image border along more than ``TRUNCATION_BORDER_SHARE`` of the border.
+- ``truncated_slice_share``: truncated field of view, the share of axial slices on which the
+  body touches the image border along more than ``TRUNCATION_BORDER_SHARE`` of the border
+  (a sagittal or coronal series is looked at axially: its own slices end at the scan range).
 
 Thresholds are module constants calibrated on the product's phantoms
 (:func:`pacs_sentinel.inference.phantoms.make_ct_phantom`): no check fires on 20 ``"normal"``
@@ -44,7 +45,7 @@ import numpy as np
 from scipy import ndimage
 
 from pacs_sentinel.dicom_io.series import Volume
-from pacs_sentinel.qc.heuristics import Signal, patient_x_mm, ramp
+from pacs_sentinel.qc.heuristics import Signal, axial_view, patient_x_mm, ramp
 from pacs_sentinel.results import Reason
 
 #: Voxels above this are body (air is -1000 HU, fat -100 HU).
@@ -226,7 +227,9 @@ def assess_image(volume: Volume) -> ImageQC:
     metal_ml = float(np.count_nonzero(body & (sampled >= METAL_HU))) * voxel_ml
     noise = _noise(sampled)
     width = _edge_width(sampled, body)
-    truncated = _truncated_share(body)
+    # The field of view cuts the body in axial planes; a sagittal or coronal series' slices
+    # always end at the scan range (head and feet), which is no truncation.
+    truncated = _truncated_share(axial_view(body, volume.direction, volume.spacing)[0])
 
     poor = Reason.POOR_INPUT_QUALITY
     signals = [
