@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 from pydicom.data import get_testdata_file
 
-from pacs_sentinel.daemon.jobs import MIGRATIONS, JobStore
+from pacs_sentinel.daemon.jobs import MIGRATIONS, JobState, JobStore
 from pacs_sentinel.daemon.outbox import DEAD_LETTER
 from pacs_sentinel.dicom_io.index import Database
 from tests.conftest import free_port
@@ -84,3 +84,20 @@ port = {down_port}
     assert "association failed" in result.stdout
     assert any(line.startswith(f"{job.id} ") and "DELIVERING" in line for line in lines)
     assert "review worklist: 0 open, 0 claimed" in result.stdout  # an accepted result makes no item
+
+
+def test_status_shows_a_done_job_s_note_beside_its_reasons(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[node]\ndata_dir = "var"\n')
+    jobs = JobStore(Database(tmp_path / "var" / "sentinel.db", migrations=MIGRATIONS))
+    jobs.queue_study("1.2.3", {"vendor-qc": 0.0})
+    job = jobs.claim_next()
+    assert job is not None
+    assert jobs.record_results(job.id, result={"verdict": "Needs review", "quality_score": 0.2,
+                                               "reasons": ["Fragmentation"], "error": "SEG 1.2.9 not judged: why"},
+                               outbox_items=[]) is JobState.DONE
+
+    result = _sentinel("status", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith(f"{job.id} ")]
+    assert "DONE" in line and "Fragmentation; SEG 1.2.9 not judged: why" in line

@@ -99,22 +99,47 @@ def test_correction_of_a_delivered_result_is_feedback_and_a_vendor_seg_is_judged
     assert judged.study_uid == study_b and judged.verdict == "Accepted"
 
 
+def write_unplaceable_seg(ct_files: list[Path], path: Path) -> Path:
+    """A vendor SEG whose frames name no source image and lie off the series."""
+    seg = pydicom.dcmread(write_vendor_seg(ct_files, path))
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        del frame.DerivationImageSequence
+        frame.PlanePositionSequence[0].ImagePositionPatient[2] = 5000.0
+    seg.save_as(path, enforce_file_format=True)
+    return path
+
+
 def test_a_seg_that_cannot_be_placed_fails_the_job_and_sends_nothing(  # type: ignore[no-untyped-def]
         tmp_path: Path, pacs, sentinel_factory) -> None:
     base = config_with_seg_qc(tmp_path, pacs.port).model_dump(mode="json", exclude_none=True)
     base["pipelines"] = base["pipelines"][1:]  # seg-qc only
     sentinel = sentinel_factory(parse_config(base))
+    peer = Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)
+
+    # Study A: its only SEG cannot be placed: the job fails with the reason, nothing is sent.
     ct = write_ct_series(make_ct_phantom(24), tmp_path / "ct-24", seed=24)
-    seg_path = write_vendor_seg(ct, tmp_path / "seg.dcm")
-    seg = pydicom.dcmread(seg_path)
-    for frame in seg.PerFrameFunctionalGroupsSequence:  # frames that name no source and lie off the series
-        del frame.DerivationImageSequence
-        frame.PlanePositionSequence[0].ImagePositionPatient[2] = 5000.0
-    seg.save_as(seg_path, enforce_file_format=True)
-
-    assert all(r.delivered for r in send_files([*ct, seg_path], Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)))
+    seg_path = write_unplaceable_seg(ct, tmp_path / "seg.dcm")
+    assert all(r.delivered for r in send_files([*ct, seg_path], peer))
     (job,) = wait_finished(sentinel, 1)
-
     assert job.pipeline == "vendor-qc" and job.state is JobState.FAILED
     assert "lies on no slice of the series" in (job.error or "")
     assert received_modalities(pacs) == []
+
+    # Study B: one SEG cannot be placed, the other can: that one is judged and sent, and the
+    # job, DONE, names the SEG left out and why.
+    ct_b = write_ct_series(make_ct_phantom(25), tmp_path / "ct-25", seed=25)
+    bad = write_unplaceable_seg(ct_b, tmp_path / "bad.dcm")
+    good = write_vendor_seg(ct_b, tmp_path / "good.dcm")
+    assert all(r.delivered for r in send_files([*ct_b, bad, good], peer))
+    jobs = wait_finished(sentinel, 2)
+    (job_b,) = [j for j in jobs if j.id != job.id]
+    bad_uid = str(pydicom.dcmread(bad, stop_before_pixels=True).SOPInstanceUID)
+    assert job_b.state is JobState.DONE and job_b.verdict == "Accepted"
+    assert f"SEG {bad_uid} not judged" in (job_b.error or "") and "lies on no slice" in (job_b.error or "")
+    assert received_modalities(pacs) == ["OT", "SR"]
+    paths = [row[0] for row in pacs.spool.database.connection().execute("SELECT path FROM instances")]
+    (sr,) = [ds for ds in map(pydicom.dcmread, paths) if ds.Modality == "SR"]
+    evidence = {str(item.ReferencedSOPInstanceUID) for series in sr.CurrentRequestedProcedureEvidenceSequence
+                for s in series.ReferencedSeriesSequence for item in s.ReferencedSOPSequence}
+    good_uid = str(pydicom.dcmread(good, stop_before_pixels=True).SOPInstanceUID)
+    assert good_uid in evidence and bad_uid not in evidence

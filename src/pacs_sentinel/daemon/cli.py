@@ -126,7 +126,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows = [
         [job.id, job.study_uid, job.pipeline or "-", job.state.value, job.verdict or "-",
          "-" if job.quality_score is None else f"{job.quality_score:.2f}",
-         ", ".join(job.reasons) or (job.error or "-")]
+         "; ".join(part for part in (", ".join(job.reasons), job.error or "") if part) or "-"]
         for job in store.jobs(limit=args.limit)
     ]
     print("\njobs (newest first):")

@@ -138,7 +138,8 @@ class Outbox:
                     state, message = JobState.FAILED.value, f"delivery failed ({error})"
                 else:
                     state, message = JobState.DONE.value, None
-                tx.execute("UPDATE jobs SET state = ?, error = ?, finished_at = ?, updated_at = ? "
+                # DONE keeps the note the job was recorded with (e.g. a SEG that was not judged).
+                tx.execute("UPDATE jobs SET state = ?, error = COALESCE(?, error), finished_at = ?, updated_at = ? "
                            "WHERE id = ? AND state = ?", [state, message, now, now, job_id, JobState.DELIVERING.value])
 
     def pending_count(self) -> int:

@@ -128,12 +128,18 @@ def _label_references(models: list[_ReferenceModel], volume: Volume, segments: l
     return references
 
 
-def judge_segs(config: Config, pipeline: PipelineConfig,
-               judged: list[tuple[ThirdPartySeg, SeriesCandidate]]) -> list[SegJudgement]:
+def judge_segs(config: Config, pipeline: PipelineConfig, judged: list[tuple[ThirdPartySeg, SeriesCandidate]],
+               *, not_judged: list[str] | None = None) -> list[SegJudgement]:
     """Judge every (SEG, referenced series) pair and build each SEG's result set.
 
+    Args:
+        not_judged: When given, a SEG that cannot be read or placed on its series (or whose
+            series cannot be loaded) is left out and a line naming it and why is appended
+            here; the others are judged. Without it the first such SEG raises.
+
     Raises:
-        SeriesError: A series cannot be loaded, or a SEG cannot be read or placed on it.
+        SeriesError: A series cannot be loaded, or a SEG cannot be read or placed on it
+            (with ``not_judged``: only when that leaves no SEG to judge; the first reason).
         ModelError: A reference model cannot be loaded or run.
         ReportError: A result object cannot be built.
     """
@@ -141,23 +147,42 @@ def judge_segs(config: Config, pipeline: PipelineConfig,
     by_series: dict[str, tuple[SeriesCandidate, list[ThirdPartySeg]]] = {}
     for seg, series in judged:
         by_series.setdefault(series.series_uid, (series, []))[1].append(seg)
-    outcomes = []
+    outcomes: list[SegJudgement] = []
+    failures: list[SeriesError] = []
+
+    def skip(seg: ThirdPartySeg, exc: SeriesError) -> None:
+        if not_judged is None:
+            raise exc
+        failures.append(exc)
+        not_judged.append(f"SEG {seg.sop_instance_uid} not judged: {exc}")
+        log.warning("third-party SEG not judged", seg_uid=seg.sop_instance_uid, reason=str(exc))
+
     for series, segs in by_series.values():
-        volume = load_series_files(series.files, min_slices=pipeline.min_slices)
-        mapped = []
+        try:
+            volume = load_series_files(series.files, min_slices=pipeline.min_slices)
+        except SeriesError as exc:
+            for seg in segs:
+                skip(seg, exc)
+            continue
+        placed: list[tuple[ThirdPartySeg, MappedSegmentation]] = []
         for seg in segs:
             try:
-                dataset = pydicom.dcmread(seg.path)
-            except Exception as exc:  # pydicom raises many types for a bad file
-                raise SeriesError(f"cannot read SEG {seg.sop_instance_uid}: {exc}") from exc
-            mapped.append(map_segments(dataset, volume))
-        references = _label_references(models, volume, mapped, agreement=pipeline.agreement)
-        for seg, segmentation in zip(segs, mapped, strict=True):
+                try:
+                    dataset = pydicom.dcmread(seg.path)
+                except Exception as exc:  # pydicom raises many types for a bad file
+                    raise SeriesError(f"cannot read SEG {seg.sop_instance_uid}: {exc}") from exc
+                placed.append((seg, map_segments(dataset, volume)))
+            except SeriesError as exc:
+                skip(seg, exc)
+        references = _label_references(models, volume, [m for _, m in placed], agreement=pipeline.agreement)
+        for seg, segmentation in placed:
             result, qc, _ = judge_segmentation(volume, segmentation, references,
                                                accept_threshold=config.qc.accept_threshold)
             result_set = build_seg_qc_result_set(volume, segmentation.dataset, result, qc,
                                                  series_number_base=pipeline.series_number_base)
             outcomes.append(SegJudgement(seg.sop_instance_uid, result_set, result, qc, volume.series_uid))
     if not outcomes:
+        if failures:
+            raise failures[0]
         raise SentinelError("no third-party SEG to judge")
     return outcomes

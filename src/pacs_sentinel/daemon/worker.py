@@ -164,18 +164,22 @@ class Worker:
         judged = segs_to_judge(pipeline, read_candidates(series_files), segs)
         if not judged:
             raise JobRejected(f"no third-party SEG of the study references a series matching pipeline {pipeline.name!r}")
-        outcomes = judge_segs(self.config, pipeline, judged)
+        not_judged: list[str] = []
+        outcomes = judge_segs(self.config, pipeline, judged, not_judged=not_judged)
         qc = QCResult(qc_version=outcomes[0].qc.qc_version, segments=[s for o in outcomes for s in o.qc.segments])
         # One SEG: its objects in the job folder; several: one sub-folder per SEG.
         sets = [(o.result_set, None if len(outcomes) == 1 else f"seg-{n}") for n, o in enumerate(outcomes, start=1)]
         return self._deliver(job, sets, qc, series_uid=outcomes[0].series_uid,
                              model=", ".join(dict.fromkeys(o.result.model_name for o in outcomes))[:200],
-                             model_version=", ".join(dict.fromkeys(o.result.model_version for o in outcomes))[:200])
+                             model_version=", ".join(dict.fromkeys(o.result.model_version for o in outcomes))[:200],
+                             # The SEGs that could be judged are; the job's note names the others.
+                             note="; ".join(not_judged) or None)
 
     def _deliver(self, job: Job, result_sets: list[tuple[ResultSet, str | None]], qc: QCResult, *,
-                 series_uid: str, model: str, model_version: str) -> JobState:
+                 series_uid: str, model: str, model_version: str, note: str | None = None) -> JobState:
         """Write the result sets (each into the job folder or the named sub-folder), queue
-        every DICOM file for every destination, and record the job's result row and QC signals."""
+        every DICOM file for every destination, and record the job's result row and QC signals
+        (``note``: kept as the job's message, shown by ``sentinel status``, also once DONE)."""
         newer = self.jobs.newer_queued_job(job)
         if newer is not None:
             # More instances of the input series arrived while this job ran: the re-run sends
@@ -213,6 +217,7 @@ class Worker:
                 "reasons": [r.label for r in qc.reasons],
                 "needs_review": qc.verdict is Verdict.NEEDS_REVIEW,
                 "output_dir": str(out_dir),
+                "error": note,
             },
             outbox_items=outbox_items,
             qc_signals=qc_signal_rows(qc),
