@@ -194,3 +194,45 @@ def test_radiographs_with_broken_numbers_fail_with_their_reason(tmp_path: Path, 
     assert "is not 2 numbers: ['x', 'y']" in (by_name["ImagerPixelSpacing"].error or "")
     assert (by_name["RescaleSlope"].error or "").endswith("is not a number: 'x'")
     assert by_name["good"].state is JobState.DONE
+
+
+def test_radiographs_without_spacing_or_orientation_are_classified(tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
+    # Both were "internal error: AttributeError": highdicom's SR image library read Patient
+    # Orientation and Imager Pixel Spacing of every CR/DX image. A CR may send neither
+    # (Patient Orientation 2C, spacing type 3); a DX sender may forget its spacing.
+    from pydicom.uid import ComputedRadiographyImageStorage
+
+    from pacs_sentinel.daemon.config import parse_config
+    from pacs_sentinel.inference.radiographs import make_cxr_phantom, write_dx_image
+
+    config = parse_config({
+        "node": {"port": free_port(), "data_dir": str(tmp_path / "var"), "min_free_disk_mb": 0},
+        "study": {"quiet_seconds": 1.0},
+        "outbox": {"retry_initial_seconds": 0.5},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        "pipelines": [{"name": "cxr-cls", "kind": "classification", "model": "demo:cxr-cls",
+                       "match": {"Modality": ["DX", "CR"]}, "min_slices": 1}],
+    })
+    assert config.reports.validate_ == "dciodvfy"  # results are checked before they are sent
+    sentinel = sentinel_factory(config)
+    files = {}
+    for seed, name in enumerate(("dx-no-spacing", "cr-no-orientation"), start=1):
+        path = write_dx_image(make_cxr_phantom(seed), tmp_path / name, seed=seed, patient_id=f"DX{seed}")
+        ds = pydicom.dcmread(path)
+        del ds.PixelSpacing, ds.ImagerPixelSpacing
+        if name.startswith("cr"):
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+            ds.Modality = "CR"
+            del ds.PatientOrientation
+        ds.save_as(path, enforce_file_format=True)
+        files[name] = path
+    peer = Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)
+    for path in files.values():
+        assert all(r.delivered for r in send_files([path], peer))
+
+    jobs = _finished(sentinel, 2)
+    for name, path in files.items():
+        job = jobs[str(pydicom.dcmread(path).StudyInstanceUID)]
+        assert job.state is JobState.DONE, (name, job.error)
+    received = received_modalities(pacs)
+    assert received.count("SR") == 2 and received.count("OT") >= 2

@@ -16,8 +16,16 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+from pydicom.tag import Tag
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.classification import (
@@ -35,6 +43,7 @@ from pacs_sentinel.reports.identity import MANUFACTURER, MODEL_NAME, is_own_obje
 from pacs_sentinel.reports.overlay import MIN_WIDTH
 from pacs_sentinel.reports.resultset import build_classification_result_set
 from pacs_sentinel.reports.seg import VERDICT_COLOURS
+from pacs_sentinel.reports.validate import check_before_sending
 from pacs_sentinel.results import (
     FINDING_PROBABILITY,
     QC_FINDING,
@@ -528,3 +537,142 @@ def test_classification_result_set_default_series_numbers():
     result = make_result(source, [0.2, 0.1, 0.3])
     result_set = build_classification_result_set(source, result, make_qc(result, review=set()))
     assert [int(ds.SeriesNumber) for ds in result_set.datasets()] == [902, 903]
+
+
+# --- radiographs that state no pixel spacing or no patient orientation --------------------
+
+
+def make_cr(*, seed: int = 0) -> Dataset:
+    """A CR chest image as many CR plates send it: Patient Orientation empty (unknown, type
+    2C) and no Pixel Spacing nor Imager Pixel Spacing (both type 3 in the CR Image module)."""
+    ds = make_dx(seed=seed)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.Modality = "CR"
+    ds.PatientOrientation = ""
+    for keyword in ("PresentationIntentType", "DetectorType", "ImagerPixelSpacing", "PositionerType",
+                    "AcquisitionContextSequence", "PixelIntensityRelationship", "PixelIntensityRelationshipSign",
+                    "PresentationLUTShape", "ViewCodeSequence", "AnatomicRegionSequence", "ImageLaterality"):
+        delattr(ds, keyword)
+    return ds
+
+
+def dx_without_spacing() -> Dataset:
+    ds = make_dx()
+    del ds.ImagerPixelSpacing  # type 1 for DX, yet a sender may leave it out
+    return ds
+
+
+def cr_without_orientation() -> Dataset:
+    ds = make_cr()
+    del ds.PatientOrientation  # type 2C: only an empty value is valid, a sender may leave it out
+    return ds
+
+
+#: Radiographs that leave out what highdicom's TID 1603 descriptors read; name -> (source,
+#: whether it states Patient Orientation).
+UNDESCRIBED = {
+    "dx-no-spacing": (dx_without_spacing, True),
+    "cr-empty-orientation": (make_cr, False),
+    "cr-no-orientation": (cr_without_orientation, False),
+}
+#: TID 1603 descriptors of a projection radiograph (concept meaning -> DCM code).
+ORIENTATION_DESCRIPTORS = {"Patient Orientation Row": "111044", "Patient Orientation Column": "111043"}
+SPACING_DESCRIPTORS = {"Horizontal Pixel Spacing": "111026", "Vertical Pixel Spacing": "111066"}
+
+
+def library_entry(sr: Dataset) -> dict[str, Dataset]:
+    """The descriptors of the one image in the SR's Image Library, by concept meaning."""
+    (library,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"]
+    (group,) = library.ContentSequence
+    (image,) = [item for item in group.ContentSequence if item.ValueType == "IMAGE"]
+    return {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in image.ContentSequence}
+
+
+def test_the_cr_source_is_a_valid_cr_image(dciodvfy_clean):
+    assert dciodvfy_clean(make_cr(), "CRImage") == []
+
+
+@pytest.mark.parametrize("name", sorted(UNDESCRIBED))
+def test_radiograph_without_spacing_or_orientation_gets_valid_results(name, tmp_path, dciodvfy_clean):
+    # Was "internal error: AttributeError": highdicom's image library entry reads Patient
+    # Orientation and Imager Pixel Spacing of every CR/DX image unconditionally.
+    make_source, states_orientation = UNDESCRIBED[name]
+    source = make_source()
+    result = make_result(source, [0.83, 0.12, 0.64])
+    result_set = build_classification_result_set(source, result, make_qc(result, review={0}))
+    sr, *overlays = result_set.datasets()
+    assert [ds.Modality for ds in (sr, *overlays)] == ["SR", "OT", "OT"]
+    check_before_sending(result_set.write(tmp_path / "out")[:3], "dciodvfy")
+    assert set(dciodvfy_clean(sr, "Comprehensive3DSR")) <= ACCEPTED_SR_WARNINGS
+
+    # The library entry states what the image states, and invents nothing.
+    entry = library_entry(read_sr(sr))
+    assert entry["Modality"].ConceptCodeSequence[0].CodeValue == source.Modality
+    assert int(entry["Pixel Data Rows"].MeasuredValueSequence[0].NumericValue) == DX_ROWS
+    assert not set(SPACING_DESCRIPTORS) & set(entry)
+    if states_orientation:
+        assert [entry[k].TextValue for k in ORIENTATION_DESCRIPTORS] == ["L", "F"]
+    else:
+        assert not set(ORIENTATION_DESCRIPTORS) & set(entry)
+
+    for sc in overlays:
+        assert dciodvfy_clean(sc, "SCImage") == []
+        assert list(sc.PatientOrientation) == (["L", "F"] if states_orientation else [])
+        assert not {"PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"} & set(sc.dir())
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_image_library_entry_of_a_described_image_is_highdicoms(name):
+    # An image that states all its descriptors gets exactly the entry highdicom writes.
+    source = SOURCES[name]()
+    entry = library_entry(read_sr(build_classification_report(source, *case_of(source))))
+    expected = hd.sr.ImageLibrary([source])[0].ContentSequence[0].ContentSequence[-1].ContentSequence
+    assert [item.to_json_dict() for item in entry.values()] == [item.to_json_dict() for item in expected]
+    # modality, (CT: Frame of Reference UID), rows, columns + the 4 TID 1603 / 12 TID 1604 rows
+    assert len(entry) == (7 if name == "dx" else 17)
+
+
+def test_image_library_entry_of_a_radiograph_states_its_orientation_and_detector_spacing():
+    source = make_dx()
+    entry = library_entry(read_sr(build_classification_report(source, *case_of(source))))
+    assert [entry[k].TextValue for k in ORIENTATION_DESCRIPTORS] == ["L", "F"]
+    assert [float(entry[k].MeasuredValueSequence[0].NumericValue) for k in SPACING_DESCRIPTORS] == [0.8, 0.8]
+    # ImagerPixelSpacing, not PixelSpacing: TID 1603 spacing is measured at the detector.
+    source.ImagerPixelSpacing = [0.2, 0.3]
+    source.PixelSpacing = [0.18, 0.27]
+    entry = library_entry(read_sr(build_classification_report(source, *case_of(source))))
+    assert [float(entry[k].MeasuredValueSequence[0].NumericValue) for k in SPACING_DESCRIPTORS] == [0.3, 0.2]
+
+
+def case_of(source: Dataset) -> tuple[ClassificationResult, QCResult]:
+    result = make_result(source, [0.83, 0.12, 0.64])
+    return result, make_qc(result, review={0})
+
+
+@pytest.mark.parametrize("thickness", ["empty", "absent"])
+def test_ct_slice_without_slice_thickness_gets_a_valid_report(thickness, dciodvfy_clean):
+    # Slice Thickness is type 2 (empty when unknown); highdicom's TID 1604 part read it
+    # unconditionally (AttributeError, or TypeError for the empty value).
+    source = ct_slice()
+    if thickness == "empty":
+        source.SliceThickness = None
+    else:
+        del source.SliceThickness
+    sr = build_classification_report(source, *case_of(source))
+    assert set(dciodvfy_clean(sr, "Comprehensive3DSR")) <= ACCEPTED_SR_WARNINGS | INHERITED_CT_WARNINGS
+    entry = library_entry(read_sr(sr))
+    assert "Slice Thickness" not in entry
+    assert [float(entry[k].MeasuredValueSequence[0].NumericValue) for k in SPACING_DESCRIPTORS] == \
+        [float(source.PixelSpacing[1]), float(source.PixelSpacing[0])]
+    assert float(entry["Image Position (Patient) Z"].MeasuredValueSequence[0].NumericValue) == \
+        float(source.ImagePositionPatient[2])
+
+
+def test_a_descriptor_that_is_no_number_fails_the_report_with_its_name():
+    source = make_dx()
+    result, qc = case_of(source)
+    # as a sender's file carries it, undecoded (pydicom refuses to build such a value)
+    tag = Tag(tag_for_keyword("ImagerPixelSpacing"))
+    source[tag] = RawDataElement(tag, "DS", 4, b"x\\y ", 0, False, True)
+    with pytest.raises(ReportError, match="ImagerPixelSpacing"):
+        build_classification_report(source, result, qc)

@@ -35,17 +35,27 @@ import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
+    ContainerContentItem,
+    ContentItem,
+    ContentSequence,
+    ImageContentItem,
+    ImageLibraryEntryDescriptors,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
+    NumContentItem,
     ObservationContext,
     QualitativeEvaluation,
     SourceImageForMeasurementGroup,
+    TextContentItem,
     TrackingIdentifier,
 )
+from highdicom.sr.enum import RelationshipTypeValues
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from pacs_sentinel.errors import ReportError
@@ -141,6 +151,136 @@ def _findings_by_number(result: ClassificationResult, qc: QCResult) -> dict[int,
     return by_number
 
 
+#: Unit of a direction cosine in TID 1604, as highdicom writes it.
+_COSINE = CodedConcept(value="{-1:1}", scheme_designator="UCUM", meaning="{-1:1}")
+
+
+def _stated_numbers(image: Dataset, keyword: str, count: int, *, positive: bool = False) -> list | None:
+    """The ``count`` values of a numeric attribute as the image holds them, or None when it is
+    absent or empty, or has another number of values or one that is not finite (or, with
+    ``positive``, not above 0): nothing a descriptor can state.
+
+    Raises:
+        ValueError: A value is no number at all (a broken file; the message names it).
+    """
+    value = image.get(keyword)
+    if value is None or value == "":
+        return None
+    values = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{keyword} {values!r} is not {count} number(s)") from exc
+    if len(numbers) != count or not all(math.isfinite(n) and (n > 0 or not positive) for n in numbers):
+        return None
+    return values
+
+
+def _num(name: CodedConcept, value: object, unit: CodedConcept = codes.UCUM.Millimeter) -> NumContentItem:
+    return NumContentItem(name=name, value=value, unit=unit, relationship_type=RelationshipTypeValues.HAS_ACQ_CONTEXT)
+
+
+def projection_descriptors(image: Dataset) -> list[ContentItem]:
+    """TID 1603 descriptors of a projection radiograph: those of its rows the image states.
+
+    Patient Orientation Row and Column come from Patient Orientation when it has its two
+    values; Horizontal and Vertical Pixel Spacing (mm at the detector) from Imager Pixel
+    Spacing when it has two positive ones. Every row of TID 1603 is optional (U): what the
+    image leaves out or sends empty - a CR's unknown Patient Orientation (type 2C), its
+    Imager Pixel Spacing (type 3) - is left out here too. Pixel Spacing is never used: it is
+    a distance in the patient, not at the detector, and no spacing is guessed.
+    """
+    descriptors: list[ContentItem] = []
+    orientation = image.get("PatientOrientation")
+    if orientation is not None and not isinstance(orientation, str) and len(orientation) == 2 \
+            and all(str(value).strip() for value in orientation):
+        descriptors += [
+            TextContentItem(name=name, value=str(value), relationship_type=RelationshipTypeValues.HAS_ACQ_CONTEXT)
+            for name, value in zip((codes.DCM.PatientOrientationRow, codes.DCM.PatientOrientationColumn),
+                                   orientation, strict=True)
+        ]
+    spacing = _stated_numbers(image, "ImagerPixelSpacing", 2, positive=True)
+    if spacing is not None:
+        descriptors += [_num(codes.DCM.HorizontalPixelSpacing, spacing[1]),
+                        _num(codes.DCM.VerticalPixelSpacing, spacing[0])]
+    return descriptors
+
+
+def cross_sectional_descriptors(image: Dataset) -> list[ContentItem]:
+    """TID 1604 descriptors of a CT/MR/PET image: those of its rows the image states.
+
+    In highdicom's order: Horizontal and Vertical Pixel Spacing, Slice Thickness, Image
+    Position (Patient) X/Y/Z, Image Orientation (Patient) row and column X/Y/Z, Spacing
+    Between Slices. highdicom reads all but the last unconditionally; Slice Thickness is type
+    2 for CT and MR (empty when unknown), and every TID 1604 row is optional (U), so what the
+    image does not state is left out.
+    """
+    descriptors: list[ContentItem] = []
+    spacing = _stated_numbers(image, "PixelSpacing", 2, positive=True)
+    if spacing is not None:
+        descriptors += [_num(codes.DCM.HorizontalPixelSpacing, spacing[1]),
+                        _num(codes.DCM.VerticalPixelSpacing, spacing[0])]
+    thickness = _stated_numbers(image, "SliceThickness", 1)
+    if thickness is not None:
+        descriptors.append(_num(codes.DCM.SliceThickness, thickness[0]))
+    position = _stated_numbers(image, "ImagePositionPatient", 3)
+    if position is not None:
+        names = (codes.DCM.ImagePositionPatientX, codes.DCM.ImagePositionPatientY, codes.DCM.ImagePositionPatientZ)
+        descriptors += [_num(name, value) for name, value in zip(names, position, strict=True)]
+    orientation = _stated_numbers(image, "ImageOrientationPatient", 6)
+    if orientation is not None:
+        names = (codes.DCM.ImageOrientationPatientRowX, codes.DCM.ImageOrientationPatientRowY,
+                 codes.DCM.ImageOrientationPatientRowZ, codes.DCM.ImageOrientationPatientColumnX,
+                 codes.DCM.ImageOrientationPatientColumnY, codes.DCM.ImageOrientationPatientColumnZ)
+        descriptors += [_num(name, value, _COSINE) for name, value in zip(names, orientation, strict=True)]
+    between = _stated_numbers(image, "SpacingBetweenSlices", 1)
+    if between is not None:
+        descriptors.append(_num(codes.DCM.SpacingBetweenSlices, between[0]))
+    return descriptors
+
+
+class _StatedDescriptors(ImageLibraryEntryDescriptors):
+    """TID 1602 entry descriptors as highdicom writes them, with the modality's own rows from
+    :func:`projection_descriptors` and :func:`cross_sectional_descriptors`.
+
+    highdicom's own TID 1603 and 1604 parts read Patient Orientation and Imager Pixel Spacing
+    of every CR/DX/... image, and Pixel Spacing, Slice Thickness and Image Position and
+    Orientation (Patient) of every CT/MR/PET image, unconditionally: AttributeError,
+    IndexError or TypeError when one is absent or empty.
+    """
+
+    def _generate_projection_radiography_descriptors(self, dataset: Dataset) -> list[ContentItem]:
+        return projection_descriptors(dataset)
+
+    def _generate_cross_sectional_descriptors(self, dataset: Dataset) -> list[ContentItem]:
+        return cross_sectional_descriptors(dataset)
+
+
+def image_library(source: Dataset) -> ContainerContentItem:
+    """The TID 1600 Image Library of a report on one image (a TID 1500 row).
+
+    The same content as highdicom's ``ImageLibrary`` writes (one group holding the image with
+    its TID 1602 entry descriptors: modality, Frame of Reference UID if any, rows, columns,
+    and the modality's own descriptors), except that a projection radiograph is described
+    by the :func:`projection_descriptors` it states.
+
+    Raises:
+        ValueError: highdicom refuses the image (not an image SOP class).
+    """
+    image_item = ImageContentItem(
+        name=CodedConcept(value="260753009", scheme_designator="SCT", meaning="Source"),
+        referenced_sop_class_uid=str(source.SOPClassUID),
+        referenced_sop_instance_uid=str(source.SOPInstanceUID),
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+    image_item.ContentSequence = _StatedDescriptors(source)
+    group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS)
+    group.ContentSequence = ContentSequence([image_item])
+    library = ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS)
+    library.ContentSequence = ContentSequence([group])
+    return library
+
+
 def tracking_uid(source: Dataset, tracking_id: str) -> str:
     """Tracking UID of a finding on one image: the same on every run over that image."""
     return generate_uid(entropy_srcs=[str(source.SOPInstanceUID), tracking_id])
@@ -214,12 +354,20 @@ def build_classification_report(
         ])
         groups.append(group)
 
+    try:
+        library = image_library(source)
+    except (ValueError, TypeError) as exc:
+        raise ReportError(f"cannot describe {source.SOPInstanceUID} in the SR's image library: {exc}") from exc
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=procedure_reported(source),
         imaging_measurements=groups,
-        referenced_images=[source],
     )
+    # TID 1500 row 5, between Procedure Reported and Imaging Measurements, where highdicom
+    # puts the library it builds (it cannot build one for a radiograph that does not state
+    # its orientation and spacing: see image_library).
+    content = report[0].ContentSequence
+    content.insert(len(content) - 1, library)
     return build_document(
         report=report,
         evidence=[source],
