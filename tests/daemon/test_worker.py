@@ -155,20 +155,26 @@ def _raw_ds(ds: pydicom.Dataset, keyword: str, value: bytes) -> None:
     ds[tag] = RawDataElement(tag, "DS", len(value), value, 0, False, True)
 
 
-def test_radiographs_with_broken_numbers_fail_with_their_reason(tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
-    # Both were "internal error: TypeError / UFuncTypeError ..." (highdicom and pydicom choking
-    # on the text), which says nothing to IT; a radiograph sent after them is still classified.
+def _cxr_config(tmp_path: Path, pacs_port: int, modalities: list[str]):  # type: ignore[no-untyped-def]
+    """A daemon with the cxr-cls pipeline only, for these modalities, sending to the PACS fixture."""
     from pacs_sentinel.daemon.config import parse_config
-    from pacs_sentinel.inference.radiographs import make_cxr_phantom, write_dx_image
 
-    config = parse_config({
+    return parse_config({
         "node": {"port": free_port(), "data_dir": str(tmp_path / "var"), "min_free_disk_mb": 0},
         "study": {"quiet_seconds": 1.0},
         "outbox": {"retry_initial_seconds": 0.5},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
         "pipelines": [{"name": "cxr-cls", "kind": "classification", "model": "demo:cxr-cls",
-                       "match": {"Modality": ["DX"]}, "min_slices": 1}],
+                       "match": {"Modality": modalities}, "min_slices": 1}],
     })
+
+
+def test_radiographs_with_broken_numbers_fail_with_their_reason(tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
+    # Both were "internal error: TypeError / UFuncTypeError ..." (highdicom and pydicom choking
+    # on the text), which says nothing to IT; a radiograph sent after them is still classified.
+    from pacs_sentinel.inference.radiographs import make_cxr_phantom, write_dx_image
+
+    config = _cxr_config(tmp_path, pacs.port, ["DX"])
     sentinel = sentinel_factory(config)
     broken = {"ImagerPixelSpacing": b"x\\y", "RescaleSlope": b"x"}
     files = {}
@@ -202,17 +208,9 @@ def test_radiographs_without_spacing_or_orientation_are_classified(tmp_path: Pat
     # (Patient Orientation 2C, spacing type 3); a DX sender may forget its spacing.
     from pydicom.uid import ComputedRadiographyImageStorage
 
-    from pacs_sentinel.daemon.config import parse_config
     from pacs_sentinel.inference.radiographs import make_cxr_phantom, write_dx_image
 
-    config = parse_config({
-        "node": {"port": free_port(), "data_dir": str(tmp_path / "var"), "min_free_disk_mb": 0},
-        "study": {"quiet_seconds": 1.0},
-        "outbox": {"retry_initial_seconds": 0.5},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
-        "pipelines": [{"name": "cxr-cls", "kind": "classification", "model": "demo:cxr-cls",
-                       "match": {"Modality": ["DX", "CR"]}, "min_slices": 1}],
-    })
+    config = _cxr_config(tmp_path, pacs.port, ["DX", "CR"])
     assert config.reports.validate_ == "dciodvfy"  # results are checked before they are sent
     sentinel = sentinel_factory(config)
     files = {}
