@@ -30,6 +30,16 @@ class _StandardStream:
         getattr(sys, self.name).flush()
 
 
+class _OverlappingPollFilter(logging.Filter):
+    """Drops apscheduler's "skipped: maximum number of running instances reached": our
+    interval jobs (arrival poll, outbox flush) run one at a time by design, and a poll that
+    starts while the last one still runs (a busy CPU during a model's warm-up) has nothing
+    to do; as a WARNING every half second it only alarms whoever reads the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
 def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog (and the standard library loggers of our dependencies).
 
@@ -68,3 +78,6 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
     root.setLevel(logging.WARNING)
     for name in ("pynetdicom", "apscheduler"):
         logging.getLogger(name).setLevel(logging.WARNING if level != "debug" else logging.INFO)
+    scheduler_log = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, _OverlappingPollFilter) for f in scheduler_log.filters):
+        scheduler_log.addFilter(_OverlappingPollFilter())
