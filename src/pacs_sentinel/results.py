@@ -62,6 +62,7 @@ class Reason(enum.Enum):
     DISAGREEMENT = Code("QC029", QC_SCHEME, "Disagreement with reference model")
     LOW_PREDICTED_DICE = Code("QC030", QC_SCHEME, "Low predicted Dice")
     LOW_EXPECTED_DICE = Code("QC031", QC_SCHEME, "Low expected Dice")
+    UNFAMILIAR_INPUT = Code("QC032", QC_SCHEME, "Input unlike the training images")
 
     @property
     def label(self) -> str:
@@ -166,6 +167,10 @@ class ClassificationResult:
         seconds: Wall-clock inference time.
         timing: Seconds per stage.
         reference: Statistics the model card records for QC (per label name).
+        feature_distance: Mahalanobis distance of the image's pooled features from the
+            training images' (None when the model ships no feature statistics).
+        feature_distance_range: ``(low, high)`` of that distance: as familiar as the
+            validation images at ``low``, unlike anything trained on at ``high``.
     """
 
     probabilities: np.ndarray
@@ -181,6 +186,8 @@ class ClassificationResult:
     seconds: float = 0.0
     timing: dict[str, float] = field(default_factory=dict)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
+    feature_distance: float | None = None
+    feature_distance_range: tuple[float, float] | None = None
 
     def positive(self, index: int) -> bool:
         """True when finding ``index`` is at or above its threshold."""

@@ -14,7 +14,9 @@ from pydicom.data import get_testdata_file
 
 from pacs_sentinel.errors import ModelError, SeriesError
 from pacs_sentinel.inference.classification import (
+    FEATURE_STATISTICS_FILE,
     ClassificationModel,
+    FeatureStatistics,
     fit_temperature,
     image_from_dataset,
     load_classification_model,
@@ -167,6 +169,57 @@ def test_training_smoke_run_writes_a_loadable_model(tmp_path: Path) -> None:
     trained = load_classification_model(str(tmp_path), device="cpu")
     result = trained.predict(make_cxr_phantom(1).image, mc_dropout_samples=2)
     assert result.probabilities.shape == (len(FINDINGS),)
+    # The feature statistics are fitted on the weights as written, on the same phantom sets.
+    assert card["feature_statistics"]["n_train"] == 32 and (tmp_path / FEATURE_STATISTICS_FILE).is_file()
+    assert result.feature_distance is not None and result.feature_distance_range == trained.feature_statistics.limits
+
+
+def test_feature_statistics_fit_measure_and_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    scales = np.array([1.0, 2.0, 0.5, 4.0])
+    train, validation = rng.normal(3.0, scales, (400, 4)), rng.normal(3.0, scales, (200, 4))
+    stats = FeatureStatistics.fit(train, validation, shrinkage=0.0, low_quantile=0.99, high_factor=1.5)
+    assert stats.distance(train.mean(axis=0)) == pytest.approx(0.0, abs=1e-9)
+    # Mahalanobis: two standard deviations along any axis are the same distance.
+    assert stats.distance(3.0 + np.array([0, 0, 0, 8.0])) == pytest.approx(stats.distance(3.0 + np.array([2.0, 0, 0, 0])),
+                                                                          rel=0.15)
+    distances = np.array([stats.distance(f) for f in validation])
+    assert np.mean(distances <= stats.low) == pytest.approx(0.99, abs=0.006) and stats.high == pytest.approx(1.5 * stats.low)
+    stats.save(tmp_path / "s.npz")
+    again = FeatureStatistics.load(tmp_path / "s.npz")
+    assert again.limits == pytest.approx(stats.limits) and again.distance(validation[0]) == pytest.approx(distances[0], rel=1e-5)
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(4), precision=np.eye(3), limits=np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="bad.npz"):
+        FeatureStatistics.load(tmp_path / "bad.npz")
+
+
+def test_the_demo_model_measures_how_unlike_its_training_images_an_image_is(model: ClassificationModel,
+                                                                            tmp_path: Path) -> None:
+    low, high = model.feature_statistics.limits
+    for seed in range(3):  # held-out test phantoms: familiar
+        image = make_cxr_phantom(140_000 + seed).image
+        assert model.predict(image, gradcam=False).feature_distance < low
+        # Upside down or with its grey levels inverted: beyond half way to "unlike anything trained on".
+        for odd in (image[::-1].copy(), image.max() - image):
+            assert model.predict(odd, gradcam=False).feature_distance > (low + high) / 2
+
+    # A folder whose card names no statistics measures nothing; one whose file is missing is broken.
+    for name, entry in (("none", None), ("missing", {"file": "absent.npz"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        card = json.loads((DEMO_DIR / "card.json").read_text())
+        card.pop("feature_statistics")
+        if entry:
+            card["feature_statistics"] = entry
+        (folder / "card.json").write_text(json.dumps(card))
+        shutil.copy(DEMO_DIR / "model.pt", folder / "model.pt")
+        if entry is None:
+            plain = load_classification_model(str(folder), device="cpu")
+            result = plain.predict(make_cxr_phantom(1).image, gradcam=False)
+            assert result.feature_distance is None and result.feature_distance_range is None
+        else:
+            with pytest.raises(ModelError, match="feature statistics"):
+                load_classification_model(str(folder), device="cpu")
 
 
 def test_broken_models_are_rejected(tmp_path: Path) -> None:

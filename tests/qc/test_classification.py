@@ -14,6 +14,7 @@ from pacs_sentinel.qc.classification import (
     confidence_signal,
     decision_margin,
     evaluate_classification,
+    familiarity_signal,
     image_signals,
     noise_sigma,
 )
@@ -63,7 +64,7 @@ def good_radiograph(seed: int = 0) -> np.ndarray:
 def test_confident_findings_with_tight_samples_are_accepted():
     probabilities = [0.96, 0.03]
     qc = evaluate_classification(result_of(probabilities, tight_samples(probabilities)), image=good_radiograph())
-    assert qc.qc_version == QC_VERSION == "1.1.0-cls"
+    assert qc.qc_version == QC_VERSION == "1.2.0-cls"
     assert qc.segments == []
     assert [f.finding_number for f in qc.findings] == [1, 2]
     assert [f.positive for f in qc.findings] == [True, False]
@@ -252,3 +253,28 @@ def test_verdict_always_equals_score_against_threshold(probability, sd, threshol
 
 def test_margin_constant_is_a_margin():
     assert 0.0 < MARGIN_AT_HALF < 1.0
+
+
+def test_an_image_unlike_the_training_images_lowers_every_finding_and_says_so():
+    probabilities = [0.96, 0.03]
+    familiar, unfamiliar = result_of(probabilities, tight_samples(probabilities)), result_of(
+        probabilities, tight_samples(probabilities))
+    familiar.feature_distance, familiar.feature_distance_range = 10.0, (18.0, 27.0)
+    unfamiliar.feature_distance, unfamiliar.feature_distance_range = 25.0, (18.0, 27.0)
+    accepted = evaluate_classification(familiar, image=good_radiograph())
+    assert accepted.verdict is Verdict.ACCEPTED
+    assert all(f.signals["feature_distance_subscore"] == 1.0 for f in accepted.findings)
+    flagged = evaluate_classification(unfamiliar, image=good_radiograph())
+    for before, after in zip(accepted.findings, flagged.findings, strict=True):
+        assert after.verdict is Verdict.NEEDS_REVIEW and Reason.UNFAMILIAR_INPUT in after.reasons
+        assert after.quality_score == pytest.approx(before.quality_score * (1 - 7 / 9), abs=1e-3)
+    # A model without feature statistics: no such signal.
+    plain = evaluate_classification(result_of(probabilities, tight_samples(probabilities)), image=good_radiograph())
+    assert all("feature_distance" not in f.signals for f in plain.findings)
+
+
+def test_familiarity_ramps_between_its_limits():
+    assert familiarity_signal(5.0, 10.0, 20.0).subscore == 1.0
+    assert familiarity_signal(14.0, 10.0, 20.0).subscore == pytest.approx(0.6) and not familiarity_signal(14.0, 10.0, 20.0).fired
+    assert familiarity_signal(16.0, 10.0, 20.0).fired and familiarity_signal(16.0, 10.0, 20.0).reason is Reason.UNFAMILIAR_INPUT
+    assert familiarity_signal(25.0, 10.0, 20.0).subscore == 0.0

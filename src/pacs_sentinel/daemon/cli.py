@@ -314,6 +314,10 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
         from pacs_sentinel.inference.train_cxr import train_cxr
 
         metrics = train_cxr(out_dir, seed=args.seed, epochs=args.epochs, progress=not args.quiet)
+    elif args.name == "cxr-features":
+        from pacs_sentinel.inference.train_cxr import fit_feature_statistics
+
+        metrics = fit_feature_statistics(out_dir, seed=args.seed, progress=not args.quiet)
     elif args.name in ("qc-estimator", "qc-fusion"):
         import torch
 
@@ -499,9 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train-demo", help="train a shipped demo model on synthetic phantoms")
-    train.add_argument("name", choices=["organ-seg", "cxr-cls", "qc-estimator", "qc-fusion"],
-                       help="which demo model (qc-estimator: the QC's confidence estimator, then its fusion; "
-                            "qc-fusion: refit only the QC fusion on its calibration set)")
+    train.add_argument("name", choices=["organ-seg", "cxr-cls", "cxr-features", "qc-estimator", "qc-fusion"],
+                       help="which demo model (cxr-features: refit only cxr-cls's feature statistics, which its "
+                            "QC measures unfamiliar images against; qc-estimator: the QC's confidence estimator, "
+                            "then its fusion; qc-fusion: refit only the QC fusion on its calibration set)")
     train.add_argument("--out", help="output folder (default: the shipped model folder)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")

@@ -68,6 +68,8 @@ REASON_EXPLANATIONS: dict[Reason, str] = {
                                "with the true organ",
     Reason.LOW_EXPECTED_DICE: "the model's own probability map does not back the mask: it is unsure around "
                               "the outline, or the mask adds or leaves out tissue the model judges otherwise",
+    Reason.UNFAMILIAR_INPUT: "the image looks unlike the images the model was trained on (inverted, rotated, "
+                             "cropped, blurred, another body part), so its output may not hold",
 }
 _EXPLANATION_BY_LABEL = {reason.label: text for reason, text in REASON_EXPLANATIONS.items()}
 

@@ -20,10 +20,13 @@ the card.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +206,99 @@ def _scale_maps(maps: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
     return scaled.clamp(0, 1).cpu().numpy().astype(np.float32)
 
 
+#: The model folder file of :class:`FeatureStatistics` (named by the card's ``feature_statistics``).
+FEATURE_STATISTICS_FILE = "feature_statistics.npz"
+
+
+def last_linear(network: torch.nn.Module) -> torch.nn.Linear:
+    """The network's last linear layer, whose input is the pooled image features.
+
+    Raises:
+        ModelError: The network has no linear layer.
+    """
+    linears = [module for module in network.modules() if isinstance(module, torch.nn.Linear)]
+    if not linears:
+        raise ModelError("the network has no linear layer: no pooled features to compare")
+    return linears[-1]
+
+
+@contextlib.contextmanager
+def pooled_features(network: torch.nn.Module) -> Iterator[list[np.ndarray]]:
+    """Collect the input of the network's last linear layer (``(batch, features)`` float64)
+    of every forward pass inside the block; an empty list for a network without one."""
+    collected: list[np.ndarray] = []
+    linears = [module for module in network.modules() if isinstance(module, torch.nn.Linear)]
+    if not linears:
+        yield collected
+        return
+    handle = linears[-1].register_forward_pre_hook(
+        lambda _module, args: collected.append(args[0].detach().float().cpu().numpy().astype(np.float64)))
+    try:
+        yield collected
+    finally:
+        handle.remove()
+
+
+@dataclass(frozen=True)
+class FeatureStatistics:
+    """Where the training images lie in the network's feature space, to tell an input unlike
+    them (an inverted, rotated, cropped or blurred radiograph, another body part).
+
+    The Mahalanobis distance of an image's pooled features (the input of the last linear
+    layer) from their mean over the training images, with a covariance shrunk towards its
+    average variance; the QC signal ramps from ``low`` (nothing unusual: a high percentile of
+    the validation images' distances) to ``high``.
+
+    Attributes:
+        mean: ``(features,)``.
+        precision: Inverse of the shrunk covariance, ``(features, features)``.
+        low: Distance at and below which an input is as familiar as the validation images.
+        high: Distance at and above which it is unlike anything trained on.
+    """
+
+    mean: np.ndarray
+    precision: np.ndarray
+    low: float
+    high: float
+
+    @property
+    def limits(self) -> tuple[float, float]:
+        return self.low, self.high
+
+    def distance(self, features: np.ndarray) -> float:
+        """Mahalanobis distance of one image's pooled features."""
+        delta = np.asarray(features, dtype=np.float64).reshape(-1) - self.mean
+        return float(math.sqrt(max(0.0, float(delta @ self.precision @ delta))))
+
+    @classmethod
+    def fit(cls, train: np.ndarray, validation: np.ndarray, *, shrinkage: float, low_quantile: float,
+            high_factor: float) -> FeatureStatistics:
+        """Fit on the training images' features ``(n, features)``; ``low`` is the
+        ``low_quantile`` of the validation images' distances, ``high`` is ``high_factor`` times it."""
+        train = np.asarray(train, dtype=np.float64)
+        mean = train.mean(axis=0)
+        covariance = np.cov(train - mean, rowvar=False)
+        dims = covariance.shape[0]
+        shrunk = (1.0 - shrinkage) * covariance + shrinkage * float(np.trace(covariance)) / dims * np.eye(dims)
+        provisional = cls(mean, np.linalg.inv(shrunk), 0.0, 1.0)
+        low = float(np.quantile([provisional.distance(f) for f in np.asarray(validation, dtype=np.float64)],
+                                low_quantile))
+        return cls(mean, provisional.precision, float(low), float(low * high_factor))
+
+    def save(self, path: Path) -> None:
+        np.savez_compressed(path, mean=self.mean.astype(np.float32), precision=self.precision.astype(np.float32),
+                            limits=np.array([self.low, self.high]))
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureStatistics:
+        with np.load(path) as data:
+            mean, precision, limits = data["mean"], data["precision"], data["limits"]
+        if mean.ndim != 1 or precision.shape != (mean.size, mean.size) or limits.shape != (2,) \
+                or not 0 < float(limits[0]) < float(limits[1]):
+            raise ValueError(f"{path.name}: mean {mean.shape}, precision {precision.shape}, limits {limits.tolist()}")
+        return cls(mean.astype(np.float64), precision.astype(np.float64), float(limits[0]), float(limits[1]))
+
+
 class ClassificationModel:
     """A loaded multi-label classifier with its card; :meth:`predict` runs it on one image.
 
@@ -232,6 +328,9 @@ class ClassificationModel:
         self.network = network.to(device).eval()
         self._gradcam: GradCAM | None = None
         self._lock = threading.Lock()
+        #: The training images' pooled features (:class:`FeatureStatistics`), None when the
+        #: folder ships none: the input's distance from them is then not measured.
+        self.feature_statistics: FeatureStatistics | None = None
 
     def __repr__(self) -> str:
         return f"ClassificationModel(name={self.name!r}, version={self.version!r}, device={str(self.device)!r})"
@@ -325,7 +424,10 @@ class ClassificationModel:
                 timing["preprocess"] = time.perf_counter() - mark
 
                 mark = time.perf_counter()
-                logits = self.logits(inputs)[0].cpu().numpy().astype(np.float64)
+                with pooled_features(self.network) as features:
+                    logits = self.logits(inputs)[0].cpu().numpy().astype(np.float64)
+                distance = (None if self.feature_statistics is None or not features
+                            else self.feature_statistics.distance(features[-1][0]))
                 timing["forward"] = time.perf_counter() - mark
 
                 mark = time.perf_counter()
@@ -368,6 +470,8 @@ class ClassificationModel:
             seconds=seconds,
             timing=timing,
             reference={k: dict(v) for k, v in self.card.get("reference", {}).items()},
+            feature_distance=distance,
+            feature_distance_range=None if self.feature_statistics is None else self.feature_statistics.limits,
         )
 
 
@@ -413,8 +517,17 @@ def load_classification_dir(model_dir: Path, device: torch.device, *, spec: str 
         network.load_state_dict(state)
     except Exception as exc:  # torch raises many types for a corrupt or mismatched file
         raise ModelError(f"model {what}: cannot load weights {weights_path}: {exc}") from exc
-    return ClassificationModel(name=card["name"], version=str(card["version"]), labels=labels, card=card,
-                               network=network, device=device, mixed_precision=mixed_precision)
+    model = ClassificationModel(name=card["name"], version=str(card["version"]), labels=labels, card=card,
+                                network=network, device=device, mixed_precision=mixed_precision)
+    statistics = card.get("feature_statistics")
+    if statistics:
+        path = Path(model_dir) / str(statistics.get("file", FEATURE_STATISTICS_FILE))
+        try:
+            model.feature_statistics = FeatureStatistics.load(path)
+            last_linear(network)
+        except (OSError, ValueError, KeyError, ModelError) as exc:
+            raise ModelError(f"model {what}: invalid feature statistics {path}: {exc}") from exc
+    return model
 
 
 def load_classification_model(spec: str, *, device: str = "auto", mixed_precision: bool = True) -> ClassificationModel:

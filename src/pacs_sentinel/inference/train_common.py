@@ -62,7 +62,12 @@ def write_model_folder(out_dir: Path, state_dict: dict[str, Any], card: dict[str
     weights = out_dir / WEIGHTS_FILE
     torch.save(state_dict, weights.with_name(WEIGHTS_FILE + ".tmp"))
     os.replace(weights.with_name(WEIGHTS_FILE + ".tmp"), weights)
+    write_card(out_dir, card, card_markdown)
+
+
+def write_card(out_dir: Path, card: dict[str, Any], card_markdown: str) -> None:
+    """Write ``card.json`` and ``MODEL_CARD.md`` of a model folder, each atomically."""
     for name, text in ((CARD_FILE, json.dumps(card, indent=2) + "\n"), ("MODEL_CARD.md", card_markdown)):
-        tmp = out_dir / (name + ".tmp")
+        tmp = Path(out_dir) / (name + ".tmp")
         tmp.write_bytes(text.encode("utf-8"))
-        os.replace(tmp, out_dir / name)
+        os.replace(tmp, Path(out_dir) / name)

@@ -30,16 +30,20 @@ from pacs_sentinel.inference.classification import (
     DEMO_GRADCAM_LAYER,
     DEMO_INPUT_SIZE,
     DEMO_PERCENTILES,
+    FEATURE_STATISTICS_FILE,
     ClassificationModel,
+    FeatureStatistics,
     _set_dropout,
     build_classifier,
     fit_temperature,
     labels_from_card,
+    load_classification_dir,
+    pooled_features,
     preprocess_image,
 )
 from pacs_sentinel.inference.sources import DEMO_MODELS_DIR
 from pacs_sentinel.inference.radiographs import FINDING_PREVALENCE, FINDINGS, RADIOGRAPH_VARIANTS, make_cxr_phantom
-from pacs_sentinel.inference.train_common import EarlyStopping, write_model_folder
+from pacs_sentinel.inference.train_common import EarlyStopping, write_card, write_model_folder
 from pacs_sentinel.qc.metrics import expected_calibration_error
 from pacs_sentinel.qc.metrics import roc_auc as auroc  # labels first, higher score = positive
 
@@ -364,13 +368,96 @@ def train_cxr(
 
     half = {k: v.half() if torch.is_floating_point(v) else v for k, v in network.state_dict().items()}
     write_model_folder(out_dir, half, card, render_cxr_model_card(card))
+    # The feature statistics belong to these weights (as shipped: float16): fitted on the folder.
+    metrics["feature_statistics"] = fit_feature_statistics(out_dir, seed=seed, progress=progress,
+                                                           n_train=recipe["n_train"], n_val=recipe["n_val"])
     log.info("demo model trained", name=card["name"], out_dir=str(out_dir), auroc=metrics["auroc_mean"],
              temperature=card["temperature"], seconds=round(total_seconds, 1))
     return metrics
 
 
+#: Recipe of the feature statistics (:class:`~pacs_sentinel.inference.classification.FeatureStatistics`).
+FEATURE_RECIPE: dict[str, Any] = {"n_train": 1600, "n_val": 300, "shrinkage": 0.01, "low_quantile": 0.99,
+                                  "high_factor": 1.5}
+
+
+def fit_feature_statistics(model_dir: Path | None = None, *, seed: int = 0, progress: bool = True,
+                           n_train: int | None = None, n_val: int | None = None) -> dict[str, Any]:
+    """Fit where the model's training images lie in its feature space, and write it into the
+    model folder (``feature_statistics.npz``, and the card's ``feature_statistics`` entry).
+
+    The pooled features (input of the last linear layer) of the training phantoms, every
+    radiograph variant in turn (normal, under-exposed, noisy, slightly rotated: the images
+    the product is meant for), give the mean and the shrunk covariance; the validation
+    phantoms, likewise, give the distance up to which an image counts as familiar (their
+    99th percentile); :data:`FEATURE_RECIPE` the rest. The weights as loaded from the folder (float16
+    stored) are used, so the statistics match the network QC runs.
+
+    Returns:
+        What the card records: sizes, limits and the validation distances' percentiles.
+    """
+    recipe = dict(FEATURE_RECIPE)
+    recipe.update({k: v for k, v in (("n_train", n_train), ("n_val", n_val)) if v is not None})
+    out_dir = Path(model_dir) if model_dir is not None else DEMO_MODELS_DIR / "cxr-cls"
+    model = load_classification_dir(out_dir, torch.device("cpu"))
+    base = seed * 1_000_000
+
+    def features(offset: int, n: int, desc: str) -> np.ndarray:
+        rows = []
+        for i in tqdm(range(n), desc=desc, disable=not progress, unit="img", leave=False):
+            image = make_cxr_phantom(base + offset + i, variant=RADIOGRAPH_VARIANTS[i % len(RADIOGRAPH_VARIANTS)]).image
+            with pooled_features(model.network) as found:
+                model.logits(model.network_input(image))
+            rows.append(found[-1][0])
+        return np.asarray(rows)
+
+    started = time.perf_counter()
+    train, val = features(TRAIN_SEED_OFFSET, recipe["n_train"], "features: train"), features(
+        VAL_SEED_OFFSET, recipe["n_val"], "features: validation")
+    statistics = FeatureStatistics.fit(train, val, shrinkage=recipe["shrinkage"], low_quantile=recipe["low_quantile"],
+                                       high_factor=recipe["high_factor"])
+    statistics.save(out_dir / FEATURE_STATISTICS_FILE)
+    distances = np.array([statistics.distance(f) for f in val])
+    entry = {
+        "file": FEATURE_STATISTICS_FILE,
+        "features": "input of the last linear layer (pooled image features)",
+        "distance": "Mahalanobis, covariance shrunk towards its mean variance",
+        **recipe,
+        "variants": list(RADIOGRAPH_VARIANTS),
+        "train_seeds": f"{base + TRAIN_SEED_OFFSET}..{base + TRAIN_SEED_OFFSET + recipe['n_train'] - 1}",
+        "val_seeds": f"{base + VAL_SEED_OFFSET}..{base + VAL_SEED_OFFSET + recipe['n_val'] - 1}",
+        "low": round(statistics.low, 4),
+        "high": round(statistics.high, 4),
+        "val_distance_p50": round(float(np.median(distances)), 4),
+        "val_distance_p99": round(float(np.quantile(distances, 0.99)), 4),
+        "val_distance_max": round(float(distances.max()), 4),
+        "val_share_fired": round(float(np.mean(distances > (statistics.low + statistics.high) / 2)), 4),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    card = dict(model.card)
+    card["feature_statistics"] = entry
+    write_card(out_dir, card, render_cxr_model_card(card))
+    log.info("feature statistics fitted", out_dir=str(out_dir), low=entry["low"], high=entry["high"])
+    return entry
+
+
 def _fmt(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
+def _feature_section(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return ""
+    return f"""## Feature statistics (QC: an image unlike the training images)
+`{entry['file']}` holds the mean and the inverse of the shrunk covariance (shrinkage {entry['shrinkage']})
+of the pooled features ({entry['features']}) of {entry['n_train']} training phantoms
+({entry['train_seeds']}, variants {', '.join(entry['variants'])} in turn). QC measures the Mahalanobis distance
+of every classified image from them: familiar up to **{entry['low']}** (the {entry['low_quantile']} quantile of {entry['n_val']}
+validation phantoms' distances, {entry['val_seeds']}; their median {entry['val_distance_p50']}), unlike
+anything trained on from **{entry['high']}** ({entry['high_factor']} times that); in between the finding scores
+are lowered, and QC032 is raised half way. Validation phantoms beyond half way: {entry['val_share_fired']} (largest
+distance {entry['val_distance_max']}). Refit for these weights: `sentinel train-demo cxr-features`.
+"""
 
 
 def render_cxr_model_card(card: dict[str, Any]) -> str:
@@ -447,6 +534,7 @@ Reference MC dropout SD per finding (calibration split, {t['mc_dropout_samples']
 |---|---|---|
 {ref_rows}
 
+{_feature_section(card.get("feature_statistics"))}
 ## Limitations
 - Trained on phantoms only: it means nothing on real radiographs. The phantoms have one body
   habitus model, one projection (PA), no lateral views, no devices, no other pathology.

@@ -22,6 +22,9 @@ Signals, per finding:
   (``mc_dropout_std``), the largest distance of a test-time-augmentation sample from the
   reported probability (``tta_spread``), and the share of all samples whose decision
   differs from the reported one. Samples of unknown kind are pooled (``sample_std``).
+- **Unfamiliar input** (:attr:`Reason.UNFAMILIAR_INPUT`), when the model ships feature
+  statistics: the Mahalanobis distance of the image's pooled features from the training
+  images' (:func:`familiarity_signal`); the same for every finding.
 - **Input image** (:attr:`Reason.POOR_INPUT_QUALITY`), when the image is given: the share of
   pixels stuck at the darkest or brightest value (clipped exposure, blank image) and the
   intensity range measured in noise standard deviations (a flat or noise-drowned image).
@@ -37,12 +40,12 @@ import structlog
 from scipy import ndimage
 
 from pacs_sentinel.qc.evaluate import verdict_for
-from pacs_sentinel.qc.heuristics import Signal
+from pacs_sentinel.qc.heuristics import Signal, ramp
 from pacs_sentinel.results import ClassificationResult, FindingQC, QCResult, Reason
 
 log = structlog.get_logger(__name__)
 
-QC_VERSION = "1.1.0-cls"
+QC_VERSION = "1.2.0-cls"
 
 #: Worst-case decision margin (0 at the threshold, 1 at probability 0 or 1) at which the
 #: confidence sub-score is 0.5; the sub-score is ``margin ** MARGIN_EXPONENT``. With
@@ -186,6 +189,14 @@ def noise_sigma(image: np.ndarray) -> float:
     return 1.4826 * mad / _NOISE_KERNEL_NORM
 
 
+def familiarity_signal(distance: float, low: float, high: float) -> Signal:
+    """How far the image's features lie from the training images' (:attr:`Reason.UNFAMILIAR_INPUT`):
+    sub-score 1 up to ``low`` (the farthest validation image), 0 from ``high`` on. An inverted,
+    rotated, cropped or blurred radiograph, or another body part, lies beyond anything the
+    model was trained and calibrated on: its probabilities, however confident, say nothing."""
+    return Signal("feature_distance", float(distance), 1.0 - ramp(float(distance), low, high), Reason.UNFAMILIAR_INPUT)
+
+
 def image_signals(image: np.ndarray) -> list[Signal]:
     """Input-image checks: clipped or blank pixels, and contrast against noise.
 
@@ -269,6 +280,8 @@ def evaluate_classification(
     """
     _check_shapes(result)
     shared = image_signals(image) if image is not None else []
+    if result.feature_distance is not None and result.feature_distance_range is not None:
+        shared.append(familiarity_signal(result.feature_distance, *result.feature_distance_range))
     samples = None if result.samples is None else np.asarray(result.samples, dtype=np.float64)
     findings = []
     for index, label in enumerate(result.labels):

@@ -61,6 +61,7 @@ REASON_COLOURS: dict[Reason, tuple[int, int, int]] = {
     Reason.DISAGREEMENT: (255, 90, 60),  # coral
     Reason.LOW_PREDICTED_DICE: (0, 128, 128),  # teal
     Reason.LOW_EXPECTED_DICE: (128, 0, 64),  # maroon
+    Reason.UNFAMILIAR_INPUT: (190, 160, 255),  # lavender
 }
 #: Title of the banner's colour legend line.
 LEGEND_TITLE = "Outline colour:"
