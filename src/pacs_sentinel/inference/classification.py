@@ -227,11 +227,12 @@ def pooled_features(network: torch.nn.Module) -> Iterator[list[np.ndarray]]:
     """Collect the input of the network's last linear layer (``(batch, features)`` float64)
     of every forward pass inside the block; an empty list for a network without one."""
     collected: list[np.ndarray] = []
-    linears = [module for module in network.modules() if isinstance(module, torch.nn.Linear)]
-    if not linears:
+    try:
+        layer = last_linear(network)
+    except ModelError:
         yield collected
         return
-    handle = linears[-1].register_forward_pre_hook(
+    handle = layer.register_forward_pre_hook(
         lambda _module, args: collected.append(args[0].detach().float().cpu().numpy().astype(np.float64)))
     try:
         yield collected

@@ -191,7 +191,8 @@ def noise_sigma(image: np.ndarray) -> float:
 
 def familiarity_signal(distance: float, low: float, high: float) -> Signal:
     """How far the image's features lie from the training images' (:attr:`Reason.UNFAMILIAR_INPUT`):
-    sub-score 1 up to ``low`` (the farthest validation image), 0 from ``high`` on. An inverted,
+    sub-score 1 up to ``low`` (a high percentile of the validation images' distances), 0 from
+    ``high`` on. An inverted,
     rotated, cropped or blurred radiograph, or another body part, lies beyond anything the
     model was trained and calibrated on: its probabilities, however confident, say nothing."""
     return Signal("feature_distance", float(distance), 1.0 - ramp(float(distance), low, high), Reason.UNFAMILIAR_INPUT)
