@@ -22,7 +22,14 @@ from pacs_sentinel.qc.estimator import (
     estimator_signal,
     load_estimator,
 )
-from pacs_sentinel.qc.train_estimator import _augment, estimator_from, train_estimator, without_probabilities
+from pacs_sentinel.qc.train_estimator import (
+    _augment,
+    estimator_from,
+    train_estimator,
+    training_image_families,
+    training_mask_families,
+    without_probabilities,
+)
 from pacs_sentinel.results import Reason
 
 SEED = 7_000_000 + EVALUATION_SEED_OFFSET  # far from every training and calibration seed
@@ -217,3 +224,15 @@ def test_training_is_seeded_and_writes_a_loadable_estimator_with_its_card(tmp_pa
     assert "held out" in (tmp_path / "a" / "MODEL_CARD.md").read_text()
     phantom = make_ct_phantom(SEED + 1)
     assert 0.0 < estimator.predict(phantom.hu, phantom.liver, phantom.spacing) < 1.0
+
+
+def test_the_estimator_learns_every_listed_mask_family_and_never_a_held_out_one() -> None:
+    # Issue 5 lists the perturbation families the estimator is trained on; the held-out
+    # family that qc-eval measures generalisation on is an image corruption none of them sees.
+    listed = ["dilation", "erosion", "shift", "islands", "holes", "partial-miss", "leakage", "wrong-organ"]
+    assert training_mask_families() == ["none", *listed]
+    assert not set(training_image_families()) & set(HELD_OUT_FAMILIES)
+    assert not set(training_mask_families()) & set(HELD_OUT_FAMILIES)
+    shipped = load_estimator().card["training"]
+    assert shipped["mask_families"] == training_mask_families()
+    assert not set(shipped["image_families"]) & set(HELD_OUT_FAMILIES)

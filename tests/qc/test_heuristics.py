@@ -200,12 +200,22 @@ def test_a_mask_cut_by_the_image_border_is_flagged() -> None:
     qc = evaluate_segmentation(volume, _result(cut))
     assert Reason.BORDER_CONTACT in qc.reasons
     # The finding explains, the fitted score decides: since QC 2.1.0 a model fully sure of the very
-    # mask it made (expected Dice 0.97) may keep it above the threshold. The contact lowers the score.
+    # mask it made (expected Dice 0.97) may keep it above the threshold. The contact never raises
+    # the score, and lowers it under each fusion model that weighs it (since QC 2.3.0 the model for
+    # own masks with stochastic samples does; the one without samples found no use for it).
     signals = segment_signals(volume, _result(cut), 0, image_signals=assess_image(volume).signals, midline_x=None,
                               estimator=load_estimator())
     inside = [Signal(s.name, 0.0, 1.0, s.reason) if s.name == "border_contact_share" else s for s in signals]
-    assert shipped_fusion().score(signals)[0] < shipped_fusion().score(inside)[0]
+    assert shipped_fusion().score(signals)[0] <= shipped_fusion().score(inside)[0]
     assert qc.segments[0].quality_score == pytest.approx(shipped_fusion().score(signals)[0], abs=1e-4)
+    samples = [Signal("sample_dice", 0.97, 1.0, Reason.HIGH_UNCERTAINTY),
+               Signal("mask_entropy", 0.05, 1.0, Reason.HIGH_UNCERTAINTY)]
+    weighing = [m for m in shipped_fusion().models
+                if "border_contact_share" in m.features and m.weights[m.features.index("border_contact_share")] > 0]
+    assert weighing, "no fusion model weighs border contact"
+    score_cut, model = shipped_fusion().score(signals + samples)
+    assert model in weighing
+    assert score_cut < shipped_fusion().score(inside + samples)[0]
 
 
 def test_left_share_follows_the_patient_orientation() -> None:
@@ -268,7 +278,7 @@ def test_location_is_skipped_without_a_card_reference() -> None:
 
 def test_every_signal_is_recorded_and_the_version_is_bumped() -> None:
     qc = evaluate_segmentation(_volume(), _result(_ellipsoid((60, 50, 45))))
-    assert qc.qc_version == QC_VERSION == "2.2.0"
+    assert qc.qc_version == QC_VERSION == "2.3.0"
     signals = qc.segments[0].signals
     for name in ("predicted_dice", "mean_probability", "expected_dice", "hole_share", "border_contact_share",
                  "noise_hu", "edge_width_px", "metal_ml",

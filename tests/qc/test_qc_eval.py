@@ -7,8 +7,9 @@ import re
 from PIL import Image
 
 from pacs_sentinel.daemon.cli import main
-from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, IMAGE_FAMILIES
-from pacs_sentinel.qc.evaluation import METRICS
+from pacs_sentinel.qc.cases import QCCase
+from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, IMAGE_FAMILIES, MASK_FAMILIES
+from pacs_sentinel.qc.evaluation import METRICS, subsets
 
 
 def test_qc_eval_on_a_tiny_set_prints_every_metric(tmp_path, capsys) -> None:
@@ -38,3 +39,16 @@ def test_qc_eval_on_a_tiny_set_prints_every_metric(tmp_path, capsys) -> None:
     for name in ("qc_risk_coverage.png", "qc_reliability.png"):
         with Image.open(tmp_path / name) as image:
             assert image.size[0] > 300 and image.size[1] > 300
+
+
+def test_the_held_out_subset_is_every_mask_on_a_held_out_image_and_every_held_out_mask() -> None:
+    held_image = next(f for f in IMAGE_FAMILIES if f in HELD_OUT_FAMILIES)
+    seen_image = next(f for f in IMAGE_FAMILIES if f not in HELD_OUT_FAMILIES)
+    cases = [QCCase(seed, image, mask, 0.5, empty=False)
+             for seed, (image, mask) in enumerate((i, m) for i in (held_image, seen_image) for m in MASK_FAMILIES)]
+    held = subsets(cases)["held-out families"]
+    expected = [c for c in cases if c.image_family == held_image or c.mask_family in HELD_OUT_FAMILIES]
+    assert held == expected
+    # The held-out image's perturbed masks count: its own masks alone never fail.
+    assert {c.mask_family for c in held} >= set(MASK_FAMILIES)
+    assert all(c.image_family == held_image for c in held if c.mask_family not in HELD_OUT_FAMILIES)

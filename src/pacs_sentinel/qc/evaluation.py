@@ -170,8 +170,9 @@ def ten_percent_mix(cases: list[QCCase]) -> list[QCCase]:
 
 def subsets(cases: list[QCCase]) -> dict[str, list[QCCase]]:
     """The case subsets reported."""
-    held = [c for c in cases if c.image_family in HELD_OUT_FAMILIES and c.mask_family == "none"
-            or c.mask_family in HELD_OUT_FAMILIES]
+    # Every mask judged on an image of a held-out family (the model's own and the perturbed
+    # ones), and every mask of a held-out mask family.
+    held = [c for c in cases if c.image_family in HELD_OUT_FAMILIES or c.mask_family in HELD_OUT_FAMILIES]
     return {
         "all cases": cases,
         "own-model masks": [c for c in cases if c.mask_family == "none"],
@@ -383,7 +384,8 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
         f"--radiographs {n_radiographs} --seed {seed}`. QC `{QC_VERSION}` (estimator {estimator.version}, fusion fitted "
         f"{fusion.info.get('date', '?')}), model `demo:organ-seg`. Phantom seeds {seeds[0]}..{seeds[-1]}: never used to "
         "train the model, the estimator or the fusion. A case **fails** when its Dice is below 0.7. Held-out families "
-        f"(never seen by the estimator nor the fusion): {', '.join(HELD_OUT_FAMILIES)}.",
+        f"(never seen by the estimator nor the fusion): {', '.join(HELD_OUT_FAMILIES)}; the held-out subset is every "
+        "mask judged on their images (the model's own and the perturbed ones) and every mask of a held-out mask family.",
         "",
         f"- Machine: {platform.platform()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
         f"(threads {torch.get_num_threads()}); wall time {wall:.0f} s; date (UTC) "

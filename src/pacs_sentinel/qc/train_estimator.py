@@ -55,7 +55,7 @@ from pacs_sentinel.qc.metrics import auroc, spearman
 
 log = structlog.get_logger(__name__)
 
-ESTIMATOR_VERSION = "2.0.0"
+ESTIMATOR_VERSION = "2.1.0"
 #: Recipe of the shipped estimator; the card records it.
 ESTIMATOR_RECIPE: dict[str, Any] = {
     "n_train": 400,
@@ -307,8 +307,9 @@ Dice" below 0.7). It is one input of the fitted QC fusion, never a verdict on it
 Held-out families and the comparison with the other signals: `docs/benchmarks.md`.
 
 ## Limitations
-Phantoms only, one organ, one grid of training phantoms; it generalises only in part to kinds
-of error it never saw (leakage into a neighbour: see the benchmark). A perturbed training mask is
+Phantoms only, one organ, one grid of training phantoms; how far it carries to an image
+corruption it never saw is measured on the held-out family (see the benchmark), and a kind of
+mask error unlike every training family may be judged less well. A perturbed training mask is
 shown with the probability map the model produced for its own mask, so the network learns in part
 how far a mask departs from what the model believes; an own-model mask in use never departs from
 its own map (it is p >= 0.5), and a mask that comes without a map is judged on image and mask.
