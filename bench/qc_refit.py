@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     phantoms = phantom_cases(n_per_family=args.eval_n_per_family, perturbations=args.eval_perturbations, model=model)
     eval_seconds = time.perf_counter() - started
 
-    rows, activated = [], []
+    rows, activated, platt = [], [], []
     for name, cut in (("agrees with QC's target (Dice >= 0.7)", 0.7), ("stricter (Dice >= 0.85)", 0.85)):
         cases = [FeedbackCase(i + 1, 1, c.signals, c.dice >= cut, "ai-correct" if c.dice >= cut else "ai-rejected")
                  for i, c in enumerate(drawn)]
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             fit_seconds = time.perf_counter() - started
         fb, ph = outcome.feedback, outcome.phantoms
         activated.append(outcome.activated)
+        platt.append((outcome.a, outcome.b))
         rows.append(
             f"| {name} | {outcome.n_cases} ({sum(c.acceptable for c in cases)} acceptable) | "
             f"{outcome.a:.3f} / {outcome.b:.3f} | "
@@ -104,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "Reading: a reviewer who agrees with the fusion's target moves it little (Platt a near 1, b near 0) "
+        "Reading: a reviewer who agrees with the fusion's target moves it "
+        + (f"little (Platt a {platt[0][0]:.2f}, b {platt[0][1]:.2f}) " if abs(platt[0][0] - 1) <= 0.1
+           and abs(platt[0][1]) <= 0.1 else
+           f"somewhat (Platt a {platt[0][0]:.2f}, b {platt[0][1]:.2f}: the shipped score is a little off for "
+           "these phantoms) ")
         + ("and the refit is activated. " if activated[0] else
            "and the refit is not activated: the shipped fusion already fits that feedback, and the recalibration "
            "does worse on its held-out third than the rule tolerates, so the active version stays. ")
