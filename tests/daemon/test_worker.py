@@ -234,3 +234,33 @@ def test_radiographs_without_spacing_or_orientation_are_classified(tmp_path: Pat
         assert job.state is JobState.DONE, (name, job.error)
     received = received_modalities(pacs)
     assert received.count("SR") == 2 and received.count("OT") >= 2
+
+
+def test_a_radiograph_stored_upside_down_is_classified_by_its_patient_orientation(
+        tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
+    # The same chest stored as displayed (L\F) and upside down with the tag that says so (L\H):
+    # the worker hands the tag to the model, which turns the image to the way it was trained.
+    # Before, the upside-down copy was classified as stored and sent to review as unfamiliar.
+    from pacs_sentinel.inference.radiographs import make_cxr_phantom, write_dx_image
+
+    sentinel = sentinel_factory(_cxr_config(tmp_path, pacs.port, ["DX"]))
+    phantom = make_cxr_phantom(3, findings={"effusion": True})
+    paths = []
+    for seed, name in enumerate(("upright", "upside-down"), start=1):
+        path = write_dx_image(phantom, tmp_path / name, seed=seed, patient_id=f"OR{seed}")
+        if name == "upside-down":
+            ds = pydicom.dcmread(path)
+            ds.PixelData = ds.pixel_array[::-1].copy().tobytes()
+            ds.PatientOrientation = ["L", "H"]
+            ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    peer = Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)
+    for path in paths:
+        assert all(r.delivered for r in send_files([path], peer))
+
+    jobs = _finished(sentinel, 2)
+    upright, upside_down = (jobs[str(pydicom.dcmread(p).StudyInstanceUID)] for p in paths)
+    assert upright.state is JobState.DONE and upside_down.state is JobState.DONE, (upright.error, upside_down.error)
+    assert upside_down.verdict == upright.verdict
+    assert upside_down.reasons == upright.reasons
+    assert upside_down.quality_score == pytest.approx(upright.quality_score, abs=1e-3)

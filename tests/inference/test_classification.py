@@ -18,8 +18,10 @@ from pacs_sentinel.inference.classification import (
     ClassificationModel,
     FeatureStatistics,
     fit_temperature,
+    Turn,
     image_from_dataset,
     load_classification_model,
+    orientation_turn,
 )
 from pacs_sentinel.qc.metrics import expected_calibration_error
 from pacs_sentinel.inference.radiographs import FINDINGS, make_cxr_phantom
@@ -256,3 +258,71 @@ def test_broken_models_are_rejected(tmp_path: Path) -> None:
     shutil.copy(DEMO_DIR / "model.pt", bad_json / "model.pt")
     with pytest.raises(ModelError, match="invalid model card"):
         load_classification_model(str(bad_json), device="cpu")
+
+
+def _stored_ways(image: np.ndarray):
+    """The eight ways a radiograph drawn as ``L\\F`` can be stored, each with the PatientOrientation
+    that describes it (rows run to the patient's left, columns to the feet)."""
+    opposite = {"L": "R", "R": "L", "F": "H", "H": "F"}
+    for transpose in (False, True):
+        for flip_rows in (False, True):
+            for flip_cols in (False, True):
+                stored, rows, cols = image, "L", "F"
+                if transpose:
+                    stored, rows, cols = stored.T, cols, rows
+                if flip_rows:
+                    stored, cols = stored[::-1], opposite[cols]
+                if flip_cols:
+                    stored, rows = stored[:, ::-1], opposite[rows]
+                yield np.ascontiguousarray(stored), [rows, cols]
+
+
+def test_every_stored_orientation_is_turned_back_and_maps_return() -> None:
+    image = np.arange(12, dtype=np.float32).reshape(3, 4)  # no symmetry: every turn is visible
+    seen = set()
+    for stored, orientation in _stored_ways(image):
+        turn = orientation_turn(orientation, ["L", "F"])
+        assert turn is not None, orientation
+        assert np.array_equal(turn.apply(stored), image), orientation
+        assert np.array_equal(turn.undo(image), stored), orientation
+        assert turn.identity == (orientation == ["L", "F"])
+        seen.add((turn.transpose, turn.flip_rows, turn.flip_cols))
+        # The DICOM string form and oblique values (dominant letter first) read the same.
+        assert orientation_turn("\\".join(orientation), ("L", "F")) == turn
+        assert orientation_turn([orientation[0] + "P", orientation[1] + "A"], ["L", "F"]) == turn
+    assert len(seen) == 8
+
+
+@pytest.mark.parametrize("stored", [None, "", ["A", "F"], ["P", "H"], "L", ["L", "R"], ["X", "F"], ["L", "F", "A"]])
+def test_orientations_that_cannot_be_turned_leave_the_image_as_stored(stored) -> None:
+    # Missing, unreadable, both directions on one axis, or another plane (a lateral view).
+    assert orientation_turn(stored, ["L", "F"]) is None
+    assert orientation_turn(["R", "F"], None) is None
+
+
+def test_a_radiograph_stored_another_way_round_is_classified_as_drawn(model: ClassificationModel) -> None:
+    assert model.orientation == ["L", "F"]  # the demo card says how its phantoms were drawn
+    phantom = make_cxr_phantom(6, findings={"effusion": True, "cardiomegaly": True}, shape=(300, 240))
+    upright = model.predict(phantom.image, mc_dropout_samples=2, tta_flips=("x",), patient_orientation=["L", "F"])
+    assert upright.heatmaps
+    for stored, orientation in list(_stored_ways(phantom.image))[1:]:
+        turned = model.predict(stored, mc_dropout_samples=2, tta_flips=("x",), patient_orientation=orientation)
+        np.testing.assert_allclose(turned.probabilities, upright.probabilities, atol=1e-5)
+        np.testing.assert_allclose(turned.samples, upright.samples, atol=1e-5)
+        assert turned.feature_distance == pytest.approx(upright.feature_distance, rel=1e-4)
+        turn = orientation_turn(orientation, ["L", "F"])
+        assert set(turned.heatmaps) == set(upright.heatmaps)
+        for index, heatmap in turned.heatmaps.items():
+            assert heatmap.shape == stored.shape  # on the stored grid, where the overlay is drawn
+            np.testing.assert_allclose(heatmap, turn.undo(upright.heatmaps[index]), atol=1e-4)
+    # Without the tag, or for a model whose card names no orientation, the image is taken as stored.
+    upside_down = phantom.image[::-1].copy()
+    as_stored = model.predict(upside_down)
+    assert not np.allclose(as_stored.probabilities, upright.probabilities, atol=1e-3)
+    saved, model.orientation = model.orientation, None
+    try:
+        np.testing.assert_allclose(model.predict(upside_down, patient_orientation=["L", "H"]).probabilities,
+                                   as_stored.probabilities, atol=1e-6)
+    finally:
+        model.orientation = saved
+    assert Turn().identity

@@ -254,7 +254,8 @@ class Worker:
         model = load_classification_model(pipeline.model, device=inference.device,
                                           mixed_precision=inference.mixed_precision)
         result = model.predict(image, spacing,
-                               mc_dropout_samples=pipeline.mc_dropout_samples, tta_flips=tuple(pipeline.tta_flips))
+                               mc_dropout_samples=pipeline.mc_dropout_samples, tta_flips=tuple(pipeline.tta_flips),
+                               patient_orientation=source.get("PatientOrientation"))
         qc = evaluate_classification(result, accept_threshold=self.config.qc.accept_threshold, image=image)
         result_set = build_classification_result_set(source, result, qc,
                                                      series_number_base=pipeline.series_number_base)

@@ -66,8 +66,77 @@ DEMO_INPUT_SIZE = (128, 128)
 DEMO_PERCENTILES = (1.0, 99.0)
 #: Layer whose activations and gradients Grad-CAM weighs (MONAI DenseNet names).
 DEMO_GRADCAM_LAYER = "class_layers.relu"
+#: PatientOrientation of the demo radiographs (PA chest as displayed: rows to the patient's left, columns to the feet).
+DEMO_ORIENTATION = ("L", "F")
 #: Test-time flips a 2D model understands; ``"z"`` (valid for 3D pipelines) is ignored.
 FLIP_DIMS = {"x": -1, "y": -2}
+
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
+_AXIS = {"L": "x", "R": "x", "A": "y", "P": "y", "H": "z", "F": "z"}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """How to turn a stored image into the orientation a model was trained on: transpose first,
+    then flip the rows (up-down) and / or the columns (left-right)."""
+
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_cols: bool = False
+
+    @property
+    def identity(self) -> bool:
+        return not (self.transpose or self.flip_rows or self.flip_cols)
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        out = image.T if self.transpose else image
+        if self.flip_rows:
+            out = out[::-1]
+        if self.flip_cols:
+            out = out[:, ::-1]
+        return np.ascontiguousarray(out)
+
+    def undo(self, image: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`apply` (a map on the turned grid back onto the stored one)."""
+        out = image[:, ::-1] if self.flip_cols else image
+        if self.flip_rows:
+            out = out[::-1]
+        return np.ascontiguousarray(out.T if self.transpose else out)
+
+
+def _directions(value: Any) -> tuple[str, str] | None:
+    """The dominant patient direction of the rows and of the columns of a PatientOrientation
+    value (``["L", "F"]``, ``"L\\F"``, ``["LP", "FL"]``...); None when it cannot be read."""
+    if value is None:
+        return None
+    parts = str(value).split("\\") if isinstance(value, str) else [str(v) for v in value]
+    if len(parts) != 2:
+        return None
+    letters = [part.strip().upper()[:1] for part in parts]
+    if any(letter not in _AXIS for letter in letters) or _AXIS[letters[0]] == _AXIS[letters[1]]:
+        return None
+    return letters[0], letters[1]
+
+
+def orientation_turn(stored: Any, wanted: Any) -> Turn | None:
+    """The turn that brings an image stored with PatientOrientation ``stored`` into ``wanted``
+    (both as in (0020,0020): the direction of the rows, then of the columns).
+
+    Returns:
+        The turn (possibly the identity), or None when either value is missing or unreadable, or
+        the two lie in different planes (a lateral view for a model of frontal views): such an
+        image is classified as stored.
+    """
+    have, want = _directions(stored), _directions(wanted)
+    if have is None or want is None:
+        return None
+    row, col = have
+    transpose = False
+    if _AXIS[row] == _AXIS[want[1]] and _AXIS[col] == _AXIS[want[0]]:
+        transpose, row, col = True, col, row  # after transposing, the rows run the old columns' way
+    if _AXIS[row] != _AXIS[want[0]] or _AXIS[col] != _AXIS[want[1]]:
+        return None
+    return Turn(transpose=transpose, flip_rows=col != want[1], flip_cols=row != want[0])
 #: Normalised values are clipped to this range (outliers such as metal do not dominate).
 _CLIP = (-1.0, 2.0)
 
@@ -325,6 +394,8 @@ class ClassificationModel:
         self.thresholds = np.asarray(card.get("thresholds", [0.5] * len(labels)), dtype=np.float64)
         self.input_size = tuple(int(n) for n in card.get("input_size", DEMO_INPUT_SIZE))
         self.percentiles = tuple(float(p) for p in card.get("intensity_percentiles", DEMO_PERCENTILES))
+        #: PatientOrientation the model was trained on (None: images are classified as stored).
+        self.orientation = card.get("patient_orientation")
         self.mixed_precision = bool(mixed_precision) and device.type == "cuda"
         self.network = network.to(device).eval()
         self._gradcam: GradCAM | None = None
@@ -380,6 +451,7 @@ class ClassificationModel:
         mc_dropout_samples: int = 0,
         tta_flips: Sequence[str] = (),
         gradcam: bool = True,
+        patient_orientation: Any = None,
     ) -> ClassificationResult:
         """Classify one 2D image.
 
@@ -395,6 +467,12 @@ class ClassificationModel:
                 trained with left-right flips only, so ``"y"`` samples are out of distribution
                 by design.
             gradcam: Compute a Grad-CAM map for every positive finding.
+            patient_orientation: The image's PatientOrientation (0020,0020). When the model card
+                names the orientation the model was trained on (``patient_orientation``, the demo
+                cxr-cls ``["L", "F"]``), an image stored another way round (flipped, upside down,
+                turned by 90 degrees) is turned to it first, and the Grad-CAM maps back onto the
+                stored grid; an image in another plane (a lateral view) or without the tag is
+                classified as stored.
 
         Returns:
             Calibrated probabilities, logits, thresholds, samples (MC dropout first, then the
@@ -417,6 +495,16 @@ class ClassificationModel:
         if mc_dropout_samples < 0:
             raise ModelError(f"model {self.name}: mc_dropout_samples must be >= 0, got {mc_dropout_samples}")
         timing: dict[str, float] = {}
+        turn = orientation_turn(patient_orientation, self.orientation) if self.orientation is not None else None
+        if turn is not None and not turn.identity:
+            array = turn.apply(array)
+            log.info("radiograph turned to the model's orientation", model=self.name,
+                     stored=_directions(patient_orientation), model_orientation=_directions(self.orientation),
+                     transpose=turn.transpose, flip_rows=turn.flip_rows, flip_cols=turn.flip_cols)
+            if pixel_spacing is not None and turn.transpose:
+                pixel_spacing = (pixel_spacing[1], pixel_spacing[0])
+        else:
+            turn = None
         shape = (int(array.shape[0]), int(array.shape[1]))
         try:
             with self._lock:
@@ -454,6 +542,8 @@ class ClassificationModel:
         except RuntimeError as exc:
             raise ModelError(f"model {self.name} failed on a {array.shape} image: {exc}") from exc
         samples = self.calibrate(np.concatenate(sample_logits)) if sample_logits else None
+        if turn is not None:
+            heatmaps = {index: turn.undo(heatmap) for index, heatmap in heatmaps.items()}
         seconds = time.perf_counter() - started
         log.debug("classification done", model=self.name, shape=shape, pixel_spacing=pixel_spacing,
                   positive=[self.labels[i].name for i in positives], seconds=round(seconds, 3))

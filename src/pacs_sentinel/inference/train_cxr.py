@@ -29,6 +29,7 @@ from pacs_sentinel.inference.classification import (
     DEMO_DENSENET_KWARGS,
     DEMO_GRADCAM_LAYER,
     DEMO_INPUT_SIZE,
+    DEMO_ORIENTATION,
     DEMO_PERCENTILES,
     FEATURE_STATISTICS_FILE,
     ClassificationModel,
@@ -95,6 +96,7 @@ def cxr_card_template() -> dict[str, Any]:
         "input_size": list(DEMO_INPUT_SIZE),
         "intensity_percentiles": list(DEMO_PERCENTILES),
         "gradcam_layer": DEMO_GRADCAM_LAYER,
+        "patient_orientation": list(DEMO_ORIENTATION),
         "weights_dtype": "float16",
         "labels": [
             {"name": name, "code": list(FINDING_CODES[name]), "tracking_id": f"cxr-{name}"} for name in FINDINGS
@@ -463,6 +465,7 @@ distance {entry['val_distance_max']}). Refit for these weights: `sentinel train-
 def render_cxr_model_card(card: dict[str, Any]) -> str:
     """The human model card (``MODEL_CARD.md``) for a trained cxr-cls card."""
     t, m, ref = card["training"], card["metrics"], card["reference"]
+    orientation = "\\".join(card.get("patient_orientation") or ["?", "?"])
     rows = []
     for name, r in m["per_finding"].items():
         code = next(lbl["code"] for lbl in card["labels"] if lbl["name"] == name)
@@ -494,7 +497,10 @@ threshold {card['thresholds']}, and a Grad-CAM map (layer `{card['gradcam_layer'
   dropout). Weights stored as float16 (about 3.8 MB), loaded as float32.
 - Resize to {card['input_size']} (bilinear, anti-aliased, aspect ratio not kept); map the
   {card['intensity_percentiles'][0]:g}th-{card['intensity_percentiles'][1]:g}th intensity percentiles to [0, 1] (clipped to [-1, 2]).
-  MONOCHROME1 images are inverted first (`image_from_dataset`).
+  MONOCHROME1 images are inverted first (`image_from_dataset`). Trained on images as displayed,
+  Patient Orientation `{orientation}`: an image whose
+  Patient Orientation says it is stored otherwise (flipped, upside down, turned by 90 degrees) is
+  turned to it first, and its Grad-CAM maps back.
 - Calibration: probabilities are `sigmoid(logits / T)` with **T = {card['temperature']}**, fitted on the calibration split.
 
 ## Training recipe
