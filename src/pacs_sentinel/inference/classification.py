@@ -71,7 +71,7 @@ DEMO_ORIENTATION = ("L", "F")
 #: Test-time flips a 2D model understands; ``"z"`` (valid for 3D pipelines) is ignored.
 FLIP_DIMS = {"x": -1, "y": -2}
 
-_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
+#: The patient axis each PatientOrientation letter runs along.
 _AXIS = {"L": "x", "R": "x", "A": "y", "P": "y", "H": "z", "F": "z"}
 
 
@@ -86,6 +86,7 @@ class Turn:
 
     @property
     def identity(self) -> bool:
+        """Nothing to turn."""
         return not (self.transpose or self.flip_rows or self.flip_cols)
 
     def apply(self, image: np.ndarray) -> np.ndarray:
@@ -137,6 +138,8 @@ def orientation_turn(stored: Any, wanted: Any) -> Turn | None:
     if _AXIS[row] != _AXIS[want[0]] or _AXIS[col] != _AXIS[want[1]]:
         return None
     return Turn(transpose=transpose, flip_rows=col != want[1], flip_cols=row != want[0])
+
+
 #: Normalised values are clipped to this range (outliers such as metal do not dominate).
 _CLIP = (-1.0, 2.0)
 
