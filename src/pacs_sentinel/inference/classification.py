@@ -498,16 +498,17 @@ class ClassificationModel:
         if mc_dropout_samples < 0:
             raise ModelError(f"model {self.name}: mc_dropout_samples must be >= 0, got {mc_dropout_samples}")
         timing: dict[str, float] = {}
-        turn = orientation_turn(patient_orientation, self.orientation) if self.orientation is not None else None
-        if turn is not None and not turn.identity:
+        # None as well when the card names no orientation: the image is classified as stored.
+        turn = orientation_turn(patient_orientation, self.orientation)
+        if turn is not None and turn.identity:
+            turn = None
+        if turn is not None:
             array = turn.apply(array)
             log.info("radiograph turned to the model's orientation", model=self.name,
                      stored=_directions(patient_orientation), model_orientation=_directions(self.orientation),
                      transpose=turn.transpose, flip_rows=turn.flip_rows, flip_cols=turn.flip_cols)
             if pixel_spacing is not None and turn.transpose:
                 pixel_spacing = (pixel_spacing[1], pixel_spacing[0])
-        else:
-            turn = None
         shape = (int(array.shape[0]), int(array.shape[1]))
         try:
             with self._lock:
