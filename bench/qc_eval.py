@@ -6,7 +6,7 @@ leave-one-family-out, every method side by side, risk-coverage and reliability P
 benchmark's settings and writes the markdown between ``<!-- qc_eval:start -->`` and
 ``<!-- qc_eval:end -->`` of ``docs/benchmarks.md`` (the rest of the file is kept).
 
-Run: ``.venv/bin/python bench/qc_eval.py [--n-per-family N] [--perturbations K] [--radiographs R]``.
+Run: ``.venv/bin/python bench/qc_eval.py [--n-per-family N] [--perturbations K] [--radiographs R] [--held-out H]``.
 """
 
 from __future__ import annotations
@@ -32,13 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-per-family", type=int, default=16, help="phantoms per image family (default 16)")
     parser.add_argument("--perturbations", type=int, default=2, help="perturbed masks per phantom (default 2)")
     parser.add_argument("--radiographs", type=int, default=200, help="radiographs for classification (default 200)")
+    parser.add_argument("--held-out", type=int, default=96,
+                        help="extra phantoms of the held-out families (default 96)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the phantom sets (default 0)")
     parser.add_argument("--doc", type=Path, default=BENCHMARKS_MD, help="markdown file to update")
     parser.add_argument("--no-doc", action="store_true", help="print only, do not write the markdown file")
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     section, _ = run_qc_eval(n_per_family=args.n_per_family, perturbations_per_image=args.perturbations,
-                             n_radiographs=args.radiographs, seed=args.seed, out_dir=args.doc.parent)
+                             n_radiographs=args.radiographs, seed=args.seed, n_held_out=args.held_out,
+                             out_dir=args.doc.parent)
     print(section)
     if not args.no_doc:
         write_section("qc_eval", section, args.doc)

@@ -11,7 +11,13 @@ from pacs_sentinel.daemon.worker import segmentation_threshold
 from pacs_sentinel.errors import ConfigError
 from pacs_sentinel.qc.evaluate import shipped_fusion
 from pacs_sentinel.qc.fusion import calibrated_threshold
-from pacs_sentinel.qc.metrics import aurc, derive_threshold, normalized_aurc, risk_coverage
+from pacs_sentinel.qc.metrics import (
+    auroc_difference_interval,
+    aurc,
+    derive_threshold,
+    normalized_aurc,
+    risk_coverage,
+)
 
 
 def _synthetic_curve() -> tuple[np.ndarray, np.ndarray]:
@@ -94,3 +100,25 @@ def test_qc_threshold_prints_the_operating_point(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     expected = calibrated_threshold(shipped_fusion(), target_review_rate=0.2).threshold
     assert f"operating point for target_review_rate = 0.2:\n  threshold {expected:.4f}" in out
+
+
+def test_paired_bootstrap_interval_of_an_auroc_difference() -> None:
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(40), 3)  # 40 phantoms, 3 masks each
+    failed = rng.random(len(groups)) < 0.3
+    perfect = np.where(failed, 0.2, 0.8) + 0.01 * rng.random(len(groups))
+    noise = rng.random(len(groups))
+    low, high = auroc_difference_interval(perfect, noise, failed, groups)
+    assert 0 < low < high < 1  # a perfect detector beats a random one on every resample
+    assert auroc_difference_interval(noise, noise, failed, groups) == (0.0, 0.0)  # paired: no spread
+    low, high = auroc_difference_interval(noise, perfect, failed, groups)
+    assert -1 < low < high < 0
+    # Whole phantoms are resampled: with one group there is only the one sample, so no spread.
+    one = np.zeros(len(groups))
+    assert auroc_difference_interval(perfect, noise, failed, one)[0] == auroc_difference_interval(
+        perfect, noise, failed, one)[1]
+    with pytest.raises(ValueError, match="lengths differ"):
+        auroc_difference_interval(perfect, noise[:-1], failed, groups)
+    with pytest.raises(ValueError, match="level"):
+        auroc_difference_interval(perfect, noise, failed, groups, level=1.0)
+    assert np.isnan(auroc_difference_interval(perfect, noise, np.zeros(len(groups), bool), groups)[0])

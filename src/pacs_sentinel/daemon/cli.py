@@ -387,11 +387,13 @@ def _cmd_qc_eval(args: argparse.Namespace) -> int:
 
     from pacs_sentinel.qc.evaluation import run_qc_eval
 
-    if args.n_per_family < 1 or args.perturbations < 0 or args.radiographs < 0:
-        raise SentinelError("--n-per-family must be at least 1; --perturbations and --radiographs at least 0")
+    if args.n_per_family < 1 or args.perturbations < 0 or args.radiographs < 0 or args.held_out < 0:
+        raise SentinelError("--n-per-family must be at least 1; --perturbations, --radiographs and --held-out "
+                            "at least 0")
     torch.set_num_threads(1)
     section, _ = run_qc_eval(n_per_family=args.n_per_family, perturbations_per_image=args.perturbations,
-                             n_radiographs=args.radiographs, seed=args.seed, out_dir=Path(args.out),
+                             n_radiographs=args.radiographs, seed=args.seed, n_held_out=args.held_out,
+                             out_dir=Path(args.out),
                              progress=not args.quiet)
     print(section)
     return EXIT_OK
@@ -527,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     qc_eval.add_argument("--perturbations", type=int, default=2, help="perturbed masks per phantom (default: 2)")
     qc_eval.add_argument("--radiographs", type=int, default=200,
                          help="radiograph phantoms for the classification metrics (default: 200; 0 skips)")
+    qc_eval.add_argument("--held-out", type=int, default=96,
+                         help="extra phantoms of the held-out families, for their subset only (default: 96; "
+                              "0: the main draw's only)")
     qc_eval.add_argument("--seed", type=int, default=0, help="seed of the phantom sets (default: 0)")
     qc_eval.add_argument("--out", default="docs", help="folder for the PNG figures (default: docs)")
     qc_eval.add_argument("--quiet", action="store_true", help="no progress bar")

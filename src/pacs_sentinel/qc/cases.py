@@ -10,7 +10,8 @@ phantom's ground-truth liver.
 Seed sets never overlap (offsets added to ``seed * 1_000_000``, like the organ-seg trainer):
 estimator training ``ESTIMATOR_TRAIN_SEED_OFFSET``, estimator validation
 ``ESTIMATOR_VAL_SEED_OFFSET``, fusion calibration ``CALIBRATION_SEED_OFFSET``, evaluation
-``EVALUATION_SEED_OFFSET``; all far from the organ-seg model's own (10 000 - 39 999).
+``EVALUATION_SEED_OFFSET`` and its extra draw of the held-out families
+``EVALUATION_HELD_OUT_SEED_OFFSET``; all far from the organ-seg model's own (10 000 - 39 999).
 
 This module drives the demo model, so it imports :mod:`pacs_sentinel.inference`; it is used
 by training and evaluation, never by the daemon's QC path.
@@ -36,6 +37,7 @@ ESTIMATOR_TRAIN_SEED_OFFSET = 40_000
 ESTIMATOR_VAL_SEED_OFFSET = 45_000
 CALIBRATION_SEED_OFFSET = 50_000
 EVALUATION_SEED_OFFSET = 60_000
+EVALUATION_HELD_OUT_SEED_OFFSET = 65_000
 
 
 @dataclass

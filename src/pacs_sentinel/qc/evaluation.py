@@ -19,8 +19,13 @@ between score and Dice, MAE of the predicted Dice (estimator, expected Dice), se
 rate, flag rate on clean cases and failure rate among accepted cases (each method's own flag:
 fused < 0.5, estimator < 0.7, a signal's reason firing). Subsets: all cases, own-model masks,
 held-out families only, and a 10 %-failure mix (every good own-model mask plus the first
-failures in seed order until failures are about 10 %). Figures: a risk-coverage plot and a
-reliability diagram of the fused score (PNG).
+failures in seed order until failures are about 10 %). The held-out subset also takes an extra
+draw of the held-out families (:data:`HELD_OUT_PHANTOMS` phantoms, seeds
+``EVALUATION_HELD_OUT_SEED_OFFSET``): 16 phantoms of one family give about ten failures, too few
+to tell detectors apart (one mis-ordered pair moves the AUROC by 0.003). The fused score is
+compared with each single signal on the same cases (:func:`signal_margins`, with a paired
+bootstrap interval).
+Figures: a risk-coverage plot and a reliability diagram of the fused score (PNG).
 
 Classification (demo cxr-cls): misclassification detection of each finding by the QC's
 finding score on held-out test phantoms (AUROC, AURC) and ECE of the probabilities before and
@@ -33,14 +38,20 @@ import datetime as dt
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pacs_sentinel.qc.cases import EVALUATION_SEED_OFFSET, QCCase, draw_cases, seeds_for
+from pacs_sentinel.qc.cases import (
+    EVALUATION_HELD_OUT_SEED_OFFSET,
+    EVALUATION_SEED_OFFSET,
+    QCCase,
+    draw_cases,
+    seeds_for,
+)
 from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, IMAGE_FAMILIES, MASK_FAMILIES
 from pacs_sentinel.qc.estimator import load_estimator
 from pacs_sentinel.qc.evaluate import QC_VERSION, shipped_fusion
@@ -48,6 +59,7 @@ from pacs_sentinel.qc.fusion import ACCEPTABLE_DICE, FusionModel
 from pacs_sentinel.qc.metrics import (
     aurc,
     auroc,
+    auroc_difference_interval,
     expected_calibration_error,
     normalized_aurc,
     reliability_bins,
@@ -57,6 +69,8 @@ from pacs_sentinel.qc.metrics import (
 )
 
 REVIEW_RATE = 0.15
+#: Extra phantoms of the held-out families in ``sentinel qc-eval`` (their subset only).
+HELD_OUT_PHANTOMS = 96
 MC_DROPOUT_SAMPLES = 4
 UNCERTAINTY = ("sample_dice", "mask_entropy")
 #: Signals added after the product rule (QC 1.2.0): left out of the two historical baselines.
@@ -168,11 +182,18 @@ def ten_percent_mix(cases: list[QCCase]) -> list[QCCase]:
     return good + chosen[:wanted]
 
 
-def subsets(cases: list[QCCase]) -> dict[str, list[QCCase]]:
-    """The case subsets reported."""
+def subsets(cases: list[QCCase], held_out_cases: Sequence[QCCase] = ()) -> dict[str, list[QCCase]]:
+    """The case subsets reported.
+
+    Args:
+        cases: The main draw (every image family alike).
+        held_out_cases: An extra draw of the held-out families; it enters the held-out subset
+            only (the other subsets keep the main draw's mix of families).
+    """
     # Every mask judged on an image of a held-out family (the model's own and the perturbed
     # ones), and every mask of a held-out mask family.
-    held = [c for c in cases if c.image_family in HELD_OUT_FAMILIES or c.mask_family in HELD_OUT_FAMILIES]
+    held = [c for c in (*cases, *held_out_cases)
+            if c.image_family in HELD_OUT_FAMILIES or c.mask_family in HELD_OUT_FAMILIES]
     return {
         "all cases": cases,
         "own-model masks": [c for c in cases if c.mask_family == "none"],
@@ -181,14 +202,20 @@ def subsets(cases: list[QCCase]) -> dict[str, list[QCCase]]:
     }
 
 
+def _seed_range(offset: int, n: int, seed: int) -> str:
+    seeds = seeds_for(offset, n, seed)
+    return f"{seeds[0]}..{seeds[-1]}" if seeds else "none"
+
+
 def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
-def segmentation_tables(cases: list[QCCase], fusion: FusionModel) -> tuple[str, dict[str, dict[str, dict[str, float]]]]:
-    """Markdown tables (one per subset) and the numbers behind them."""
+def segmentation_tables(cases: list[QCCase], fusion: FusionModel, held_out_cases: Sequence[QCCase] = ()
+                        ) -> tuple[str, dict[str, dict[str, dict[str, float]]]]:
+    """Markdown tables (one per subset, :func:`subsets`) and the numbers behind them."""
     lines, numbers = [], {}
-    for subset, members in subsets(cases).items():
+    for subset, members in subsets(cases, held_out_cases).items():
         n_fail = sum(c.dice < ACCEPTABLE_DICE for c in members)
         lines.append(f"#### {subset}: {len(members)} cases, {n_fail} failures "
                      f"({100 * n_fail / max(1, len(members)):.0f} %)")
@@ -205,36 +232,121 @@ def segmentation_tables(cases: list[QCCase], fusion: FusionModel) -> tuple[str, 
     return "\n".join(lines), numbers
 
 
-def targets_table(numbers: dict[str, dict[str, dict[str, float]]], cls: dict[str, float]) -> str:
-    """The issue's targets, each with the measured value and whether it is met."""
+#: The single signals the fused score is compared with.
+SINGLE_SIGNALS = ("heuristics OR", "entropy", "pairwise Dice", "expected Dice", "estimator")
+
+
+def best_single(table: dict[str, dict[str, float]], metric: str) -> tuple[str | None, float]:
+    """The single signal with the highest ``metric`` in one subset's table, and that value."""
+    values = [(table[m][metric], m) for m in SINGLE_SIGNALS if not np.isnan(table[m][metric])]
+    if not values:
+        return None, float("nan")
+    value, name = max(values)
+    return name, value
+
+
+@dataclass(frozen=True)
+class Margin:
+    """The fused score against one single signal on the cases that signal scores."""
+
+    signal: str
+    n: int
+    failures: int
+    fused: float
+    single: float
+    low: float
+    high: float
+
+    @property
+    def margin(self) -> float:
+        return self.fused - self.single
+
+    @property
+    def tied_at_ceiling(self) -> bool:
+        """Both rank these cases perfectly: nothing is left to be better at."""
+        return self.fused == 1.0 and self.single == 1.0
+
+
+def signal_margins(members: list[QCCase], fusion: FusionModel) -> list[Margin]:
+    """Fused AUROC minus each single signal's, on the same cases (those the signal scores: the
+    uncertainty signals only the model's own masks), with a 95 % paired bootstrap interval
+    (phantoms resampled)."""
+    by_name = {m.name: m for m in methods(fusion)}
+    out = []
+    for name in SINGLE_SIGNALS:
+        rows = [(c, by_name["fused"].score(c), by_name[name].score(c)) for c in members]
+        rows = [(c, f, s) for c, f, s in rows if s is not None]
+        failed = np.array([c.dice < ACCEPTABLE_DICE for c, _, _ in rows], dtype=bool)
+        if not rows or failed.all() or not failed.any():
+            continue
+        fused, single = np.array([f for _, f, _ in rows]), np.array([s for _, _, s in rows])
+        low, high = auroc_difference_interval(fused, single, failed, [c.seed for c, _, _ in rows])
+        out.append(Margin(name, len(rows), int(failed.sum()), auroc(fused, failed), auroc(single, failed), low, high))
+    return out
+
+
+def margins_table(margins: list[Margin]) -> str:
+    """Markdown table of :func:`signal_margins`."""
+    lines = ["| single signal | cases | failures | fused AUROC | signal AUROC | fused minus signal | 95 % CI |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {m.signal} | {m.n} | {m.failures} | {_fmt(m.fused)} | {_fmt(m.single)} | {m.margin:+.3f} "
+              f"| {_fmt(m.low)} to {_fmt(m.high)} |" for m in margins]
+    return "\n".join(lines)
+
+
+def _margin_target(margins: list[Margin]) -> tuple[float, bool, str]:
+    """(smallest margin, met, note) of the target "fused better than every single signal":
+    met when every margin is positive, a signal tied with the fused score at a perfect 1.000
+    excepted (there is nothing to be better at)."""
+    ties = [m for m in margins if m.tied_at_ceiling]
+    others = [m for m in margins if not m.tied_at_ceiling]
+    if not others:
+        return float("nan"), bool(ties), " (every signal tied at 1.000)" if ties else ""
+    worst = min(others, key=lambda m: m.margin)
+    note = f" (vs {worst.signal}, same {worst.n} cases; 95 % CI {_fmt(worst.low)} to {_fmt(worst.high)}"
+    note += f"; tied at 1.000: {', '.join(m.signal for m in ties)})" if ties else ")"
+    return worst.margin, worst.margin > 0, note
+
+
+def targets_table(numbers: dict[str, dict[str, dict[str, float]]], cls: dict[str, float],
+                  margins: dict[str, list[Margin]] | None = None) -> str:
+    """The issue's targets, each with the measured value and whether it is met.
+
+    Args:
+        margins: :func:`signal_margins` per subset (``"all cases"``, ``"held-out families"``):
+            the fused score is compared with each single signal on the same cases. Without
+            them, with the best single signal of each subset's table.
+    """
     held, mix, every = numbers["held-out families"], numbers["10 % failure mix"], numbers["all cases"]
-    singles = ("heuristics OR", "entropy", "pairwise Dice", "expected Dice", "estimator")
 
-    def best_single(table: dict[str, dict[str, float]], metric: str) -> float:
-        values = [table[m][metric] for m in singles if not np.isnan(table[m][metric])]
-        return max(values) if values else float("nan")
+    def against_singles(subset: str, table: dict[str, dict[str, float]]) -> tuple[float, bool, str]:
+        if margins is not None and subset in margins:
+            return _margin_target(margins[subset])
+        value = table["fused"]["AUROC"] - best_single(table, "AUROC")[1]
+        return value, value > 0, ""
 
+    every_margin, every_met, every_note = against_singles("all cases", every)
+    held_margin, held_met, held_note = against_singles("held-out families", held)
     rows = [
-        ("fused AUROC on the held-out families", ">= 0.97", held["fused"]["AUROC"], held["fused"]["AUROC"] >= 0.97),
+        ("fused AUROC on the held-out families", ">= 0.97", held["fused"]["AUROC"], held["fused"]["AUROC"] >= 0.97, ""),
         ("fused Spearman on the held-out families", ">= 0.90", held["fused"]["Spearman"],
-         held["fused"]["Spearman"] >= 0.90),
+         held["fused"]["Spearman"] >= 0.90, ""),
         ("sensitivity at 15 % review rate, 10 % failure mix", ">= 0.90", mix["fused"]["sens@15%"],
-         mix["fused"]["sens@15%"] >= 0.90),
+         mix["fused"]["sens@15%"] >= 0.90, ""),
         ("failures among accepted (verdict), 10 % failure mix", "<= 0.02", mix["fused"]["accepted-failure rate"],
-         mix["fused"]["accepted-failure rate"] <= 0.02),
-        ("fused AUROC minus best single signal, all cases", "> 0", every["fused"]["AUROC"] - best_single(every, "AUROC"),
-         every["fused"]["AUROC"] > best_single(every, "AUROC")),
-        ("fused AUROC minus best single signal, held-out families", "> 0",
-         held["fused"]["AUROC"] - best_single(held, "AUROC"), held["fused"]["AUROC"] > best_single(held, "AUROC")),
+         mix["fused"]["accepted-failure rate"] <= 0.02, ""),
+        ("fused AUROC minus each single signal, all cases", "> 0", every_margin, every_met, every_note),
+        ("fused AUROC minus each single signal, held-out families", "> 0", held_margin, held_met, held_note),
         ("fused AUROC minus OR-combined heuristics, all cases", "clearly > 0",
          every["fused"]["AUROC"] - every["heuristics OR"]["AUROC"],
-         every["fused"]["AUROC"] - every["heuristics OR"]["AUROC"] >= 0.05),
+         every["fused"]["AUROC"] - every["heuristics OR"]["AUROC"] >= 0.05, ""),
     ]
     if cls:
         ece = cls["ECE after temperature"]
-        rows.append(("classification ECE (after temperature scaling)", "<= 0.03", ece, ece <= 0.03))
+        rows.append(("classification ECE (after temperature scaling)", "<= 0.03", ece, ece <= 0.03, ""))
     lines = ["| target | wanted | measured | met |", "|---|---|---|---|"]
-    lines += [f"| {name} | {wanted} | {_fmt(value)} | {'yes' if ok else '**no**'} |" for name, wanted, value, ok in rows]
+    lines += [f"| {name} | {wanted} | {_fmt(value)}{note} | {'yes' if ok else '**no**'} |"
+              for name, wanted, value, ok, note in rows]
     return "\n".join(lines)
 
 
@@ -345,8 +457,29 @@ def classification_metrics(n_images: int, seed: int = 0, progress: bool = False)
     }
 
 
+def held_out_draw(model, n: int, perturbations_per_image: int, seed: int, estimator, progress: bool = False
+                  ) -> list[QCCase]:
+    """The extra draw of the held-out families (seeds ``EVALUATION_HELD_OUT_SEED_OFFSET``).
+
+    ``n`` phantoms of the held-out image families, each with the model's own mask and perturbed
+    masks of every family in turn; when only mask families are held out, phantoms of every
+    image family with masks of the held-out mask families.
+    """
+    if n <= 0:
+        return []
+    images = [f for f in IMAGE_FAMILIES if f in HELD_OUT_FAMILIES]
+    masks = list(MASK_FAMILIES) if images else [f for f in MASK_FAMILIES if f in HELD_OUT_FAMILIES]
+    if not masks:
+        return []
+    return draw_cases(model, seeds_for(EVALUATION_HELD_OUT_SEED_OFFSET, n, seed), images or list(IMAGE_FAMILIES), masks,
+                      perturbations_per_image=perturbations_per_image, include_own=bool(images),
+                      mc_dropout_samples=MC_DROPOUT_SAMPLES, estimator=estimator, collect_signals=True,
+                      cycle_perturbations=True, progress=progress, desc="qc-eval: held-out phantoms")
+
+
 def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_radiographs: int = 200, seed: int = 0,
-                out_dir: Path = Path("docs"), progress: bool = True, model=None) -> tuple[str, dict[str, Any]]:
+                n_held_out: int = HELD_OUT_PHANTOMS, out_dir: Path = Path("docs"), progress: bool = True,
+                model=None) -> tuple[str, dict[str, Any]]:
     """Run the evaluation; returns the markdown section and the numbers.
 
     Args:
@@ -354,6 +487,9 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
         perturbations_per_image: Perturbed masks per phantom (families taken in turn).
         n_radiographs: Radiograph phantoms for the classification metrics (0: skip).
         seed: Seed of the phantom sets.
+        n_held_out: Extra phantoms of the held-out families (:func:`held_out_draw`), for the
+            held-out subset only: ``n_per_family`` phantoms leave it too few failures to tell
+            detectors apart.
         out_dir: Where the PNG figures go.
     """
     import torch
@@ -369,7 +505,11 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
     cases = draw_cases(model, seeds, families, MASK_FAMILIES, perturbations_per_image=perturbations_per_image,
                        mc_dropout_samples=MC_DROPOUT_SAMPLES, estimator=estimator, collect_signals=True,
                        cycle_perturbations=True, progress=progress, desc="qc-eval: phantoms")
-    tables, numbers = segmentation_tables(cases, fusion)
+    extra = held_out_draw(model, n_held_out, perturbations_per_image, seed, estimator, progress)
+    tables, numbers = segmentation_tables(cases, fusion, extra)
+    parts = subsets(cases, extra)
+    held_members = parts["held-out families"]
+    margins = {subset: signal_margins(parts[subset], fusion) for subset in ("all cases", "held-out families")}
     figures = write_figures(cases, fusion, out_dir)
     cls = classification_metrics(n_radiographs, seed, progress) if n_radiographs > 0 else {}
     from pacs_sentinel.qc.calibrate import score_case
@@ -385,7 +525,14 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
         f"{fusion.info.get('date', '?')}), model `demo:organ-seg`. Phantom seeds {seeds[0]}..{seeds[-1]}: never used to "
         "train the model, the estimator or the fusion. A case **fails** when its Dice is below 0.7. Held-out families "
         f"(never seen by the estimator nor the fusion): {', '.join(HELD_OUT_FAMILIES)}; the held-out subset is every "
-        "mask judged on their images (the model's own and the perturbed ones) and every mask of a held-out mask family.",
+        "mask judged on their images (the model's own and the perturbed ones) and every mask of a held-out mask family, "
+        f"from this draw and an extra draw of {len(extra)} cases on {n_held_out} phantoms of the held-out families "
+        f"(seeds {_seed_range(EVALUATION_HELD_OUT_SEED_OFFSET, n_held_out, seed)}, cycling every mask family); "
+        f"{len(held_members)} cases in all. The other subsets, the per-family table and the figures are of the "
+        "main draw only. The fused score is compared with each single signal on the same cases (those the "
+        "signal scores: entropy and pairwise Dice only the model's own masks), with a 95 % paired bootstrap "
+        "interval of the AUROC difference (phantoms resampled, 2000 times); a signal that ranks its cases "
+        "perfectly, as the fused score does, is tied, not beaten.",
         "",
         f"- Machine: {platform.platform()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
         f"(threads {torch.get_num_threads()}); wall time {wall:.0f} s; date (UTC) "
@@ -401,7 +548,15 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
         "",
         "### Targets (issue 5)",
         "",
-        targets_table(numbers, cls),
+        targets_table(numbers, cls, margins),
+        "",
+        "Fused score against each single signal on the same cases, held-out families:",
+        "",
+        margins_table(margins["held-out families"]),
+        "",
+        "And on all cases:",
+        "",
+        margins_table(margins["all cases"]),
         "",
         "### Segmentation, per family (QC verdict: fused score < 0.5 or an out-of-range check)",
         "",
