@@ -127,15 +127,32 @@ def test_phantom_series_files_round_trip(tmp_path: Path) -> None:
 # --- rejections ------------------------------------------------------------------------------
 
 
+def _lost(datasets: list[Dataset], *indices: int) -> list[Dataset]:
+    """The series without the instances at ``indices`` (as when files are lost on the way)."""
+    return [ds for i, ds in enumerate(datasets) if i not in indices]
+
+
 def test_missing_slice_is_a_gap() -> None:
-    datasets = make_slices([0.0, 2.5, 5.0, 10.0, 12.5])
+    datasets = _lost(make_slices([0.0, 2.5, 5.0, 7.5, 10.0, 12.5]), 3)
     message = refused(datasets, r"^series is missing 1 slice: gap of 5\.00 mm after 5\.00 mm along the normal")
     assert "expected 2.50 mm" in message and str(datasets[2].SOPInstanceUID) in message
 
 
 def test_several_missing_slices_are_counted() -> None:
-    refused(make_slices([0.0, 2.5, 7.5, 10.0, 12.5, 15.0, 22.5]),
+    refused(_lost(make_slices([0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5, 20.0, 22.5]), 2, 7, 8),
             r"^series is missing 3 slices in 2 places, first: gap of 5\.00 mm after 2\.50 mm")
+
+
+def test_a_gap_without_missing_instance_numbers_is_a_spacing_change() -> None:
+    # 2.5 mm, then 5 mm: the wider gaps are multiples of the median, but every instance is there.
+    datasets = make_slices([0.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0])
+    refused(datasets, r"^series has inconsistent slice spacing: gaps between slices range from 2\.50 to 5\.00 mm "
+                      r"\(median 2\.50 mm\); no slice is missing \(the instances around the wider gaps are numbered "
+                      r"consecutively\); a volume needs one constant spacing$")
+    # Without instance numbers the gap cannot be told from a lost slice.
+    for ds in datasets:
+        del ds.InstanceNumber
+    refused(datasets, r"^series is missing 2 slices in 2 places, first: gap of 5\.00 mm after 10\.00 mm")
 
 
 def test_uneven_spacing_is_not_a_missing_slice() -> None:

@@ -530,8 +530,32 @@ def _check_stack(slices: list[_Slice], along: np.ndarray, normal: np.ndarray) ->
     )
 
 
+def _instance_number(s: _Slice) -> int | None:
+    """InstanceNumber of a single-frame slice (None for a frame, or when absent or not a number)."""
+    if s.frame_number is not None:
+        return None
+    try:
+        return int(s.dataset.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _numbered_through(slices: list[_Slice], gaps_at: np.ndarray) -> bool:
+    """True when the two instances around every gap in ``gaps_at`` have consecutive instance
+    numbers: nothing was left out there, the spacing changed (single-frame slices only)."""
+    for i in gaps_at:
+        before, after = _instance_number(slices[int(i)]), _instance_number(slices[int(i) + 1])
+        if before is None or after is None or abs(before - after) != 1:
+            return False
+    return True
+
+
 def _check_spacing(slices: list[_Slice], along: np.ndarray) -> None:
     """Refuse missing slices (a gap that is a multiple of the spacing) and uneven spacing.
+
+    A gap that is a whole multiple of the spacing is a missing slice unless the instances
+    around it are numbered consecutively (a series whose spacing changes, e.g. 2.5 mm then
+    5 mm, has no missing slice; a lost file leaves a hole in the numbering).
 
     ``along`` holds each slice's position along the normal (mm), sorted.
     """
@@ -542,7 +566,8 @@ def _check_spacing(slices: list[_Slice], along: np.ndarray) -> None:
         return
     multiples = np.rint(gaps[uneven] / median_gap)
     is_missing = (multiples >= 2) & (np.abs(gaps[uneven] - multiples * median_gap) <= SPACING_TOLERANCE * median_gap)
-    if np.all(is_missing):
+    numbered_through = bool(np.all(is_missing)) and _numbered_through(slices, uneven)
+    if np.all(is_missing) and not numbered_through:
         i = int(uneven[0])
         missing = int((multiples - 1).sum())
         where = f" in {uneven.size} places, first" if uneven.size > 1 else ""
@@ -550,9 +575,11 @@ def _check_spacing(slices: list[_Slice], along: np.ndarray) -> None:
             f"series is missing {missing} slice{'s' if missing > 1 else ''}{where}: gap of {gaps[i]:.2f} mm "
             f"after {along[i]:.2f} mm along the normal ({slices[i].label}), expected {median_gap:.2f} mm"
         )
+    complete = "; no slice is missing (the instances around the wider gaps are numbered consecutively)" \
+        if numbered_through else ""
     raise SeriesError(
         f"series has inconsistent slice spacing: gaps between slices range from {gaps.min():.2f} to "
-        f"{gaps.max():.2f} mm (median {median_gap:.2f} mm); a volume needs one constant spacing"
+        f"{gaps.max():.2f} mm (median {median_gap:.2f} mm){complete}; a volume needs one constant spacing"
     )
 
 
