@@ -7,7 +7,7 @@ import re
 from PIL import Image
 
 from pacs_sentinel.daemon.cli import main
-from pacs_sentinel.qc.cases import QCCase
+from pacs_sentinel.qc.cases import QCCase, cycled_perturbations
 from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, IMAGE_FAMILIES, MASK_FAMILIES
 from pacs_sentinel.qc.evaluation import (
     METRICS,
@@ -148,3 +148,17 @@ def test_signal_margins_compare_on_the_cases_each_signal_scores() -> None:
     assert margins["estimator"].fused == 1.0 and abs(margins["estimator"].single - 6 / 9) < 1e-9
     assert margins["expected Dice"].margin == 0.0 and margins["expected Dice"].tied_at_ceiling
     assert "entropy" not in margins  # no mask_entropy signal: no case to compare on
+
+
+def test_cycled_perturbations_meet_every_mask_family() -> None:
+    perturbations = [f for f in MASK_FAMILIES if f != "none"]  # 9 families
+    # One image family (qc-eval's extra held-out draw), 2 masks per phantom: 9 phantoms take each family twice.
+    drawn = [name for i in range(9) for name in cycled_perturbations(i, 1, 2, perturbations)]
+    assert sorted(drawn) == sorted(perturbations * 2)
+    # Nine image families (the main draw): unchanged from i * 2 + i // 9, and each image family meets every family.
+    for i in range(144):
+        turn = i * 2 + i // 9
+        assert cycled_perturbations(i, 9, 2, perturbations) == [perturbations[(turn + k) % 9] for k in range(2)]
+    for family in range(9):
+        met = {name for i in range(family, 144, 9) for name in cycled_perturbations(i, 9, 2, perturbations)}
+        assert met == set(perturbations)

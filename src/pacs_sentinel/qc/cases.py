@@ -20,6 +20,7 @@ by training and evaluation, never by the daemon's QC path.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -123,8 +124,7 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
             masks.append(("truth", phantom.liver.copy()))
         if perturbations:
             if cycle_perturbations:
-                turn = i * perturbations_per_image + i // len(image_families)
-                names = [perturbations[(turn + k) % len(perturbations)] for k in range(perturbations_per_image)]
+                names = cycled_perturbations(i, len(image_families), perturbations_per_image, perturbations)
             else:
                 names = list(rng.choice(perturbations, size=perturbations_per_image, replace=True))
             for name in names:
@@ -149,6 +149,24 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
                     case.predicted_dice_without_probabilities = estimator.predict(hu, mask, phantom.spacing)
             cases.append(case)
     return cases
+
+
+def cycled_perturbations(i: int, n_image_families: int, per_image: int, families: Sequence[str]) -> list[str]:
+    """The perturbation families of phantom ``i`` when they are taken in turn.
+
+    Phantom ``i`` is the ``r = i // n``-th of its image family ``f = i % n``; it takes
+    ``per_image`` consecutive families from ``per_image * f + r * step`` on (modulo their
+    number ``m``). With ``step = per_image * n + 1`` (this is ``i * per_image + i // n``) every
+    image family meets every mask family when ``step`` and ``m`` are coprime; otherwise
+    ``step`` grows to the next coprime value (one image family, 2 masks per phantom and 9
+    families: step 3 would only ever draw 6 of the 9).
+    """
+    m = len(families)
+    step = per_image * n_image_families + 1
+    while math.gcd(step, m) != 1:
+        step += 1
+    start = per_image * (i % n_image_families) + (i // n_image_families) * step
+    return [families[(start + k) % m] for k in range(per_image)]
 
 
 def seeds_for(offset: int, n: int, seed: int = 0) -> list[int]:
