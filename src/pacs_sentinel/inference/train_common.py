@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pacs_sentinel import atomic
 from pacs_sentinel.inference.sources import CARD_FILE, WEIGHTS_FILE
 
 #: A validation figure must beat the best by more than this to count as better.
@@ -58,16 +58,11 @@ class EarlyStopping:
 def write_model_folder(out_dir: Path, state_dict: dict[str, Any], card: dict[str, Any], card_markdown: str) -> None:
     """Write ``model.pt``, ``card.json`` and ``MODEL_CARD.md``, each atomically (temp file + rename)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / WEIGHTS_FILE
-    torch.save(state_dict, weights.with_name(WEIGHTS_FILE + ".tmp"))
-    os.replace(weights.with_name(WEIGHTS_FILE + ".tmp"), weights)
+    atomic.replace_durably(lambda tmp: torch.save(state_dict, tmp), out_dir / WEIGHTS_FILE)
     write_card(out_dir, card, card_markdown)
 
 
 def write_card(out_dir: Path, card: dict[str, Any], card_markdown: str) -> None:
     """Write ``card.json`` and ``MODEL_CARD.md`` of a model folder, each atomically."""
     for name, text in ((CARD_FILE, json.dumps(card, indent=2) + "\n"), ("MODEL_CARD.md", card_markdown)):
-        tmp = Path(out_dir) / (name + ".tmp")
-        tmp.write_bytes(text.encode("utf-8"))
-        os.replace(tmp, Path(out_dir) / name)
+        atomic.write_text(Path(out_dir) / name, text)

@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pacs_sentinel import atomic
 from pacs_sentinel.errors import ModelError
 from pacs_sentinel.qc.heuristics import Signal
 from pacs_sentinel.results import Reason
@@ -174,12 +174,8 @@ class FusionModel:
         }
 
     def save(self, path: Path) -> None:
-        """Write the model as JSON (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        """Write the model as JSON (atomically and durably)."""
+        atomic.write_text(Path(path), json.dumps(self.to_json(), indent=1) + "\n")
 
 
 def load_fusion(path: Path | None = None, *, qc_version: str | None = None) -> FusionModel:

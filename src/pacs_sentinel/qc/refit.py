@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from pacs_sentinel import atomic
 from pacs_sentinel.errors import ModelError
 from pacs_sentinel.qc.fusion import SIGNAL_TRANSFORMS, FusionModel, LogisticModel, load_fusion
 from pacs_sentinel.qc.heuristics import Signal
@@ -281,12 +281,8 @@ def read_active(qc_dir: Path) -> dict[str, Any]:
 
 
 def write_active(qc_dir: Path, data: dict[str, Any]) -> None:
-    """Write ``active.json`` atomically."""
-    path = Path(qc_dir) / ACTIVE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``active.json`` atomically and durably (a power cut leaves the old or the new one)."""
+    atomic.write_text(Path(qc_dir) / ACTIVE_FILE, json.dumps(data, indent=1) + "\n")
 
 
 def load_version(qc_dir: Path, version: str | None, shipped: FusionModel) -> FusionModel:

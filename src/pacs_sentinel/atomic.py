@@ -1,0 +1,52 @@
+"""Small files that must never be seen half written: written under a temporary name, flushed,
+then renamed over the old one.
+
+A reader sees either the old content or the new, never a mix or an empty file, also after a
+crash or a power cut: the new content is ``fsync``-ed before the rename and the folder after
+it (the rename itself is then on the disk). Used for the files the daemon re-reads (the active
+QC version, the fusion model, model cards); the spool has its own, faster scheme
+(:mod:`pacs_sentinel.dicom_io.spool`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def replace_durably(write: Callable[[Path], None], path: Path) -> None:
+    """Make ``path`` hold what ``write`` writes to the temporary file it is given.
+
+    Args:
+        write: Writes the whole content to the path it receives.
+        path: The file to create or replace; its folder is created when missing.
+
+    Raises:
+        OSError: The file cannot be written or renamed; ``path`` is left as it was and the
+            temporary file is removed. Whatever ``write`` raises, likewise.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically and durably (:func:`replace_durably`)."""
+    replace_durably(lambda tmp: tmp.write_bytes(text.encode("utf-8")), path)
