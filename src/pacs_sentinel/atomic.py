@@ -5,7 +5,7 @@ A reader sees either the old content or the new, never a mix or an empty file, a
 crash or a power cut: the new content is ``fsync``-ed before the rename and the folder after
 it (the rename itself is then on the disk). Used for the files the daemon re-reads (the active
 QC version, the fusion model, model cards); the spool has its own, faster scheme
-(:mod:`pacs_sentinel.dicom_io.spool`).
+(:mod:`pacs_sentinel.dicom_io.spool`) and flushes its folders with :func:`fsync_path`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+
+def fsync_path(path: Path | str) -> None:
+    """Flush a file or a folder (its entries: names created or renamed in it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_durably(write: Callable[[Path], None], path: Path) -> None:
@@ -31,20 +40,12 @@ def replace_durably(write: Callable[[Path], None], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -55,7 +55,7 @@ class _Flushes:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, calls: list[str] | None = None) -> None:
         self.calls: list[str] = [] if calls is None else calls
-        real_fsync, real_datasync, real_dir = os.fsync, spool_module._datasync, spool_module._fsync_dir
+        real_fsync, real_datasync, real_dir = os.fsync, spool_module._datasync, spool_module.fsync_path
 
         def fsync(fd: int) -> None:
             if not stat.S_ISDIR(os.fstat(fd).st_mode):  # a folder's flush is counted as "dir"
@@ -64,7 +64,7 @@ class _Flushes:
 
         monkeypatch.setattr(spool_module.os, "fsync", fsync)
         monkeypatch.setattr(spool_module, "_datasync", lambda fd: (self.calls.append("datasync"), real_datasync(fd))[1])
-        monkeypatch.setattr(spool_module, "_fsync_dir", lambda p: (self.calls.append("dir"), real_dir(p))[1])
+        monkeypatch.setattr(spool_module, "fsync_path", lambda p: (self.calls.append("dir"), real_dir(p))[1])
 
 
 def test_a_stored_instance_is_sealed_and_reads_as_before(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from pacs_sentinel.atomic import fsync_path
 from pacs_sentinel.dicom_io.index import Database, Synchronous
 from pacs_sentinel.errors import DecodeError, StorageError
 
@@ -367,14 +368,6 @@ def _same_dataset(path: Path, dataset: memoryview) -> bool:
         return False
 
 
-def _fsync_dir(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_superseded(path: Path, *, fsync: bool, replaced_by: Path) -> None:
     """Remove the old copy of an instance now stored (and indexed) at ``replaced_by``.
 
@@ -384,7 +377,7 @@ def _remove_superseded(path: Path, *, fsync: bool, replaced_by: Path) -> None:
     try:
         path.unlink(missing_ok=True)
         if fsync:
-            _fsync_dir(path.parent)
+            fsync_path(path.parent)
     except OSError as exc:
         log.warning("old copy of a moved instance not removed", path=str(path), replaced_by=str(replaced_by),
                     error=str(exc))
@@ -521,7 +514,7 @@ class Spool:
             finally:
                 os.close(fd)
             if flush_folder:
-                _fsync_dir(folder)
+                fsync_path(folder)
         except OSError as exc:
             self._forget_folders(info)
             try:
@@ -556,7 +549,7 @@ class Spool:
                     if not os.path.isdir(folder):
                         raise NotADirectoryError(f"{folder} exists and is not a folder") from None
                 if fsync:
-                    _fsync_dir(parent)
+                    fsync_path(parent)
                 with self._folders_lock:
                     self._known_folders[folder] = None
                     if len(self._known_folders) > KNOWN_FOLDERS_MAX:

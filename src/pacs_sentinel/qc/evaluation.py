@@ -272,9 +272,10 @@ def signal_margins(members: list[QCCase], fusion: FusionModel) -> list[Margin]:
     uncertainty signals only the model's own masks), with a 95 % paired bootstrap interval
     (phantoms resampled)."""
     by_name = {m.name: m for m in methods(fusion)}
+    fused_scores = [by_name["fused"].score(c) for c in members]
     out = []
     for name in SINGLE_SIGNALS:
-        rows = [(c, by_name["fused"].score(c), by_name[name].score(c)) for c in members]
+        rows = [(c, f, by_name[name].score(c)) for c, f in zip(members, fused_scores, strict=True)]
         rows = [(c, f, s) for c, f, s in rows if s is not None]
         failed = np.array([c.dice < ACCEPTABLE_DICE for c, _, _ in rows], dtype=bool)
         if not rows or failed.all() or not failed.any():
