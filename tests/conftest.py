@@ -75,6 +75,27 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def fsync_log(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths flushed with ``os.fsync`` (opened with ``os.open``) while the test runs, in order."""
+    synced: list[str] = []
+    real_fsync, real_open = os.fsync, os.open
+    opened: dict[int, str] = {}
+
+    def open_(path, flags, *args):  # type: ignore[no-untyped-def]
+        fd = real_open(path, flags, *args)
+        opened[fd] = os.fspath(path)
+        return fd
+
+    def fsync(fd: int) -> None:
+        synced.append(opened.get(fd, "?"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+@pytest.fixture
 def dcmtk_env() -> dict[str, str]:
     """Environment for DCMTK programs on loopback (no delayed-ACK waits)."""
     return {**os.environ, "TCP_NODELAY": "1"}

@@ -19,25 +19,26 @@ def test_write_text_creates_and_replaces_without_leaving_a_temporary_file(tmp_pa
     assert sorted(p.name for p in path.parent.iterdir()) == ["active.json"]
 
 
-def test_the_new_content_and_the_rename_are_flushed(tmp_path: Path, monkeypatch) -> None:
-    synced: list[str] = []
-    real_fsync, real_open = os.fsync, os.open
-    opened: dict[int, str] = {}
-
-    def open_(path, flags, *args):
-        fd = real_open(path, flags, *args)
-        opened[fd] = os.fspath(path)
-        return fd
-
-    def fsync(fd: int) -> None:
-        synced.append(opened.get(fd, "?"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "open", open_)
-    monkeypatch.setattr(os, "fsync", fsync)
+def test_the_new_content_and_the_rename_are_flushed(tmp_path: Path, fsync_log: list[str]) -> None:
     atomic.write_text(tmp_path / "card.json", "{}\n")
     # The temporary file before the rename, then the folder that holds the new name.
-    assert synced == [str(tmp_path / ".card.json.tmp"), str(tmp_path)]
+    assert fsync_log == [str(tmp_path / ".card.json.tmp"), str(tmp_path)]
+
+
+def test_new_folders_are_flushed_in_their_parents(tmp_path: Path, fsync_log: list[str]) -> None:
+    atomic.write_text(tmp_path / "a" / "b" / "card.json", "{}\n")
+    assert fsync_log == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b" / ".card.json.tmp"),
+                         str(tmp_path / "a" / "b")]
+    fsync_log.clear()
+    atomic.make_folders(tmp_path / "a" / "b")  # already there: nothing to flush
+    assert fsync_log == []
+
+
+def test_a_file_in_the_way_of_a_folder_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "results").write_text("not a folder", encoding="utf-8")
+    with pytest.raises(OSError):
+        atomic.make_folders(tmp_path / "results" / "job-1")
+    assert (tmp_path / "results").read_text(encoding="utf-8") == "not a folder"
 
 
 def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary_one(tmp_path: Path, monkeypatch) -> None:

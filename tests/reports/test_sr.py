@@ -256,6 +256,33 @@ def test_result_set_series_numbers_and_files(volume, seg_result_two, qc_review_t
     assert referenced.ReferencedSOPInstanceUID == result_set.segmentation.SOPInstanceUID
 
 
+def test_result_files_are_on_the_disk_before_write_returns(volume, seg_result_two, qc_review_two, tmp_path,
+                                                           fsync_log):
+    """The job queues the returned files for sending in a committed database row right after:
+    a power cut must not leave that row pointing at an empty file, nor lose the folder."""
+    result_set = build_result_set(volume, seg_result_two, qc_review_two)
+    out_dir = tmp_path / "results" / "job-7"
+    paths = result_set.write(out_dir)
+    for path in paths:  # content flushed under the temporary name, before the rename
+        assert str(path.with_name(f".{path.name}.tmp")) in fsync_log
+    assert str(out_dir) in fsync_log[-1:]  # the last rename's folder entry is flushed last
+    assert fsync_log.index(str(tmp_path)) < fsync_log.index(str(tmp_path / "results"))  # new folders too
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_a_result_file_that_cannot_be_written_is_a_report_error(volume, seg_result_two, qc_review_two, tmp_path,
+                                                                 monkeypatch):
+    result_set = build_result_set(volume, seg_result_two, qc_review_two)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "save_as", full)
+    with pytest.raises(ReportError, match="cannot write .*SEG.dcm: .*No space left"):
+        result_set.write(tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.suffix != ".png"] == []  # no temporary file left
+
+
 def test_result_set_default_series_numbers(volume, seg_result, qc_accepted, dciodvfy_clean):
     result_set = build_result_set(volume, seg_result, qc_accepted)
     assert [int(ds.SeriesNumber) for ds in result_set.datasets()] == [901, 902, 903]

@@ -12,7 +12,6 @@ it is in :attr:`ResultSet.withheld` instead of :meth:`ResultSet.datasets`, writt
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 
+from pacs_sentinel import atomic
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.errors import ReportError
 from pacs_sentinel.reports.classification import build_classification_report, build_heatmap_overlays
@@ -73,8 +73,9 @@ class ResultSet:
         withheld SEG is written as ``SEG_withheld.dcm`` (see :meth:`withheld_paths`) but is
         NOT in the returned list: callers send every returned ``.dcm``.
 
-        Each file is written under a temporary name and renamed, so a crash never leaves a
-        truncated file with a final name. ``n`` counts from 1. The PNGs are encoded on a
+        Each file is written under a temporary name, flushed to the disk and renamed (and the
+        folders flushed), so neither a crash nor a power cut leaves a truncated or empty file
+        with a final name once this returns. ``n`` counts from 1. The PNGs are encoded on a
         helper thread while the DICOM files are written: Pillow's zlib encoder releases the
         GIL, so that work goes to another core instead of adding to the worker's time.
 
@@ -86,7 +87,10 @@ class ResultSet:
             ReportError: A file cannot be written.
         """
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic.make_folders(out_dir)
+        except OSError as exc:
+            raise ReportError(f"cannot create {out_dir}: {exc}") from exc
         objects: list[tuple[Path, Dataset]] = []
         if self.segmentation is not None:
             objects.append((out_dir / "SEG.dcm", self.segmentation))
@@ -117,20 +121,22 @@ class ResultSet:
 
 
 def _write_file(path: Path, payload: Dataset | np.ndarray) -> None:
-    """Write a DICOM object (Part 10) or an RGB image (PNG) under a temporary name, then rename it.
+    """Write a DICOM object (Part 10) or an RGB image (PNG) atomically and durably
+    (:func:`pacs_sentinel.atomic.replace_durably`: temporary name, fsync, rename, fsync of
+    the folder), so a job that queues the file for sending never points at an empty one.
 
     Raises:
         ReportError: The file cannot be written (the temporary file is removed).
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         if isinstance(payload, Dataset):
             payload.save_as(tmp, enforce_file_format=True)
         else:
             Image.fromarray(payload, mode="RGB").save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        os.replace(tmp, path)
+
+    try:
+        atomic.replace_durably(write, path)
     except (OSError, ValueError, TypeError) as exc:
-        tmp.unlink(missing_ok=True)
         raise ReportError(f"cannot write {path}: {exc}") from exc
 
 
