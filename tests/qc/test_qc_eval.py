@@ -12,7 +12,6 @@ from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, IMAGE_FAMILIES, MASK
 from pacs_sentinel.qc.evaluation import (
     METRICS,
     Margin,
-    best_single,
     margins_table,
     signal_margins,
     subsets,
@@ -46,8 +45,13 @@ def test_qc_eval_on_a_tiny_set_prints_every_metric(tmp_path, capsys) -> None:
         assert re.search(rf"\| {metric} \| (\d\.\d{{4}}|n/a) \|", out), metric
     assert "| fused AUROC on the held-out families | >= 0.97 |" in out  # the targets, met or not
     assert re.search(r"\| fused AUROC minus each single signal, held-out families \| > 0 \| (-?\d\.\d{3}|n/a)", out)
-    # The fused score against each single signal on the same cases: held-out families and all cases.
-    assert out.count("| single signal | cases | failures | fused AUROC | signal AUROC | fused minus signal | 95 % CI |") == 2
+    for target in ("fused Spearman minus each single signal, held-out families",
+                   "fused sensitivity at 15 % minus each single signal, 10 % failure mix",
+                   "each single signal's failures among accepted minus fused's, 10 % failure mix",
+                   "fused AUROC minus each single signal, all cases"):
+        assert re.search(rf"\| {target} \| > 0 \| (-?\d\.\d{{3}}|n/a)", out), target
+    # The fused score against each single signal on the same cases: held-out families, 10 % mix, all cases.
+    assert out.count("| figure | single signal | cases | failures | fused | signal | fused better by | 95 % CI |") == 3
     # The extra draw of the held-out family: 2 phantoms, each its own mask and one perturbed one.
     assert re.search(r"an extra draw of 4 cases on 2 phantoms of the held-out families \(seeds 65000\.\.65001", out)
     held = re.search(r"#### held-out families: (\d+) cases", out)
@@ -97,31 +101,45 @@ def _row(text: str, start: str) -> str:
 
 def test_the_fused_score_must_beat_each_single_signal_on_the_same_cases() -> None:
     held = _table(0.98, expected_Dice=0.99, estimator=0.95)
-    assert best_single(held, "AUROC") == ("expected Dice", 0.99)
     numbers = {"held-out families": held, "all cases": held, "10 % failure mix": held}
     margins = {
         # Pairwise Dice ranks the own masks perfectly, and so does the fused score: a tie, excepted.
         "held-out families": [Margin("pairwise Dice", 100, 1, 1.0, 1.0, 0.0, 0.0),
                               Margin("expected Dice", 300, 70, 0.981, 0.979, -0.004, 0.007),
-                              Margin("estimator", 300, 70, 0.981, 0.950, 0.02, 0.04)],
+                              Margin("estimator", 300, 70, 0.981, 0.950, 0.02, 0.04),
+                              Margin("expected Dice", 300, 70, 0.936, 0.922, 0.002, 0.03, "Spearman")],
         # Entropy is beaten on its own cases although its AUROC there is above the fused score's on all cases.
         "all cases": [Margin("entropy", 144, 28, 0.991, 0.909, 0.05, 0.11),
                       Margin("estimator", 432, 187, 0.977, 0.979, -0.01, 0.005)],
+        "10 % failure mix": [Margin("heuristics OR", 129, 13, 0.923, 1.0, -0.15, 0.0, "sens@15%"),
+                             Margin("estimator", 129, 13, 0.923, 0.923, -0.08, 0.08, "sens@15%"),
+                             # Fewer is better: no failure accepted against 2.6 % is a margin of +0.026.
+                             Margin("estimator", 129, 13, 0.0, 0.026, 0.0, 0.06, "accepted-failure rate"),
+                             Margin("heuristics OR", 129, 13, 0.0, 0.0, 0.0, 0.0, "accepted-failure rate")],
     }
     text = targets_table(numbers, {}, margins)
     assert _row(text, "fused AUROC minus each single signal, held-out families") == (
-        "| fused AUROC minus each single signal, held-out families | > 0 | 0.002 (vs expected Dice, same 300 cases; "
-        "95 % CI -0.004 to 0.007; tied at 1.000: pairwise Dice) | yes, within noise (95 % CI reaches 0) |")
+        "| fused AUROC minus each single signal, held-out families | > 0 | 0.002 (vs expected Dice, same 300 cases: "
+        "0.981 vs 0.979; 95 % CI -0.004 to 0.007; tied at the best value: pairwise Dice) "
+        "| yes, within noise (95 % CI reaches 0) |")
     margins["held-out families"][1] = Margin("expected Dice", 300, 70, 0.981, 0.979, 0.001, 0.007)
     assert _row(targets_table(numbers, {}, margins), "fused AUROC minus each single signal, held-out").endswith(
-        "95 % CI 0.001 to 0.007; tied at 1.000: pairwise Dice) | yes |")
+        "95 % CI 0.001 to 0.007; tied at the best value: pairwise Dice) | yes |")
     assert _row(text, "fused AUROC minus each single signal, all cases").endswith(
-        "| -0.002 (vs estimator, same 432 cases; 95 % CI -0.010 to 0.005) | **no** |")
-    # Without margins: the best single signal of the subset's table (other cases for some signals).
-    text = targets_table(numbers, {})
-    assert _row(text, "fused AUROC minus each single signal, held-out families").endswith("| -0.010 | **no** |")
+        "| -0.002 (vs estimator, same 432 cases: 0.977 vs 0.979; 95 % CI -0.010 to 0.005) | **no** |")
+    assert _row(text, "fused Spearman minus each single signal, held-out").endswith("95 % CI 0.002 to 0.030) | yes |")
+    # Each figure a target names, the sensitivity and the failures among accepted of the 10 % mix too.
+    assert _row(text, "fused sensitivity at 15 % minus each single signal").endswith(
+        "| -0.077 (vs heuristics OR, same 129 cases: 0.923 vs 1.000; 95 % CI -0.150 to 0.000) | **no** |")
+    assert _row(text, "each single signal's failures among accepted minus fused's").endswith(
+        "| 0.026 (vs estimator, same 129 cases: 0.000 vs 0.026; 95 % CI 0.000 to 0.060; tied at the best value: "
+        "heuristics OR) | yes, within noise (95 % CI reaches 0) |")
+    assert Margin("estimator", 129, 13, 0.02, 0.01, -0.03, 0.0, "accepted-failure rate").margin < 0
+    # A figure no single signal could be compared on is not met.
+    del margins["10 % failure mix"]
+    assert _row(targets_table(numbers, {}, margins), "fused sensitivity at 15 %").endswith("| n/a | **no** |")
     table = margins_table(margins["held-out families"])
-    assert "| expected Dice | 300 | 70 | 0.981 | 0.979 | +0.002 | 0.001 to 0.007 |" in table
+    assert "| AUROC | expected Dice | 300 | 70 | 0.981 | 0.979 | +0.002 | 0.001 to 0.007 |" in table
 
 
 def test_signal_margins_compare_on_the_cases_each_signal_scores() -> None:
@@ -134,7 +152,8 @@ def test_signal_margins_compare_on_the_cases_each_signal_scores() -> None:
             [(0.9, 0.95, 0.6, True), (0.5, 0.60, 0.9, True), (0.8, 0.85, 0.8, False), (0.6, 0.65, 0.7, False),
              (0.95, 0.97, 0.95, False), (0.3, 0.40, 0.2, False)]):
         signals = [Signal("expected_dice", expected, 1.0, Reason.LOW_EXPECTED_DICE),
-                   Signal("predicted_dice", predicted, 1.0, Reason.LOW_PREDICTED_DICE)]
+                   # The estimator's reason fires below 0.7 (cases 0 and 5).
+                   Signal("predicted_dice", predicted, 0.0 if predicted < 0.7 else 1.0, Reason.LOW_PREDICTED_DICE)]
         if own:
             signals.append(Signal("sample_dice", 1.0 - dice, 1.0, Reason.HIGH_UNCERTAINTY))
         cases.append(QCCase(seed, "clean", "none" if own else "shift", dice, empty=False, signals=signals,
@@ -148,6 +167,18 @@ def test_signal_margins_compare_on_the_cases_each_signal_scores() -> None:
     assert margins["estimator"].fused == 1.0 and abs(margins["estimator"].single - 6 / 9) < 1e-9
     assert margins["expected Dice"].margin == 0.0 and margins["expected Dice"].tied_at_ceiling
     assert "entropy" not in margins  # no mask_entropy signal: no case to compare on
+
+    figures = {(m.metric, m.signal): m for m in signal_margins(
+        cases, Fixed(), ("Spearman", "sens@15%", "accepted-failure rate"))}
+    assert figures["Spearman", "estimator"].fused == 1.0  # the expected Dice grows with the Dice here
+    assert figures["Spearman", "estimator"].margin > 0.5
+    # One case of six is reviewed at 15 %: both put the worst failure (case 5) there, one of three.
+    assert figures["sens@15%", "estimator"].fused == figures["sens@15%", "estimator"].single == 1 / 3
+    # Fused reviews case 5 only (score < 0.5) and accepts failures 1 and 3: 2 of 5. The estimator
+    # reviews cases 0 and 5 and accepts the same two failures among 4: 2 of 4, worse by 0.1.
+    accepted = figures["accepted-failure rate", "estimator"]
+    assert (accepted.fused, accepted.single) == (0.4, 0.5) and abs(accepted.margin - 0.1) < 1e-12
+    assert accepted.low <= accepted.margin <= accepted.high
 
 
 def test_cycled_perturbations_meet_every_mask_family() -> None:

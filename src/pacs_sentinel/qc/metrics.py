@@ -12,13 +12,14 @@ Dice is below 0.7 (DESIGN.md's "acceptable"); the detector is good when failures
 - :func:`derive_threshold`: the operating point of a target review rate or a maximum risk
   among accepted cases on a calibration set's risk-coverage curve.
 - :func:`expected_calibration_error`: ECE of probabilities against binary outcomes.
-- :func:`auroc_difference_interval`: a paired bootstrap interval of the AUROC difference of
-  two detectors on the same cases, resampling groups (phantoms) rather than cases.
+- :func:`paired_difference_interval`: a paired bootstrap interval of the difference of any
+  figure of two detectors on the same cases, resampling groups (phantoms) rather than cases;
+  :func:`auroc_difference_interval` for the AUROC.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,32 +42,34 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return roc_auc(positive, -np.asarray(scores, dtype=np.float64))
 
 
-def auroc_difference_interval(a: np.ndarray, b: np.ndarray, positive: np.ndarray, groups: Sequence,
-                              *, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``auroc(a) - auroc(b)`` on the same cases.
+def paired_difference_interval(statistic: Callable[[np.ndarray, np.ndarray], float], a: np.ndarray, b: np.ndarray,
+                               groups: Sequence, *, resamples: int = 2000, level: float = 0.95,
+                               seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(a, index) - statistic(b, index)`` on the same cases.
 
     The groups (e.g. the phantom each case was judged on: its masks are not independent) are
-    drawn with replacement, every case of a drawn group entering the resample; resamples with
-    one class only are skipped.
+    drawn with replacement, every case of a drawn group entering the resample (``index``:
+    the resampled cases' positions); resamples where either statistic is NaN (e.g. one class
+    only) are skipped.
 
     Args:
-        a, b: Scores of the two detectors (higher = more trustworthy), one per case.
-        positive: Failure flags.
+        statistic: ``statistic(values, index)``: the figure of one detector's per-case values
+            on the resampled cases.
+        a, b: The two detectors' per-case values (scores, or flags), one per case.
         groups: Group of each case.
         resamples: Bootstrap resamples.
         level: Coverage of the interval.
         seed: Seeds the resampling.
 
     Returns:
-        ``(low, high)``; NaNs when no resample has both classes.
+        ``(low, high)``; NaNs when no resample gives both figures.
 
     Raises:
         ValueError: Lengths differ, or ``level`` outside (0, 1).
     """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    positive, groups = np.asarray(positive, dtype=bool), np.asarray(groups)
-    if not len(a) == len(b) == len(positive) == len(groups):
-        raise ValueError(f"lengths differ: {len(a)}, {len(b)}, {len(positive)}, {len(groups)}")
+    a, b, groups = np.asarray(a), np.asarray(b), np.asarray(groups)
+    if not len(a) == len(b) == len(groups):
+        raise ValueError(f"lengths differ: {len(a)}, {len(b)}, {len(groups)}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
@@ -74,14 +77,34 @@ def auroc_difference_interval(a: np.ndarray, b: np.ndarray, positive: np.ndarray
     differences = []
     for _ in range(resamples):
         index = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
-        if positive[index].all() or not positive[index].any():
-            continue
-        differences.append(auroc(a[index], positive[index]) - auroc(b[index], positive[index]))
+        difference = statistic(a, index) - statistic(b, index)
+        if not np.isnan(difference):
+            differences.append(difference)
     if not differences:
         return float("nan"), float("nan")
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(differences, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def auroc_difference_interval(a: np.ndarray, b: np.ndarray, positive: np.ndarray, groups: Sequence,
+                              *, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``auroc(a) - auroc(b)`` on the same cases
+    (:func:`paired_difference_interval`; resamples with one class only are skipped).
+
+    Args:
+        a, b: Scores of the two detectors (higher = more trustworthy), one per case.
+        positive: Failure flags.
+
+    Raises:
+        ValueError: Lengths differ, or ``level`` outside (0, 1).
+    """
+    positive = np.asarray(positive, dtype=bool)
+    if len(positive) != len(a):
+        raise ValueError(f"lengths differ: {len(a)}, {len(b)}, {len(positive)}, {len(groups)}")
+    return paired_difference_interval(lambda scores, index: auroc(scores[index], positive[index]),
+                                      np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), groups,
+                                      resamples=resamples, level=level, seed=seed)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
