@@ -13,10 +13,7 @@ the same logistic model (:func:`fit_logistic` fits it directly on Dice >= 0.7). 
   Dice, mean probability, expected Dice, largest-component share, roundness), clipped to [0.01, 0.99];
 - ``"logit-complement"``: ``logit(1 - value)`` for shares where higher is worse (entropy,
   holes, border contact);
-- ``"log-subscore"``: ``log(subscore)``, clipped at 0.02, for the input-image checks and,
-  since QC 2.4.0, the location check (the share of the mask on the patient's left against the
-  model card's range: a liver segmented on the wrong side of the body is a failure more often
-  than not on the calibration set).
+- ``"log-subscore"``: ``log(subscore)``, clipped at 0.02, for the input-image checks.
 
 Three models are fitted: ``with-uncertainty`` (the own-model path with MC-dropout/TTA samples),
 ``without-uncertainty`` (our model's probabilities but no samples) and, since QC 2.1.0,
@@ -26,12 +23,10 @@ features counting as neutral). The third model
 keeps a mask that comes with no probabilities from being scored as if the (missing) expected
 Dice were perfect, a strong feature of the other two.
 
-*Out-of-range* checks (volume outside the model card's range, implausible location) are
-policy: the model was never validated there, so a result they flag goes to review whatever its
-score (:func:`policy_reasons`), while the score stays a calibrated probability. The volume check
-is not a feature (an unusually large organ segmented well is no failure); the location check is
-one too since QC 2.4.0, because on the calibration set it predicts failure (cross-validated
-AUROC of the own-model masks 0.978 without it, 0.989 with it). Signals the calibration never saw (e.g. an agreement signal) keep the product rule:
+*Out-of-range* checks (volume outside the model card's range, implausible location) are not
+failure predictions but policy: the model was never validated there, so a result they flag goes
+to review whatever its score (:func:`policy_reasons`), while the score stays a calibrated
+probability. Signals the calibration never saw (e.g. an agreement signal) keep the product rule:
 the calibrated probability is multiplied by their fusion factor. The model, its calibration
 curve and the QC version it belongs to are one JSON file, ``qc/models/fusion.json``.
 """
@@ -68,7 +63,6 @@ SIGNAL_TRANSFORMS: dict[str, str] = {
     "roundness": "logit",
     "hole_share": "logit-complement",
     "border_contact_share": "logit-complement",
-    "left_share": "log-subscore",
     "noise_hu": "log-subscore",
     "edge_width_px": "log-subscore",
     "metal_ml": "log-subscore",
