@@ -27,6 +27,7 @@ family, about a minute on 2 CPU cores, one torch thread). It writes the ``qc_uns
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -42,9 +43,9 @@ from scipy import ndimage  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_section  # noqa: E402
 
-from pacs_sentinel.dicom_io.series import Volume  # noqa: E402
 from pacs_sentinel.inference.models import load_segmentation_model  # noqa: E402
 from pacs_sentinel.inference.phantoms import make_ct_phantom  # noqa: E402
+from pacs_sentinel.inference.training import phantom_volume  # noqa: E402
 from pacs_sentinel.qc.corruptions import dice  # noqa: E402
 from pacs_sentinel.qc.evaluate import QC_VERSION, evaluate_segmentation, shipped_fusion  # noqa: E402
 from pacs_sentinel.qc.fusion import POLICY_REASONS, calibration_curve  # noqa: E402
@@ -129,8 +130,7 @@ def judge(model, family: str, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     phantom = make_ct_phantom(seed)
     hu, truth = FAMILIES[family](phantom.hu.astype(np.float32), phantom.liver.astype(bool), rng)
-    volume = Volume(array=hu.astype(np.float32), spacing=phantom.spacing, origin=phantom.origin,
-                    direction=np.eye(3), datasets=[])
+    volume = phantom_volume(dataclasses.replace(phantom, hu=hu))
     result = model.predict(volume, mc_dropout_samples=MC_DROPOUT_SAMPLES)
     qc = evaluate_segmentation(volume, result, accept_threshold=ACCEPT_THRESHOLD)
     segment = qc.segments[0]
