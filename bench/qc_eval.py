@@ -24,6 +24,7 @@ torch.set_num_threads(1)  # a light benchmark: the test machine is shared
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCHMARKS_MD, write_section  # noqa: E402
 
+from pacs_sentinel.daemon.worker import shipped_segmentation_threshold  # noqa: E402
 from pacs_sentinel.qc.evaluation import run_qc_eval  # noqa: E402
 
 
@@ -39,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-doc", action="store_true", help="print only, do not write the markdown file")
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    threshold, setting = shipped_segmentation_threshold()
     section, _ = run_qc_eval(n_per_family=args.n_per_family, perturbations_per_image=args.perturbations,
                              n_radiographs=args.radiographs, seed=args.seed, n_held_out=args.held_out,
-                             out_dir=args.doc.parent)
+                             out_dir=args.doc.parent, accept_threshold=threshold,
+                             threshold_source=f": the shipped config.toml's {setting}")
     print(section)
     if not args.no_doc:
         write_section("qc_eval", section, args.doc)

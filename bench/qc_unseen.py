@@ -15,8 +15,8 @@ estimator or the fusion was trained or calibrated on, several of which make the 
 - ``darker liver``: the liver 40-80 HU darker than the phantoms' (a fatty liver).
 
 Each phantom is judged exactly as a study is (:func:`pacs_sentinel.qc.evaluate.evaluate_segmentation`
-with 4 MC dropout samples, the shipped fusion, accept threshold 0.5). A mask fails at a true Dice
-below 0.7. Reported per family: failures, the verdicts (failures accepted, good masks sent to
+with 4 MC dropout samples, the shipped fusion, the shipped configuration's segmentation threshold).
+A mask fails at a true Dice below 0.7. Reported per family: failures, the verdicts (failures accepted, good masks sent to
 review); pooled: the AUROC and Spearman of the fused score and of each single signal.
 
 Run: ``.venv/bin/python bench/qc_unseen.py [--n N] [--seed-base S] [--no-doc]`` (default N=16 per
@@ -43,6 +43,7 @@ from scipy import ndimage  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_section  # noqa: E402
 
+from pacs_sentinel.daemon.worker import shipped_segmentation_threshold  # noqa: E402
 from pacs_sentinel.inference.models import load_segmentation_model  # noqa: E402
 from pacs_sentinel.inference.phantoms import make_ct_phantom  # noqa: E402
 from pacs_sentinel.inference.training import phantom_volume  # noqa: E402
@@ -54,13 +55,12 @@ from pacs_sentinel.results import Verdict  # noqa: E402
 
 MODEL_SPEC = "demo:organ-seg"
 FAIL_BELOW_DICE = 0.7
-ACCEPT_THRESHOLD = 0.5
 MC_DROPOUT_SAMPLES = 4
 #: Far from every seed range the product draws phantoms from (training 10 000+, qc-eval 60 000+,
 #: calibration, seg_qc 950 000+).
 DEFAULT_SEED_BASE = 7_200_000
-#: Accept thresholds compared (the shipped one first).
-THRESHOLDS = (ACCEPT_THRESHOLD, 0.8, 0.9, 0.95)
+#: Accept thresholds compared, besides the shipped configuration's.
+THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 #: Single signals reported next to the fused score (higher = more trustworthy).
 SINGLE_SIGNALS: dict[str, Callable[[dict[str, float]], float]] = {
     "expected Dice": lambda s: s["expected_dice"],
@@ -125,14 +125,14 @@ def _single(value: Callable[[dict[str, float]], float], signals: dict[str, float
         return 0.0
 
 
-def judge(model, family: str, seed: int) -> dict:
+def judge(model, family: str, seed: int, accept_threshold: float) -> dict:
     """One phantom of ``family``: its true Dice, the fused score, the verdict and the signals."""
     rng = np.random.default_rng(seed)
     phantom = make_ct_phantom(seed)
     hu, truth = FAMILIES[family](phantom.hu.astype(np.float32), phantom.liver.astype(bool), rng)
     volume = phantom_volume(dataclasses.replace(phantom, hu=hu))
     result = model.predict(volume, mc_dropout_samples=MC_DROPOUT_SAMPLES)
-    qc = evaluate_segmentation(volume, result, accept_threshold=ACCEPT_THRESHOLD)
+    qc = evaluate_segmentation(volume, result, accept_threshold=accept_threshold)
     segment = qc.segments[0]
     return {"family": family, "seed": seed, "dice": dice(result.mask[0] > 0, truth),
             "score": segment.quality_score, "review": segment.verdict is Verdict.NEEDS_REVIEW,
@@ -148,10 +148,11 @@ def main() -> int:
 
     started = time.perf_counter()
     model = load_segmentation_model(MODEL_SPEC, device="cpu")
+    shipped, setting = shipped_segmentation_threshold()
     rows = []
     for f, family in enumerate(FAMILIES):
         for k in range(args.n):
-            row = judge(model, family, args.seed_base + 1000 * f + k)
+            row = judge(model, family, args.seed_base + 1000 * f + k, shipped)
             rows.append(row)
             print(f"{family:>16} seed {row['seed']}: dice {row['dice']:.3f} score {row['score']:.3f} "
                   f"{'review' if row['review'] else 'accepted'}", file=sys.stderr)
@@ -161,7 +162,7 @@ def main() -> int:
         "## QC on failure modes it never saw (`bench/qc_unseen.py`)",
         "",
         machine_line() + f" QC `{QC_VERSION}`, model `{MODEL_SPEC}` with {MC_DROPOUT_SAMPLES} MC dropout samples, "
-        f"accept threshold {ACCEPT_THRESHOLD}; {args.n} phantoms per family (seeds {args.seed_base}+), the model's "
+        f"verdicts at the shipped config.toml's {setting} (score threshold {shipped:.4g}); {args.n} phantoms per family (seeds {args.seed_base}+), the model's "
         f"own masks; one torch thread, {wall:.0f} s. None of these image changes was seen by the model, the "
         f"estimator or the fusion (see the script's docstring). A mask fails at a true Dice below {FAIL_BELOW_DICE}.",
         "",
@@ -198,11 +199,12 @@ def main() -> int:
               "| accept threshold | failures accepted here | good masks sent to review here "
               "| calibration set: sent to review | calibration set: failures among accepted |",
               "|---|---|---|---|---|"]
-    for threshold in THRESHOLDS:
+    for threshold in sorted({*THRESHOLDS, shipped}):
         accepted = (scores >= threshold) & ~policy  # an out-of-range check sends to review at any threshold
         calibration_accepted = calibration_scores >= threshold
+        name = f"{threshold:.4g} (shipped)" if threshold == shipped else f"{threshold:.2f}"
         lines.append(
-            f"| {threshold:.2f} | {int((accepted & failed).sum())}/{int(failed.sum())} "
+            f"| {name} | {int((accepted & failed).sum())}/{int(failed.sum())} "
             f"| {int((~accepted & ~failed).sum())}/{int((~failed).sum())} "
             f"| {1 - calibration_accepted.mean():.1%} "
             f"| {calibration_failed[calibration_accepted].mean() if calibration_accepted.any() else 0.0:.1%} |")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from pacs_sentinel.daemon.cli import main
 from pacs_sentinel.daemon.config import load_config
-from pacs_sentinel.daemon.worker import segmentation_threshold
+from pacs_sentinel.daemon.worker import segmentation_threshold, shipped_segmentation_threshold, threshold_setting
 from pacs_sentinel.errors import ConfigError
 from pacs_sentinel.qc.evaluate import shipped_fusion
 from pacs_sentinel.qc.fusion import calibrated_threshold
@@ -18,6 +20,8 @@ from pacs_sentinel.qc.metrics import (
     normalized_aurc,
     risk_coverage,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _synthetic_curve() -> tuple[np.ndarray, np.ndarray]:
@@ -83,12 +87,26 @@ def test_config_takes_at_most_one_threshold_rule(tmp_path) -> None:
     point = calibrated_threshold(shipped_fusion(), target_review_rate=0.15)
     assert segmentation_threshold(config.qc) == point.threshold
     assert segmentation_threshold(load_config(_config(tmp_path, "accept_threshold = 0.3")).qc) == 0.3
+    assert threshold_setting(load_config(_config(tmp_path, "accept_threshold = 0.3")).qc) == "accept_threshold = 0.3"
+    assert threshold_setting(load_config(_config(tmp_path, "max_risk = 0.02")).qc) == "max_risk = 0.02"
+    assert threshold_setting(load_config(_config(tmp_path, "")).qc) == "accept_threshold = 0.5"
     with pytest.raises(ConfigError, match="only one"):
         load_config(_config(tmp_path, "accept_threshold = 0.3\nmax_risk = 0.02"))
     with pytest.raises(ConfigError, match="only one"):
         load_config(_config(tmp_path, "target_review_rate = 0.1\nmax_risk = 0.02"))
     with pytest.raises(ConfigError, match="target_review_rate"):
         load_config(_config(tmp_path, "target_review_rate = 1.5"))
+
+
+def test_the_shipped_configuration_reads_segmentation_verdicts_off_the_calibration_curve() -> None:
+    """config.toml (the daemon's embedded default) sets target_review_rate = 0.15: segmentation is
+    judged at the calibration curve's threshold for it, classification keeps accept_threshold."""
+    config = load_config(REPO / "config.toml")
+    assert config.qc.target_review_rate == 0.15 and config.qc.max_risk is None
+    assert config.qc.accept_threshold == 0.5  # what classification findings use
+    point = calibrated_threshold(shipped_fusion(), target_review_rate=0.15)
+    assert shipped_segmentation_threshold() == (point.threshold, "target_review_rate = 0.15")
+    assert segmentation_threshold(config.qc) == point.threshold > 0.8  # stricter than the 0.5 line
 
 
 def test_qc_threshold_prints_the_operating_point(tmp_path, capsys) -> None:

@@ -391,10 +391,13 @@ def _cmd_qc_eval(args: argparse.Namespace) -> int:
         raise SentinelError("--n-per-family must be at least 1; --perturbations, --radiographs and --held-out "
                             "at least 0")
     torch.set_num_threads(1)
+    from pacs_sentinel.daemon.worker import shipped_segmentation_threshold
+
+    threshold, setting = shipped_segmentation_threshold()
     section, _ = run_qc_eval(n_per_family=args.n_per_family, perturbations_per_image=args.perturbations,
                              n_radiographs=args.radiographs, seed=args.seed, n_held_out=args.held_out,
-                             out_dir=Path(args.out),
-                             progress=not args.quiet)
+                             out_dir=Path(args.out), progress=not args.quiet, accept_threshold=threshold,
+                             threshold_source=f": the shipped config.toml's {setting}")
     print(section)
     return EXIT_OK
 

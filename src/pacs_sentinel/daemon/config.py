@@ -201,7 +201,8 @@ class QCConfig(_Strict):
     results sent to review: those a volume or location outside the model card's range sends
     anyway are not counted) or ``max_risk`` (failure rate among accepted results) derive it from
     the calibration set's risk-coverage curve (``sentinel qc-threshold`` prints the operating
-    point). At most one of the three may be set; classification always uses ``accept_threshold``.
+    point). At most one of the three may be set; classification and seg-qc always use ``accept_threshold``
+    (the calibration curve is of the model's own masks).
     """
 
     accept_threshold: float = Field(0.5, ge=0, le=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pydicom
 import structlog
 
-from pacs_sentinel.daemon.config import Config, PipelineConfig, QCConfig
+from pacs_sentinel.daemon.config import Config, PipelineConfig, QCConfig, default_config_text
 from pacs_sentinel.daemon.jobs import Job, JobState, JobStore, qc_signal_rows
 from pacs_sentinel.daemon.routing import read_candidates, segs_to_judge, select_series
 from pacs_sentinel.daemon.seg_qc import judge_segs, third_party_segs
@@ -53,6 +54,22 @@ def segmentation_threshold(qc: QCConfig, fusion: FusionModel | None = None) -> f
 
     return calibrated_threshold(fusion if fusion is not None else shipped_fusion(),
                                 target_review_rate=qc.target_review_rate, max_risk=qc.max_risk).threshold
+
+
+def threshold_setting(qc: QCConfig) -> str:
+    """The ``[qc]`` key that decides segmentation verdicts, as written, e.g. ``target_review_rate = 0.15``."""
+    if qc.target_review_rate is not None:
+        return f"target_review_rate = {qc.target_review_rate}"
+    if qc.max_risk is not None:
+        return f"max_risk = {qc.max_risk}"
+    return f"accept_threshold = {qc.accept_threshold}"
+
+
+def shipped_segmentation_threshold() -> tuple[float, str]:
+    """The segmentation verdict threshold of the shipped configuration (``config.toml``, embedded
+    as the daemon's default) and the ``[qc]`` setting it comes from."""
+    qc = QCConfig.model_validate(tomllib.loads(default_config_text()).get("qc", {}))
+    return segmentation_threshold(qc), threshold_setting(qc)
 
 
 class JobRejected(SentinelError):

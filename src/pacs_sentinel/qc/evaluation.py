@@ -17,7 +17,7 @@ Dice is below 0.7. For each method, on the same cases:
 Metrics: AUROC (failure = positive), AURC and normalized AURC with risk = 1 - Dice, Spearman
 between score and Dice, MAE of the predicted Dice (estimator, expected Dice), sensitivity at a 15 % review
 rate, flag rate on clean cases and failure rate among accepted cases (each method's own flag:
-fused < 0.5, estimator < 0.7, a signal's reason firing). Subsets: all cases, own-model masks,
+fused below the verdict threshold, estimator < 0.7, a signal's reason firing). Subsets: all cases, own-model masks,
 held-out families only, and a 10 %-failure mix (every good own-model mask plus the first
 failures in seed order until failures are about 10 %). The held-out subset also takes an extra
 draw of the held-out families (:data:`HELD_OUT_PHANTOMS` phantoms, seeds
@@ -97,8 +97,8 @@ def _signal(case: QCCase, name: str):
     return None
 
 
-def methods(fusion: FusionModel) -> list[Method]:
-    """The detectors compared side by side."""
+def methods(fusion: FusionModel, accept_threshold: float = 0.5) -> list[Method]:
+    """The detectors compared side by side (the fused verdict at ``accept_threshold``)."""
     from pacs_sentinel.qc.calibrate import review_case, score_case
 
     def heuristics_fired(c: QCCase) -> bool:
@@ -127,7 +127,7 @@ def methods(fusion: FusionModel) -> list[Method]:
             return None if s is None else s.fired
         return score, flag
 
-    fused = Method("fused", lambda c: score_case(fusion, c), lambda c: review_case(fusion, c))
+    fused = Method("fused", lambda c: score_case(fusion, c), lambda c: review_case(fusion, c, accept_threshold))
     return [
         fused,
         Method("product (QC 1.2.0)", product, lambda c: product(c) < 0.5),
@@ -211,8 +211,8 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
-def segmentation_tables(cases: list[QCCase], fusion: FusionModel, held_out_cases: Sequence[QCCase] = ()
-                        ) -> tuple[str, dict[str, dict[str, dict[str, float]]]]:
+def segmentation_tables(cases: list[QCCase], fusion: FusionModel, held_out_cases: Sequence[QCCase] = (),
+                        accept_threshold: float = 0.5) -> tuple[str, dict[str, dict[str, dict[str, float]]]]:
     """Markdown tables (one per subset, :func:`subsets`) and the numbers behind them."""
     lines, numbers = [], {}
     for subset, members in subsets(cases, held_out_cases).items():
@@ -223,7 +223,7 @@ def segmentation_tables(cases: list[QCCase], fusion: FusionModel, held_out_cases
         lines.append("| method | n | " + " | ".join(METRICS) + " |")
         lines.append("|---|---|" + "---|" * len(METRICS))
         numbers[subset] = {}
-        for method in methods(fusion):
+        for method in methods(fusion, accept_threshold):
             m = method_metrics(method, members)
             numbers[subset][method.name] = m
             cells = [_fmt(m[k], 4 if k in ("AURC",) else 3) for k in METRICS]
@@ -287,12 +287,13 @@ class Margin:
         return self.fused == best and self.single == best
 
 
-def signal_margins(members: list[QCCase], fusion: FusionModel, metrics: Sequence[str] = ("AUROC",)) -> list[Margin]:
+def signal_margins(members: list[QCCase], fusion: FusionModel, metrics: Sequence[str] = ("AUROC",),
+                   accept_threshold: float = 0.5) -> list[Margin]:
     """The fused score's figure minus each single signal's, for each of ``metrics``, on the same
     cases (those the signal scores: the uncertainty signals only the model's own masks), with a
     95 % paired bootstrap interval (phantoms resampled) of the difference as :attr:`Margin.margin`
     reads it (positive: the fused score is better)."""
-    by_name = {m.name: m for m in methods(fusion)}
+    by_name = {m.name: m for m in methods(fusion, accept_threshold)}
     fused_method = by_name["fused"]
     fused_values = [(fused_method.score(c), fused_method.flag(c)) for c in members]
     out = []
@@ -400,8 +401,8 @@ def targets_table(numbers: dict[str, dict[str, dict[str, float]]], cls: dict[str
     return "\n".join(lines)
 
 
-def per_family_table(cases: list[QCCase], fusion: FusionModel) -> str:
-    """Dice, failure rate and the fused verdict per family."""
+def per_family_table(cases: list[QCCase], fusion: FusionModel, accept_threshold: float = 0.5) -> str:
+    """Dice, failure rate and the fused verdict (at ``accept_threshold``) per family."""
     from pacs_sentinel.qc.calibrate import review_case
 
     rows = ["| family | kind | n | mean Dice | failures | sent to review | missed failures | false alarms |",
@@ -412,7 +413,7 @@ def per_family_table(cases: list[QCCase], fusion: FusionModel) -> str:
         groups.setdefault(key, []).append(c)
     for (family, kind), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         failed = np.array([c.dice < ACCEPTABLE_DICE for c in group])
-        flagged = np.array([review_case(fusion, c) for c in group])
+        flagged = np.array([review_case(fusion, c, accept_threshold) for c in group])
         held = " (held out)" if family in HELD_OUT_FAMILIES else ""
         rows.append(f"| {family}{held} | {kind} | {len(group)} | {np.mean([c.dice for c in group]):.3f} "
                     f"| {int(failed.sum())} | {int(flagged.sum())} | {int((failed & ~flagged).sum())} "
@@ -529,7 +530,7 @@ def held_out_draw(model, n: int, perturbations_per_image: int, seed: int, estima
 
 def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_radiographs: int = 200, seed: int = 0,
                 n_held_out: int = HELD_OUT_PHANTOMS, out_dir: Path = Path("docs"), progress: bool = True,
-                model=None) -> tuple[str, dict[str, Any]]:
+                model=None, accept_threshold: float = 0.5, threshold_source: str = "") -> tuple[str, dict[str, Any]]:
     """Run the evaluation; returns the markdown section and the numbers.
 
     Args:
@@ -541,6 +542,9 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
             held-out subset only: ``n_per_family`` phantoms leave it too few failures to tell
             detectors apart.
         out_dir: Where the PNG figures go.
+        accept_threshold: The fused verdict's threshold (the product's: the shipped
+            configuration's, which the command line passes).
+        threshold_source: Where that threshold comes from, for the text.
     """
     import torch
 
@@ -556,10 +560,11 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
                        mc_dropout_samples=MC_DROPOUT_SAMPLES, estimator=estimator, collect_signals=True,
                        cycle_perturbations=True, progress=progress, desc="qc-eval: phantoms")
     extra = held_out_draw(model, n_held_out, perturbations_per_image, seed, estimator, progress)
-    tables, numbers = segmentation_tables(cases, fusion, extra)
+    tables, numbers = segmentation_tables(cases, fusion, extra, accept_threshold)
     parts = subsets(cases, extra)
     held_members = parts["held-out families"]
-    margins = {subset: signal_margins(parts[subset], fusion, metrics) for subset, metrics in COMPARED_FIGURES.items()}
+    margins = {subset: signal_margins(parts[subset], fusion, metrics, accept_threshold)
+               for subset, metrics in COMPARED_FIGURES.items()}
     figures = write_figures(cases, fusion, out_dir)
     cls = classification_metrics(n_radiographs, seed, progress) if n_radiographs > 0 else {}
     from pacs_sentinel.qc.calibrate import score_case
@@ -591,7 +596,7 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
         f"{dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()}",
         f"- Figures: `{figures[0].name}` (risk-coverage), `{figures[1].name}` (reliability of the fused score); "
         f"ECE of the fused score as P(Dice >= 0.7), all cases: {_fmt(fused_ece)}",
-        "- Flags: the QC verdict for fused (score < 0.5, the shipped threshold, or volume/location outside "
+        f"- Flags: the QC verdict for fused (score < {accept_threshold:.4g}{threshold_source}, or volume/location outside "
         "the model card's range), product < 0.5, estimator < 0.7, a signal's reason firing "
         "(entropy, pairwise Dice, expected Dice < 0.7), any heuristic firing (OR; the product and the OR leave out "
         "the signals added after QC 1.2.0: predicted and expected Dice). MAE only for the estimator and the "
@@ -614,9 +619,9 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
         "",
         margins_table(margins["all cases"]),
         "",
-        "### Segmentation, per family (QC verdict: fused score < 0.5 or an out-of-range check)",
+        f"### Segmentation, per family (QC verdict: fused score < {accept_threshold:.4g} or an out-of-range check)",
         "",
-        per_family_table(cases, fusion),
+        per_family_table(cases, fusion, accept_threshold),
         "",
         "### Segmentation, methods side by side",
         "",
