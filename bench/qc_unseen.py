@@ -16,8 +16,8 @@ estimator or the fusion was trained or calibrated on, several of which make the 
 
 Each phantom is judged exactly as a study is (:func:`pacs_sentinel.qc.evaluate.evaluate_segmentation`
 with 4 MC dropout samples, the shipped fusion, the shipped configuration's segmentation threshold).
-A mask fails at a true Dice below 0.7. Reported per family: failures, the verdicts (failures accepted, good masks sent to
-review); pooled: the AUROC and Spearman of the fused score and of each single signal.
+A mask fails at a true Dice below 0.7. Reported per family: failures, the verdicts (failures
+accepted, good masks sent to review); pooled: the AUROC and Spearman of the fused score and of each single signal.
 
 Run: ``.venv/bin/python bench/qc_unseen.py [--n N] [--seed-base S] [--no-doc]`` (default N=16 per
 family, about a minute on 2 CPU cores, one torch thread). It writes the ``qc_unseen`` section of
@@ -162,7 +162,8 @@ def main() -> int:
         "## QC on failure modes it never saw (`bench/qc_unseen.py`)",
         "",
         machine_line() + f" QC `{QC_VERSION}`, model `{MODEL_SPEC}` with {MC_DROPOUT_SAMPLES} MC dropout samples, "
-        f"verdicts at the shipped config.toml's {setting} (score threshold {shipped:.4g}); {args.n} phantoms per family (seeds {args.seed_base}+), the model's "
+        f"verdicts at the shipped config.toml's {setting} (score threshold {shipped:.4g}); "
+        f"{args.n} phantoms per family (seeds {args.seed_base}+), the model's "
         f"own masks; one torch thread, {wall:.0f} s. None of these image changes was seen by the model, the "
         f"estimator or the fusion (see the script's docstring). A mask fails at a true Dice below {FAIL_BELOW_DICE}.",
         "",

@@ -596,8 +596,8 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
         f"{dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()}",
         f"- Figures: `{figures[0].name}` (risk-coverage), `{figures[1].name}` (reliability of the fused score); "
         f"ECE of the fused score as P(Dice >= 0.7), all cases: {_fmt(fused_ece)}",
-        f"- Flags: the QC verdict for fused (score < {accept_threshold:.4g}{threshold_source}, or volume/location outside "
-        "the model card's range), product < 0.5, estimator < 0.7, a signal's reason firing "
+        f"- Flags: the QC verdict for fused (score < {accept_threshold:.4g}{threshold_source}, "
+        "or volume/location outside the model card's range), product < 0.5, estimator < 0.7, a signal's reason firing "
         "(entropy, pairwise Dice, expected Dice < 0.7), any heuristic firing (OR; the product and the OR leave out "
         "the signals added after QC 1.2.0: predicted and expected Dice). MAE only for the estimator and the "
         "expected Dice (the methods that predict a Dice); sens@15% = failures among the 15 % least trusted / all "
