@@ -76,6 +76,8 @@ UNCERTAINTY = ("sample_dice", "mask_entropy")
 #: Signals added after the product rule (QC 1.2.0): left out of the two historical baselines.
 LATER_SIGNALS = ("predicted_dice", "expected_dice")
 NOT_HEURISTIC = (*LATER_SIGNALS, *UNCERTAINTY)
+#: Metrics where lower is better; they are computed from a method's review flags, not its scores.
+LOWER_IS_BETTER = ("accepted-failure rate",)
 #: Metrics every method reports, in print order.
 METRICS = ("AUROC", "AURC", "nAURC", "Spearman", "MAE", "sens@15%", "clean flag rate", "accepted-failure rate")
 
@@ -139,6 +141,22 @@ def methods(fusion: FusionModel, accept_threshold: float = 0.5) -> list[Method]:
     ]
 
 
+def _figure(metric: str, dice: np.ndarray) -> Callable[[np.ndarray, np.ndarray], float]:
+    """``figure(values, index)`` of one metric on the cases ``index`` (values: scores, or review
+    flags for the failures among accepted, :data:`LOWER_IS_BETTER`): the one definition the
+    side-by-side tables and the comparisons with the fused score share."""
+    failed = dice < ACCEPTABLE_DICE
+    if metric == "AUROC":
+        return lambda v, i: auroc(v[i], failed[i])
+    if metric == "Spearman":
+        return lambda v, i: spearman(v[i], dice[i])
+    if metric == "sens@15%":
+        return lambda v, i: sensitivity_at_review_rate(v[i], failed[i], REVIEW_RATE)
+    if metric == "accepted-failure rate":
+        return lambda v, i: float(failed[i][~v[i]].mean()) if (~v[i]).any() else float("nan")
+    raise ValueError(f"no comparison for metric {metric!r}")
+
+
 def method_metrics(method: Method, cases: list[QCCase]) -> dict[str, float]:
     """Every metric of one method on the cases it applies to."""
     scored = [(c, method.score(c), method.flag(c)) for c in cases]
@@ -151,18 +169,22 @@ def method_metrics(method: Method, cases: list[QCCase]) -> dict[str, float]:
     flag = np.array([bool(f) for _, _, f in scored])
     failed = dice < ACCEPTABLE_DICE
     clean = np.array([c.image_family == "clean" and c.mask_family == "none" for c, _, _ in scored])
-    accepted = ~flag
+    everything = np.arange(len(scored))
+
+    def figure(metric: str) -> float:
+        return _figure(metric, dice)(flag if metric in LOWER_IS_BETTER else score, everything)
+
     return {
         "n": len(scored),
         "failures": int(failed.sum()),
-        "AUROC": auroc(score, failed),
+        "AUROC": figure("AUROC"),
         "AURC": aurc(score, 1.0 - dice),
         "nAURC": normalized_aurc(score, 1.0 - dice),
-        "Spearman": spearman(score, dice),
+        "Spearman": figure("Spearman"),
         "MAE": float(np.mean(np.abs(score - dice))) if method.predicts_dice else nan,
-        "sens@15%": sensitivity_at_review_rate(score, failed, REVIEW_RATE),
+        "sens@15%": figure("sens@15%"),
         "clean flag rate": float(flag[clean].mean()) if clean.any() else nan,
-        "accepted-failure rate": float(failed[accepted].mean()) if accepted.any() else nan,
+        "accepted-failure rate": figure("accepted-failure rate"),
     }
 
 
@@ -211,11 +233,11 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
-def segmentation_tables(cases: list[QCCase], fusion: FusionModel, held_out_cases: Sequence[QCCase] = (),
-                        accept_threshold: float = 0.5) -> tuple[str, dict[str, dict[str, dict[str, float]]]]:
-    """Markdown tables (one per subset, :func:`subsets`) and the numbers behind them."""
+def segmentation_tables(parts: dict[str, list[QCCase]], fusion: FusionModel, accept_threshold: float = 0.5
+                        ) -> tuple[str, dict[str, dict[str, dict[str, float]]]]:
+    """Markdown tables (one per subset of :func:`subsets`) and the numbers behind them."""
     lines, numbers = [], {}
-    for subset, members in subsets(cases, held_out_cases).items():
+    for subset, members in parts.items():
         n_fail = sum(c.dice < ACCEPTABLE_DICE for c in members)
         lines.append(f"#### {subset}: {len(members)} cases, {n_fail} failures "
                      f"({100 * n_fail / max(1, len(members)):.0f} %)")
@@ -241,22 +263,6 @@ COMPARED_FIGURES: dict[str, tuple[str, ...]] = {
     "10 % failure mix": ("sens@15%", "accepted-failure rate"),
     "all cases": ("AUROC",),
 }
-LOWER_IS_BETTER = ("accepted-failure rate",)
-
-
-def _figure(metric: str, dice: np.ndarray) -> Callable[[np.ndarray, np.ndarray], float]:
-    """``figure(values, index)`` of one compared metric on the cases ``index`` (values: scores,
-    or review flags for the failures among accepted)."""
-    failed = dice < ACCEPTABLE_DICE
-    if metric == "AUROC":
-        return lambda v, i: auroc(v[i], failed[i])
-    if metric == "Spearman":
-        return lambda v, i: spearman(v[i], dice[i])
-    if metric == "sens@15%":
-        return lambda v, i: sensitivity_at_review_rate(v[i], failed[i], REVIEW_RATE)
-    if metric == "accepted-failure rate":
-        return lambda v, i: float(failed[i][~v[i]].mean()) if (~v[i]).any() else float("nan")
-    raise ValueError(f"no comparison for metric {metric!r}")
 
 
 @dataclass(frozen=True)
@@ -298,7 +304,7 @@ def signal_margins(members: list[QCCase], fusion: FusionModel, metrics: Sequence
     fused_values = [(fused_method.score(c), fused_method.flag(c)) for c in members]
     out = []
     for metric in metrics:
-        flags = metric in LOWER_IS_BETTER  # compared by the review flags, not the scores
+        lower_is_better = metric in LOWER_IS_BETTER  # the failures among accepted: compared by the review flags
         for name in SINGLE_SIGNALS:
             single = by_name[name]
             rows = [(c, f, single.score(c), single.flag(c)) for c, f in zip(members, fused_values, strict=True)]
@@ -307,7 +313,7 @@ def signal_margins(members: list[QCCase], fusion: FusionModel, metrics: Sequence
             failed = dice < ACCEPTABLE_DICE
             if not rows or failed.all() or not failed.any():
                 continue
-            if flags:
+            if lower_is_better:
                 fused = np.array([bool(f[1]) for _, f, _, _ in rows])
                 values = np.array([bool(g) for _, _, _, g in rows])
             else:
@@ -315,7 +321,7 @@ def signal_margins(members: list[QCCase], fusion: FusionModel, metrics: Sequence
                 values = np.array([s for _, _, s, _ in rows], dtype=np.float64)
             figure = _figure(metric, dice)
             everything = np.arange(len(rows))
-            better, worse = (values, fused) if metric in LOWER_IS_BETTER else (fused, values)
+            better, worse = (values, fused) if lower_is_better else (fused, values)
             low, high = paired_difference_interval(figure, better, worse, [r[0].seed for r in rows])
             out.append(Margin(name, len(rows), int(failed.sum()), figure(fused, everything),
                               figure(values, everything), low, high, metric))
@@ -560,8 +566,8 @@ def run_qc_eval(*, n_per_family: int = 16, perturbations_per_image: int = 2, n_r
                        mc_dropout_samples=MC_DROPOUT_SAMPLES, estimator=estimator, collect_signals=True,
                        cycle_perturbations=True, progress=progress, desc="qc-eval: phantoms")
     extra = held_out_draw(model, n_held_out, perturbations_per_image, seed, estimator, progress)
-    tables, numbers = segmentation_tables(cases, fusion, extra, accept_threshold)
     parts = subsets(cases, extra)
+    tables, numbers = segmentation_tables(parts, fusion, accept_threshold)
     held_members = parts["held-out families"]
     margins = {subset: signal_margins(parts[subset], fusion, metrics, accept_threshold)
                for subset, metrics in COMPARED_FIGURES.items()}
