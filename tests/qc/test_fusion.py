@@ -14,7 +14,9 @@ from pacs_sentinel.qc.fusion import (
     SIGNAL_TRANSFORMS,
     FusionModel,
     LogisticModel,
+    OFFSET_FEATURES,
     fit_logistic,
+    fit_offset,
     fit_ranked_logistic,
     load_fusion,
     policy_reasons,
@@ -110,6 +112,16 @@ def test_out_of_range_checks_send_to_review_and_unknown_signals_multiply_the_sco
     assert fusion.score(out_of_range)[0] == base  # the score stays a calibrated probability...
     assert policy_reasons(out_of_range) == [Reason.VOLUME_ANOMALY]  # ...the verdict goes to review
     assert policy_reasons(_signals()) == []
+    # A mask on the wrong side of the body goes to review too, and (since QC 2.5.0) the location
+    # check also lowers the score by what it predicts on the calibration set; in range it is no
+    # feature at all.
+    wrong_side = _signals({"left_share": (0.75, 0.0)})
+    assert policy_reasons(wrong_side) == [Reason.IMPLAUSIBLE_LOCATION]
+    assert fusion.score(wrong_side)[0] < base
+    assert fusion.score(_signals({"left_share": (0.15, 1.0)}))[0] == base
+    assert fusion.score(_signals({"left_share": (0.3, 0.6)}))[0] == base  # outside the range, not flagged
+    assert all(m.features[-len(OFFSET_FEATURES):] == list(OFFSET_FEATURES) for m in fusion.models)
+    assert all(m.weights[m.features.index("left_share")] > 0 for m in fusion.models)
     agreement = Signal("agreement_dice", 0.5, 0.4, Reason.SHAPE_IRREGULARITY)
     assert fusion.score([*_signals(), agreement])[0] == pytest.approx(base * 0.4)
 
@@ -161,6 +173,50 @@ def test_two_stage_fit_orders_good_masks_too_and_stays_calibrated_and_monotone()
         fit_ranked_logistic("test", ["predicted_dice"], rows[:5], np.ones(5))
     with pytest.raises(ValueError, match="target"):
         fit_ranked_logistic("test", ["predicted_dice"], rows, dice, target="iou")
+
+
+def test_an_offset_feature_only_changes_the_rows_it_flags_by_what_it_predicts() -> None:
+    rng = np.random.default_rng(3)
+    n = 600
+    dice = rng.uniform(0.3, 1.0, n)
+    flagged = rng.random(n) < 0.1
+    # On the flagged rows the mask fails more often than the other signal says: half of them are
+    # made bad whatever their predicted Dice.
+    dice[flagged & (rng.random(n) < 0.5)] = 0.4
+    rows = [{
+        "predicted_dice": Signal("predicted_dice", float(np.clip(d + rng.normal(0, 0.04), 0, 1)), 1.0,
+                                 Reason.LOW_PREDICTED_DICE),
+        "left_share": Signal("left_share", 0.7 if f else 0.1, 0.0 if f else 1.0, Reason.IMPLAUSIBLE_LOCATION),
+    } for d, f in zip(dice, flagged, strict=True)]
+    for i in np.flatnonzero(flagged & (dice == 0.4)):
+        rows[i]["predicted_dice"] = Signal("predicted_dice", float(rng.uniform(0.75, 0.95)), 1.0,
+                                           Reason.LOW_PREDICTED_DICE)
+    acceptable = dice >= 0.7
+    base = fit_ranked_logistic("test", ["predicted_dice"], rows, dice)
+    model = fit_offset(base, ["left_share"], rows, acceptable)
+    assert model.features == ["predicted_dice", "left_share"] and model.weights[0] == base.weights[0]
+    assert model.weights[1] > 0
+    before = np.array([base.probability(r) for r in rows])
+    after = np.array([model.probability(r) for r in rows])
+    np.testing.assert_allclose(after[~flagged], before[~flagged], rtol=1e-12)  # in range: untouched
+    assert np.all(after[flagged] < before[flagged])
+    # Fitted, not guessed: without the ridge the flagged rows' mean probability is their share of
+    # acceptable masks (the score equation of an indicator); the ridge keeps it between that and
+    # the other signals' view.
+    observed = acceptable[flagged].mean()
+    unpenalized = fit_offset(base, ["left_share"], rows, acceptable, l2=0.0)
+    assert np.mean([unpenalized.probability(r) for r, f in zip(rows, flagged, strict=True) if f]) == \
+        pytest.approx(observed, abs=1e-3)
+    assert observed < after[flagged].mean() < before[flagged].mean()
+    # A flag that comes with good masks only gets no weight (never a negative one).
+    harmless = [dict(r, left_share=Signal("left_share", 0.7 if f else 0.1, 0.0 if f else 1.0,
+                                          Reason.IMPLAUSIBLE_LOCATION))
+                for r, f in zip(rows, dice >= 0.9, strict=True)]
+    assert fit_offset(base, ["left_share"], harmless, acceptable).weights[1] == 0.0
+    with pytest.raises(ValueError, match="already has"):
+        fit_offset(model, ["left_share"], rows, acceptable)
+    with pytest.raises(ValueError, match="no rows"):
+        fit_offset(base, ["left_share"], [], acceptable[:0])
 
 
 def test_fusion_files_are_checked(tmp_path) -> None:

@@ -11,7 +11,9 @@ fitted in two stages (:func:`~pacs_sentinel.qc.fusion.fit_ranked_logistic`): a n
 regression of logit(Dice) on the signals, which orders every case by its Dice (the good masks
 among themselves too), then a Platt calibration of it to "Dice >= 0.7"; a direct logistic fit
 (QC 2.1.0, ``fit = "logistic"``) only cares about the cases near the 0.7 line and saturates
-among good masks.
+among good masks. Since QC 2.5.0 a third stage adds the location check
+(:data:`~pacs_sentinel.qc.fusion.OFFSET_FEATURES`) to each model with the other weights frozen
+(:func:`~pacs_sentinel.qc.fusion.fit_offset`), so it lowers only the scores of the masks it flags.
 The held-out families (:data:`~pacs_sentinel.qc.corruptions.HELD_OUT_FAMILIES`) and
 empty masks (scored 0 by rule) are never drawn.
 
@@ -39,12 +41,14 @@ from pacs_sentinel.qc.evaluate import QC_VERSION
 from pacs_sentinel.qc.fusion import (
     ACCEPTABLE_DICE,
     FUSION_FILE,
+    OFFSET_FEATURES,
     PROBABILITY_SIGNALS,
     SIGNAL_TRANSFORMS,
     UNCERTAINTY_SIGNALS,
     FusionModel,
     LogisticModel,
     fit_logistic,
+    fit_offset,
     fit_ranked_logistic,
     policy_reasons,
 )
@@ -63,8 +67,8 @@ CALIBRATION_RECIPE: dict[str, Any] = {
     "fit": "two-stage",
     "platt_l2": 0.001,
 }
-FEATURES_WITH_UNCERTAINTY = list(SIGNAL_TRANSFORMS)
-FEATURES_WITHOUT_UNCERTAINTY = [f for f in SIGNAL_TRANSFORMS if f not in UNCERTAINTY_SIGNALS]
+FEATURES_WITH_UNCERTAINTY = [f for f in SIGNAL_TRANSFORMS if f not in OFFSET_FEATURES]
+FEATURES_WITHOUT_UNCERTAINTY = [f for f in FEATURES_WITH_UNCERTAINTY if f not in UNCERTAINTY_SIGNALS]
 FEATURES_WITHOUT_PROBABILITIES = [f for f in FEATURES_WITHOUT_UNCERTAINTY if f not in PROBABILITY_SIGNALS]
 
 
@@ -100,8 +104,10 @@ def fit_models(cases: list[QCCase], l2: float, fit: str = "two-stage",
     def one(name: str, features: list[str], rows: list[dict], group: list[QCCase]) -> LogisticModel:
         dice = np.array([c.dice for c in group])
         if fit == "logistic":
-            return fit_logistic(name, features, rows, dice >= ACCEPTABLE_DICE, l2=l2)
-        return fit_ranked_logistic(name, features, rows, dice, l2=l2, platt_l2=platt_l2)
+            model = fit_logistic(name, features, rows, dice >= ACCEPTABLE_DICE, l2=l2)
+        else:
+            model = fit_ranked_logistic(name, features, rows, dice, l2=l2, platt_l2=platt_l2)
+        return fit_offset(model, list(OFFSET_FEATURES), rows, dice >= ACCEPTABLE_DICE, l2=l2)
 
     judged = [c for c in cases if c.signals is not None]
     own = [c for c in judged if c.uncertainty]

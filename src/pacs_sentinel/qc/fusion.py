@@ -13,7 +13,10 @@ the same logistic model (:func:`fit_logistic` fits it directly on Dice >= 0.7). 
   Dice, mean probability, expected Dice, largest-component share, roundness), clipped to [0.01, 0.99];
 - ``"logit-complement"``: ``logit(1 - value)`` for shares where higher is worse (entropy,
   holes, border contact);
-- ``"log-subscore"``: ``log(subscore)``, clipped at 0.02, for the input-image checks.
+- ``"log-subscore"``: ``log(subscore)``, clipped at 0.02, for the input-image checks;
+- ``"flag"``: -1 when the check raises its reason, else 0, for the location check (since QC
+  2.5.0; a graded form, ``log(subscore)``, lowered also masks just outside the card's range
+  that are mostly fine, and fitted worse: cross-validated ECE 0.038 against 0.032).
 
 Three models are fitted: ``with-uncertainty`` (the own-model path with MC-dropout/TTA samples),
 ``without-uncertainty`` (our model's probabilities but no samples) and, since QC 2.1.0,
@@ -23,10 +26,17 @@ features counting as neutral). The third model
 keeps a mask that comes with no probabilities from being scored as if the (missing) expected
 Dice were perfect, a strong feature of the other two.
 
-*Out-of-range* checks (volume outside the model card's range, implausible location) are not
-failure predictions but policy: the model was never validated there, so a result they flag goes
-to review whatever its score (:func:`policy_reasons`), while the score stays a calibrated
-probability. Signals the calibration never saw (e.g. an agreement signal) keep the product rule:
+*Out-of-range* checks (volume outside the model card's range, implausible location) are
+policy: the model was never validated there, so a result they flag goes to review whatever its
+score (:func:`policy_reasons`), while the score stays a calibrated probability. Since QC 2.5.0
+the location check (:data:`OFFSET_FEATURES`) also lowers that probability when it fires, by
+what that predicts on the calibration set, where a liver segmented on the wrong side of the body
+fails more often than not. It is fitted last, with the other weights frozen (:func:`fit_offset`):
+its feature is 0 when it does not fire, so the score of every other mask is the one the other
+signals give. (QC 2.4.0 fitted it jointly with them, which moved weight from the mean probability to
+the entropy and made the score more confident on failure modes it had never seen; withdrawn.)
+The volume check stays policy only: an unusually large organ segmented well is no failure.
+Signals the calibration never saw (e.g. an agreement signal) keep the product rule:
 the calibrated probability is multiplied by their fusion factor. The model, its calibration
 curve and the QC version it belongs to are one JSON file, ``qc/models/fusion.json``.
 """
@@ -43,7 +53,7 @@ import numpy as np
 
 from pacs_sentinel import atomic
 from pacs_sentinel.errors import ModelError
-from pacs_sentinel.qc.heuristics import Signal
+from pacs_sentinel.qc.heuristics import FLAG_BELOW, Signal
 from pacs_sentinel.results import Reason
 
 #: The shipped fusion model.
@@ -63,6 +73,7 @@ SIGNAL_TRANSFORMS: dict[str, str] = {
     "roundness": "logit",
     "hole_share": "logit-complement",
     "border_contact_share": "logit-complement",
+    "left_share": "flag",
     "noise_hu": "log-subscore",
     "edge_width_px": "log-subscore",
     "metal_ml": "log-subscore",
@@ -72,6 +83,9 @@ SIGNAL_TRANSFORMS: dict[str, str] = {
     "truncated_slice_share": "log-subscore",
 }
 UNCERTAINTY_SIGNALS = ("sample_dice", "mask_entropy")
+#: Features fitted after the others, with those frozen (:func:`fit_offset`): checks whose feature
+#: is 0 unless they fire, so they change only the scores of the masks they flag.
+OFFSET_FEATURES = ("left_share",)
 #: Signals of the model's own probability map (absent for a third-party SEG).
 PROBABILITY_SIGNALS = ("mean_probability", "expected_dice")
 _LOGIT_CLIP = 0.01
@@ -97,6 +111,8 @@ def transform(kind: str, value: float, subscore: float) -> float:
         return math.log(p / (1.0 - p))
     if kind == "log-subscore":
         return math.log(max(_SUBSCORE_CLIP, subscore))
+    if kind == "flag":
+        return -1.0 if subscore < FLAG_BELOW else 0.0
     raise ValueError(f"unknown fusion transform {kind!r}")
 
 
@@ -245,22 +261,24 @@ def fit_logistic(name: str, features: list[str], rows: list[dict[str, Signal]], 
     return LogisticModel(name, list(features), [float(max(0.0, v)) for v in weights], intercept)
 
 
-def _nonnegative_logistic(xs: np.ndarray, y: np.ndarray, l2: float, start: np.ndarray) -> tuple[np.ndarray, float]:
+def _nonnegative_logistic(xs: np.ndarray, y: np.ndarray, l2: float, start: np.ndarray,
+                          offset: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """``(w, c)`` minimising the mean log-loss of ``sigmoid(xs @ w + c)`` on ``y`` plus
     ``l2 / 2 |w|^2``, with ``w >= 0`` and ``c`` free (SciPy's L-BFGS-B with bounds), from
-    ``start = [c, *w]``."""
+    ``start = [c, *w]``. With an ``offset`` the logits are ``offset + xs @ w`` (``c`` stays 0)."""
     from scipy.optimize import minimize
 
     n = len(y)
+    base = np.zeros(n) if offset is None else np.asarray(offset, dtype=np.float64)
 
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        z = theta[0] + xs @ theta[1:]
+        z = base + theta[0] + xs @ theta[1:]
         p = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
         nll = np.sum(np.logaddexp(0.0, z) - y * z) / n + 0.5 * l2 * np.sum(theta[1:] ** 2)
         grad = np.concatenate([[np.sum(p - y) / n], xs.T @ (p - y) / n + l2 * theta[1:]])
         return float(nll), grad
 
-    bounds = [(None, None)] + [(0.0, None)] * xs.shape[1]
+    bounds = [(None, None) if offset is None else (0.0, 0.0)] + [(0.0, None)] * xs.shape[1]
     result = minimize(loss, start, jac=True, bounds=bounds, method="L-BFGS-B")
     return result.x[1:], float(result.x[0])
 
@@ -345,3 +363,33 @@ def _platt(z: np.ndarray, y: np.ndarray, l2: float) -> tuple[float, float]:
     """``(a, b)`` of the logistic fit ``sigmoid(a z + b)`` to ``y``, a >= 0, ridge ``l2`` on a."""
     a, b = _nonnegative_logistic(z[:, None], y, l2, np.array([0.0, 1.0]))
     return float(a[0]), b
+
+
+def fit_offset(model: LogisticModel, features: list[str], rows: list[dict[str, Signal]], acceptable: np.ndarray,
+               l2: float = 1e-2) -> LogisticModel:
+    """``model`` with ``features`` added, their weights fitted with the model's own frozen.
+
+    A non-negative logistic fit of ``acceptable`` with the model's logit as a fixed offset and
+    no intercept of its own, on each feature's distance from its perfect value (ridge ``l2``,
+    unstandardised): a row whose added signals are perfect (or missing) keeps its probability
+    exactly, so the added checks can only lower the scores of the masks they flag, by what they
+    predict beyond the other signals.
+
+    Raises:
+        ValueError: No rows, or a feature the model already has.
+    """
+    if len(rows) == 0:
+        raise ValueError(f"fusion model {model.name!r}: no rows to fit {features} on")
+    if set(features) & set(model.features):
+        raise ValueError(f"fusion model {model.name!r} already has features {sorted(set(features) & set(model.features))}")
+    if not features:
+        return model
+    probe = LogisticModel(model.name, list(features), [0.0] * len(features), 0.0)
+    best = np.array([best_feature(SIGNAL_TRANSFORMS[f]) for f in features])
+    xs = np.stack([probe.feature_vector(r) for r in rows]) - best
+    base = np.array([model.intercept + float(np.dot(model.weights, model.feature_vector(r))) for r in rows])
+    y = np.asarray(acceptable, dtype=np.float64)
+    w, _ = _nonnegative_logistic(xs, y, l2, np.zeros(len(features) + 1), offset=base)
+    weights = [float(max(0.0, v)) for v in w]
+    return LogisticModel(model.name, [*model.features, *features], [*model.weights, *weights],
+                         float(model.intercept - np.dot(weights, best)))
