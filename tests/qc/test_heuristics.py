@@ -293,6 +293,25 @@ def test_a_floored_signal_lowers_but_cannot_veto_alone() -> None:
     assert FLAG_BELOW == 0.5
 
 
+def test_jpeg_blocks_lower_the_fused_score_by_their_factor_and_say_why() -> None:
+    """Blockiness is no feature of the fitted fusion (the calibration phantoms carry no
+    compression): its factor multiplies the calibrated score, and the finding says why."""
+    from tests.qc.test_image import _through_jpeg
+
+    volume, result = _phantom_case()
+    clean = evaluate_segmentation(volume, result).segments[0]
+    volume.array = _through_jpeg(volume.array, 10)
+    qc = evaluate_segmentation(volume, result, accept_threshold=0.8934)
+    segment = qc.segments[0]
+    assert segment.signals["blockiness_subscore"] == 0.0 and segment.signals["blockiness"] > 3.0
+    assert Reason.POOR_INPUT_QUALITY in segment.reasons and qc.verdict is Verdict.NEEDS_REVIEW
+    signals = segment_signals(volume, result, 0, image_signals=assess_image(volume).signals,
+                              midline_x=assess_image(volume).midline_x_mm(volume), estimator=load_estimator())
+    without = [s for s in signals if s.name != "blockiness"]
+    assert segment.quality_score == pytest.approx(shipped_fusion().score(without)[0] * 0.8, abs=1e-4)
+    assert clean.quality_score > 0.95 and clean.verdict is Verdict.ACCEPTED  # the same mask, uncompressed
+
+
 def test_a_noisy_input_is_reported_but_a_good_mask_stays_accepted() -> None:
     volume, result = _phantom_case()
     volume.array = volume.array + np.random.default_rng(1).normal(0.0, 120.0, volume.array.shape).astype(np.float32)

@@ -140,3 +140,94 @@ def test_in_plane_erosion_is_ndimage_s() -> None:
         for share in (0.2, 0.7, 1.0):
             mask = rng.random(shape) < share
             assert np.array_equal(_erode_in_plane(mask), ndimage.binary_erosion(mask, structure))
+
+
+# --- Block artefacts of lossy JPEG compression ---------------------------------------------------
+
+def _through_jpeg(hu: np.ndarray, quality: int) -> np.ndarray:
+    """Each slice saved as an 8-bit JPEG (Pillow, window -1024..1024 HU) and read back, in HU."""
+    import io
+
+    from PIL import Image
+
+    low, high = -1024.0, 1024.0
+    out = np.empty(hu.shape, np.float32)
+    for index, plane in enumerate(hu):
+        stored = np.clip((plane - low) / (high - low) * 255.0, 0, 255).round().astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(stored).save(buffer, "JPEG", quality=quality)
+        out[index] = np.asarray(Image.open(buffer), dtype=np.float32) / 255.0 * (high - low) + low
+    return out
+
+
+def _blockiness(volume: Volume):
+    return next(s for s in assess_image(volume).signals if s.name == "blockiness")
+
+
+def test_jpeg_blocks_fire_the_block_check_and_nothing_else() -> None:
+    phantom = make_ct_phantom(6)
+    as_drawn = _blockiness(phantom_volume(phantom))
+    assert 0.9 < as_drawn.value < 1.15 and as_drawn.subscore == 1.0
+    heavy = phantom_volume(phantom)
+    heavy.array = _through_jpeg(phantom.hu, 10)
+    assert _fired(heavy) == {"blockiness"}
+    signal = _blockiness(heavy)
+    assert signal.value > 3.0 and signal.reason is Reason.POOR_INPUT_QUALITY
+    assert signal.fusion_factor == pytest.approx(0.8)  # lowers the score, cannot veto alone
+    light = phantom_volume(phantom)
+    light.array = _through_jpeg(phantom.hu, 75)  # visible to the measure, not fired
+    assert 1.15 < _blockiness(light).value < 2.25 and not _blockiness(light).fired
+
+
+@pytest.mark.parametrize("corruption", ["noise", "blur", "low-contrast", "ghosting"])
+def test_other_image_corruptions_make_no_blocks(corruption: str) -> None:
+    from pacs_sentinel.qc.corruptions import corrupt_image
+
+    phantom = make_ct_phantom(7)
+    volume = phantom_volume(phantom)
+    volume.array = corrupt_image(phantom.hu, corruption, np.random.default_rng(7), phantom.spacing)
+    assert _blockiness(volume).value < 1.25
+
+
+def test_lossy_jpeg_2000_and_real_ct_files_show_no_blocks() -> None:
+    """pydicom's CT files: one stored uncompressed, one lossy JPEG 2000 (wavelets, no blocks)."""
+    from pydicom.pixels import apply_modality_lut
+
+    from tests.conftest import shipped
+
+    for name in ("CT_small.dcm", "693_J2KI.dcm"):
+        ds = shipped(name)
+        array = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)[None]
+        signal = _blockiness(Volume(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), []))
+        assert 0.9 < signal.value < 1.2 and not signal.fired, name
+
+
+def test_too_little_soft_tissue_skips_the_block_check() -> None:
+    air = np.full((4, 64, 64), -1000.0, np.float32)
+    signal = _blockiness(_volume(air))
+    assert signal.subscore == 1.0 and signal.value == 1.0
+
+
+def test_a_series_compressed_by_dcmtk_with_lossy_jpeg_is_flagged(tmp_path) -> None:
+    """DCMTK's dcmcjpeg as the peer that compressed the study: 8-bit baseline JPEG at quality 10
+    is flagged, the same series lossless (process 14 SV1) is not, and the loaded pixels then
+    equal the originals."""
+    import subprocess
+
+    from pacs_sentinel.dicom_io.series import load_series_files
+    from pacs_sentinel.inference.phantoms import write_ct_series
+    from tests.conftest import require_program
+
+    program = require_program("/usr/bin/dcmcjpeg", "dcmtk")
+    files = write_ct_series(make_ct_phantom(5, shape=(8, 160, 160)), tmp_path / "ct", seed=5)
+    original = load_series_files(files)
+    assert not _blockiness(original).fired
+    for options, fired in ((["+eb", "+q", "10"], True), (["+e1"], False)):
+        out = tmp_path / options[0]
+        out.mkdir()
+        for path in files:
+            subprocess.run([program, *options, str(path), str(out / path.name)], check=True, capture_output=True)
+        compressed = load_series_files(sorted(out.iterdir()))
+        assert _fired(compressed) == ({"blockiness"} if fired else set()), options
+        if not fired:
+            assert _blockiness(compressed).value == pytest.approx(_blockiness(original).value)

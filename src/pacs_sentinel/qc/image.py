@@ -18,6 +18,11 @@ into a sub-score in [0, 1] with :func:`~pacs_sentinel.qc.heuristics.ramp` and ra
   no CT value lies above the 12-bit range (3071 HU) in more than a handful of voxels;
 - ``contrast_range_hu``: the spread between the 1st and 99th percentile (a flat, windowed or
   saturated image has almost none);
+- ``blockiness``: block artefacts of lossy JPEG (DCT) compression, which codes each slice in
+  8 x 8 pixel blocks: the mean absolute step between neighbouring soft-tissue pixels across the
+  block boundaries (every 8th pixel from the image's corner, rows and columns) over the median
+  step at the seven other phases, on up to ``BLOCK_SLICES`` full-resolution slices. About 1
+  without blocks (lossless, JPEG 2000, noise and blur alike);
 - ``truncated_slice_share``: truncated field of view, the share of axial slices on which the
   body touches the image border along more than ``TRUNCATION_BORDER_SHARE`` of the border
   (a sagittal or coronal series is looked at axially: its own slices end at the scan range).
@@ -32,6 +37,12 @@ segments the low-dose phantoms with Dice about 0.9). Signals therefore carry a f
 quality score to at most ``NOISE_FUSION_FLOOR`` and are reported as findings, but they send a
 result to review only together with another doubt. Metal, a volume not in HU and a truncated
 field of view have no floor: they are known causes of silent failures.
+
+The fitted fusion (:mod:`pacs_sentinel.qc.fusion`) weighs each check by what it predicted on
+the calibration set. Blockiness is not among its features (the phantoms carry no compression):
+like any signal the calibration never saw, it multiplies the fused score by its fusion factor,
+down to ``BLOCK_FUSION_FLOOR`` for heavy blocking; with the shipped threshold (0.89) that sends
+such a study to review, with the finding saying why.
 
 The volume is subsampled (at most ``MAX_SLICES`` slices, in-plane stride so that a slice has
 at most ``MAX_SLICE_PIXELS`` pixels) so that the checks take a few tens of milliseconds.
@@ -84,9 +95,22 @@ TRUNCATION_BORDER_SHARE = 0.05
 #: Share of truncated slices: sub-score 1 at or below LOW, 0 at or above HIGH.
 TRUNCATED_LOW = 0.2
 TRUNCATED_HIGH = 0.6
+#: JPEG's block size in pixels, and the slices (full resolution, evenly spread) blockiness reads.
+BLOCK_PX = 8
+BLOCK_SLICES = 8
+#: Blockiness (boundary step / other steps): sub-score 1 at or below LOW, 0 at or above HIGH.
+#: Phantoms of every QC image family (blur, noise, ghosting... included) and pydicom's CT files as
+#: stored (CT_small, lossy JPEG 2000 693_J2KI): 0.85-1.20.
+#: Phantom slices through 8-bit JPEG (Pillow, window -1024..1024 HU): quality 75: 1.6-1.8;
+#: quality 30: 1.9-2.7 (the demo model's Dice unchanged); quality 10: 4.2-5.3 (its Dice 0.72-0.94
+#: where 0.92-0.96 unchanged; metal phantoms 2.0). DCMTK's dcmcjpeg, 12-bit extended at quality
+#: 10: 1.6; 8-bit baseline at quality 30: 2.3.
+BLOCKINESS_LOW = 1.5
+BLOCKINESS_HIGH = 3.0
 #: Fusion floors: what a check at sub-score 0 still leaves of the quality score.
 NOISE_FUSION_FLOOR = 0.8
 BLUR_FUSION_FLOOR = 0.8
+BLOCK_FUSION_FLOOR = 0.8
 #: Subsampling: at most this many slices, at most this many pixels per slice.
 MAX_SLICES = 16
 MAX_SLICE_PIXELS = 256 * 256
@@ -205,6 +229,36 @@ def _edge_width(slices: np.ndarray, body: np.ndarray) -> float | None:
     return step / steepest
 
 
+def _blockiness(array: np.ndarray) -> float | None:
+    """Mean absolute step across JPEG block boundaries over the median step at the other phases.
+
+    Read on up to :data:`BLOCK_SLICES` slices at full resolution (a subsampled grid would lose
+    the blocks' alignment), along rows and columns, between pixels that are both soft tissue
+    (:data:`SOFT_TISSUE_HU`), where blocks show and edges do not dominate.
+
+    Returns:
+        The ratio, or None with too few soft-tissue pixels or no texture at all to compare with.
+    """
+    count = array.shape[0]
+    sums, counts = np.zeros(BLOCK_PX), np.zeros(BLOCK_PX)
+    for index in np.unique(np.linspace(0, count - 1, min(BLOCK_SLICES, count)).round().astype(int)):
+        plane = np.asarray(array[index], dtype=np.float32)
+        soft = (plane > SOFT_TISSUE_HU[0]) & (plane < SOFT_TISSUE_HU[1])  # False where not finite
+        for axis in (0, 1):
+            step = np.abs(np.diff(plane, axis=axis))
+            both = soft[:-1] & soft[1:] if axis == 0 else soft[:, :-1] & soft[:, 1:]
+            # Step j lies between pixels j and j + 1: across a block boundary when j % 8 == 7.
+            phase = np.arange(step.shape[axis]) % BLOCK_PX
+            phase = np.broadcast_to(phase[:, None] if axis == 0 else phase[None, :], step.shape)
+            sums += np.bincount(phase[both], weights=step[both], minlength=BLOCK_PX)
+            counts += np.bincount(phase[both], minlength=BLOCK_PX)
+    if counts.min() < MIN_SAMPLES:
+        return None
+    means = sums / counts
+    inside = float(np.median(means[:-1]))
+    return float(means[-1] / inside) if inside > 1e-3 else None
+
+
 def _truncated_share(body: np.ndarray) -> float:
     border = np.concatenate([body[:, 0, :], body[:, -1, :], body[:, :, 0], body[:, :, -1]], axis=1)
     return float(np.mean(border.mean(axis=1) > TRUNCATION_BORDER_SHARE)) if body.shape[0] else 0.0
@@ -230,6 +284,7 @@ def assess_image(volume: Volume) -> ImageQC:
     # The field of view cuts the body in axial planes; a sagittal or coronal series' slices
     # always end at the scan range (head and feet), which is no truncation.
     truncated = _truncated_share(axial_view(body, volume.direction, volume.spacing)[0])
+    blockiness = _blockiness(volume.array)
 
     poor = Reason.POOR_INPUT_QUALITY
     signals = [
@@ -243,6 +298,9 @@ def assess_image(volume: Volume) -> ImageQC:
         Signal("air_level_hu", p01, 1.0 - ramp(p01, AIR_LEVEL_LOW_HU, AIR_LEVEL_HIGH_HU), poor),
         Signal("out_of_range_share", out_of_range, 1.0 - ramp(out_of_range, OUT_OF_RANGE_LOW, OUT_OF_RANGE_HIGH), poor),
         Signal("contrast_range_hu", p99 - p01, ramp(p99 - p01, CONTRAST_LOW_HU, CONTRAST_HIGH_HU), poor),
+        Signal("blockiness", blockiness if blockiness is not None else 1.0,
+               1.0 - ramp(blockiness, BLOCKINESS_LOW, BLOCKINESS_HIGH) if blockiness is not None else 1.0, poor,
+               fusion_floor=BLOCK_FUSION_FLOOR),
         Signal("truncated_slice_share", truncated, 1.0 - ramp(truncated, TRUNCATED_LOW, TRUNCATED_HIGH), poor),
     ]
     return ImageQC(signals=signals, body=body, body_stride=stride)
