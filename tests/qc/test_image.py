@@ -174,6 +174,9 @@ def test_jpeg_blocks_fire_the_block_check_and_nothing_else() -> None:
     signal = _blockiness(heavy)
     assert signal.value > 3.0 and signal.reason is Reason.POOR_INPUT_QUALITY
     assert signal.fusion_factor == pytest.approx(0.8)  # lowers the score, cannot veto alone
+    # Cropped after compression (blocks no longer at the corner): still found.
+    cropped = Volume(np.ascontiguousarray(heavy.array[:, 3:, 5:]), heavy.spacing, heavy.origin, heavy.direction, [])
+    assert _blockiness(cropped).value == pytest.approx(signal.value, rel=0.1)
     light = phantom_volume(phantom)
     light.array = _through_jpeg(phantom.hu, 75)  # visible to the measure, not fired
     assert 1.15 < _blockiness(light).value < 2.25 and not _blockiness(light).fired
@@ -199,7 +202,7 @@ def test_lossy_jpeg_2000_and_real_ct_files_show_no_blocks() -> None:
         ds = shipped(name)
         array = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)[None]
         signal = _blockiness(Volume(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), []))
-        assert 0.9 < signal.value < 1.2 and not signal.fired, name
+        assert 0.9 < signal.value < 1.3 and not signal.fired, name
 
 
 def test_too_little_soft_tissue_skips_the_block_check() -> None:

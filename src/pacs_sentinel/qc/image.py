@@ -20,8 +20,8 @@ into a sub-score in [0, 1] with :func:`~pacs_sentinel.qc.heuristics.ramp` and ra
   saturated image has almost none);
 - ``blockiness``: block artefacts of lossy JPEG (DCT) compression, which codes each slice in
   8 x 8 pixel blocks: the mean absolute step between neighbouring soft-tissue pixels across the
-  block boundaries (every 8th pixel from the image's corner, rows and columns) over the median
-  step at the seven other phases, on up to ``BLOCK_SLICES`` full-resolution slices. About 1
+  block boundaries (every 8th pixel, rows and columns, at the phase where the step is largest)
+  over the median step at the seven other phases, on up to ``BLOCK_SLICES`` full-resolution slices. About 1
   without blocks (lossless, JPEG 2000, noise and blur alike);
 - ``truncated_slice_share``: truncated field of view, the share of axial slices on which the
   body touches the image border along more than ``TRUNCATION_BORDER_SHARE`` of the border
@@ -100,11 +100,11 @@ BLOCK_PX = 8
 BLOCK_SLICES = 8
 #: Blockiness (boundary step / other steps): sub-score 1 at or below LOW, 0 at or above HIGH.
 #: Phantoms of every QC image family (blur, noise, ghosting... included) and pydicom's CT files as
-#: stored (CT_small, lossy JPEG 2000 693_J2KI): 0.85-1.20.
-#: Phantom slices through 8-bit JPEG (Pillow, window -1024..1024 HU): quality 75: 1.6-1.8;
-#: quality 30: 1.9-2.7 (the demo model's Dice unchanged); quality 10: 4.2-5.3 (its Dice 0.72-0.94
-#: where 0.92-0.96 unchanged; metal phantoms 2.0). DCMTK's dcmcjpeg, 12-bit extended at quality
-#: 10: 1.6; 8-bit baseline at quality 30: 2.3.
+#: stored (CT_small, lossy JPEG 2000 693_J2KI): 1.0-1.25. Phantom slices through 8-bit JPEG
+#: (Pillow, window -1024..1024 HU): quality 75: 1.7-1.8; quality 30: 1.9-2.9 (the demo model's
+#: Dice unchanged); quality 10: 4.2-5.8 (its Dice 0.72-0.94 where 0.92-0.96 unchanged; metal
+#: phantoms 2.0). DCMTK's dcmcjpeg, 12-bit extended at quality 10: 1.7; 8-bit baseline at
+#: quality 30: 2.4, at quality 10: 4.6.
 BLOCKINESS_LOW = 1.5
 BLOCKINESS_HIGH = 3.0
 #: Fusion floors: what a check at sub-score 0 still leaves of the quality score.
@@ -233,30 +233,38 @@ def _blockiness(array: np.ndarray) -> float | None:
     """Mean absolute step across JPEG block boundaries over the median step at the other phases.
 
     Read on up to :data:`BLOCK_SLICES` slices at full resolution (a subsampled grid would lose
-    the blocks' alignment), along rows and columns, between pixels that are both soft tissue
-    (:data:`SOFT_TISSUE_HU`), where blocks show and edges do not dominate.
+    the blocks' alignment), between pixels that are both soft tissue (:data:`SOFT_TISSUE_HU`),
+    where blocks show and edges do not dominate; along rows and along columns separately, and
+    averaged. Along each, the boundaries are the phase (pixel index modulo 8) where the mean step
+    is largest: every 8th pixel from the corner as encoded, offset when the image was cropped
+    after compression.
 
     Returns:
         The ratio, or None with too few soft-tissue pixels or no texture at all to compare with.
     """
     count = array.shape[0]
-    sums, counts = np.zeros(BLOCK_PX), np.zeros(BLOCK_PX)
+    sums, counts = np.zeros((2, BLOCK_PX)), np.zeros((2, BLOCK_PX))
     for index in np.unique(np.linspace(0, count - 1, min(BLOCK_SLICES, count)).round().astype(int)):
         plane = np.asarray(array[index], dtype=np.float32)
         soft = (plane > SOFT_TISSUE_HU[0]) & (plane < SOFT_TISSUE_HU[1])  # False where not finite
         for axis in (0, 1):
             step = np.abs(np.diff(plane, axis=axis))
             both = soft[:-1] & soft[1:] if axis == 0 else soft[:, :-1] & soft[:, 1:]
-            # Step j lies between pixels j and j + 1: across a block boundary when j % 8 == 7.
+            # Step j lies between pixels j and j + 1.
             phase = np.arange(step.shape[axis]) % BLOCK_PX
             phase = np.broadcast_to(phase[:, None] if axis == 0 else phase[None, :], step.shape)
-            sums += np.bincount(phase[both], weights=step[both], minlength=BLOCK_PX)
-            counts += np.bincount(phase[both], minlength=BLOCK_PX)
-    if counts.min() < MIN_SAMPLES:
-        return None
-    means = sums / counts
-    inside = float(np.median(means[:-1]))
-    return float(means[-1] / inside) if inside > 1e-3 else None
+            sums[axis] += np.bincount(phase[both], weights=step[both], minlength=BLOCK_PX)
+            counts[axis] += np.bincount(phase[both], minlength=BLOCK_PX)
+    ratios = []
+    for axis in (0, 1):
+        if counts[axis].min() < MIN_SAMPLES:
+            continue
+        means = sums[axis] / counts[axis]
+        boundary = int(np.argmax(means))
+        inside = float(np.median(np.delete(means, boundary)))
+        if inside > 1e-3:
+            ratios.append(float(means[boundary]) / inside)
+    return float(np.mean(ratios)) if ratios else None
 
 
 def _truncated_share(body: np.ndarray) -> float:
