@@ -348,24 +348,25 @@ def _cmd_qc_threshold(args: argparse.Namespace) -> int:
     from pacs_sentinel.qc.fusion import calibrated_threshold, calibration_curve
     from pacs_sentinel.qc.metrics import operating_point
 
-    target, risk, fixed = args.target_review_rate, args.max_risk, None
-    if target is None and risk is None and args.config:
-        from pacs_sentinel.daemon.config import load_config
+    from pacs_sentinel.daemon.config import QCConfig, load_config
+    from pacs_sentinel.daemon.worker import threshold_setting
 
+    # The options as they stand (checked by calibrated_threshold below, with its messages), else
+    # the configuration's [qc] table.
+    qc = QCConfig.model_construct(target_review_rate=args.target_review_rate, max_risk=args.max_risk)
+    if qc.target_review_rate is None and qc.max_risk is None and args.config:
         qc = load_config(args.config).qc
-        target, risk, fixed = qc.target_review_rate, qc.max_risk, qc.accept_threshold
+    target, risk = qc.target_review_rate, qc.max_risk
     fusion = shipped_fusion()
     scores, failed = calibration_curve(fusion)
     try:
         if target is not None or risk is not None:
             point = calibrated_threshold(fusion, target_review_rate=target, max_risk=risk)
-            asked = f"target_review_rate = {target}" if target is not None else f"max_risk = {risk}"
         else:
-            fixed = 0.5 if fixed is None else fixed
-            point = operating_point(scores, failed, fixed)
-            asked = f"accept_threshold = {fixed}"
+            point = operating_point(scores, failed, qc.accept_threshold)
     except ValueError as exc:
         raise SentinelError(str(exc)) from None
+    asked = threshold_setting(qc)
     print(f"calibration set: {len(scores)} cases, {int(failed.sum())} failures (Dice < 0.7), "
           f"cross-validated scores of QC {fusion.qc_version}; results that a volume or location outside the "
           "model card's range sends to review anyway are not counted (the threshold does not decide them)")
