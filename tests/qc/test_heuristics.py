@@ -305,8 +305,9 @@ def test_jpeg_blocks_lower_the_fused_score_by_their_factor_and_say_why() -> None
     segment = qc.segments[0]
     assert segment.signals["blockiness_subscore"] == 0.0 and segment.signals["blockiness"] > 3.0
     assert Reason.POOR_INPUT_QUALITY in segment.reasons and qc.verdict is Verdict.NEEDS_REVIEW
-    signals = segment_signals(volume, result, 0, image_signals=assess_image(volume).signals,
-                              midline_x=assess_image(volume).midline_x_mm(volume), estimator=load_estimator())
+    image_qc = assess_image(volume)
+    signals = segment_signals(volume, result, 0, image_signals=image_qc.signals,
+                              midline_x=image_qc.midline_x_mm(volume), estimator=load_estimator())
     without = [s for s in signals if s.name != "blockiness"]
     assert segment.quality_score == pytest.approx(shipped_fusion().score(without)[0] * 0.8, abs=1e-4)
     assert clean.quality_score > 0.95 and clean.verdict is Verdict.ACCEPTED  # the same mask, uncompressed
