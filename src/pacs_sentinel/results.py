@@ -63,6 +63,7 @@ class Reason(enum.Enum):
     LOW_PREDICTED_DICE = Code("QC030", QC_SCHEME, "Low predicted Dice")
     LOW_EXPECTED_DICE = Code("QC031", QC_SCHEME, "Low expected Dice")
     UNFAMILIAR_INPUT = Code("QC032", QC_SCHEME, "Input unlike the training images")
+    UNCOVERED_STRUCTURE = Code("QC033", QC_SCHEME, "Structure not covered by QC")
 
     @property
     def label(self) -> str:

@@ -23,6 +23,7 @@ from tests.e2e.conftest import Daemon, wait_for, write_config
 pytestmark = pytest.mark.slow
 
 LIVER = ("10200004", "SCT", "Liver")
+SPLEEN = ("78961009", "SCT", "Spleen")
 SEG_QC_PIPELINE = """
 [[pipelines]]
 name = "vendor-seg-qc"
@@ -68,11 +69,14 @@ def test_third_party_seg_is_judged_and_the_sr_comes_back(  # type: ignore[no-unt
     config.write_text(config.read_text(encoding="utf-8") + SEG_QC_PIPELINE, encoding="utf-8")
     daemon = Daemon(config, port, tmp_path / "daemon.log")
 
-    # The vendor's SEG: segment 1 is the phantom's true liver, segment 2 a shifted, broken one.
+    # The vendor's SEG: segment 1 is the phantom's true liver, segment 2 a shifted, broken one,
+    # segment 3 the true spleen (a structure no model of the node knows).
     volume = load_series_files(phantom_study)
-    liver = make_ct_phantom(7).liver.astype(bool)  # phantom_study is this phantom, slices in position order
+    phantom = make_ct_phantom(7)  # phantom_study is this phantom, slices in position order
+    liver = phantom.liver.astype(bool)
     assert liver.shape == volume.array.shape
-    seg_ds = make_third_party_seg(volume.datasets, [liver, bad_liver_mask(liver)], [LIVER, LIVER])
+    seg_ds = make_third_party_seg(volume.datasets, [liver, bad_liver_mask(liver), phantom.organ("spleen")],
+                                  [LIVER, LIVER, SPLEEN])
     seg_path = tmp_path / "vendor-seg.dcm"
     seg_ds.save_as(seg_path, enforce_file_format=True)
     seg_uid = str(seg_ds.SOPInstanceUID)
@@ -119,7 +123,7 @@ def test_third_party_seg_is_judged_and_the_sr_comes_back(  # type: ignore[no-unt
 
     # One group per vendor segment, referencing that SEG's segment and the source images.
     groups = measurement_groups(sr_ds)
-    assert len(groups) == 2
+    assert len(groups) == 3
     by_segment = {}
     for group in groups:
         (ref_item,) = [i for i in group.ContentSequence if i.ValueType == "IMAGE"
@@ -130,7 +134,7 @@ def test_third_party_seg_is_judged_and_the_sr_comes_back(  # type: ignore[no-unt
         by_segment[int(ref.ReferencedSegmentNumber)] = group
         sources = [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121233"]
         assert sources and all(str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) in evidence for i in sources)
-    assert sorted(by_segment) == [1, 2]
+    assert sorted(by_segment) == [1, 2, 3]
 
     def verdict(group: pydicom.Dataset) -> str:
         return group_items(group, "QC002")[0].ConceptCodeSequence[0].CodeValue
@@ -145,6 +149,9 @@ def test_third_party_seg_is_judged_and_the_sr_comes_back(  # type: ignore[no-unt
     assert verdict(by_segment[2]) == "QC011"  # shifted and broken: needs review
     assert {"QC029", "QC023"} <= reasons(by_segment[2])  # disagreement with organ-seg, fragmentation
     assert score(by_segment[2]) < 0.5 <= score(by_segment[1])
+    # The spleen: no model of ours covers it, the liver estimator does not judge it (no QC030);
+    # to review, saying why.
+    assert verdict(by_segment[3]) == "QC011" and reasons(by_segment[3]) == {"QC033"}
 
     # The overlay of the seg-qc result says what it judged; every object is valid DICOM.
     overlays = [sc for sc in objects["OT"] if sc.SeriesDescription.startswith("Third-party SEG QC overlay")]
@@ -167,5 +174,5 @@ def test_third_party_seg_is_judged_and_the_sr_comes_back(  # type: ignore[no-unt
     lines = [json.loads(line) for line in daemon.log.splitlines() if line.startswith("{")]
     judged = [line for line in lines if line.get("event") == "third-party SEG judged"]
     assert len(judged) == 1 and judged[0]["seg_uid"] == seg_uid
-    assert [s["matched"] for s in judged[0]["segments"]] == ["Liver", "Liver"]
+    assert [s["matched"] for s in judged[0]["segments"]] == ["Liver", "Liver", None]
     assert judged[0]["segments"][0]["agreement_dice"] > 0.85 > judged[0]["segments"][1]["agreement_dice"]

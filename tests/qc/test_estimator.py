@@ -30,7 +30,7 @@ from pacs_sentinel.qc.train_estimator import (
     training_mask_families,
     without_probabilities,
 )
-from pacs_sentinel.results import Reason
+from pacs_sentinel.results import Code, Reason, SegmentLabel
 
 SEED = 7_000_000 + EVALUATION_SEED_OFFSET  # far from every training and calibration seed
 
@@ -195,6 +195,27 @@ def test_shipped_estimator_is_deterministic_and_ranks_masks(phantom) -> None:
     assert estimator.predict(phantom.hu, np.zeros_like(phantom.liver), phantom.spacing) == 0.0
 
 
+def _label(value: str, scheme: str, meaning: str) -> SegmentLabel:
+    return SegmentLabel(meaning, Code("123037004", "SCT", "Anatomical Structure"), Code(value, scheme, meaning), meaning)
+
+
+def test_the_estimator_judges_only_the_structure_and_modality_it_was_trained_on() -> None:
+    shipped = load_estimator()
+    liver, legacy_liver = _label("10200004", "SCT", "Liver"), _label("T-62000", "SRT", "Liver")
+    spleen = _label("78961009", "SCT", "Spleen")
+    assert shipped.covers(liver, "CT") and shipped.covers(legacy_liver, "CT")
+    assert shipped.covers(liver, None)  # no source datasets (a phantom, in HU): CT
+    assert not shipped.covers(spleen, "CT")  # a good spleen is not a bad liver
+    assert not shipped.covers(liver, "MR")  # its image channel is a window in HU
+    # A card that names no scope (before QC 2.6.0) is the demo's: the liver on CT.
+    card = {k: v for k, v in shipped.card.items() if k != "scope"}
+    older = QualityEstimator(build_estimator_network(card["architecture"]), card)
+    assert older.covers(liver, "CT") and not older.covers(spleen, "CT") and not older.covers(liver, "PT")
+    kidney_on_mr = QualityEstimator(build_estimator_network(card["architecture"]),
+                                    {**card, "scope": {"modalities": ["mr"], "structures": [["64033007", "SCT", "Kidney"]]}})
+    assert kidney_on_mr.covers(_label("64033007", "SCT", "Kidney"), "MR") and not kidney_on_mr.covers(liver, "MR")
+
+
 def test_signal_fires_below_a_predicted_dice_of_0_7() -> None:
     assert estimator_signal(0.6).fired and estimator_signal(0.6).reason is Reason.LOW_PREDICTED_DICE
     assert not estimator_signal(0.85).fired
@@ -221,6 +242,8 @@ def test_training_is_seeded_and_writes_a_loadable_estimator_with_its_card(tmp_pa
         assert torch.equal(runs[0][key], runs[1][key]), key  # same seed, same weights
     estimator = load_estimator(tmp_path / "a")
     assert estimator.card["training"]["held_out_families"] == list(HELD_OUT_FAMILIES)
+    # It judges what it was trained on: the segmentation model's label, in its modality.
+    assert estimator.card["scope"] == {"modalities": ["CT"], "structures": [["10200004", "SCT", "Liver"]]}
     assert "held out" in (tmp_path / "a" / "MODEL_CARD.md").read_text()
     phantom = make_ct_phantom(SEED + 1)
     assert 0.0 < estimator.predict(phantom.hu, phantom.liver, phantom.spacing) < 1.0

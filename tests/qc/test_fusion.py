@@ -73,10 +73,11 @@ def test_shipped_fusion_belongs_to_this_qc_version_and_has_non_negative_weights(
     fusion = shipped_fusion()
     assert fusion.qc_version == QC_VERSION
     names = {m.name for m in fusion.models}
-    assert names == {"with-uncertainty", "without-uncertainty", "without-probabilities"}
+    paths = {"with-uncertainty", "without-uncertainty", "without-probabilities"}
+    assert names == paths | {f"{p}-no-estimator" for p in paths}
     for model in fusion.models:
         assert min(model.weights) >= 0.0
-        assert "predicted_dice" in model.features
+        assert ("predicted_dice" in model.features) is (model.name in paths)
     assert fusion.calibration["scores"] and len(fusion.calibration["scores"]) == len(fusion.calibration["dice"])
 
 
@@ -94,6 +95,25 @@ def test_good_signals_score_high_and_bad_ones_low() -> None:
     bad = fusion.score(_signals({"predicted_dice": (0.3, 0.0), "sample_dice": (0.6, 0.0),
                                  "mean_probability": (0.6, 0.2), "roundness": (0.4, 0.0)}))[0]
     assert bad < 0.3
+
+
+def test_a_segment_the_estimator_does_not_cover_is_scored_by_its_path_without_it() -> None:
+    """A structure or modality the estimator was not trained on: no predicted Dice, and the same
+    path's model fitted without it, not the missing prediction counted as perfect."""
+    fusion = shipped_fusion()
+    probability_signals = ("mean_probability", "expected_dice")
+    for drop, path in [((), "with-uncertainty"), (("sample_dice", "mask_entropy"), "without-uncertainty"),
+                       (("sample_dice", "mask_entropy", *probability_signals), "without-probabilities")]:
+        covered = fusion.choose({s.name: s for s in _signals(drop=drop)})
+        uncovered = fusion.choose({s.name: s for s in _signals(drop=(*drop, "predicted_dice"))})
+        assert covered.name == path and uncovered.name == f"{path}-no-estimator"
+        # The same path: every other signal it fits is the full model's.
+        assert set(uncovered.features) == set(covered.features) - {"predicted_dice"}
+    # Counted as perfect, a missing prediction would lift a mask the other signals doubt.
+    doubtful = _signals({"roundness": (0.45, 0.1)}, drop=("sample_dice", "mask_entropy", *probability_signals,
+                                                         "predicted_dice"))
+    full = next(m for m in fusion.models if m.name == "without-probabilities")
+    assert fusion.score(doubtful)[0] < full.probability({s.name: s for s in doubtful})
 
 
 def test_an_incomplete_set_of_signals_uses_the_model_that_uses_most_of_them() -> None:
@@ -252,7 +272,8 @@ def test_the_model_without_probabilities_learns_from_the_estimator_run_without_t
                             predicted_dice_without_probabilities=0.8))
     for fit in ("two-stage", "logistic"):
         models = {m.name: m for m in fit_models(cases, 0.01, fit)}
-        assert set(models) == {"without-uncertainty", "without-probabilities"}  # no own-model cases
+        assert set(models) == {"without-uncertainty", "without-probabilities", "without-uncertainty-no-estimator",
+                               "without-probabilities-no-estimator"}  # no own-model cases
         with_map, without = models["without-uncertainty"], models["without-probabilities"]
         assert with_map.weights[with_map.features.index("predicted_dice")] > 0
         assert without.weights[without.features.index("predicted_dice")] == 0.0  # a constant says nothing

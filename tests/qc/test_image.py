@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pydicom
 import pytest
 from scipy import ndimage
 
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.inference.phantoms import make_ct_phantom
 from pacs_sentinel.inference.training import phantom_volume
-from pacs_sentinel.qc.image import assess_image
+from pacs_sentinel.qc.image import BLOCKINESS_CAP, UNIT_FREE_CHECKS, assess_image
 from pacs_sentinel.results import Reason
 
 SHAPE = (24, 128, 128)
@@ -234,3 +237,52 @@ def test_a_series_compressed_by_dcmtk_with_lossy_jpeg_is_flagged(tmp_path) -> No
         assert _fired(compressed) == ({"blockiness"} if fired else set()), options
         if not fired:
             assert _blockiness(compressed).value == pytest.approx(_blockiness(original).value)
+
+
+# --- A series of another modality (not in HU) ----------------------------------------------------
+
+def _mr_like(phantom) -> np.ndarray:
+    """A phantom's tissues mapped to MR-like (T1) signal: air dark, fat brightest, the liver
+    brighter than the other soft tissue, bone dark; Rician-like noise floor."""
+    hu = phantom.hu.astype(np.float32)
+    signal = np.interp(hu, [-1024, -500, -100, 0, 60, 200, 1000, 3071], [0, 20, 900, 350, 450, 300, 150, 100])
+    return (signal + np.random.default_rng(0).normal(0.0, 15.0, hu.shape)).astype(np.float32)
+
+
+def _of_modality(volume: Volume, modality: str) -> Volume:
+    ds = pydicom.Dataset()
+    ds.Modality = modality
+    return Volume(volume.array, volume.spacing, volume.origin, volume.direction, [ds] * volume.array.shape[0])
+
+
+def test_a_series_of_another_modality_is_not_called_not_in_hu() -> None:
+    phantom = make_ct_phantom(6)
+    mr = _of_modality(phantom_volume(dataclasses.replace(phantom, hu=_mr_like(phantom))), "MR")
+    as_ct = _of_modality(mr, "CT")
+    assert {"air_level_hu", "truncated_slice_share"} <= _fired(as_ct)  # read as HU it would be
+    qc = assess_image(mr)
+    assert [s.name for s in qc.signals] == list(UNIT_FREE_CHECKS)  # the HU thresholds are not measured
+    assert qc.reasons == []
+    # The body is found (Otsu), so the location check has its midline: the CT phantom's.
+    ct = phantom_volume(phantom)
+    assert qc.midline_x_mm(mr) == pytest.approx(assess_image(ct).midline_x_mm(ct), abs=5.0)
+    assert ct.modality is None and assess_image(ct).signals[0].name == "noise_hu"  # no datasets: CT
+
+
+def test_the_unit_free_checks_still_fire_on_another_modality() -> None:
+    phantom = make_ct_phantom(6)
+    mr = _mr_like(phantom)
+    truncated = _of_modality(_volume(np.ascontiguousarray(mr[:, 30:130, 20:140])), "MR")
+    assert _fired(truncated) == {"truncated_slice_share"}
+    blurred = _of_modality(_volume(ndimage.gaussian_filter(mr, (0, 6.0, 6.0))), "MR")
+    assert "edge_width_px" in _fired(blurred)
+    assert _fired(_of_modality(_volume(mr), "MR")) == set()
+
+
+def test_flat_jpeg_blocks_read_as_the_cap() -> None:
+    """At very heavy compression a block is one flat value: steps only at its boundaries."""
+    rng = np.random.default_rng(4)
+    levels = rng.uniform(0.0, 120.0, (SHAPE[0], SHAPE[1] // 8, SHAPE[2] // 8)).astype(np.float32)
+    blocks = np.repeat(np.repeat(levels, 8, axis=1), 8, axis=2)
+    assert _blockiness(_volume(blocks)).value == BLOCKINESS_CAP and _blockiness(_volume(blocks)).fired
+    assert _blockiness(_volume(np.full(SHAPE, 40.0, np.float32))).value == 1.0  # nothing to compare: skipped

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 
 from pacs_sentinel.dicom_io.seg_masks import MappedSegment, MappedSegmentation, map_segments
-from pacs_sentinel.dicom_io.series import load_volume
+from pacs_sentinel.dicom_io.series import load_series_files, load_volume
+from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
 from pacs_sentinel.qc.agreement import (
     AGREEMENT_DICE_HIGH,
     AGREEMENT_DICE_LOW,
@@ -15,11 +19,15 @@ from pacs_sentinel.qc.agreement import (
     matching_label,
     same_concept,
 )
+from pacs_sentinel.qc.estimator import load_estimator
+from pacs_sentinel.qc.evaluate import segment_signals, shipped_fusion
+from pacs_sentinel.qc.image import assess_image
 from pacs_sentinel.qc.segqc import LabelReference, judge_segmentation
-from pacs_sentinel.results import Code, Reason, SegmentLabel, Verdict
+from pacs_sentinel.results import Code, Reason, SegmentationResult, SegmentLabel, Verdict
 from tests.conftest import make_third_party_seg
 from tests.reports.conftest import LIVER, SPLEEN, make_ct_series, sphere_mask
 
+SEG_PHANTOM_SEED = 7_350_000  # far from every seed the models and the QC were trained or calibrated on
 ANATOMY = Code("123037004", "SCT", "Anatomical Structure")
 
 
@@ -115,6 +123,9 @@ def test_unmatched_segment_is_judged_without_statistics_or_agreement(volume) -> 
     signals = qc.segments[0].signals
     assert "agreement_dice" not in signals and "volume_ml_subscore" not in signals
     assert "largest_component_share" in signals  # the mask heuristics still run
+    # Neither a label of ours nor the (liver) estimator covers a kidney: review, saying why.
+    assert qc.segments[0].reasons[-1] is Reason.UNCOVERED_STRUCTURE and qc.segments[0].verdict is Verdict.NEEDS_REVIEW
+    assert "predicted_dice" not in signals
 
 
 def test_matched_label_statistics_are_applied(volume) -> None:
@@ -140,3 +151,63 @@ def test_fragmented_segment_needs_review_without_any_model(volume) -> None:
 
     assert qc.segments[0].verdict is Verdict.NEEDS_REVIEW
     assert Reason.FRAGMENTATION in qc.segments[0].reasons
+
+
+@pytest.fixture(scope="module")
+def abdomen(tmp_path_factory):
+    """A phantom CT series as loaded from its DICOM files, and the phantom (organ ground truths)."""
+    phantom = make_ct_phantom(SEG_PHANTOM_SEED)
+    files = write_ct_series(phantom, tmp_path_factory.mktemp("abdomen"), seed=SEG_PHANTOM_SEED)
+    return load_series_files(files), phantom
+
+
+def test_a_structure_the_estimator_never_learned_is_judged_without_it(abdomen) -> None:
+    """A vendor SEG's correct spleen is not a bad liver: the liver estimator judges only livers on
+    CT, and the other segments are scored by the fusion's models fitted without it. A structure
+    no label of ours covers either goes to review, saying so (QC033), not "Low predicted Dice"."""
+    volume, phantom = abdomen
+    spleen_code = ("78961009", "SCT", "Spleen")
+    seg = make_third_party_seg(volume.datasets, [phantom.liver, phantom.organ("spleen")],
+                               [("10200004", "SCT", "Liver"), spleen_code])
+    mapped = map_segments(seg, volume)
+    estimator = load_estimator()
+    assert estimator.predict(volume.array, mapped.segments[1].mask, volume.spacing) < 0.5  # "a bad liver"
+
+    _, qc, judgements = judge_segmentation(volume, mapped, [LabelReference(LIVER, "organ-seg 1.1.0", {})])
+
+    liver, spleen = qc.segments
+    assert "predicted_dice" in liver.signals and liver.verdict is Verdict.ACCEPTED and liver.reasons == []
+    assert judgements[1].matched is None and "predicted_dice" not in spleen.signals
+    assert spleen.reasons == [Reason.UNCOVERED_STRUCTURE] and spleen.verdict is Verdict.NEEDS_REVIEW
+    fusion = shipped_fusion()
+    signals = segment_signals(volume, SegmentationResult(None, mapped.segments[1].mask[None], [mapped.segments[1].label],
+                                                         "VendorSeg", "3.1"),
+                              0, image_signals=assess_image(volume).signals, midline_x=None, estimator=estimator)
+    score, model = fusion.score(signals)
+    assert model.name == "without-probabilities-no-estimator" and "predicted_dice" not in model.features
+    assert spleen.quality_score > 0.8  # its general checks find nothing wrong; the policy decides
+
+    # A label of ours with the spleen's code (a card that knows the spleen) covers it: accepted.
+    _, known, judged = judge_segmentation(volume, mapped, [LabelReference(SPLEEN, "spleen-seg 1.0", {})])
+    assert judged[1].matched is not None and known.segments[1].verdict is Verdict.ACCEPTED
+    assert known.segments[1].reasons == [] and known.segments[1].quality_score == spleen.quality_score
+    # The checks that apply still judge it: a spleen cut in two scores lower.
+    cut = phantom.organ("spleen").copy()
+    middle = int(np.flatnonzero(cut.any(axis=(1, 2))).mean())
+    cut[middle - 1:middle + 1] = False
+    broken = make_third_party_seg(volume.datasets, [cut], [spleen_code])
+    _, worse, _ = judge_segmentation(volume, map_segments(broken, volume), [LabelReference(SPLEEN, "spleen-seg 1.0", {})])
+    assert worse.segments[0].quality_score < known.segments[1].quality_score
+
+
+def test_a_series_of_another_modality_is_judged_without_the_ct_estimator(abdomen) -> None:
+    volume, phantom = abdomen
+    as_mr = dataclasses.replace(volume, datasets=copy.deepcopy(volume.datasets))
+    for ds in as_mr.datasets:
+        ds.Modality = "MR"
+    assert volume.modality == "CT" and as_mr.modality == "MR"
+    seg = make_third_party_seg(volume.datasets, [phantom.liver], [("10200004", "SCT", "Liver")])
+    _, on_ct, _ = judge_segmentation(volume, map_segments(seg, volume), [])
+    _, on_mr, _ = judge_segmentation(as_mr, map_segments(seg, as_mr), [])
+    assert "predicted_dice" in on_ct.segments[0].signals
+    assert "predicted_dice" not in on_mr.segments[0].signals

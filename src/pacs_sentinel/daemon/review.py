@@ -70,6 +70,8 @@ REASON_EXPLANATIONS: dict[Reason, str] = {
                               "the outline, or the mask adds or leaves out tissue the model judges otherwise",
     Reason.UNFAMILIAR_INPUT: "the image looks unlike the images the model was trained on (inverted, rotated, "
                              "cropped, blurred, another body part), so its output may not hold",
+    Reason.UNCOVERED_STRUCTURE: "no model of this node knows this structure, so only general checks of the mask "
+                                "and the image could be made: they cannot tell whether it is the right organ",
 }
 _EXPLANATION_BY_LABEL = {reason.label: text for reason, text in REASON_EXPLANATIONS.items()}
 

@@ -88,6 +88,14 @@ class Volume:
         return str(self.datasets[0].SeriesInstanceUID)
 
     @property
+    def modality(self) -> str | None:
+        """The series' Modality (e.g. ``"CT"``), or None when it has no source datasets (a
+        phantom, in HU) or the attribute is empty."""
+        if not self.datasets:
+            return None
+        return str(self.datasets[0].get("Modality", "") or "").strip().upper() or None
+
+    @property
     def voxel_volume_mm3(self) -> float:
         """Volume of one voxel in mm3."""
         return float(np.prod(self.spacing))

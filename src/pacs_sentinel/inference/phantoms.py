@@ -37,8 +37,10 @@ PHANTOM_VARIANTS = ("normal", "metal-artifact", "unusual-anatomy", "situs-invers
 HU_MIN = -1024
 HU_MAX = 3071
 
-# Label map values used while drawing (only the liver leaves this module, as a mask).
+# Label map values used while drawing.
 _AIR, _FAT, _SOFT, _LIVER, _SPLEEN, _KIDNEY, _BONE, _GAS, _AORTA, _FLUID, _METAL, _MUSCLE = range(12)
+#: The organs whose ground truth :meth:`CTPhantom.organ` gives (the liver is also ``CTPhantom.liver``).
+ORGAN_LABELS = {"liver": _LIVER, "spleen": _SPLEEN, "kidneys": _KIDNEY, "aorta": _AORTA}
 
 
 @dataclass
@@ -51,6 +53,8 @@ class CTPhantom:
         spacing: ``(slice, row, col)`` spacing in mm.
         origin: Patient coordinates (mm, LPS) of the centre of the first voxel.
         variant: The variant it was drawn as (one of :data:`PHANTOM_VARIANTS`).
+        labels: uint8 label map of every tissue drawn, same shape (values of
+            :data:`ORGAN_LABELS` among them); None for a phantom built by hand.
     """
 
     hu: np.ndarray
@@ -58,6 +62,18 @@ class CTPhantom:
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
     variant: str
+    labels: np.ndarray | None = None
+
+    def organ(self, name: str) -> np.ndarray:
+        """Boolean ground truth of one organ of :data:`ORGAN_LABELS` (e.g. a third-party SEG's
+        spleen segment in tests).
+
+        Raises:
+            ValueError: Unknown organ, or a phantom without a label map.
+        """
+        if name not in ORGAN_LABELS or self.labels is None:
+            raise ValueError(f"no ground truth of {name!r} in this phantom; organs: {sorted(ORGAN_LABELS)}")
+        return self.labels == ORGAN_LABELS[name]
 
     @property
     def liver_volume_ml(self) -> float:
@@ -221,7 +237,7 @@ def make_ct_phantom(
         hu = _add_metal(hu, rng, labels, z, y, x, spine_y=spine_y, spine_r=spine_r, liver_c=right_c, mirror=mirror)
     hu += rng.normal(0.0, noise_sd, size=shape).astype(np.float32)
     hu = np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
-    return CTPhantom(hu=hu, liver=liver, spacing=(s_z, s_y, s_x), origin=origin, variant=variant)
+    return CTPhantom(hu=hu, liver=liver, spacing=(s_z, s_y, s_x), origin=origin, variant=variant, labels=labels)
 
 
 def _add_metal(hu: np.ndarray, rng: np.random.Generator, labels: np.ndarray, z: np.ndarray, y: np.ndarray,

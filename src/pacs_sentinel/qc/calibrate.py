@@ -6,7 +6,10 @@ and the uncertainty of ``MC_DROPOUT_SAMPLES`` dropout passes (as the shipped con
 Three non-negative logistic models (:mod:`pacs_sentinel.qc.fusion`) read as P(Dice >= 0.7):
 ``with-uncertainty`` on the model's own masks, ``without-uncertainty`` and
 ``without-probabilities`` (no probability-map signals, and the estimator's prediction made
-without the probability map: the third-party SEG path) on all cases. Since QC 2.2.0 each is
+without the probability map: the third-party SEG path) on all cases. Since QC 2.6.0 each is
+fitted a second time without the estimator's signal (``<name>-no-estimator``): the estimator
+judges only the structure and modality it was trained on (the demo's liver on CT), and a
+segment of any other structure is scored by the same path's model without it. Since QC 2.2.0 each is
 fitted in two stages (:func:`~pacs_sentinel.qc.fusion.fit_ranked_logistic`): a non-negative
 regression of logit(Dice) on the signals, which orders every case by its Dice (the good masks
 among themselves too), then a Platt calibration of it to "Dice >= 0.7"; a direct logistic fit
@@ -67,6 +70,9 @@ CALIBRATION_RECIPE: dict[str, Any] = {
     "fit": "two-stage",
     "platt_l2": 0.001,
 }
+#: The learned estimator's signal, and the suffix of the models fitted without it.
+ESTIMATOR_SIGNAL = "predicted_dice"
+NO_ESTIMATOR_SUFFIX = "-no-estimator"
 FEATURES_WITH_UNCERTAINTY = [f for f in SIGNAL_TRANSFORMS if f not in OFFSET_FEATURES]
 FEATURES_WITHOUT_UNCERTAINTY = [f for f in FEATURES_WITH_UNCERTAINTY if f not in UNCERTAINTY_SIGNALS]
 FEATURES_WITHOUT_PROBABILITIES = [f for f in FEATURES_WITHOUT_UNCERTAINTY if f not in PROBABILITY_SIGNALS]
@@ -111,12 +117,14 @@ def fit_models(cases: list[QCCase], l2: float, fit: str = "two-stage",
 
     judged = [c for c in cases if c.signals is not None]
     own = [c for c in judged if c.uncertainty]
-    models = []
-    if own:
-        models.append(one("with-uncertainty", FEATURES_WITH_UNCERTAINTY, _rows(own), own))
-    models.append(one("without-uncertainty", FEATURES_WITHOUT_UNCERTAINTY, _rows(judged), judged))
-    models.append(one("without-probabilities", FEATURES_WITHOUT_PROBABILITIES, _rows_without_probabilities(judged),
-                      judged))
+    paths = [("with-uncertainty", FEATURES_WITH_UNCERTAINTY, _rows(own), own)] if own else []
+    paths += [("without-uncertainty", FEATURES_WITHOUT_UNCERTAINTY, _rows(judged), judged),
+              ("without-probabilities", FEATURES_WITHOUT_PROBABILITIES, _rows_without_probabilities(judged), judged)]
+    models = [one(name, features, rows, group) for name, features, rows, group in paths]
+    # Each path again without the estimator, for the structures and modalities it was not
+    # trained on (QualityEstimator.covers): fitted on the same cases with its signal left out.
+    models += [one(f"{name}{NO_ESTIMATOR_SUFFIX}", [f for f in features if f != ESTIMATOR_SIGNAL], rows, group)
+               for name, features, rows, group in paths]
     return models
 
 

@@ -37,8 +37,9 @@ import torch
 from monai.networks.nets import Regressor
 
 from pacs_sentinel.errors import ModelError
+from pacs_sentinel.qc.agreement import same_concept
 from pacs_sentinel.qc.heuristics import Signal, axial_view, bounding_box, ramp
-from pacs_sentinel.results import Reason
+from pacs_sentinel.results import Code, Reason, SegmentLabel
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +56,11 @@ WINDOW_HU = (-200.0, 300.0)
 #: fires, at 0.7: DESIGN.md's "acceptable" Dice).
 PREDICTED_DICE_LOW = 0.5
 PREDICTED_DICE_HIGH = 0.9
+
+#: What the estimator was trained on, when its card does not say (cards before QC 2.6.0): the
+#: demo organ-seg task, the liver (SCT 10200004) on CT. It judges nothing else: a spleen mask
+#: is not a bad liver mask, and an MR image is not in HU.
+DEFAULT_SCOPE: dict[str, list] = {"modalities": ["CT"], "structures": [["10200004", "SCT", "Liver"]]}
 
 #: Input channels: image, mask, probability map (2: the 1.x estimators' image and mask).
 INPUT_CHANNELS = 3
@@ -179,7 +185,18 @@ class QualityEstimator:
         self.version = str(card.get("version", "0"))
         #: Input channels the network takes (3: image, mask, probabilities; 2: estimators 1.x).
         self.channels = int((card.get("architecture") or ESTIMATOR_ARCHITECTURE)["in_shape"][0])
+        scope = card.get("scope") or DEFAULT_SCOPE
+        #: Modalities and structures (segmented property types) it was trained on.
+        self.modalities = [str(m).upper() for m in scope["modalities"]]
+        self.structures = [Code(*(str(v) for v in code)) for code in scope["structures"]]
         self._lock = threading.Lock()
+
+    def covers(self, label: SegmentLabel, modality: str | None) -> bool:
+        """True when the estimator was trained on this structure (matched by its segmented
+        property type, SRT equal to SCT) in this modality; a volume of unknown modality (no
+        source datasets: a phantom) counts as CT, the modality QC's checks expect."""
+        return ((modality or "CT") in self.modalities
+                and any(same_concept(label.property_type, code) for code in self.structures))
 
     def predict_inputs(self, inputs: np.ndarray) -> np.ndarray:
         """Predicted Dice for a batch of :func:`estimator_input` arrays ``(n, channels, GRID, GRID, GRID)``."""

@@ -42,7 +42,7 @@ from pacs_sentinel.results import QCResult, Reason, SegmentationResult, SegmentQ
 
 log = structlog.get_logger(__name__)
 
-QC_VERSION = "2.5.0"
+QC_VERSION = "2.6.0"
 
 
 def shipped_fusion() -> FusionModel:
@@ -96,7 +96,7 @@ def segment_signals(volume: Volume, result: SegmentationResult, index: int, *, i
         location_check = location_signal(left_share(mask, midline_x, volume.spacing, volume.direction), reference)
         if location_check is not None:
             signals.append(location_check)
-    if estimator is not None:
+    if estimator is not None and estimator.covers(label, volume.modality):  # else the fusion's model without it
         probabilities = result.probabilities[index] if result.probabilities is not None else None
         signals.append(estimator_signal(estimator.predict(volume.array, mask, volume.spacing, volume.direction,
                                                           probabilities)))

@@ -24,11 +24,18 @@ Three models are fitted: ``with-uncertainty`` (the own-model path with MC-dropou
 complete model whose features it has, else the model that uses most of its signals (missing
 features counting as neutral). The third model
 keeps a mask that comes with no probabilities from being scored as if the (missing) expected
-Dice were perfect, a strong feature of the other two.
+Dice were perfect, a strong feature of the other two. Since QC 2.6.0 each of the three is
+fitted again without the learned estimator's prediction (``<name>-no-estimator``): the
+estimator judges only the structure and modality it was trained on (the demo's liver on CT:
+:meth:`~pacs_sentinel.qc.estimator.QualityEstimator.covers`), so a vendor's spleen segment, or
+the segment of a user's model of another organ, is scored by the signals that do apply to it
+instead of by a liver estimator (which calls a perfect spleen a bad liver) or by its missing
+prediction counted as perfect.
 
-*Out-of-range* checks (volume outside the model card's range, implausible location) are
-policy: the model was never validated there, so a result they flag goes to review whatever its
-score (:func:`policy_reasons`), while the score stays a calibrated probability. Since QC 2.5.0
+*Out-of-range* checks (volume outside the model card's range, implausible location and, since
+QC 2.6.0, a third-party segment of a structure that neither a model card nor the estimator
+covers) are policy: the model was never validated there, so a result they flag goes to review
+whatever its score (:func:`policy_reasons`), while the score stays a calibrated probability. Since QC 2.5.0
 the location check (:data:`OFFSET_FEATURES`) also lowers that probability when it fires, by
 what that predicts on the calibration set, where a liver segmented on the wrong side of the body
 fails more often than not. It is fitted last, with the other weights frozen (:func:`fit_offset`):
@@ -61,7 +68,7 @@ FUSION_FILE = Path(__file__).resolve().parent / "models" / "fusion.json"
 #: Dice at or above which a mask is acceptable (DESIGN.md); the score is P(Dice >= this).
 ACCEPTABLE_DICE = 0.7
 #: Reasons of out-of-range checks: a result they flag goes to review whatever its score.
-POLICY_REASONS = (Reason.VOLUME_ANOMALY, Reason.IMPLAUSIBLE_LOCATION)
+POLICY_REASONS = (Reason.VOLUME_ANOMALY, Reason.IMPLAUSIBLE_LOCATION, Reason.UNCOVERED_STRUCTURE)
 #: Transform of each signal the fusion can use.
 SIGNAL_TRANSFORMS: dict[str, str] = {
     "predicted_dice": "logit",

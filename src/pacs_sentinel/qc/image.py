@@ -27,6 +27,13 @@ into a sub-score in [0, 1] with :func:`~pacs_sentinel.qc.heuristics.ramp` and ra
   body touches the image border along more than ``TRUNCATION_BORDER_SHARE`` of the border
   (a sagittal or coronal series is looked at axially: its own slices end at the scan range).
 
+On a series of another modality (MR, PET...: not in HU) only the checks that compare the
+body with its background run (:data:`UNIT_FREE_CHECKS`: blur, truncation), with the body found
+by Otsu's threshold; noise, metal, HU range, contrast and blocks read HU and are not measured
+there, so an MR series is never called "not in HU". (Blocks were tried between body pixels of
+the interquartile range instead of soft tissue: on phantoms mapped to MR-like contrasts, 8-bit
+JPEG at quality 10 left too few pixels in that narrow window to measure.)
+
 Thresholds are module constants calibrated on the product's phantoms
 (:func:`pacs_sentinel.inference.phantoms.make_ct_phantom`): no check fires on 20 ``"normal"``
 phantoms, the noise check fires on ``"low-dose"`` and the metal check on ``"metal-artifact"``.
@@ -53,6 +60,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 
 from pacs_sentinel.dicom_io.series import Volume
@@ -107,10 +115,14 @@ BLOCK_SLICES = 8
 #: quality 30: 2.4, at quality 10: 4.6.
 BLOCKINESS_LOW = 1.5
 BLOCKINESS_HIGH = 3.0
+#: The ratio reported when the blocks are flat inside (no step but at their boundaries), and its cap.
+BLOCKINESS_CAP = 10.0
 #: Fusion floors: what a check at sub-score 0 still leaves of the quality score.
 NOISE_FUSION_FLOOR = 0.8
 BLUR_FUSION_FLOOR = 0.8
 BLOCK_FUSION_FLOOR = 0.8
+#: The checks run on a series that is not CT (the others read HU).
+UNIT_FREE_CHECKS = ("edge_width_px", "truncated_slice_share")
 #: Subsampling: at most this many slices, at most this many pixels per slice.
 MAX_SLICES = 16
 MAX_SLICE_PIXELS = 256 * 256
@@ -263,7 +275,9 @@ def _blockiness(array: np.ndarray) -> float | None:
         boundary = int(np.argmax(means))
         inside = float(np.median(np.delete(means, boundary)))
         if inside > 1e-3:
-            ratios.append(float(means[boundary]) / inside)
+            ratios.append(min(BLOCKINESS_CAP, float(means[boundary]) / inside))
+        elif means[boundary] > 1e-3:  # steps only at the block boundaries: flat blocks (very heavy JPEG)
+            ratios.append(BLOCKINESS_CAP)
     return float(np.mean(ratios)) if ratios else None
 
 
@@ -272,8 +286,20 @@ def _truncated_share(body: np.ndarray) -> float:
     return float(np.mean(border.mean(axis=1) > TRUNCATION_BORDER_SHARE)) if body.shape[0] else 0.0
 
 
+def _otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of ``values`` (SimpleITK, 256 bins): body against background where
+    intensities have no fixed scale (MR)."""
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.SetNumberOfHistogramBins(256)
+    otsu.Execute(sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32)))
+    return float(otsu.GetThreshold())
+
+
 def assess_image(volume: Volume) -> ImageQC:
-    """Run every input-image check on ``volume`` (HU expected for CT).
+    """Run every input-image check on ``volume``: all of them on CT (in HU; a volume without
+    source datasets, a phantom, counts as CT), and on any other modality only those that do
+    not read HU (:data:`UNIT_FREE_CHECKS`, the body found by Otsu's threshold instead of
+    ``BODY_HU``).
 
     Returns:
         The signals (all with reason ``POOR_INPUT_QUALITY``) and the subsampled body mask.
@@ -281,6 +307,9 @@ def assess_image(volume: Volume) -> ImageQC:
     stride = _strides(volume.array.shape)
     sampled = np.asarray(volume.array[:: stride[0], :: stride[1], :: stride[2]], dtype=np.float32)
     finite = np.isfinite(sampled)
+    if (volume.modality or "CT") != "CT":
+        lowest = float(sampled[finite].min()) if finite.any() else 0.0
+        return _assess_unit_free(volume, np.where(finite, sampled, lowest).astype(np.float32), stride)
     out_of_range = float(np.mean(~finite | (np.where(finite, sampled, 0.0) > HU_MAX + 0.5)))
     sampled = np.where(finite, sampled, HU_MIN).astype(np.float32)
     p01, p99 = (float(v) for v in np.percentile(sampled, [1, 99]))
@@ -309,6 +338,24 @@ def assess_image(volume: Volume) -> ImageQC:
         Signal("blockiness", blockiness if blockiness is not None else 1.0,
                1.0 - ramp(blockiness, BLOCKINESS_LOW, BLOCKINESS_HIGH) if blockiness is not None else 1.0, poor,
                fusion_floor=BLOCK_FUSION_FLOOR),
+        Signal("truncated_slice_share", truncated, 1.0 - ramp(truncated, TRUNCATED_LOW, TRUNCATED_HIGH), poor),
+    ]
+    return ImageQC(signals=signals, body=body, body_stride=stride)
+
+
+def _assess_unit_free(volume: Volume, sampled: np.ndarray, stride: tuple[int, int, int]) -> ImageQC:
+    """The checks of a volume not in HU (MR, PET...): blur and a truncated field of view, which
+    compare the body with its background; noise, metal, HU range, contrast and JPEG blocks (read
+    between soft-tissue pixels, a window in HU) are not measured (no signal, so no finding and no
+    say in the fusion)."""
+    body = _largest_component(sampled > _otsu_threshold(sampled)) if sampled.size else np.zeros_like(sampled, bool)
+    width = _edge_width(sampled, body)
+    truncated = _truncated_share(axial_view(body, volume.direction, volume.spacing)[0])
+    poor = Reason.POOR_INPUT_QUALITY
+    signals = [
+        Signal("edge_width_px", width if width is not None else 0.0,
+               1.0 - ramp(width, EDGE_WIDTH_LOW_PX, EDGE_WIDTH_HIGH_PX) if width is not None else 1.0, poor,
+               fusion_floor=BLUR_FUSION_FLOOR),
         Signal("truncated_slice_share", truncated, 1.0 - ramp(truncated, TRUNCATED_LOW, TRUNCATED_HIGH), poor),
     ]
     return ImageQC(signals=signals, body=body, body_stride=stride)

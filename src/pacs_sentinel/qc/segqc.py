@@ -8,6 +8,13 @@ label each segment matches by its segmented property type code. There is no mode
 confidence and no uncertainty (nothing was predicted here); instead, when one of our models
 segments the same label, the Dice between its prediction and the segment is the agreement
 signal (:mod:`pacs_sentinel.qc.agreement`).
+
+The learned estimator judges only the structure and modality it was trained on (the demo's
+liver on CT); any other segment is scored by the fusion's models fitted without it. A segment
+that neither matches one of our labels nor is covered by the estimator can only be checked in
+general terms (empty, fragments, holes, border, image): nothing tells whether it outlines the
+right organ, so it goes to review with the finding QC033 "Structure not covered by QC" (a
+policy reason, like a volume outside the model card's range), its score what those checks give.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ from pydicom.multival import MultiValue
 from pacs_sentinel.dicom_io.seg_masks import MappedSegmentation
 from pacs_sentinel.dicom_io.series import Volume
 from pacs_sentinel.qc.agreement import agreement_signal, dice, matching_label
+from pacs_sentinel.qc.estimator import load_estimator
 from pacs_sentinel.qc.evaluate import evaluate_segmentation
 from pacs_sentinel.qc.heuristics import Signal
-from pacs_sentinel.results import QCResult, SegmentationResult, SegmentLabel
+from pacs_sentinel.results import QCResult, Reason, SegmentationResult, SegmentLabel
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +86,12 @@ def producer(mapped: MappedSegmentation) -> tuple[str, str]:
     return name[:64], (version or "unknown")[:64]
 
 
+def uncovered_structure_signal() -> Signal:
+    """The finding of a segment whose structure no label of ours and not the estimator covers
+    (QC033, policy: such a segment goes to review whatever its score)."""
+    return Signal("structure_covered", 0.0, 0.0, Reason.UNCOVERED_STRUCTURE)
+
+
 def judge_segmentation(
     volume: Volume,
     mapped: MappedSegmentation,
@@ -100,6 +114,7 @@ def judge_segmentation(
         each segment was matched.
     """
     labels = [segment.label for segment in mapped.segments]
+    estimator = load_estimator()
     extra: dict[int, list[Signal]] = {}
     statistics: dict[str, dict[str, float]] = {}
     judgements = []
@@ -113,12 +128,15 @@ def judge_segmentation(
             if matched.prediction is not None:
                 agreement = dice(segment.mask, matched.prediction)
                 extra[index] = [agreement_signal(agreement)]
+        if matched is None and not estimator.covers(segment.label, volume.modality):
+            extra.setdefault(index, []).append(uncovered_structure_signal())
         judgements.append(SegmentJudgement(segment.number, matched, agreement))
     name, version = producer(mapped)
     mask = np.stack([segment.mask for segment in mapped.segments])
     result = SegmentationResult(probabilities=None, mask=mask, labels=labels, model_name=name, model_version=version,
                                 reference=statistics)
-    qc = evaluate_segmentation(volume, result, accept_threshold=accept_threshold, extra_signals=extra)
+    qc = evaluate_segmentation(volume, result, accept_threshold=accept_threshold, extra_signals=extra,
+                               estimator=estimator)
     for segment_qc, segment in zip(qc.segments, mapped.segments, strict=True):
         segment_qc.segment_number = segment.number
     log.info("third-party SEG judged", seg_uid=mapped.sop_instance_uid, producer=f"{name} {version}",

@@ -43,6 +43,7 @@ from pacs_sentinel.qc.cases import (
 from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, IMAGE_FAMILIES, MASK_FAMILIES
 from pacs_sentinel.qc.estimator import (
     BOX_MM,
+    DEFAULT_SCOPE,
     ESTIMATOR_ARCHITECTURE,
     ESTIMATOR_DIR,
     GRID,
@@ -229,6 +230,10 @@ def train_estimator(out_dir: Path | None = None, *, seed: int = 0, epochs: int |
         "name": "qc-estimator",
         "version": ESTIMATOR_VERSION,
         "task": "predict the Dice of a liver mask from (image, mask, model probability map)",
+        # What it judges (QualityEstimator.covers): the structure the cases' masks are of, the
+        # segmentation model's first label, in the model's modality.
+        "scope": {"modalities": [str(model.card.get("modality") or "CT")],
+                  "structures": [[code.value, code.scheme, code.meaning] for code in [model.labels[0].property_type]]},
         "architecture": dict(ESTIMATOR_ARCHITECTURE),
         "input": {"box_mm": BOX_MM, "grid": GRID, "window_hu": list(WINDOW_HU),
                   "channels": ["image windowed to [0, 1]", "mask voxel fraction",
@@ -267,6 +272,9 @@ def render_estimator_card(card: dict[str, Any]) -> str:
     t, m, i = card["training"], card["metrics"], card["input"]
     v = m["validation"]
     w = m.get("validation_without_probabilities", v)
+    covered = card.get("scope") or DEFAULT_SCOPE
+    scope = (" and ".join(f'{scheme} {value} "{meaning}"' for value, scheme, meaning in covered["structures"])
+             + " on " + " or ".join(covered["modalities"]))
     return f"""# Model card: QC confidence estimator {card['version']}
 
 **Part of PACS Sentinel's QC, trained on synthetic phantoms only; not for clinical use.**
@@ -276,6 +284,10 @@ Predicts the Dice of a liver mask of the demo `organ-seg` task from the image, t
 segmentation model's probability map together, or from the image and the mask alone when the mask
 came without probabilities (a third-party SEG) (QC signal `predicted_dice`; QC030 "Low predicted
 Dice" below 0.7). It is one input of the fitted QC fusion, never a verdict on its own.
+
+It judges only what it was trained on: {scope}. A segment of another structure (matched by its
+segmented property type) or a series of another modality is scored without it, by the fusion's
+models fitted without its signal.
 
 ## Input, architecture
 - A cube of {i['box_mm']:.0f} mm around the centre of the mask's bounding box, axial LPS order,

@@ -62,6 +62,7 @@ REASON_COLOURS: dict[Reason, tuple[int, int, int]] = {
     Reason.LOW_PREDICTED_DICE: (0, 128, 128),  # teal
     Reason.LOW_EXPECTED_DICE: (128, 0, 64),  # maroon
     Reason.UNFAMILIAR_INPUT: (190, 160, 255),  # lavender
+    Reason.UNCOVERED_STRUCTURE: (70, 70, 200),  # indigo
 }
 #: Title of the banner's colour legend line.
 LEGEND_TITLE = "Outline colour:"
