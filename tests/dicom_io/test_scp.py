@@ -14,7 +14,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from pacs_sentinel.dicom_io.index import Database
 from pacs_sentinel.dicom_io.scp import ScpSettings, StorageScp
@@ -120,6 +120,19 @@ def test_non_dicom_payload_gets_failure_status_and_scp_keeps_serving(
     assert assoc.send_c_store(_ct()).Status == 0x0000
     assoc.release()
     assert len(_indexed(scp)) == 1
+
+
+def test_a_truncated_instance_gets_c210_and_is_not_stored(scp: StorageScp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom's MR_truncated.dcm (its pixel data 62 bytes short of their declared length), sent
+    byte for byte: the sender learns it was not stored, and may send it again."""
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SENTINEL")
+    assert assoc.is_established
+    assert assoc.send_c_store(get_testdata_file("MR_truncated.dcm")).Status == 0xC210
+    assert _indexed(scp) == [] and not list(scp.spool.root.rglob("*.dcm"))
+    assoc.release()
 
 
 def test_wrong_called_ae_title_is_rejected(scp: StorageScp) -> None:

@@ -8,7 +8,8 @@ indexed; every failure has its own status so the sender knows to keep its copy:
 - 0xA700 out of resources: free disk under the data folder below ``min_free_disk_mb``, or
   the file could not be written or indexed;
 - 0xA900 the data set's SOP Class UID differs from the presentation context's;
-- 0xC210 cannot understand: the data set cannot be decoded or lacks a valid UID.
+- 0xC210 cannot understand: the data set cannot be decoded, is truncated (something runs past
+  its end: :func:`~pacs_sentinel.dicom_io.spool.read_instance_info`) or lacks a valid UID.
 
 Associations are refused at association time (A-ASSOCIATE-RJ, rejected-permanent,
 service-user) when the called AE title is not ours (reason 7) or, with a non-empty

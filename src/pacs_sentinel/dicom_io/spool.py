@@ -146,18 +146,26 @@ def instance_info(dataset: pydicom.Dataset, transfer_syntax: str) -> InstanceInf
 def read_instance_info(dataset: BytesIO, transfer_syntax: str) -> InstanceInfo:
     """Read the identifying attributes of an encoded data set (a C-STORE's *Data Set*).
 
-    Every top-level element is walked, as decoding the whole data set would, but only the
-    values of :data:`IDENTIFYING_TAGS` are copied: the pixel data stay where they are. A
-    little endian data set of plain elements is walked by :func:`_scan_little_endian`;
-    anything else (big endian, deflated, sequences of undefined length, a VR that is not
-    two capital letters, an element running past the end, text that is not ASCII) goes
-    through pydicom's reader, so both give the same answers.
+    Every element is walked, nested sequences and encapsulated pixel data included
+    (:func:`_scan_little_endian`), but only the top-level values of :data:`IDENTIFYING_TAGS` are
+    copied: the pixel data stay where they are. An element, item or fragment that runs past the
+    end of the data set, or a sequence or item without its delimiter, is a
+    :class:`~pacs_sentinel.errors.DecodeError`: a truncated instance is refused (0xC210), never
+    stored as if whole. Values the walk does not read itself (text that is not ASCII, several
+    values) and data sets it does not walk (big endian; a VR that is not two capital letters; UN
+    of undefined length) go through pydicom's reader, so both give the same answers. A deflated
+    data set is inflated first.
 
     Raises:
-        DecodeError: The data set cannot be parsed, or a UID is missing or malformed.
+        DecodeError: The data set is truncated or cannot be parsed, or a UID is missing or malformed.
     """
     syntax = UID(transfer_syntax)
-    if syntax.is_little_endian and not syntax.is_deflated:
+    if syntax.is_deflated:
+        try:
+            dataset = BytesIO(zlib.decompress(dataset.getvalue(), -zlib.MAX_WBITS))
+        except zlib.error as exc:
+            raise DecodeError(f"cannot inflate deflated data set: {exc}") from exc
+    if syntax.is_little_endian:
         with dataset.getbuffer() as view:
             values = _scan_little_endian(view, syntax.is_implicit_VR)
         if values is not None:
@@ -171,8 +179,6 @@ def read_instance_info(dataset: BytesIO, transfer_syntax: str) -> InstanceInfo:
                 transfer_syntax=str(syntax),
             )
     try:
-        if syntax.is_deflated:
-            dataset = BytesIO(zlib.decompress(dataset.getvalue(), -zlib.MAX_WBITS))
         dataset.seek(0)
         ds = read_dataset(dataset, syntax.is_implicit_VR, syntax.is_little_endian, specific_tags=IDENTIFYING_TAGS)
     except Exception as exc:  # the parser raises whatever the bytes provoke
@@ -182,7 +188,8 @@ def read_instance_info(dataset: BytesIO, transfer_syntax: str) -> InstanceInfo:
 
 _SOP_CLASS_UID, _SOP_INSTANCE_UID, _STUDY_UID, _SERIES_UID, _MODALITY, _PATIENT_ID = (int(tag) for tag in IDENTIFYING_TAGS)
 _WANTED = frozenset(int(tag) for tag in IDENTIFYING_TAGS)
-_PIXEL_DATA, _ITEM, _SEQUENCE_DELIMITER = 0x7FE00010, 0xFFFEE000, 0xFFFEE0DD
+_PIXEL_DATA, _ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER = 0x7FE00010, 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
 #: Explicit VRs whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _IMPLICIT_HEADER = struct.Struct("<HHL")
@@ -190,57 +197,125 @@ _EXPLICIT_HEADER = struct.Struct("<HH2sH")
 _LONG_LENGTH = struct.Struct("<L")
 
 
-def _scan_little_endian(buffer: memoryview, implicit: bool) -> dict[int, str] | None:
-    """The identifying values of a little endian data set, walking every top-level element.
+class _LeftToPydicom(Exception):
+    """The walk meets an encoding it leaves to pydicom's reader."""
 
-    Returns ``None`` when the data set holds something this walk leaves to pydicom (see
-    :func:`read_instance_info`). Encapsulated pixel data (undefined length, items of defined
-    length) is stepped over; other values are never copied.
+
+def _truncated(what: str, offset: int, needed: int, end: int) -> DecodeError:
+    return DecodeError(f"truncated data set: {what} at byte {offset} needs {needed} bytes, {max(0, end - offset)} left")
+
+
+def _scan_little_endian(buffer: memoryview, implicit: bool) -> dict[int, str] | None:
+    """The identifying values of a little endian data set, after walking all of it.
+
+    Returns ``None`` when the values, or the encoding, are left to pydicom (see
+    :func:`read_instance_info`); the structure has been checked as far as the walk went.
+
+    Raises:
+        DecodeError: Something runs past the end of the data set, or a delimiter is missing
+            or out of place.
     """
     found: dict[int, str] = {}
-    offset, end = 0, len(buffer)
+    try:
+        _walk_elements(buffer, implicit, 0, len(buffer), found, in_item=False)
+    except _LeftToPydicom:
+        return None
+    if found.pop(-1, None) is not None:
+        return None  # a value the walk does not read itself: pydicom decides
+    return found
+
+
+def _walk_elements(buffer: memoryview, implicit: bool, offset: int, end: int, found: dict[int, str] | None, *,
+                   in_item: bool) -> int:
+    """Walk data elements from ``offset``: to ``end`` (the data set, or an item of defined
+    length), or to the item delimiter when ``in_item`` (an item of undefined length). Values of
+    :data:`_WANTED` tags go to ``found`` (top level only: ``found`` is None inside items; key -1
+    marks a value to leave to pydicom). Returns the offset after the last element (after the
+    delimiter)."""
     while offset < end:
         if end - offset < 8:
-            return None
+            raise _truncated("an element header", offset, 8, end)
+        group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
+        tag = group << 16 | element
+        if group == 0xFFFE:  # item tags have no VR in either encoding
+            if tag == _ITEM_DELIMITER and in_item:
+                return offset + 8
+            raise DecodeError(f"malformed data set: item tag ({group:04X},{element:04X}) at byte {offset} "
+                              "outside a sequence")
+        vr = b""
         if implicit:
-            group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
             offset += 8
         else:
-            group, element, vr, length = _EXPLICIT_HEADER.unpack_from(buffer, offset)
+            vr = bytes(buffer[offset + 4:offset + 6])
             if vr in _LONG_VRS:
                 if end - offset < 12:
-                    return None
+                    raise _truncated("an element header", offset, 12, end)
                 length = _LONG_LENGTH.unpack_from(buffer, offset + 8)[0]
                 offset += 12
             elif len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
+                length = int.from_bytes(buffer[offset + 6:offset + 8], "little")
                 offset += 8
             else:
-                return None
-        tag = group << 16 | element
-        if length == 0xFFFFFFFF:
-            if tag != _PIXEL_DATA:
-                return None  # a sequence: pydicom's reader walks nested data sets
-            while True:  # encapsulated pixel data: items of defined length, then the delimiter
-                if end - offset < 8:
-                    return None
-                item_group, item_element, item_length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
-                offset += 8
-                item = item_group << 16 | item_element
-                if item == _SEQUENCE_DELIMITER:
-                    break
-                if item != _ITEM or item_length == 0xFFFFFFFF or offset + item_length > end:
-                    return None
-                offset += item_length
+                raise _LeftToPydicom
+        if length == _UNDEFINED:
+            if tag == _PIXEL_DATA:
+                offset = _walk_fragments(buffer, offset, end)
+            elif vr == b"UN":
+                raise _LeftToPydicom  # its content is implicit VR (PS3.5 6.2.2)
+            else:
+                offset = _walk_items(buffer, implicit, offset, end)
             continue
-        if tag >= 0xFFFE0000 or offset + length > end:
-            return None
-        if tag in _WANTED:
+        if offset + length > end:
+            raise _truncated(f"element ({group:04X},{element:04X}) of {length} bytes", offset, length, end)
+        if found is not None and tag in _WANTED:
             value = bytes(buffer[offset:offset + length])
             if not value.isascii() or b"\\" in value:
-                return None  # another character set, or several values: pydicom decides
-            found[tag] = value.decode("ascii").rstrip("\0 ")
+                found[-1] = ""  # another character set, or several values: pydicom decides
+            else:
+                found[tag] = value.decode("ascii").rstrip("\0 ")
         offset += length
-    return found
+    if in_item:
+        raise DecodeError(f"truncated data set: an item of undefined length ends at byte {end} without its delimiter")
+    return offset
+
+
+def _walk_items(buffer: memoryview, implicit: bool, offset: int, end: int) -> int:
+    """Walk the items of a sequence of undefined length up to and past its delimiter."""
+    while True:
+        if end - offset < 8:
+            raise _truncated("a sequence item header", offset, 8, end)
+        group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
+        tag = group << 16 | element
+        offset += 8
+        if tag == _SEQUENCE_DELIMITER:
+            return offset
+        if tag != _ITEM:
+            raise DecodeError(f"malformed data set: ({group:04X},{element:04X}) at byte {offset - 8} where a "
+                              "sequence item or its delimiter belongs")
+        if length == _UNDEFINED:
+            offset = _walk_elements(buffer, implicit, offset, end, None, in_item=True)
+        elif offset + length > end:
+            raise _truncated(f"a sequence item of {length} bytes", offset, length, end)
+        else:
+            _walk_elements(buffer, implicit, offset, offset + length, None, in_item=False)
+            offset += length
+
+
+def _walk_fragments(buffer: memoryview, offset: int, end: int) -> int:
+    """Walk encapsulated pixel data (items of defined length) up to and past its delimiter."""
+    while True:
+        if end - offset < 8:
+            raise _truncated("a pixel data fragment header", offset, 8, end)
+        group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
+        tag = group << 16 | element
+        offset += 8
+        if tag == _SEQUENCE_DELIMITER:
+            return offset
+        if tag != _ITEM or length == _UNDEFINED:
+            raise DecodeError(f"malformed encapsulated pixel data at byte {offset - 8}")
+        if offset + length > end:
+            raise _truncated(f"a pixel data fragment of {length} bytes", offset, length, end)
+        offset += length
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
