@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,48 @@ def test_status_shows_a_done_job_s_note_beside_its_reasons(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stdout.splitlines() if line.startswith(f"{job.id} ")]
     assert "DONE" in line and "Fragmentation; SEG 1.2.9 not judged: why" in line
+
+
+def test_run_on_a_taken_port_or_a_data_dir_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    """`sentinel run` that cannot start exits 2 with one line, no traceback, no abort; two nodes
+    never share a data_dir (the second would take the first one's running jobs for interrupted)."""
+    import socket
+
+    from pacs_sentinel.daemon.config import parse_config
+    from pacs_sentinel.daemon.service import Sentinel
+    from pacs_sentinel.errors import SentinelError
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = tmp_path / "c.toml"
+    config.write_text(f'[node]\nport = {port}\ndata_dir = "{tmp_path / "var"}"\n')
+    try:
+        result = _sentinel("run", "-c", str(config))
+    finally:
+        taken.close()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sentinel: cannot listen for DICOM on 127.0.0.1:{port}: [Errno 98] Address already in use")
+    assert "Traceback" not in result.stderr + result.stdout
+
+    settings = parse_config({"node": {"port": free_port(), "data_dir": str(tmp_path / "shared")}})
+    first = Sentinel(settings)
+    try:
+        try:
+            Sentinel(settings)
+        except SentinelError as exc:
+            assert "is in use by another PACS Sentinel" in str(exc) and f"process {os.getpid()}" in str(exc)
+        else:
+            raise AssertionError("a second node opened a data_dir in use")
+        busy = _sentinel("run", "-c", str(_toml(tmp_path / "second.toml", settings)))
+        assert busy.returncode == 2 and "is in use by another PACS Sentinel" in busy.stderr, busy.stderr
+    finally:
+        first.stop()
+    Sentinel(settings).stop()  # released on stop
+
+
+def _toml(path: Path, config) -> Path:  # type: ignore[no-untyped-def]
+    path.write_text(f'[node]\nport = {config.node.port}\ndata_dir = "{config.node.data_dir}"\n')
+    return path

@@ -186,3 +186,41 @@ def test_check_config_loads_the_agreement_model_and_explains_seg_qc(tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert f"pipeline 'vendor-qc': judges SEG {seg.SOPInstanceUID} on series {volume.series_uid}" in result.stdout
     assert "pipeline 'mr-qc': no third-party SEG references a matching series (1 third-party SEG(s))" in result.stdout
+
+
+def test_check_config_finds_what_would_stop_the_daemon(tmp_path: Path) -> None:
+    """Problems the schema cannot see, each named by its key: a data folder that is a file, TLS
+    files that are not there or do not load, a listen address that does not resolve, the review
+    page on the DICOM port."""
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("x")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    cases = {
+        f'[node]\ndata_dir = "{not_a_folder}"\n': f"node.data_dir: {not_a_folder} exists and is not a folder",
+        f'[node]\ndata_dir = "{tmp_path / "var"}"\n[node.tls]\ncert_file = "{tmp_path / "absent.crt"}"\n'
+        f'key_file = "{garbage}"\n': "node.tls.cert_file: ",
+        f'[node]\ndata_dir = "{tmp_path / "var"}"\n[node.tls]\ncert_file = "{garbage}"\nkey_file = "{garbage}"\n':
+            "node.tls: the certificate, key or CA file does not load",
+        f'[node]\nhost = "not a host!!"\ndata_dir = "{tmp_path / "var"}"\n': "node.host: 'not a host!!' is not an address",
+        f'[node]\nport = 11112\ndata_dir = "{tmp_path / "var"}"\n[review.web]\nenabled = true\nport = 11112\n':
+            "review.web.port: 11112 is node.port too",
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+        result = _check_config(path)
+        assert result.returncode == 1 and expected in result.stderr, (text, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "var").exists()  # checking creates nothing
+
+
+def test_check_config_warns_of_settings_that_are_valid_but_probably_not_meant(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n[study]\nquiet_seconds = 30\nmax_wait_seconds = 5\n')
+    result = _check_config(path)
+    assert result.returncode == 0 and "OK (0 pipeline(s), 0 destination(s))" in result.stdout
+    assert "warning: no [[pipelines]]: every study will be rejected" in result.stderr
+    assert "warning: no [[destinations]]: results are kept under data_dir and sent nowhere" in result.stderr
+    assert "warning: study.max_wait_seconds (5) is shorter than the quiet time (30 s)" in result.stderr
+    assert "warning" not in _check_config(REPO / "config.toml").stderr

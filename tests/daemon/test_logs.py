@@ -20,9 +20,11 @@ def standard_logging() -> Iterator[None]:
     root handler; structlog is reset by the autouse fixture in tests/conftest.py)."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    logging.captureWarnings(False)  # configure_logging captures them; pytest swaps showwarning per test
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def test_an_overlapping_interval_run_is_not_a_warning_but_other_scheduler_warnings_are(standard_logging) -> None:
@@ -46,3 +48,20 @@ def test_an_overlapping_interval_run_is_not_a_warning_but_other_scheduler_warnin
 
     assert "maximum number of running instances reached" not in stream.getvalue()
     assert "Run time of job was missed" in stream.getvalue()
+
+
+def test_the_json_format_renders_the_dependencies_lines_as_json_too(standard_logging) -> None:
+    """One JSON object per line, also for what pynetdicom, pydicom and Python's warnings say."""
+    import json
+    import warnings
+
+    stream = io.StringIO()
+    configure_logging("json", "info", stream=stream)
+    logging.getLogger("pynetdicom.transport").error("TCP Initialisation Error: [Errno 111] Connection refused")
+    logging.getLogger("pydicom").warning("Invalid value for VR IS: '1A'")
+    warnings.warn("a dependency's warning", UserWarning, stacklevel=1)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]  # each line is JSON
+    assert [(line["logger"], line["level"]) for line in lines] == [
+        ("pynetdicom.transport", "error"), ("pydicom", "warning"), ("py.warnings", "warning")]
+    assert lines[0]["event"] == "TCP Initialisation Error: [Errno 111] Connection refused"
+    assert "a dependency's warning" in lines[2]["event"] and all("timestamp" in line for line in lines)

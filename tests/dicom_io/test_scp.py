@@ -9,6 +9,7 @@ from pathlib import Path
 import pydicom
 import pynetdicom
 import pytest
+import structlog.testing
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
@@ -135,11 +136,36 @@ def test_a_truncated_instance_gets_c210_and_is_not_stored(scp: StorageScp, monke
     assoc.release()
 
 
+def _logged(logs: list[dict], event: str, timeout: float = 5.0) -> list[dict]:
+    """The captured entries of ``event``, once there is one (the server logs in its own thread)."""
+    deadline = time.monotonic() + timeout
+    while not any(entry["event"] == event for entry in logs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [entry for entry in logs if entry["event"] == event]
+
+
 def test_wrong_called_ae_title_is_rejected(scp: StorageScp) -> None:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SOMEONEELSE")
-    assert assoc.is_rejected
+    with structlog.testing.capture_logs() as logs:
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="SOMEONEELSE")
+        assert assoc.is_rejected
+        refused = _logged(logs, "association refused")
+    # IT can find the misconfigured modality in the log.
+    assert len(refused) == 1 and refused[0]["calling_ae"] == "MODALITY", logs
+    assert refused[0]["reason"] == "called AE title 'SOMEONEELSE' is not ours ('SENTINEL')"
+
+
+def test_an_aborted_association_is_logged_and_nothing_half_sent_is_stored(scp: StorageScp) -> None:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    with structlog.testing.capture_logs() as logs:
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="SENTINEL")
+        assert assoc.is_established
+        assoc.abort()
+        aborted = _logged(logs, "association aborted")
+    assert len(aborted) == 1 and aborted[0]["calling_ae"] == "MODALITY"
+    assert _indexed(scp) == []
 
 
 def test_reconcile_removes_temp_files_and_reindexes_unindexed_files(tmp_path: Path) -> None:
@@ -375,3 +401,16 @@ def test_each_association_negotiates_on_its_own_copy_of_the_contexts(scp: Storag
     assoc.release()
     assert [(cx.abstract_syntax, list(cx.transfer_syntax)) for cx in server_contexts] == before
     assert all(cx.context_id is None for cx in server_contexts)
+
+
+def test_a_request_naming_another_instance_than_its_data_set_gets_a900(
+    scp: StorageScp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C-STORE-RQ whose Affected SOP Instance UID is not the data set's: success would confirm
+    an instance that was not the one stored."""
+    ds = _ct()
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"  # chunked sending takes the request's UID from here
+    mislabelled = tmp_path / "other-uid.dcm"
+    ds.save_as(mislabelled)
+    assert _send_file_as_is(scp, mislabelled, monkeypatch) == 0xA900
+    assert _indexed(scp) == []

@@ -188,3 +188,32 @@ def test_body_part_and_laterality_of_the_overlay(case, seg_result, qc_review, dc
     assert sc.get("BodyPartExamined") == copied
     assert (sc.Laterality if "Laterality" in sc else None) == laterality
     dciodvfy_clean(sc, "SCImage")
+
+
+@pytest.mark.parametrize(("source_says", "syntax", "expected"), [
+    ({"LossyImageCompression": "01", "LossyImageCompressionRatio": "5.1948",
+      "LossyImageCompressionMethod": "ISO_10918_1"}, "1.2.840.10008.1.2.1", ("01", "5.1948", "ISO_10918_1")),
+    ({}, "1.2.840.10008.1.2.4.51", ("01", None, None)),  # JPEG extended: lossy by its syntax alone
+    ({"LossyImageCompression": "00"}, "1.2.840.10008.1.2.4.70", (None, None, None)),  # lossless JPEG
+    ({}, "1.2.840.10008.1.2.1", (None, None, None)),  # the attribute is optional (type 3): left out
+])
+def test_an_overlay_of_a_lossy_compressed_slice_says_so(source_says, syntax, expected, seg_result, qc_review,
+                                                        dciodvfy_clean):
+    """PS3.3 C.7.6.1.1.5: an image derived from lossy compressed pixels is Lossy Image Compression "01"."""
+    volume = load_volume(make_ct_series())
+    for ds in volume.datasets:  # as if stored so (the pixels are decoded already)
+        ds.update(_dataset(source_says))
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+    sc, _ = build_overlay(volume, make_result(volume, seg_result.labels), qc_review)
+    ds = read_back(sc)
+    assert (ds.get("LossyImageCompression"), ds.get("LossyImageCompressionRatio"),
+            ds.get("LossyImageCompressionMethod")) == expected
+    assert dciodvfy_clean(sc, "SCImage") == []
+
+
+def _dataset(values: dict) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds

@@ -167,3 +167,18 @@ def test_validation_is_skipped_without_dciodvfy(seg_two, monkeypatch):
     monkeypatch.setattr(validate.shutil, "which", lambda name: None)
     assert validate.run_dciodvfy(seg_two) is None
     assert validate.validate(seg_two, strict=True) is None
+
+
+def test_a_source_of_a_multi_frame_iod_without_its_modules_is_a_clear_error(seg_result, qc_review) -> None:
+    """pydicom's single-frame RT Dose instances load as a stack of slices (as a `match = {}`
+    pipeline may send them), but an RT Dose is a multi-frame IOD without the functional groups a
+    SEG references: the job fails with a reason, not an internal error."""
+    from pydicom.data import get_testdata_file
+
+    from pacs_sentinel.dicom_io.series import load_series_files
+
+    volume = load_series_files([get_testdata_file("rtdose_1frame.dcm")], min_slices=1)
+    result = SegmentationResult(probabilities=None, mask=np.ones((1, *volume.array.shape), dtype=np.uint8),
+                                labels=seg_result.labels, model_name="m", model_version="1")
+    with pytest.raises(ReportError, match="cannot build a SEG on RT Dose Storage source images"):
+        build_segmentation(volume, result, make_qc(volume, result, Verdict.NEEDS_REVIEW, [], 0.1))

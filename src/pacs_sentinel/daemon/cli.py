@@ -38,6 +38,60 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _node_problems(config) -> list[str]:  # type: ignore[no-untyped-def]
+    """What would stop ``sentinel run`` that the schema cannot see: a data folder that is a
+    file or cannot be created or written, a listen address that does not resolve, the review
+    page on the DICOM port, TLS files that do not load. (A port another program holds is found
+    only by ``sentinel run``, which then exits with a one-line message.)"""
+    import os
+    import socket
+
+    from pacs_sentinel.dicom_io.scp import TlsSettings
+
+    problems = []
+    data_dir = config.node.data_dir
+    existing = next((p for p in (data_dir, *data_dir.parents) if p.exists()), None)
+    if data_dir.exists() and not data_dir.is_dir():
+        problems.append(f"node.data_dir: {data_dir} exists and is not a folder")
+    elif existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == data_dir else f"cannot be created in {existing}"
+        problems.append(f"node.data_dir: {data_dir} {where}")
+    try:
+        socket.getaddrinfo(config.node.host, config.node.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
+        problems.append(f"node.host: {config.node.host!r} is not an address this machine can listen on: {exc}")
+    web = config.review.web
+    if web.enabled and web.port == config.node.port:
+        problems.append(f"review.web.port: {web.port} is node.port too; the review page and DICOM need their own ports")
+    tls = config.node.tls
+    if tls is not None:
+        unreadable = [f"node.tls.{key}: {path} is not a readable file"
+                      for key, path in (("cert_file", tls.cert_file), ("key_file", tls.key_file), ("ca_file", tls.ca_file))
+                      if path is not None and not (Path(path).is_file() and os.access(path, os.R_OK))]
+        problems += unreadable
+        if not unreadable:
+            try:
+                TlsSettings(tls.cert_file, tls.key_file, tls.ca_file, tls.require_client_cert).server_context()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: not a certificate or key
+                problems.append(f"node.tls: the certificate, key or CA file does not load: {exc}")
+    return problems
+
+
+def _config_warnings(config) -> list[str]:  # type: ignore[no-untyped-def]
+    """Valid settings that are probably not what was meant (``check-config`` still exits 0)."""
+    warnings = []
+    if not config.pipelines:
+        warnings.append("no [[pipelines]]: every study will be rejected")
+    if not config.destinations:
+        warnings.append("no [[destinations]]: results are kept under data_dir and sent nowhere")
+    study = config.study
+    quiet = [study.quiet_seconds, *study.quiet_seconds_by_calling_ae.values()]
+    if study.max_wait_seconds < max(quiet):
+        warnings.append(f"study.max_wait_seconds ({study.max_wait_seconds:g}) is shorter than the quiet time "
+                        f"({max(quiet):g} s): studies are taken as complete before they have been quiet")
+    return warnings
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from pacs_sentinel.daemon.config import load_config
     from pacs_sentinel.inference.models import load_segmentation_model
@@ -50,7 +104,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             # A problem with the file as a whole (unreadable, not TOML) already names it.
             print(problem if problem.startswith(f"{name}: ") else f"{name}: {problem}", file=sys.stderr)
         return EXIT_FAILURE
-    problems = []
+    problems = _node_problems(config)
     try:
         from pacs_sentinel.daemon.web import check_web_access
 
@@ -79,6 +133,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{args.config}: {problem}", file=sys.stderr)
     if problems:
         return EXIT_FAILURE
+    for warning in _config_warnings(config):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK ({len(config.pipelines)} pipeline(s), {len(config.destinations)} destination(s))")
     if args.explain:
         from pacs_sentinel.daemon.routing import explain

@@ -69,10 +69,16 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    # pynetdicom and apscheduler log through the standard library; keep their noise down
-    # and route what remains to the same stream.
+    # pynetdicom, pydicom and apscheduler log through the standard library (pydicom's
+    # warnings too, once captured): keep their noise down and render what remains like our own
+    # lines, on the same stream, so that the JSON format is one JSON object per line throughout.
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True)],
+    ))
+    logging.captureWarnings(True)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

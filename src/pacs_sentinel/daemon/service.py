@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 from functools import partial
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
 import structlog
@@ -25,6 +28,7 @@ from pacs_sentinel.daemon.worker import Worker
 from pacs_sentinel.dicom_io.index import Database
 from pacs_sentinel.dicom_io.scp import Receiver, ScpSettings, TlsSettings
 from pacs_sentinel.dicom_io.spool import Spool
+from pacs_sentinel.errors import SentinelError
 
 log = structlog.get_logger(__name__)
 
@@ -33,13 +37,75 @@ OUTBOX_INTERVAL_SECONDS = 1.0
 ARRIVAL_POLL_SECONDS = 0.5
 
 
+#: The file in ``data_dir`` a running node holds locked (it names the node's process id).
+LOCK_FILE = "sentinel.lock"
+
+
+class DataDirLock:
+    """An exclusive lock on a data folder: one node per spool, index and job queue.
+
+    Two nodes on one ``data_dir`` would each take the other's running jobs for interrupted
+    ones and run them again (and deliver twice). The lock is a ``flock`` on
+    :data:`LOCK_FILE`, so the kernel releases it when the process ends, however it ends.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            SentinelError: Another process holds it (its process id in the message), or the
+                lock file cannot be opened.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SentinelError(f"cannot open the lock file {self.path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise SentinelError(f"data_dir {self.path.parent} is in use by another PACS Sentinel (process {holder}; "
+                                f"lock {self.path}): one node per data_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the lock up (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Sentinel:
     """One running PACS Sentinel node."""
 
     def __init__(self, config: Config) -> None:
+        """Open the node's data folder (locked against a second node) and build its parts.
+
+        Raises:
+            SentinelError: ``data_dir`` cannot be created or is in use by another node.
+        """
         self.config = config
         data_dir = config.node.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SentinelError(f"cannot create data_dir {data_dir}: {exc.strerror or exc}") from exc
+        self.lock = DataDirLock(data_dir)
+        self.lock.acquire()
+        try:
+            self._build(config, data_dir)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, config: Config, data_dir: Path) -> None:
         self.database = Database(data_dir / "sentinel.db", migrations=jobs_module.MIGRATIONS)
         self.spool = Spool(data_dir, self.database)
         self.jobs = JobStore(self.database)
@@ -74,7 +140,20 @@ class Sentinel:
         self._started = threading.Event()
 
     def start(self) -> None:
-        """Reconcile state left by a previous run, then start serving."""
+        """Reconcile state left by a previous run, then start serving.
+
+        Raises:
+            SentinelError: The node cannot start (e.g. its DICOM port is taken, the listen
+                address does not resolve, a TLS file cannot be read); whatever had started is
+                stopped again, the data folder unlocked.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         if self.config.inference.threads:
             torch.set_num_threads(self.config.inference.threads)
         self.spool.reconcile()
@@ -92,10 +171,22 @@ class Sentinel:
         from pacs_sentinel.daemon import refit
 
         refit.schedule(self.scheduler, self.config, self.database)  # [qc.refit] enabled: the nightly job
-        self.worker.start()
-        self.scp.start()
+        node = self.config.node
+        if node.tls is not None:
+            try:
+                TlsSettings(node.tls.cert_file, node.tls.key_file, node.tls.ca_file,
+                            node.tls.require_client_cert).server_context()
+            except (OSError, ValueError) as exc:
+                raise SentinelError(f"cannot load node.tls (cert_file {node.tls.cert_file}, key_file "
+                                    f"{node.tls.key_file}): {exc}") from exc
+        try:
+            self.scp.start()
+        except OSError as exc:  # the port is taken, the address does not resolve, a TLS file is unreadable
+            raise SentinelError(f"cannot listen for DICOM on {node.host}:{node.port}: {exc}") from exc
         if self.web is not None:
             self.web.start()
+        # Last: the worker's one-time warm-up runs only once the node can receive.
+        self.worker.start()
         self._started.set()
         log.info("sentinel started", ae_title=self.config.node.ae_title, port=self.scp.port,
                  data_dir=str(self.config.node.data_dir), pipelines=[p.name for p in self.config.pipelines],
@@ -109,6 +200,7 @@ class Sentinel:
         self.worker.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        self.lock.release()
         log.info("sentinel stopped")
 
     def deliver_now(self) -> None:

@@ -7,7 +7,8 @@ indexed; every failure has its own status so the sender knows to keep its copy:
 - 0x0000 success, also for an exact duplicate of a stored instance (stored once);
 - 0xA700 out of resources: free disk under the data folder below ``min_free_disk_mb``, or
   the file could not be written or indexed;
-- 0xA900 the data set's SOP Class UID differs from the presentation context's;
+- 0xA900 the data set's SOP Class UID differs from the presentation context's, or its SOP
+  Instance UID from the request's Affected SOP Instance UID;
 - 0xC210 cannot understand: the data set cannot be decoded, is truncated (something runs past
   its end: :func:`~pacs_sentinel.dicom_io.spool.read_instance_info`) or lacks a valid UID.
 
@@ -487,8 +488,32 @@ class StorageScp:
             return
         log.warning("association refused: caller not in allowed_peers", calling_ae=calling_ae, address=address)
         assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE_NOT_RECOGNIZED)
+        assoc.sentinel_refusal_logged = True  # type: ignore[attr-defined]
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
+
+    def handle_rejected(self, event: Event) -> None:
+        """EVT_REJECTED handler: say in the log why an association was refused, so that a
+        misconfigured modality can be found (pynetdicom refuses a wrong called AE title and one
+        association too many on its own, silently)."""
+        assoc = event.assoc
+        if getattr(assoc, "sentinel_refusal_logged", False):
+            return  # handle_requested said why
+        request = assoc.requestor.primitive
+        called_ae = str(getattr(request, "called_ae_title", "") or "").strip()
+        if called_ae != self.settings.ae_title:
+            why = f"called AE title {called_ae!r} is not ours ({self.settings.ae_title!r})"
+        else:
+            why = f"more than max_associations = {self.settings.max_associations} at once"
+        log.warning("association refused", reason=why, calling_ae=str(assoc.requestor.ae_title).strip(),
+                    address=str(assoc.requestor.address))
+
+    def handle_aborted(self, event: Event) -> None:
+        """EVT_ABORTED handler: an association the peer (or the network) broke off. Instances
+        it acknowledged are stored; one in transfer was not, and the peer was not told it was."""
+        assoc = event.assoc
+        log.warning("association aborted", calling_ae=str(assoc.requestor.ae_title).strip(),
+                    address=str(assoc.requestor.address))
 
     def handle_store(self, event: Event) -> int:
         """EVT_C_STORE handler: persist and index, then return the DIMSE status.
@@ -511,6 +536,13 @@ class StorageScp:
         if info.sop_class_uid != str(event.context.abstract_syntax):
             bound.warning("instance refused: SOP class does not match the presentation context",
                           sop_class_uid=info.sop_class_uid, context=str(event.context.abstract_syntax))
+            return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+        requested_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
+        if requested_uid != info.sop_instance_uid:
+            # The response would confirm an instance that is not the one stored (DCMTK's storescp
+            # answers the same).
+            bound.warning("instance refused: SOP Instance UID differs from the request's Affected SOP Instance UID",
+                          affected_sop_instance_uid=requested_uid)
             return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
             if not self._disk.has_room():
@@ -546,7 +578,8 @@ class StorageScp:
         """
         ae = self._make_ae()
         ssl_context = self.settings.tls.server_context() if self.settings.tls is not None else None
-        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REQUESTED, self.handle_requested)]
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REQUESTED, self.handle_requested),
+                    (evt.EVT_REJECTED, self.handle_rejected), (evt.EVT_ABORTED, self.handle_aborted)]
         server_class = type("SentinelAssociationServer", (_Server,), {
             "shared_socket": self.listening_socket,
             "balance": self.balance,

@@ -279,19 +279,27 @@ def _walk_elements(buffer: memoryview, implicit: bool, offset: int, end: int, fo
     return offset
 
 
+def _item_header(buffer: memoryview, offset: int, end: int, what: str) -> tuple[int | None, int]:
+    """The length of the next item of a sequence (``what``: its name in messages) and the
+    offset after its header; length None at the sequence delimiter."""
+    if end - offset < 8:
+        raise _truncated(f"{what} header", offset, 8, end)
+    group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
+    tag = group << 16 | element
+    if tag == _SEQUENCE_DELIMITER:
+        return None, offset + 8
+    if tag != _ITEM:
+        raise DecodeError(f"malformed data set: ({group:04X},{element:04X}) at byte {offset} where {what} "
+                          "or its delimiter belongs")
+    return length, offset + 8
+
+
 def _walk_items(buffer: memoryview, implicit: bool, offset: int, end: int) -> int:
     """Walk the items of a sequence of undefined length up to and past its delimiter."""
     while True:
-        if end - offset < 8:
-            raise _truncated("a sequence item header", offset, 8, end)
-        group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
-        tag = group << 16 | element
-        offset += 8
-        if tag == _SEQUENCE_DELIMITER:
+        length, offset = _item_header(buffer, offset, end, "a sequence item")
+        if length is None:
             return offset
-        if tag != _ITEM:
-            raise DecodeError(f"malformed data set: ({group:04X},{element:04X}) at byte {offset - 8} where a "
-                              "sequence item or its delimiter belongs")
         if length == _UNDEFINED:
             offset = _walk_elements(buffer, implicit, offset, end, None, in_item=True)
         elif offset + length > end:
@@ -304,15 +312,11 @@ def _walk_items(buffer: memoryview, implicit: bool, offset: int, end: int) -> in
 def _walk_fragments(buffer: memoryview, offset: int, end: int) -> int:
     """Walk encapsulated pixel data (items of defined length) up to and past its delimiter."""
     while True:
-        if end - offset < 8:
-            raise _truncated("a pixel data fragment header", offset, 8, end)
-        group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
-        tag = group << 16 | element
-        offset += 8
-        if tag == _SEQUENCE_DELIMITER:
+        length, offset = _item_header(buffer, offset, end, "a pixel data fragment")
+        if length is None:
             return offset
-        if tag != _ITEM or length == _UNDEFINED:
-            raise DecodeError(f"malformed encapsulated pixel data at byte {offset - 8}")
+        if length == _UNDEFINED:
+            raise DecodeError(f"malformed encapsulated pixel data: a fragment of undefined length at byte {offset - 8}")
         if offset + length > end:
             raise _truncated(f"a pixel data fragment of {length} bytes", offset, length, end)
         offset += length

@@ -403,9 +403,29 @@ def rgb_secondary_capture(
     # and General Study modules (Study Description, Patient's Age, ...), and so does the SC.
     sc.copy_patient_and_study_information(identity)
     copy_body_part(source, sc, frame_number)
+    copy_lossy_compression(source, sc)
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     return sc
+
+
+#: Transfer syntaxes that are lossy whatever the encoder's settings: JPEG baseline and extended,
+#: JPEG-LS near-lossless (a JPEG 2000 stream may be either, so only its header's word counts).
+LOSSY_TRANSFER_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81"})
+
+
+def copy_lossy_compression(source: Dataset, sc: Dataset) -> None:
+    """Say that the overlay shows lossy compressed pixels when its source slice was (PS3.3
+    C.7.6.1.1.5: an image derived from a lossy one is "01"): Lossy Image Compression, with its
+    ratio and method when the source gives them; otherwise the optional attribute is left out."""
+    meta = getattr(source, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if str(source.get("LossyImageCompression", "")).strip() != "01" and syntax not in LOSSY_TRANSFER_SYNTAXES:
+        return
+    sc.LossyImageCompression = "01"
+    for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        if source.get(keyword) not in (None, ""):
+            setattr(sc, keyword, source[keyword].value)
 
 
 def copy_body_part(source: Dataset, sc: Dataset, frame_number: int | None = None) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
+import pydicom
 from highdicom.seg import (
     SegmentAlgorithmTypeValues,
     SegmentationTypeValues,
@@ -195,6 +196,10 @@ def build_segmentation(
         )
     except (ValueError, TypeError) as exc:
         raise ReportError(f"cannot build SEG: {exc}") from exc
+    except AttributeError as exc:  # highdicom expects a module the source's IOD lacks
+        sop_class = pydicom.uid.UID(str(source_images[0].get("SOPClassUID", "")))
+        raise ReportError(f"cannot build a SEG on {sop_class.name or sop_class} source images "
+                          f"({exc}); segment an image series (CT, MR) instead") from exc
 
 
 def _source_frames(volume: Volume) -> tuple[list[Dataset], np.ndarray]:
