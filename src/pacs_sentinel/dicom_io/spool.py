@@ -235,28 +235,28 @@ def _walk_elements(buffer: memoryview, implicit: bool, offset: int, end: int, fo
     while offset < end:
         if end - offset < 8:
             raise _truncated("an element header", offset, 8, end)
-        group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
+        if implicit:
+            group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, offset)
+            vr = b""
+        else:
+            group, element, vr, length = _EXPLICIT_HEADER.unpack_from(buffer, offset)
         tag = group << 16 | element
         if group == 0xFFFE:  # item tags have no VR in either encoding
             if tag == _ITEM_DELIMITER and in_item:
                 return offset + 8
             raise DecodeError(f"malformed data set: item tag ({group:04X},{element:04X}) at byte {offset} "
                               "outside a sequence")
-        vr = b""
         if implicit:
             offset += 8
+        elif vr in _LONG_VRS:
+            if end - offset < 12:
+                raise _truncated("an element header", offset, 12, end)
+            length = _LONG_LENGTH.unpack_from(buffer, offset + 8)[0]
+            offset += 12
+        elif 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
+            offset += 8
         else:
-            vr = bytes(buffer[offset + 4:offset + 6])
-            if vr in _LONG_VRS:
-                if end - offset < 12:
-                    raise _truncated("an element header", offset, 12, end)
-                length = _LONG_LENGTH.unpack_from(buffer, offset + 8)[0]
-                offset += 12
-            elif len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
-                length = int.from_bytes(buffer[offset + 6:offset + 8], "little")
-                offset += 8
-            else:
-                raise _LeftToPydicom
+            raise _LeftToPydicom
         if length == _UNDEFINED:
             if tag == _PIXEL_DATA:
                 offset = _walk_fragments(buffer, offset, end)
