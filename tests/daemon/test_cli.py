@@ -147,3 +147,20 @@ def test_run_on_a_taken_port_or_a_data_dir_in_use_is_a_one_line_error(tmp_path: 
 def _toml(path: Path, config) -> Path:  # type: ignore[no-untyped-def]
     path.write_text(f'[node]\nport = {config.node.port}\ndata_dir = "{config.node.data_dir}"\n')
     return path
+
+
+def test_a_file_system_without_locks_is_named_as_such(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+    import fcntl
+
+    import pytest
+
+    from pacs_sentinel.daemon.service import DataDirLock
+    from pacs_sentinel.errors import SentinelError
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(SentinelError, match="cannot lock .*sentinel.lock: No locks available .*must support flock"):
+        DataDirLock(tmp_path).acquire()

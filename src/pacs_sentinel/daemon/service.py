@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -66,9 +67,12 @@ class DataDirLock:
             raise SentinelError(f"cannot open the lock file {self.path}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK on some NFS
+                raise SentinelError(f"cannot lock {self.path}: {exc.strerror or exc} (the data_dir's file system "
+                                    "must support flock)") from exc
             raise SentinelError(f"data_dir {self.path.parent} is in use by another PACS Sentinel (process {holder}; "
                                 f"lock {self.path}): one node per data_dir") from None
         os.ftruncate(fd, 0)
