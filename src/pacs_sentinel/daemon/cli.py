@@ -46,8 +46,6 @@ def _node_problems(config) -> list[str]:  # type: ignore[no-untyped-def]
     import os
     import socket
 
-    from pacs_sentinel.dicom_io.scp import TlsSettings
-
     problems = []
     data_dir = config.node.data_dir
     existing = next((p for p in (data_dir, *data_dir.parents) if p.exists()), None)
@@ -71,7 +69,7 @@ def _node_problems(config) -> list[str]:  # type: ignore[no-untyped-def]
         problems += unreadable
         if not unreadable:
             try:
-                TlsSettings(tls.cert_file, tls.key_file, tls.ca_file, tls.require_client_cert).server_context()
+                tls.settings().server_context()
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: not a certificate or key
                 problems.append(f"node.tls: the certificate, key or CA file does not load: {exc}")
     return problems

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pacs_sentinel.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pacs_sentinel.dicom_io.scp import TlsSettings
 
 AE_TITLE_MAX = 16
 
@@ -50,6 +53,12 @@ class TlsConfig(_Strict):
     @classmethod
     def _path(cls, value: Any) -> Any:
         return Path(value) if isinstance(value, str) else value
+
+    def settings(self) -> TlsSettings:
+        """The listener's :class:`~pacs_sentinel.dicom_io.scp.TlsSettings` of these keys."""
+        from pacs_sentinel.dicom_io.scp import TlsSettings  # the DICOM stack only when TLS is used
+
+        return TlsSettings(self.cert_file, self.key_file, self.ca_file, self.require_client_cert)
 
     @model_validator(mode="after")
     def _client_certs_need_a_ca(self) -> TlsConfig:

@@ -27,7 +27,7 @@ from pacs_sentinel.daemon.routing import matching_pipelines, read_candidates, re
 from pacs_sentinel.daemon.seg_qc import third_party_segs
 from pacs_sentinel.daemon.worker import Worker
 from pacs_sentinel.dicom_io.index import Database
-from pacs_sentinel.dicom_io.scp import Receiver, ScpSettings, TlsSettings
+from pacs_sentinel.dicom_io.scp import Receiver, ScpSettings
 from pacs_sentinel.dicom_io.spool import Spool
 from pacs_sentinel.errors import SentinelError
 
@@ -133,7 +133,7 @@ class Sentinel:
             min_free_disk_mb=node.min_free_disk_mb,
             fsync=node.fsync,
             allowed_peers=tuple((peer.ae_title, peer.host) for peer in node.allowed_peers),
-            tls=TlsSettings(tls.cert_file, tls.key_file, tls.ca_file, tls.require_client_cert) if tls else None,
+            tls=tls.settings() if tls else None,
         )
         # New instances are noticed by polling the index (ArrivalWatcher), so the receiver
         # may run in several listener processes.
@@ -176,10 +176,9 @@ class Sentinel:
 
         refit.schedule(self.scheduler, self.config, self.database)  # [qc.refit] enabled: the nightly job
         node = self.config.node
-        if node.tls is not None:
+        if self.scp.settings.tls is not None:  # loaded here too, for a message that names the files
             try:
-                TlsSettings(node.tls.cert_file, node.tls.key_file, node.tls.ca_file,
-                            node.tls.require_client_cert).server_context()
+                self.scp.settings.tls.server_context()
             except (OSError, ValueError) as exc:
                 raise SentinelError(f"cannot load node.tls (cert_file {node.tls.cert_file}, key_file "
                                     f"{node.tls.key_file}): {exc}") from exc

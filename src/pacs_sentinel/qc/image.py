@@ -317,10 +317,7 @@ def assess_image(volume: Volume) -> ImageQC:
     voxel_ml = float(np.prod(volume.spacing)) * float(np.prod(stride)) / 1000.0
     metal_ml = float(np.count_nonzero(body & (sampled >= METAL_HU))) * voxel_ml
     noise = _noise(sampled)
-    width = _edge_width(sampled, body)
-    # The field of view cuts the body in axial planes; a sagittal or coronal series' slices
-    # always end at the scan range (head and feet), which is no truncation.
-    truncated = _truncated_share(axial_view(body, volume.direction, volume.spacing)[0])
+    blur, truncation = _body_signals(volume, sampled, body)
     blockiness = _blockiness(volume.array)
 
     poor = Reason.POOR_INPUT_QUALITY
@@ -328,9 +325,7 @@ def assess_image(volume: Volume) -> ImageQC:
         Signal("noise_hu", noise if noise is not None else 0.0,
                1.0 - ramp(noise, NOISE_LOW_HU, NOISE_HIGH_HU) if noise is not None else 1.0, poor,
                fusion_floor=NOISE_FUSION_FLOOR),
-        Signal("edge_width_px", width if width is not None else 0.0,
-               1.0 - ramp(width, EDGE_WIDTH_LOW_PX, EDGE_WIDTH_HIGH_PX) if width is not None else 1.0, poor,
-               fusion_floor=BLUR_FUSION_FLOOR),
+        blur,
         Signal("metal_ml", metal_ml, 1.0 - ramp(metal_ml, METAL_LOW_ML, METAL_HIGH_ML), poor),
         Signal("air_level_hu", p01, 1.0 - ramp(p01, AIR_LEVEL_LOW_HU, AIR_LEVEL_HIGH_HU), poor),
         Signal("out_of_range_share", out_of_range, 1.0 - ramp(out_of_range, OUT_OF_RANGE_LOW, OUT_OF_RANGE_HIGH), poor),
@@ -338,9 +333,23 @@ def assess_image(volume: Volume) -> ImageQC:
         Signal("blockiness", blockiness if blockiness is not None else 1.0,
                1.0 - ramp(blockiness, BLOCKINESS_LOW, BLOCKINESS_HIGH) if blockiness is not None else 1.0, poor,
                fusion_floor=BLOCK_FUSION_FLOOR),
-        Signal("truncated_slice_share", truncated, 1.0 - ramp(truncated, TRUNCATED_LOW, TRUNCATED_HIGH), poor),
+        truncation,
     ]
     return ImageQC(signals=signals, body=body, body_stride=stride)
+
+
+def _body_signals(volume: Volume, sampled: np.ndarray, body: np.ndarray) -> tuple[Signal, Signal]:
+    """The checks that compare the body with its background, in any modality: blur (the width
+    of the body's edge) and a truncated field of view."""
+    width = _edge_width(sampled, body)
+    # The field of view cuts the body in axial planes; a sagittal or coronal series' slices
+    # always end at the scan range (head and feet), which is no truncation.
+    truncated = _truncated_share(axial_view(body, volume.direction, volume.spacing)[0])
+    poor = Reason.POOR_INPUT_QUALITY
+    return (Signal("edge_width_px", width if width is not None else 0.0,
+                   1.0 - ramp(width, EDGE_WIDTH_LOW_PX, EDGE_WIDTH_HIGH_PX) if width is not None else 1.0, poor,
+                   fusion_floor=BLUR_FUSION_FLOOR),
+            Signal("truncated_slice_share", truncated, 1.0 - ramp(truncated, TRUNCATED_LOW, TRUNCATED_HIGH), poor))
 
 
 def _assess_unit_free(volume: Volume, sampled: np.ndarray, stride: tuple[int, int, int]) -> ImageQC:
@@ -349,13 +358,4 @@ def _assess_unit_free(volume: Volume, sampled: np.ndarray, stride: tuple[int, in
     between soft-tissue pixels, a window in HU) are not measured (no signal, so no finding and no
     say in the fusion)."""
     body = _largest_component(sampled > _otsu_threshold(sampled)) if sampled.size else np.zeros_like(sampled, bool)
-    width = _edge_width(sampled, body)
-    truncated = _truncated_share(axial_view(body, volume.direction, volume.spacing)[0])
-    poor = Reason.POOR_INPUT_QUALITY
-    signals = [
-        Signal("edge_width_px", width if width is not None else 0.0,
-               1.0 - ramp(width, EDGE_WIDTH_LOW_PX, EDGE_WIDTH_HIGH_PX) if width is not None else 1.0, poor,
-               fusion_floor=BLUR_FUSION_FLOOR),
-        Signal("truncated_slice_share", truncated, 1.0 - ramp(truncated, TRUNCATED_LOW, TRUNCATED_HIGH), poor),
-    ]
-    return ImageQC(signals=signals, body=body, body_stride=stride)
+    return ImageQC(signals=list(_body_signals(volume, sampled, body)), body=body, body_stride=stride)
