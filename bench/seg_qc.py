@@ -6,14 +6,18 @@ organ mirrored to the wrong side). Each
 mask is judged as a ``seg-qc`` pipeline judges a third-party SEG
 (:func:`pacs_sentinel.qc.segqc.judge_segmentation`, accept threshold 0.5) twice: with the
 demo organ-seg model's card statistics only (``agreement = false``), and with the agreement
-signal (Dice with the model's prediction, ``agreement = true``). A mask *fails* when its true
-Dice with the ground truth is below 0.7. Reported per family: true Dice, failure share, review
-rate without and with agreement, the agreement Dice; pooled: AUROC of the quality score for
-failures, failures caught (sensitivity) and good masks sent to review (false alarms), and the
-seconds per study of the agreement model and of the QC.
+signal (Dice with the model's prediction, ``agreement = true``; used, as the daemon does, only
+when the model's own mask scores at least 0.5 in our QC), and compared with QC 2.6.0's product
+rule (the score without agreement times the agreement's factor). Clean phantoms, and a third as
+many with a metal artefact, where the model fails. A mask *fails* when its true Dice with the
+ground truth is below 0.7. Reported per family (clean images): true Dice, failure share, review
+rates, the agreement Dice; pooled per image kind: AUROC of the quality score for failures, ECE
+and Brier score of the score as P(Dice >= 0.7), failures caught (sensitivity) and good masks
+sent to review (false alarms), and the seconds per study of the agreement model (with the QC of
+its own mask) and of the QC.
 
-Run: ``.venv/bin/python bench/seg_qc.py [--n N] [--seed-base S] [--no-doc]`` (default N=12,
-about a minute on 2 CPU cores, one torch thread). It writes the ``seg_qc`` section of
+Run: ``.venv/bin/python bench/seg_qc.py [--n N] [--seed-base S] [--no-doc]`` (default N=24,
+about four minutes on 2 CPU cores, one torch thread). It writes the ``seg_qc`` section of
 ``docs/benchmarks.md``.
 """
 
@@ -39,7 +43,10 @@ from pacs_sentinel.dicom_io.seg_masks import MappedSegment, MappedSegmentation  
 from pacs_sentinel.inference.models import load_segmentation_model  # noqa: E402
 from pacs_sentinel.inference.phantoms import make_ct_phantom  # noqa: E402
 from pacs_sentinel.inference.training import phantom_volume  # noqa: E402
-from pacs_sentinel.qc.agreement import dice  # noqa: E402
+from pacs_sentinel.qc.agreement import agreement_signal, dice  # noqa: E402
+from pacs_sentinel.qc.corruptions import IMAGE_FAMILIES, corrupt_image  # noqa: E402
+from pacs_sentinel.qc.evaluate import evaluate_segmentation  # noqa: E402
+from pacs_sentinel.qc.metrics import expected_calibration_error  # noqa: E402
 from pacs_sentinel.qc.segqc import LabelReference, judge_segmentation  # noqa: E402
 from pacs_sentinel.results import Verdict  # noqa: E402
 
@@ -92,7 +99,7 @@ def auroc(scores: np.ndarray, failed: np.ndarray) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=12, help="phantoms (default 12)")
+    parser.add_argument("--n", type=int, default=24, help="phantoms (default 24)")
     parser.add_argument("--seed-base", type=int, default=DEFAULT_SEED_BASE)
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
@@ -105,20 +112,28 @@ def main() -> int:
     header.SOPInstanceUID = "1.2.3.4"
     rows: list[dict] = []
     seconds = {"agreement model": [], "QC per mask": []}
-    for n in range(args.n):
-        seed = args.seed_base + n
-        phantom = make_ct_phantom(seed)
+    # Clean images (our model is right) and, a third as many, images with a metal artefact (our
+    # model fails there: the agreement must not be used against a vendor's correct mask).
+    images = [("clean", args.seed_base + n) for n in range(args.n)]
+    images += [("metal", args.seed_base + args.n + n) for n in range(max(1, args.n // 3))]
+    for image, seed in images:
+        variant, corruption = IMAGE_FAMILIES[image]
+        phantom = make_ct_phantom(seed, variant=variant)
+        rng = np.random.default_rng(seed)
         volume = phantom_volume(phantom)
+        volume.array = corrupt_image(phantom.hu, corruption, rng, phantom.spacing).astype(np.float32)
         liver = phantom.liver.astype(bool)
         started = time.perf_counter()
-        prediction = model.predict(volume, mc_dropout_samples=0).mask[0]
+        own = model.predict(volume, mc_dropout_samples=0)
+        # As the daemon does: our own mask is judged, and its agreement is used only if it passes.
+        reference_score = evaluate_segmentation(volume, own).segments[0].quality_score
         seconds["agreement model"].append(time.perf_counter() - started)
-        rng = np.random.default_rng(seed)
         for family, mask in perturbations(liver, phantom.hu > -500, rng).items():
             mapped = MappedSegmentation(header, [MappedSegment(1, label, mask, "bench vendor")])
-            row = {"family": family, "dice": dice(mask, liver)}
+            row = {"image": image, "family": family, "dice": dice(mask, liver), "reference": reference_score}
             for mode, reference in (("off", LabelReference(label, MODEL_SPEC, statistics)),
-                                    ("on", LabelReference(label, MODEL_SPEC, statistics, prediction))):
+                                    ("on", LabelReference(label, MODEL_SPEC, statistics, own.mask[0],
+                                                          reference_score))):
                 started = time.perf_counter()
                 _, qc, judgements = judge_segmentation(volume, mapped, [reference], accept_threshold=ACCEPT_THRESHOLD)
                 seconds["QC per mask"].append(time.perf_counter() - started)
@@ -126,37 +141,60 @@ def main() -> int:
                 row[f"review_{mode}"] = qc.verdict is Verdict.NEEDS_REVIEW
                 if mode == "on":
                     row["agreement"] = judgements[0].agreement_dice
+                    row["used"] = judgements[0].agreement_used
+            # QC 2.6.0's rule, for comparison: the agreement's factor times the score without it.
+            row["score_product"] = row["score_off"] * agreement_signal(row["agreement"]).fusion_factor
+            row["review_product"] = row["review_off"] or row["score_product"] < ACCEPT_THRESHOLD
             rows.append(row)
-            print(f"seed {seed} {family:>18}: dice {row['dice']:.3f} score off {row['score_off']:.3f} "
-                  f"on {row['score_on']:.3f} agreement {row['agreement']:.3f}", file=sys.stderr)
+            print(f"{image} seed {seed} {family:>18}: dice {row['dice']:.3f} score off {row['score_off']:.3f} "
+                  f"on {row['score_on']:.3f} agreement {row['agreement']:.3f} used {row['used']}", file=sys.stderr)
 
-    families = list(dict.fromkeys(r["family"] for r in rows))
+    clean = [r for r in rows if r["image"] == "clean"]
+    families = list(dict.fromkeys(r["family"] for r in clean))
     lines = [
         "## seg-qc: judging third-party masks (demo organ-seg as reference)",
         "",
-        machine_line() + f" {args.n} held-out phantoms (seeds {args.seed_base}+), one torch thread; "
-        f"`bench/seg_qc.py`. Vendor masks are the true liver put through each family; a mask fails at a "
-        f"true Dice below {FAIL_BELOW_DICE}. Review rates at the accept threshold {ACCEPT_THRESHOLD}, "
-        "without (`agreement = false`: image QC, mask heuristics, card statistics) and with the agreement "
-        "signal (QC029, Dice with organ-seg's prediction).",
+        machine_line() + f" {args.n} held-out clean phantoms and {len(images) - args.n} with a metal artefact "
+        f"(seeds {args.seed_base}+), one torch thread; `bench/seg_qc.py`. Vendor masks are the true liver put "
+        f"through each family; a mask fails at a true Dice below {FAIL_BELOW_DICE}. Review rates at the accept "
+        f"threshold {ACCEPT_THRESHOLD} (seg-qc's `[qc] accept_threshold`), without (`agreement = false`: image QC, "
+        "mask heuristics, card statistics) and with the agreement signal (QC029, Dice with organ-seg's "
+        "prediction; since QC 2.7.0 a feature of the fusion's `with-agreement` model, used when organ-seg's own "
+        "mask scores at least 0.5 in our QC, so the score stays a calibrated P(Dice >= 0.7), and where used a "
+        "Dice below 0.7 sends the mask to review whatever its score); \"product rule\" is QC 2.6.0's, the "
+        "score without agreement times the agreement's factor, whatever our own mask's QC. ECE: expected calibration "
+        "error of the score as P(true Dice >= 0.7), 10 equal-width bins; Brier: mean squared error of that "
+        "probability.",
         "",
-        "| family | masks | mean true Dice | failing | review, no agreement | review, with agreement | mean agreement Dice |",
-        "|---|---|---|---|---|---|---|",
+        "Clean images, per vendor mask family:",
+        "",
+        "| family | masks | mean true Dice | failing | review, no agreement | review, with agreement "
+        "| review, product rule | mean agreement Dice |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for family in families:
-        group = [r for r in rows if r["family"] == family]
+        group = [r for r in clean if r["family"] == family]
         lines.append(
             f"| {family} | {len(group)} | {np.mean([r['dice'] for r in group]):.3f} "
             f"| {np.mean([r['dice'] < FAIL_BELOW_DICE for r in group]):.0%} "
             f"| {np.mean([r['review_off'] for r in group]):.0%} | {np.mean([r['review_on'] for r in group]):.0%} "
+            f"| {np.mean([r['review_product'] for r in group]):.0%} "
             f"| {np.mean([r['agreement'] for r in group]):.3f} |")
-    failed = np.array([r["dice"] < FAIL_BELOW_DICE for r in rows])
-    lines += ["", "| pooled | AUROC (score vs failure) | failures caught | good masks sent to review |", "|---|---|---|---|"]
-    for mode, name in (("off", "no agreement"), ("on", "with agreement")):
-        scores = np.array([r[f"score_{mode}"] for r in rows])
-        review = np.array([r[f"review_{mode}"] for r in rows])
-        lines.append(f"| {name} | {auroc(scores, failed):.3f} | {int((review & failed).sum())}/{int(failed.sum())} "
-                     f"| {int((review & ~failed).sum())}/{int((~failed).sum())} |")
+    lines += ["", "Pooled:", "", "| images | scoring | masks | agreement used | AUROC (score vs failure) "
+              "| ECE of P(Dice >= 0.7) | Brier | failures caught | good masks sent to review |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for image in ("clean", "metal", "all"):
+        group = [r for r in rows if image in ("all", r["image"])]
+        failed = np.array([r["dice"] < FAIL_BELOW_DICE for r in group])
+        used = np.mean([r["used"] for r in group])
+        for mode, name in (("off", "no agreement"), ("on", "with agreement"), ("product", "product rule (2.6.0)")):
+            scores = np.array([r[f"score_{mode}"] for r in group])
+            review = np.array([r[f"review_{mode}"] for r in group])
+            lines.append(
+                f"| {image} | {name} | {len(group)} | {dict(off='', on=f'{used:.0%}', product='100%')[mode]} "
+                f"| {auroc(scores, failed):.3f} | {expected_calibration_error(scores, ~failed):.3f} "
+                f"| {np.mean((scores - ~failed) ** 2):.3f} | {int((review & failed).sum())}/{int(failed.sum())} "
+                f"| {int((review & ~failed).sum())}/{int((~failed).sum())} |")
     lines += ["", "Seconds: " + ", ".join(f"{name} {np.median(values):.3f} (median)" for name, values in seconds.items())
               + ". The agreement model runs once per study; the QC once per segment."]
     section = "\n".join(lines)

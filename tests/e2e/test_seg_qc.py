@@ -176,3 +176,6 @@ def test_third_party_seg_is_judged_and_the_sr_comes_back(  # type: ignore[no-unt
     assert len(judged) == 1 and judged[0]["seg_uid"] == seg_uid
     assert [s["matched"] for s in judged[0]["segments"]] == ["Liver", "Liver", None]
     assert judged[0]["segments"][0]["agreement_dice"] > 0.85 > judged[0]["segments"][1]["agreement_dice"]
+    # organ-seg's own liver passed its own QC, so its agreement was used (QC 2.7.0).
+    for segment in judged[0]["segments"][:2]:
+        assert segment["agreement_used"] is True and segment["reference_score"] >= 0.5

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pacs_sentinel.errors import ModelError
+from pacs_sentinel.qc.agreement import agreement_signal
 from pacs_sentinel.qc.evaluate import QC_VERSION, shipped_fusion
 from pacs_sentinel.qc.fusion import (
     PROBABILITY_SIGNALS,
@@ -35,6 +36,9 @@ GOOD = {
     "volume_ml": (1300.0, 1.0), "left_share": (0.12, 1.0),
 }
 HIGHER_IS_WORSE = {"mask_entropy", "hole_share", "border_contact_share"}
+#: A third-party segment with our model's prediction at hand (the seg-qc path with agreement).
+THIRD_PARTY_DROP = ("sample_dice", "mask_entropy", *PROBABILITY_SIGNALS)
+AGREEMENT = Signal("agreement_dice", 0.93, 1.0, Reason.DISAGREEMENT)
 
 
 def _signals(overrides: dict[str, tuple[float, float]] | None = None, drop: tuple[str, ...] = ()) -> list[Signal]:
@@ -69,15 +73,64 @@ def test_a_strictly_worse_signal_never_raises_the_score(name: str) -> None:
             previous = score
 
 
+@pytest.mark.parametrize("name", sorted(set(GOOD) - set(THIRD_PARTY_DROP)) + ["agreement_dice"])
+def test_a_strictly_worse_signal_never_raises_the_score_of_a_third_party_segment(name: str) -> None:
+    fusion = shipped_fusion()
+    rng = np.random.default_rng(sum(map(ord, name)))
+    good = {**{n: v for n, v in GOOD.items() if n not in THIRD_PARTY_DROP}, "agreement_dice": (0.93, 1.0)}
+
+    def signals(values: dict[str, tuple[float, float]]) -> list[Signal]:
+        agreement = Signal("agreement_dice", *values["agreement_dice"], Reason.DISAGREEMENT)
+        others = {n: v for n, v in values.items() if n != "agreement_dice"}
+        return [*_signals(others, drop=THIRD_PARTY_DROP), agreement]
+
+    for _ in range(30):
+        start = {n: _worse(n, v, s, float(rng.uniform(0, 0.6))) for n, (v, s) in good.items()}
+        value, subscore = start[name]
+        previous, model = fusion.score(signals(start))
+        assert model.name == "with-agreement"
+        for _ in range(5):
+            value, subscore = _worse(name, value, subscore, 0.15)
+            score = fusion.score(signals({**start, name: (value, subscore)}))[0]
+            assert score <= previous + 1e-12, (name, value, subscore)
+            previous = score
+
+
+def test_agreement_is_a_fitted_feature_of_the_seg_qc_path() -> None:
+    """With our prediction at hand, a third-party segment is scored by the model fitted with the
+    agreement (a calibrated probability, not the probability times a factor); without the
+    estimator (a structure it does not cover) by that path's model without it."""
+    fusion = shipped_fusion()
+    third_party = _signals(drop=THIRD_PARTY_DROP)
+    for signals, path in [(third_party, "with-agreement"),
+                          ([s for s in third_party if s.name != "predicted_dice"], "with-agreement-no-estimator")]:
+        agreeing = fusion.score([*signals, AGREEMENT])
+        disagreeing = fusion.score([*signals, agreement_signal(0.4)])
+        assert agreeing[1].name == disagreeing[1].name == path
+        assert agreeing[0] == pytest.approx(agreeing[1].probability({s.name: s for s in [*signals, AGREEMENT]}))
+        assert disagreeing[0] < 0.5 < agreeing[0]
+    # Where used, a clear disagreement also sends the segment to review whatever its score (policy).
+    assert policy_reasons([*third_party, agreement_signal(0.69)]) == [Reason.DISAGREEMENT]
+    assert policy_reasons([*third_party, agreement_signal(0.71)]) == []
+    # A fusion fitted before QC 2.7.0 (a local refit of 2.6.0) has no agreement model: there the
+    # agreement leaves the score alone and decides by policy only.
+    older = FusionModel("2.6.0", [m for m in fusion.models if not m.name.startswith("with-agreement")])
+    assert older.score([*third_party, agreement_signal(0.5)]) == older.score(third_party)
+
+
 def test_shipped_fusion_belongs_to_this_qc_version_and_has_non_negative_weights() -> None:
     fusion = shipped_fusion()
     assert fusion.qc_version == QC_VERSION
     names = {m.name for m in fusion.models}
-    paths = {"with-uncertainty", "without-uncertainty", "without-probabilities"}
+    paths = {"with-uncertainty", "without-uncertainty", "without-probabilities", "with-agreement"}
     assert names == paths | {f"{p}-no-estimator" for p in paths}
     for model in fusion.models:
         assert min(model.weights) >= 0.0
         assert ("predicted_dice" in model.features) is (model.name in paths)
+        # Since QC 2.7.0 the agreement is a fitted feature of the seg-qc path, and it carries weight.
+        assert ("agreement_dice" in model.features) is model.name.startswith("with-agreement")
+        if "agreement_dice" in model.features:
+            assert model.weights[model.features.index("agreement_dice")] > 0
     assert fusion.calibration["scores"] and len(fusion.calibration["scores"]) == len(fusion.calibration["dice"])
 
 
@@ -141,9 +194,13 @@ def test_out_of_range_checks_send_to_review_and_unknown_signals_multiply_the_sco
     assert fusion.score(_signals({"left_share": (0.15, 1.0)}))[0] == base
     assert fusion.score(_signals({"left_share": (0.3, 0.6)}))[0] == base  # outside the range, not flagged
     assert all(m.features[-len(OFFSET_FEATURES):] == list(OFFSET_FEATURES) for m in fusion.models)
-    assert all(m.weights[m.features.index("left_share")] > 0 for m in fusion.models)
-    agreement = Signal("agreement_dice", 0.5, 0.4, Reason.SHAPE_IRREGULARITY)
-    assert fusion.score([*_signals(), agreement])[0] == pytest.approx(base * 0.4)
+    # (With the agreement, a mask on the wrong side disagrees with ours too: the location adds
+    # nothing there, and it stays policy.)
+    assert all(m.weights[m.features.index("left_share")] > 0 for m in fusion.models
+               if "agreement_dice" not in m.features)
+    # A signal no model was fitted on keeps the product rule: it multiplies the probability.
+    unknown = Signal("future_check", 0.5, 0.4, Reason.SHAPE_IRREGULARITY)
+    assert fusion.score([*_signals(), unknown])[0] == pytest.approx(base * 0.4)
 
 
 def test_fit_gives_non_negative_weights_and_a_calibrated_probability() -> None:
@@ -281,3 +338,79 @@ def test_the_model_without_probabilities_learns_from_the_estimator_run_without_t
         assert "expected_dice" not in without.features
     with pytest.raises(ValueError, match="fusion fit"):
         fit_models(cases, 0.01, "isotonic")
+
+
+def test_the_agreement_models_are_fitted_where_our_own_mask_passes_its_qc() -> None:
+    from pacs_sentinel.qc.calibrate import fit_models, reference_scores, third_party_signals, vendor_masks
+    from pacs_sentinel.qc.cases import QCCase
+
+    rng = np.random.default_rng(3)
+
+    def case(seed: int, family: str, d: float, agreement: float | None) -> QCCase:
+        signals = [
+            Signal("predicted_dice", float(np.clip(d + rng.normal(0, 0.15), 0, 1)), 1.0, Reason.LOW_PREDICTED_DICE),
+            Signal("expected_dice", float(np.clip(d + rng.normal(0, 0.1), 0, 1)), 1.0, Reason.LOW_EXPECTED_DICE),
+            Signal("roundness", float(np.clip(d + rng.normal(0, 0.2), 0, 1)), 1.0, Reason.SHAPE_IRREGULARITY),
+        ]
+        return QCCase(seed, "clean", family, float(d), False, signals, agreement_dice=agreement)
+
+    cases = [case(i, "dilation", d, None) for i, d in enumerate(rng.uniform(0.3, 1.0, 200))]
+    # Phantoms where our model is right (own Dice 0.95): the vendor's agreement with it follows
+    # the vendor's Dice closely ...
+    good = []
+    for i, d in enumerate(rng.uniform(0.3, 1.0, 150)):
+        good += [case(1000 + i, "none", 0.95, 1.0),
+                 case(1000 + i, "shift", d, float(np.clip(0.95 * d + rng.normal(0, 0.02), 0, 1)))]
+    # ... and where it failed (own Dice 0.2): agreement says nothing about the vendor's mask.
+    failed = []
+    for i, d in enumerate(rng.uniform(0.3, 1.0, 60)):
+        failed += [case(2000 + i, "none", 0.2, 1.0), case(2000 + i, "shift", d, float(rng.uniform(0.1, 0.4)))]
+    models = {m.name: m for m in fit_models(cases, 0.01, agreement_cases=good + failed)}
+    assert "with-agreement" in models and "with-agreement-no-estimator" in models
+    for alone in fit_models(cases, 0.01):  # the other models are fitted on the other cases alone
+        assert models[alone.name].weights == alone.weights and models[alone.name].intercept == alone.intercept
+    reference = reference_scores(FusionModel(QC_VERSION, list(models.values())), good + failed)
+    assert min(reference[c.seed] for c in good) > 0.5 > max(reference[c.seed] for c in failed)
+    # Only the phantoms where our own mask passed its QC are fitted on: the failed ones change nothing.
+    only_good = {m.name: m for m in fit_models(cases, 0.01, agreement_cases=good)}
+    for name in ("with-agreement", "with-agreement-no-estimator"):
+        assert models[name].weights == only_good[name].weights
+    with_agreement = models["with-agreement"]
+    assert with_agreement.weights[with_agreement.features.index("agreement_dice")] > \
+        with_agreement.weights[with_agreement.features.index("predicted_dice")]
+    assert not set(PROBABILITY_SIGNALS) & set(with_agreement.features)
+    assert [c.mask_family for c in vendor_masks(good[:4])] == ["shift", "shift"]
+    assert vendor_masks([case(9, "truth", 1.0, 0.95)]) == []
+    # As seg-qc sees a vendor's mask: no probability-map signals, the agreement added.
+    names = [s.name for s in third_party_signals(good[1], agreement=True)]
+    assert "agreement_dice" in names and not set(PROBABILITY_SIGNALS) & set(names)
+    with pytest.raises(ValueError, match="agreement"):
+        third_party_signals(cases[0], agreement=True)
+    with pytest.raises(ValueError, match="own mask"):
+        fit_models(cases, 0.01, agreement_cases=good[1::2])  # no own masks: no gate
+
+
+def test_vendor_like_cases_carry_their_agreement_with_our_model() -> None:
+    """The agreement models' data: on each phantom the truth, its perturbations and our model's
+    own mask, each with its Dice against our model's mask, on seeds no other set uses."""
+    from pacs_sentinel.inference.models import load_segmentation_model
+    from pacs_sentinel.qc.calibrate import CALIBRATION_RECIPE, agreement_cases, vendor_masks
+    from pacs_sentinel.qc.cases import AGREEMENT_SEED_OFFSET, CALIBRATION_SEED_OFFSET, EVALUATION_SEED_OFFSET
+    from pacs_sentinel.qc.estimator import load_estimator
+
+    assert CALIBRATION_SEED_OFFSET + CALIBRATION_RECIPE["n_images"] <= AGREEMENT_SEED_OFFSET
+    assert AGREEMENT_SEED_OFFSET + CALIBRATION_RECIPE["agreement_images"] <= EVALUATION_SEED_OFFSET
+    model = load_segmentation_model("demo:organ-seg", device="cpu")
+    cases = agreement_cases(model, [AGREEMENT_SEED_OFFSET, AGREEMENT_SEED_OFFSET + 1], 2, load_estimator())
+    assert len(cases) == 8
+    for phantom in (cases[:4], cases[4:]):
+        own, truth, *perturbed = phantom
+        assert (own.mask_family, truth.mask_family) == ("none", "truth") and len(perturbed) == 2
+        assert own.agreement_dice == 1.0 and truth.dice == 1.0
+        assert truth.agreement_dice == pytest.approx(own.dice)  # the truth against our mask
+        for case in phantom:
+            assert 0.0 <= case.agreement_dice <= 1.0
+            if not case.empty:
+                assert case.predicted_dice_without_probabilities is not None
+    # Fitted on: the perturbations only (no vendor is perfect; our own mask only gates).
+    assert vendor_masks(cases) == cases[2:4] + cases[6:8]

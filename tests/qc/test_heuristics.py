@@ -278,7 +278,7 @@ def test_location_is_skipped_without_a_card_reference() -> None:
 
 def test_every_signal_is_recorded_and_the_version_is_bumped() -> None:
     qc = evaluate_segmentation(_volume(), _result(_ellipsoid((60, 50, 45))))
-    assert qc.qc_version == QC_VERSION == "2.6.0"
+    assert qc.qc_version == QC_VERSION == "2.7.0"
     signals = qc.segments[0].signals
     for name in ("predicted_dice", "mean_probability", "expected_dice", "hole_share", "border_contact_share",
                  "noise_hu", "edge_width_px", "metal_ml",

@@ -14,6 +14,7 @@ from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series
 from pacs_sentinel.qc.agreement import (
     AGREEMENT_DICE_HIGH,
     AGREEMENT_DICE_LOW,
+    REFERENCE_MIN_SCORE,
     agreement_signal,
     dice,
     matching_label,
@@ -102,13 +103,38 @@ def test_agreement_keeps_an_agreeing_segment_and_sends_a_disagreeing_one_to_revi
     # on this sphere, not an abdomen phantom, it predicts a Dice of about 0.5, whatever agrees with it).
     _, alone, _ = judge_segmentation(volume, mapped, [LabelReference(LIVER, "organ-seg 1.1.0", {})])
     assert Reason.DISAGREEMENT not in first.reasons
-    assert first.quality_score == alone.segments[0].quality_score  # full agreement never lowers the score
+    # Full agreement with a prediction we trust (here vouched for: no own score given) never lowers
+    # the score; since QC 2.7.0 it is a fitted feature and raises it (the estimator, which calls
+    # this sphere a poor liver, is outweighed by a trusted model that segments the same sphere).
+    assert first.quality_score >= alone.segments[0].quality_score
     assert second.verdict is Verdict.NEEDS_REVIEW and Reason.DISAGREEMENT in second.reasons
     assert second.quality_score < alone.segments[1].quality_score and second.quality_score < first.quality_score
     assert judgements[1].agreement_dice == pytest.approx(dice(shifted, sphere))
     assert second.signals["agreement_dice"] == pytest.approx(judgements[1].agreement_dice, abs=1e-6)
     # Nothing was predicted for these masks: no model-confidence signal.
     assert "mean_probability" not in first.signals and "expected_dice" not in first.signals
+
+
+def test_agreement_counts_only_when_our_own_prediction_passes_its_qc(volume) -> None:
+    """Where our model fails (its own mask scores low) a disagreement says nothing about the
+    vendor's mask: the segment is judged as without a prediction of ours (QC 2.7.0)."""
+    sphere = sphere_mask(*volume.array.shape)
+    shifted = np.roll(sphere, 14, axis=2)
+    mapped = mapped_with(volume, [shifted], [label("Leber", "10200004")], [1])
+    _, alone, _ = judge_segmentation(volume, mapped, [LabelReference(LIVER, "organ-seg 1.1.0", {})])
+    for score, used in ((0.2, False), (REFERENCE_MIN_SCORE - 0.01, False), (REFERENCE_MIN_SCORE, True),
+                        (0.97, True), (None, True)):
+        reference = LabelReference(LIVER, "organ-seg 1.1.0", {}, prediction=sphere, prediction_score=score)
+        _, qc, judgements = judge_segmentation(volume, mapped, [reference])
+        segment = qc.segments[0]
+        assert judgements[0].agreement_dice == pytest.approx(dice(shifted, sphere))  # measured either way
+        assert judgements[0].agreement_used is used, score
+        assert ("agreement_dice" in segment.signals) is used
+        assert (Reason.DISAGREEMENT in segment.reasons) is used
+        if used:
+            assert segment.quality_score < alone.segments[0].quality_score
+        else:
+            assert segment.quality_score == alone.segments[0].quality_score
 
 
 def test_unmatched_segment_is_judged_without_statistics_or_agreement(volume) -> None:

@@ -28,6 +28,7 @@ from pacs_sentinel.dicom_io.spool import Spool
 from pacs_sentinel.errors import SentinelError, SeriesError
 from pacs_sentinel.inference.models import SegmentationModel, load_segmentation_model
 from pacs_sentinel.qc.agreement import matching_label
+from pacs_sentinel.qc.evaluate import evaluate_segmentation
 from pacs_sentinel.qc.segqc import LabelReference, judge_segmentation
 from pacs_sentinel.reports.resultset import ResultSet, build_seg_qc_result_set
 from pacs_sentinel.results import QCResult, SegmentationResult
@@ -105,25 +106,28 @@ def _label_references(models: list[_ReferenceModel], volume: Volume, segments: l
     """Every label of our models with its statistics; predicted on ``volume`` where needed.
 
     A model runs (once) only when agreement is on and one of the segments matches one of
-    its labels.
+    its labels; its prediction is judged by our QC (the score that decides whether its
+    agreement with a segment is used: :func:`~pacs_sentinel.qc.agreement.reference_trusted`).
     """
     references = []
     seg_labels = [segment.label for mapped in segments for segment in mapped.segments]
     for item in models:
         model = item.model
         wanted = agreement and any(matching_label(label, model.labels) for label in seg_labels)
-        prediction = None
+        prediction, scores = None, None
         if wanted:
             prediction = model.predict(volume, threshold=item.threshold, mc_dropout_samples=0,
                                        sw_overlap=item.sw_overlap)
+            scores = [s.quality_score for s in evaluate_segmentation(volume, prediction).segments]
             log.info("agreement model ran", model=model.name, version=model.version,
-                     seconds=round(prediction.seconds, 2))
+                     seconds=round(prediction.seconds, 2), reference_scores=scores)
         for index, label in enumerate(model.labels):
             references.append(LabelReference(
                 label=label,
                 model=f"{model.name} {model.version}",
                 statistics=dict(model.reference.get(label.name, {})),
                 prediction=None if prediction is None else prediction.mask[index],
+                prediction_score=None if scores is None else scores[index],
             ))
     return references
 

@@ -11,7 +11,8 @@ Seed sets never overlap (offsets added to ``seed * 1_000_000``, like the organ-s
 estimator training ``ESTIMATOR_TRAIN_SEED_OFFSET``, estimator validation
 ``ESTIMATOR_VAL_SEED_OFFSET``, fusion calibration ``CALIBRATION_SEED_OFFSET``, evaluation
 ``EVALUATION_SEED_OFFSET`` and its extra draw of the held-out families
-``EVALUATION_HELD_OUT_SEED_OFFSET``; all far from the organ-seg model's own (10 000 - 39 999).
+``EVALUATION_HELD_OUT_SEED_OFFSET``, and (since QC 2.7.0) the vendor-like masks the fusion's
+agreement models are fitted on ``AGREEMENT_SEED_OFFSET``; all far from the organ-seg model's own (10 000 - 39 999).
 
 This module drives the demo model, so it imports :mod:`pacs_sentinel.inference`; it is used
 by training and evaluation, never by the daemon's QC path.
@@ -37,6 +38,7 @@ from pacs_sentinel.qc.image import assess_image
 ESTIMATOR_TRAIN_SEED_OFFSET = 40_000
 ESTIMATOR_VAL_SEED_OFFSET = 45_000
 CALIBRATION_SEED_OFFSET = 50_000
+AGREEMENT_SEED_OFFSET = 55_000
 EVALUATION_SEED_OFFSET = 60_000
 EVALUATION_HELD_OUT_SEED_OFFSET = 65_000
 
@@ -58,6 +60,8 @@ class QCCase:
         predicted_dice_without_probabilities: The estimator's predicted Dice when the mask is
             judged without the model's probability map (a third-party SEG's path; None when
             not collected or the estimator takes no probability map).
+        agreement_dice: Dice of the mask with the model's own mask on the same image (the
+            seg-qc agreement signal; None when not collected).
     """
 
     seed: int
@@ -69,6 +73,7 @@ class QCCase:
     inputs: np.ndarray | None = None
     uncertainty: bool = False
     predicted_dice_without_probabilities: float | None = None
+    agreement_dice: float | None = None
 
 
 def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_families: Sequence[str], *,
@@ -76,7 +81,8 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
                mc_dropout_samples: int = 0, cycle_perturbations: bool = False,
                estimator: QualityEstimator | None = None, collect_signals: bool = False,
                collect_inputs: bool = False, input_channels: int = INPUT_CHANNELS,
-               collect_without_probabilities: bool = False, progress: bool = True,
+               collect_without_probabilities: bool = False, collect_agreement: bool = False,
+               progress: bool = True,
                desc: str = "cases") -> list[QCCase]:
     """Draw cases: phantom ``i`` uses ``seeds[i]`` and image family ``image_families[i % n]``.
 
@@ -102,6 +108,9 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
         collect_without_probabilities: With ``collect_signals`` and a three-channel estimator,
             also run the estimator without the probability map (the fusion's
             ``without-probabilities`` model is fitted on it; nothing else reads it).
+        collect_agreement: Record each mask's Dice with the model's own mask (the agreement
+            models of the fusion are fitted on it, with masks of the ground truth standing in
+            for a vendor's).
         progress: tqdm progress bar.
 
     Returns:
@@ -135,6 +144,8 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
         for mask_family, mask in masks:
             case = QCCase(seed, family, mask_family, dice(mask, phantom.liver), empty=not mask.any(),
                           uncertainty=mask_family == "none" and result.uncertainty is not None)
+            if collect_agreement:
+                case.agreement_dice = dice(mask, result.mask[0])
             if not case.empty and collect_inputs:
                 case.inputs = estimator_input(hu, mask, phantom.spacing, probabilities=result.probabilities[0],
                                               channels=input_channels).astype(np.float16)

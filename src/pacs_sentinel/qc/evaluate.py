@@ -42,7 +42,7 @@ from pacs_sentinel.results import QCResult, Reason, SegmentationResult, SegmentQ
 
 log = structlog.get_logger(__name__)
 
-QC_VERSION = "2.6.0"
+QC_VERSION = "2.7.0"
 
 
 def shipped_fusion() -> FusionModel:

@@ -35,7 +35,11 @@ prediction counted as perfect.
 *Out-of-range* checks (volume outside the model card's range, implausible location and, since
 QC 2.6.0, a third-party segment of a structure that neither a model card nor the estimator
 covers) are policy: the model was never validated there, so a result they flag goes to review
-whatever its score (:func:`policy_reasons`), while the score stays a calibrated probability. Since QC 2.5.0
+whatever its score (:func:`policy_reasons`), while the score stays a calibrated probability. So,
+since QC 2.7.0, is a third-party segment that disagrees (Dice below 0.7) with our own prediction
+where that prediction passes its own QC: on the calibration's vendor-like masks the fitted score
+alone (at 0.5) caught 65 of 89 failures there, with the disagreement as policy 88 (good masks sent
+to review 20 of 187 instead of 3). Since QC 2.5.0
 the location check (:data:`OFFSET_FEATURES`) also lowers that probability when it fires, by
 what that predicts on the calibration set, where a liver segmented on the wrong side of the body
 fails more often than not. It is fitted last, with the other weights frozen (:func:`fit_offset`):
@@ -43,9 +47,16 @@ its feature is 0 when it does not fire, so the score of every other mask is the 
 signals give. (QC 2.4.0 fitted it jointly with them, which moved weight from the mean probability to
 the entropy and made the score more confident on failure modes it had never seen; withdrawn.)
 The volume check stays policy only: an unusually large organ segmented well is no failure.
-Signals the calibration never saw (e.g. an agreement signal) keep the product rule:
-the calibrated probability is multiplied by their fusion factor. The model, its calibration
-curve and the QC version it belongs to are one JSON file, ``qc/models/fusion.json``.
+Since QC 2.7.0 the agreement of a third-party segment with our own model's prediction
+(:mod:`pacs_sentinel.qc.agreement`) is a feature of two further models, ``with-agreement`` and
+``with-agreement-no-estimator`` (the ``without-probabilities`` paths plus the agreement Dice),
+fitted on vendor-like masks (perturbations of the ground truth) on phantoms where our own mask
+passes its own QC, the only place seg-qc uses the agreement
+(:data:`~pacs_sentinel.qc.agreement.REFERENCE_MIN_SCORE`); before, the agreement multiplied the
+calibrated probability by its fusion factor, so a seg-qc score with agreement did not read as a
+probability. A signal the chosen model does
+not take as a feature (one the calibration never saw) still keeps that product rule. The model,
+its calibration curve and the QC version it belongs to are one JSON file, ``qc/models/fusion.json``.
 """
 
 from __future__ import annotations
@@ -67,8 +78,12 @@ from pacs_sentinel.results import Reason
 FUSION_FILE = Path(__file__).resolve().parent / "models" / "fusion.json"
 #: Dice at or above which a mask is acceptable (DESIGN.md); the score is P(Dice >= this).
 ACCEPTABLE_DICE = 0.7
-#: Reasons of out-of-range checks: a result they flag goes to review whatever its score.
-POLICY_REASONS = (Reason.VOLUME_ANOMALY, Reason.IMPLAUSIBLE_LOCATION, Reason.UNCOVERED_STRUCTURE)
+#: Reasons of out-of-range checks: a result they flag goes to review whatever its score. Since
+#: QC 2.7.0 also a third-party segment's disagreement with our prediction where that prediction
+#: passed its own QC (QC029 is raised only then): a fitted feature of the score too, and alone
+#: the strongest evidence against the segment (see :mod:`pacs_sentinel.qc.agreement`).
+POLICY_REASONS = (Reason.VOLUME_ANOMALY, Reason.IMPLAUSIBLE_LOCATION, Reason.UNCOVERED_STRUCTURE,
+                  Reason.DISAGREEMENT)
 #: Transform of each signal the fusion can use.
 SIGNAL_TRANSFORMS: dict[str, str] = {
     "predicted_dice": "logit",
@@ -88,6 +103,7 @@ SIGNAL_TRANSFORMS: dict[str, str] = {
     "out_of_range_share": "log-subscore",
     "contrast_range_hu": "log-subscore",
     "truncated_slice_share": "log-subscore",
+    "agreement_dice": "logit",
 }
 UNCERTAINTY_SIGNALS = ("sample_dice", "mask_entropy")
 #: Features fitted after the others, with those frozen (:func:`fit_offset`): checks whose feature
@@ -95,6 +111,8 @@ UNCERTAINTY_SIGNALS = ("sample_dice", "mask_entropy")
 OFFSET_FEATURES = ("left_share",)
 #: Signals of the model's own probability map (absent for a third-party SEG).
 PROBABILITY_SIGNALS = ("mean_probability", "expected_dice")
+#: Signals of a third-party segment's comparison with our own model (only the seg-qc path).
+AGREEMENT_SIGNALS = ("agreement_dice",)
 _LOGIT_CLIP = 0.01
 _SUBSCORE_CLIP = 0.02
 
@@ -180,7 +198,9 @@ class FusionModel:
         model = self.choose(by_name)
         score = model.probability(by_name)
         for signal in signals:
-            if signal.name not in SIGNAL_TRANSFORMS and signal.reason not in POLICY_REASONS:
+            # A signal this model was not fitted on (e.g. the agreement, under a fusion fitted
+            # before QC 2.7.0) keeps the product rule rather than being ignored.
+            if signal.name not in model.features and signal.reason not in POLICY_REASONS:
                 score *= signal.fusion_factor
         return score, model
 

@@ -7,7 +7,8 @@ the mask heuristics, with the label statistics (model card reference distributio
 label each segment matches by its segmented property type code. There is no model
 confidence and no uncertainty (nothing was predicted here); instead, when one of our models
 segments the same label, the Dice between its prediction and the segment is the agreement
-signal (:mod:`pacs_sentinel.qc.agreement`).
+signal (:mod:`pacs_sentinel.qc.agreement`), used when our model's own mask passes its own QC
+(since QC 2.7.0; a feature of the fusion's ``with-agreement`` models).
 
 The learned estimator judges only the structure and modality it was trained on (the demo's
 liver on CT); any other segment is scored by the fusion's models fitted without it. A segment
@@ -27,7 +28,7 @@ from pydicom.multival import MultiValue
 
 from pacs_sentinel.dicom_io.seg_masks import MappedSegmentation
 from pacs_sentinel.dicom_io.series import Volume
-from pacs_sentinel.qc.agreement import agreement_signal, dice, matching_label
+from pacs_sentinel.qc.agreement import agreement_signal, dice, matching_label, reference_trusted
 from pacs_sentinel.qc.estimator import load_estimator
 from pacs_sentinel.qc.evaluate import evaluate_segmentation
 from pacs_sentinel.qc.heuristics import Signal
@@ -50,21 +51,27 @@ class LabelReference:
             percentiles); empty when the card records none.
         prediction: The model's boolean mask of the label on the volume being judged, or None
             when no agreement is computed.
+        prediction_score: That mask's own QC score (P(Dice >= 0.7)); its agreement with a
+            segment is used only from :data:`~pacs_sentinel.qc.agreement.REFERENCE_MIN_SCORE`
+            on. None: not judged (the caller vouches for the prediction).
     """
 
     label: SegmentLabel
     model: str
     statistics: dict[str, float] = field(default_factory=dict)
     prediction: np.ndarray | None = None
+    prediction_score: float | None = None
 
 
 @dataclass
 class SegmentJudgement:
-    """How one segment was matched: our label (or None) and its agreement Dice (or None)."""
+    """How one segment was matched: our label (or None), its agreement Dice (or None) and
+    whether the agreement was used (our prediction passed its own QC)."""
 
     segment_number: int
     matched: LabelReference | None
     agreement_dice: float | None
+    agreement_used: bool = False
 
 
 def producer(mapped: MappedSegmentation) -> tuple[str, str]:
@@ -121,16 +128,18 @@ def judge_segmentation(
     for index, segment in enumerate(mapped.segments):
         matched_label = matching_label(segment.label, [r.label for r in references])
         matched = next((r for r in references if r.label is matched_label), None)
-        agreement = None
+        agreement, used = None, False
         if matched is not None:
             if matched.statistics:
                 statistics.setdefault(segment.label.name, dict(matched.statistics))
             if matched.prediction is not None:
                 agreement = dice(segment.mask, matched.prediction)
-                extra[index] = [agreement_signal(agreement)]
+                used = reference_trusted(matched.prediction_score)
+                if used:
+                    extra[index] = [agreement_signal(agreement)]
         if matched is None and not estimator.covers(segment.label, volume.modality):
             extra.setdefault(index, []).append(uncovered_structure_signal())
-        judgements.append(SegmentJudgement(segment.number, matched, agreement))
+        judgements.append(SegmentJudgement(segment.number, matched, agreement, used))
     name, version = producer(mapped)
     mask = np.stack([segment.mask for segment in mapped.segments])
     result = SegmentationResult(probabilities=None, mask=mask, labels=labels, model_name=name, model_version=version,
@@ -142,6 +151,8 @@ def judge_segmentation(
     log.info("third-party SEG judged", seg_uid=mapped.sop_instance_uid, producer=f"{name} {version}",
              segments=[{"number": j.segment_number, "matched": j.matched.label.name if j.matched else None,
                         "agreement_dice": None if j.agreement_dice is None else round(j.agreement_dice, 4),
+                        "agreement_used": j.agreement_used,
+                        "reference_score": None if j.matched is None else j.matched.prediction_score,
                         "verdict": s.verdict.label, "score": s.quality_score}
                        for j, s in zip(judgements, qc.segments, strict=True)])
     return result, qc, judgements
