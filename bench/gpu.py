@@ -47,7 +47,7 @@ from pacs_sentinel.inference.models import load_segmentation_model  # noqa: E402
 from pacs_sentinel.inference.phantoms import make_ct_phantom, write_ct_series  # noqa: E402
 from pacs_sentinel.inference.radiographs import make_cxr_phantom  # noqa: E402
 from pacs_sentinel.qc.classification import evaluate_classification  # noqa: E402
-from pacs_sentinel.qc.corruptions import dice  # noqa: E402
+from pacs_sentinel.qc.agreement import dice  # noqa: E402
 from pacs_sentinel.qc.evaluate import evaluate_segmentation  # noqa: E402
 
 SEG_SPEC = "demo:organ-seg"

@@ -47,7 +47,7 @@ from pacs_sentinel.daemon.worker import shipped_segmentation_threshold  # noqa: 
 from pacs_sentinel.inference.models import load_segmentation_model  # noqa: E402
 from pacs_sentinel.inference.phantoms import make_ct_phantom  # noqa: E402
 from pacs_sentinel.inference.training import phantom_volume  # noqa: E402
-from pacs_sentinel.qc.corruptions import dice  # noqa: E402
+from pacs_sentinel.qc.agreement import dice  # noqa: E402
 from pacs_sentinel.qc.evaluate import QC_VERSION, evaluate_segmentation, shipped_fusion  # noqa: E402
 from pacs_sentinel.qc.fusion import POLICY_REASONS, calibration_curve  # noqa: E402
 from pacs_sentinel.qc.metrics import auroc, spearman  # noqa: E402

@@ -9,7 +9,8 @@ from scipy import ndimage
 
 from pacs_sentinel.inference.phantoms import make_ct_phantom
 from pacs_sentinel.qc.cases import EVALUATION_SEED_OFFSET
-from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, MASK_FAMILIES, dice, perturb_mask
+from pacs_sentinel.qc.agreement import dice
+from pacs_sentinel.qc.corruptions import HELD_OUT_FAMILIES, MASK_FAMILIES, perturb_mask
 from pacs_sentinel.qc.estimator import (
     BOX_MM,
     ESTIMATOR_ARCHITECTURE,

@@ -29,7 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pacs_sentinel.dicom_io.series import Volume
-from pacs_sentinel.qc.corruptions import IMAGE_FAMILIES, corrupt_image, dice, perturb_mask
+from pacs_sentinel.qc.agreement import dice
+from pacs_sentinel.qc.corruptions import IMAGE_FAMILIES, corrupt_image, perturb_mask
 from pacs_sentinel.qc.estimator import INPUT_CHANNELS, QualityEstimator, estimator_input
 from pacs_sentinel.qc.evaluate import segment_signals
 from pacs_sentinel.qc.heuristics import Signal

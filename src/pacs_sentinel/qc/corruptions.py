@@ -231,9 +231,3 @@ def perturb_mask(mask: np.ndarray, family: str, rng: np.random.Generator, hu: np
     if family not in _PERTURBATIONS:
         raise ValueError(f"unknown mask perturbation {family!r}; expected one of {MASK_FAMILIES}")
     return _PERTURBATIONS[family](mask.astype(bool), hu, rng, spacing).astype(bool)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
