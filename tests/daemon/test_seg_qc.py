@@ -143,3 +143,25 @@ def test_a_seg_that_cannot_be_placed_fails_the_job_and_sends_nothing(  # type: i
                 for s in series.ReferencedSeriesSequence for item in s.ReferencedSOPSequence}
     good_uid = str(pydicom.dcmread(good, stop_before_pixels=True).SOPInstanceUID)
     assert good_uid in evidence and bad_uid not in evidence
+
+
+def test_agreement_is_left_out_where_our_own_prediction_fails(tmp_path: Path) -> None:
+    """On a metal-artefact series organ-seg fails, so its own mask fails our QC: the vendor's
+    (correct) liver is judged without the agreement instead of being called a disagreement."""
+    phantom = make_ct_phantom(24, variant="metal-artifact")
+    ct = write_ct_series(phantom, tmp_path / "ct-24", seed=24)
+    volume = load_series_files(ct)
+    seg = make_third_party_seg(volume.datasets, [phantom.liver.astype(bool)], [LIVER])
+    seg_path = tmp_path / "seg.dcm"
+    seg.save_as(seg_path, enforce_file_format=True)
+    by_series = {str(volume.series_uid): ct,
+                 str(pydicom.dcmread(seg_path, stop_before_pixels=True).SeriesInstanceUID): [seg_path]}
+    candidates, segs = read_candidates(by_series), read_third_party_segs(by_series)
+    config = config_with_seg_qc(tmp_path, 104)
+    pipeline = config.pipelines[1]
+
+    (outcome,) = judge_segs(config, pipeline, segs_to_judge(pipeline, candidates, segs))
+
+    segment = outcome.qc.segments[0]
+    assert "agreement_dice" not in segment.signals
+    assert all(reason.value.value != "QC029" for reason in segment.reasons)
