@@ -37,7 +37,7 @@ QC 2.6.0, a third-party segment of a structure that neither a model card nor the
 covers) are policy: the model was never validated there, so a result they flag goes to review
 whatever its score (:func:`policy_reasons`), while the score stays a calibrated probability. So,
 since QC 2.7.0, is a third-party segment that disagrees (Dice below 0.7) with our own prediction
-where that prediction passes its own QC: on the calibration's vendor-like masks the fitted score
+where that prediction passes its own QC: on the calibration's vendor-like masks (in sample) the fitted score
 alone (at 0.5) caught 65 of 89 failures there, with the disagreement as policy 88 (good masks sent
 to review 20 of 187 instead of 3). Since QC 2.5.0
 the location check (:data:`OFFSET_FEATURES`) also lowers that probability when it fires, by
