@@ -99,16 +99,6 @@ def _rows(cases: list[QCCase]) -> list[dict]:
     return [{s.name: s for s in c.signals} for c in cases]
 
 
-def _rows_without_probabilities(cases: list[QCCase]) -> list[dict]:
-    """Signals as QC computes them for a mask without a probability map: the estimator's
-    prediction from (image, mask) alone (the probability signals are not among the features)."""
-    rows = _rows(cases)
-    for row, case in zip(rows, cases, strict=True):
-        if case.predicted_dice_without_probabilities is not None:
-            row["predicted_dice"] = estimator_signal(case.predicted_dice_without_probabilities)
-    return rows
-
-
 def third_party_signals(case: QCCase, *, agreement: bool) -> list[Signal]:
     """A case's signals as seg-qc computes them for a vendor's mask: no probability-map signals,
     the estimator's prediction made without the map and, with ``agreement``, the agreement Dice.
@@ -156,7 +146,8 @@ def fit_models(cases: list[QCCase], l2: float, fit: str = "two-stage",
     own = [c for c in judged if c.uncertainty]
     paths = [("with-uncertainty", FEATURES_WITH_UNCERTAINTY, _rows(own), own)] if own else []
     paths += [("without-uncertainty", FEATURES_WITHOUT_UNCERTAINTY, _rows(judged), judged),
-              ("without-probabilities", FEATURES_WITHOUT_PROBABILITIES, _rows_without_probabilities(judged), judged)]
+              ("without-probabilities", FEATURES_WITHOUT_PROBABILITIES,
+               [{s.name: s for s in third_party_signals(c, agreement=False)} for c in judged], judged)]
     models = [one(name, features, rows, group) for name, features, rows, group in paths]
     if agreement_cases:
         # Fitted where seg-qc uses the agreement: our own mask passes its own QC (scored by the
