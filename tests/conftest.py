@@ -111,6 +111,18 @@ def pacs(tmp_path: Path) -> Iterator[StorageScp]:
     server.stop()
 
 
+def unencodable_ct(path: Path) -> Path:
+    """Write pydicom's ``CT_small.dcm`` to ``path`` with the value length of Columns changed
+    from 2 to 3: pydicom still reads the file (the rest is misparsed) but cannot write it back."""
+    shipped("CT_small.dcm").save_as(path, enforce_file_format=True)  # explicit VR little endian, with file meta
+    raw = bytearray(path.read_bytes())
+    columns = raw.find(bytes([0x28, 0, 0x11, 0]) + b"US" + bytes([2, 0]))
+    assert columns > 0
+    raw[columns + 6] = 3
+    path.write_bytes(bytes(raw))
+    return path
+
+
 def received_modalities(pacs: StorageScp) -> list[str]:
     """Modalities of everything the PACS fixture received, sorted."""
     paths = [row[0] for row in pacs.spool.database.connection().execute("SELECT path FROM instances")]

@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from pacs_sentinel.daemon.jobs import MIGRATIONS, JobState, JobStore
 from pacs_sentinel.daemon.outbox import DEAD_LETTER
 from pacs_sentinel.dicom_io.index import Database
-from tests.conftest import free_port
+from tests.conftest import free_port, unencodable_ct
 
 
 def _sentinel(*args: str) -> subprocess.CompletedProcess[str]:
@@ -37,6 +37,21 @@ def test_send_reports_what_was_not_delivered(tmp_path: Path, pacs) -> None:  # t
     result = _sentinel("send", str(broken), "--to", f"PACS@127.0.0.1:{pacs.port}", "--quiet")
     assert result.returncode == 1
     assert "not delivered" in result.stderr and "sent 0 of 1" in result.stdout
+
+
+def test_send_names_a_file_it_cannot_encode_without_a_traceback(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    """A file pydicom reads but cannot write back (here a value length of 3 on a US element,
+    which misaligns the rest) is one line naming the problem; the good file still goes."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    unencodable_ct(folder / "a-broken.dcm")
+    (folder / "b-good.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    result = _sentinel("send", str(folder), "--to", f"PACS@127.0.0.1:{pacs.port}", "--quiet")
+    assert result.returncode == 1
+    assert "sent 1 of 2 file(s)" in result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a-broken.dcm: not delivered (cannot encode the data set: " in lines[0], lines
 
 
 def test_send_with_a_bad_address_is_a_one_line_error(tmp_path: Path) -> None:

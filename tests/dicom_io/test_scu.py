@@ -12,6 +12,7 @@ from pydicom.uid import ParametricMapStorage
 from pacs_sentinel.dicom_io.scp import StorageScp
 from pacs_sentinel.dicom_io.scu import Peer, send_files
 from pacs_sentinel.errors import DeliveryError
+from tests.conftest import unencodable_ct
 
 
 def test_peer_parse() -> None:
@@ -39,6 +40,15 @@ def test_unreadable_file_is_a_failed_item_not_a_crash(pacs: StorageScp, tmp_path
     assert [r.delivered for r in results] == [False, True]
     assert "cannot read" in results[0].error
 
+
+def test_a_data_set_that_cannot_be_encoded_is_a_permanent_failure(pacs: StorageScp, tmp_path: Path) -> None:
+    """No retry can encode it, so the outbox gives it up at once; the others still go."""
+    bad = unencodable_ct(tmp_path / "bad.dcm")
+    good = Path(get_testdata_file("CT_small.dcm"))
+    results = send_files([bad, good], Peer("PACS", "127.0.0.1", pacs.port))
+    assert [r.delivered for r in results] == [False, True]
+    assert results[0].permanent and results[0].error.startswith("cannot encode the data set: ")
+    assert "\n" not in results[0].error
 
 def test_refused_association_raises_delivery_error(pacs: StorageScp) -> None:
     with pytest.raises(DeliveryError, match="rejected"):

@@ -7,6 +7,7 @@ messages on standard error and exit status 2; success is 0.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -347,6 +348,9 @@ def _cmd_send(args: argparse.Namespace) -> int:
     files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file())
     if not files:
         raise SentinelError(f"{root}: no files to send")
+    # Every file that is not delivered gets its own line below, with the reason: pynetdicom's own
+    # error records (an encoding failure comes with a traceback) would only repeat it.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     with tqdm(total=len(files), unit="file", desc=f"sending to {peer.ae_title}", disable=args.quiet) as bar:
         results = send_files(files, peer, calling_ae=args.calling_ae, on_result=lambda _: bar.update())
     failed = [r for r in results if not r.delivered]

@@ -19,6 +19,8 @@ from pathlib import Path
 import pydicom
 import structlog
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -141,6 +143,21 @@ def _refused_classes(assoc: Association) -> dict[str, str]:
     return refused
 
 
+def encoding_problem(ds: Dataset) -> str | None:
+    """Why ``ds`` cannot be encoded in its own transfer syntax (pydicom's message, naming the
+    element), or None when it can. A file read with pydicom can hold elements it cannot write
+    back (a wrong value length, a value that does not fit its VR)."""
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    fp = DicomBytesIO()
+    fp.is_little_endian = syntax.is_little_endian
+    fp.is_implicit_VR = syntax.is_implicit_VR
+    try:
+        write_dataset(fp, ds)
+    except Exception as exc:  # pydicom puts a traceback into the message after its first line
+        return "cannot encode the data set: " + (str(exc).splitlines() or [type(exc).__name__])[0]
+    return None
+
+
 def send_files(
     paths: Sequence[Path],
     peer: Peer,
@@ -213,6 +230,8 @@ def send_files(
                 if sop_class in refused:
                     result = SendResult(path=path, status=None, permanent=True,
                                         error=f"{peer.ae_title} does not accept {refused[sop_class]}")
+                elif (problem := encoding_problem(ds)) is not None:  # no retry can encode it
+                    result = SendResult(path=path, status=None, permanent=True, error=problem)
                 else:
                     result = SendResult(path=path, status=None, error=str(exc))
                 results.append(result)
