@@ -11,7 +11,8 @@ import pynetdicom
 import pytest
 import structlog.testing
 from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
@@ -121,6 +122,36 @@ def test_non_dicom_payload_gets_failure_status_and_scp_keeps_serving(
     assert assoc.send_c_store(_ct()).Status == 0x0000
     assoc.release()
     assert len(_indexed(scp)) == 1
+
+
+def test_implicit_vr_bytes_on_an_explicit_vr_context_get_c210_and_are_not_stored(
+    scp: StorageScp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydicom's reader would read on in implicit VR (with a warning); stored behind file meta
+    that says explicit VR, no other program could read the file."""
+    ds = _ct()
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, True
+    write_dataset(body, ds)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta)
+    buffer.write(body.getvalue())
+    misencoded = tmp_path / "misencoded.dcm"
+    misencoded.write_bytes(buffer.getvalue())
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)  # byte for byte
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SENTINEL")
+    assert assoc.is_established
+    assert assoc.send_c_store(misencoded).Status == 0xC210
+    assert _indexed(scp) == [] and not list(scp.spool.root.rglob("*.dcm"))
+    assoc.release()
 
 
 def test_a_truncated_instance_gets_c210_and_is_not_stored(scp: StorageScp, monkeypatch: pytest.MonkeyPatch) -> None:

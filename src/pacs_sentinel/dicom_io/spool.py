@@ -183,6 +183,13 @@ def read_instance_info(dataset: BytesIO, transfer_syntax: str) -> InstanceInfo:
         ds = read_dataset(dataset, syntax.is_implicit_VR, syntax.is_little_endian, specific_tags=IDENTIFYING_TAGS)
     except Exception as exc:  # the parser raises whatever the bytes provoke
         raise DecodeError(f"cannot decode dataset: {exc}") from exc
+    # pydicom reads on in the other VR encoding when the first element's VR looks wrong; a data
+    # set not encoded as its presentation context says would be stored behind file meta that
+    # names the wrong transfer syntax, unreadable to every other program.
+    found_implicit = ds.original_encoding[0]
+    if found_implicit is not None and found_implicit != syntax.is_implicit_VR:
+        raise DecodeError(f"data set encoded in {'implicit' if found_implicit else 'explicit'} VR, "
+                          f"not as its transfer syntax {syntax.name} says")
     return instance_info(ds, str(syntax))
 
 
