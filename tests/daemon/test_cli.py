@@ -60,6 +60,33 @@ def test_send_with_a_bad_address_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.stderr.strip() == "sentinel: 'PACS' is not of the form AE@host:port"
 
 
+def test_send_to_a_host_that_does_not_resolve_is_a_one_line_error() -> None:
+    result = _sentinel("send", get_testdata_file("CT_small.dcm"), "--to", "PACS@no.such.host.invalid:104", "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("sentinel: could not connect to no.such.host.invalid:104 (cannot resolve the host name: ")
+
+
+def test_send_to_a_closed_port_says_the_connection_was_refused() -> None:
+    port = free_port()
+    result = _sentinel("send", get_testdata_file("CT_small.dcm"), "--to", f"PACS@127.0.0.1:{port}", "--quiet")
+    assert result.returncode == 2, result.stderr
+    # It was "association with PACS@127.0.0.1:<port> aborted".
+    assert result.stderr.strip() == f"sentinel: could not connect to 127.0.0.1:{port} (connection refused)"
+
+
+def test_status_keeps_pynetdicom_s_log_lines_out_of_its_table(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[node]\ndata_dir = "var"\n\n[[destinations]]\nname = "down"\nae_title = "PACS"\n'
+                      f'host = "127.0.0.1"\nport = {free_port()}\n')
+    result = _sentinel("status", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # was "[error] Association request failed: ... [pynetdicom.transport]"
+    assert "Association request failed" not in result.stdout
+    assert any(line.startswith("down ") and "UNREACHABLE" in line for line in result.stdout.splitlines())
+
+
 def test_status_shows_destination_health_outbox_and_dead_letters(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
     down_port = free_port()
     config = tmp_path / "config.toml"
@@ -179,3 +206,44 @@ def test_a_file_system_without_locks_is_named_as_such(tmp_path: Path, monkeypatc
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(SentinelError, match="cannot lock .*sentinel.lock: No locks available .*must support flock"):
         DataDirLock(tmp_path).acquire()
+
+
+def test_outbox_retry_of_an_unknown_item_or_destination_is_a_one_line_error(tmp_path: Path) -> None:
+    """Like `sentinel review show 99999`: it printed "0 dead letter(s) requeued" and exit 0."""
+    config = tmp_path / "config.toml"
+    config.write_text('[node]\ndata_dir = "var"\n\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\n'
+                      'host = "127.0.0.1"\nport = 104\n')
+    database = Database(tmp_path / "var" / "sentinel.db", migrations=MIGRATIONS)
+    jobs = JobStore(database)
+    jobs.queue_study("1.2.3", {"organ-seg": 0.0})
+    job = jobs.claim_next()
+    assert job is not None
+    jobs.record_results(job.id, result={"verdict": "Accepted", "quality_score": 0.9, "reasons": []},
+                        outbox_items=[{"destination": "pacs", "path": "/nowhere.dcm", "sop_instance_uid": "1.2.3.4",
+                                       "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2"}])
+    database.connection().execute("UPDATE outbox SET state = ?", [DEAD_LETTER])
+    (item_id,) = [row["id"] for row in database.connection()["outbox"].rows]
+
+    unknown = _sentinel("outbox", "retry", "-c", str(config), "99999", str(item_id))
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == "sentinel: no dead letter 99999"
+    nowhere = _sentinel("outbox", "retry", "-c", str(config), "--destination", "nosuch")
+    assert nowhere.returncode == 2
+    assert nowhere.stderr.strip() == f"sentinel: no destination 'nosuch' in {config} (destinations: pacs)"
+    other = _sentinel("outbox", "retry", "-c", str(config), "--destination", "pacs", str(item_id + 1))
+    assert other.returncode == 2 and other.stderr.strip() == f"sentinel: no dead letter {item_id + 1} for destination 'pacs'"
+    assert [row["state"] for row in database.connection()["outbox"].rows] == [DEAD_LETTER]  # nothing requeued
+
+    requeued = _sentinel("outbox", "retry", "-c", str(config), "--destination", "pacs", str(item_id))
+    assert requeued.returncode == 0, requeued.stderr
+    assert requeued.stdout.startswith("1 dead letter(s) requeued")
+
+
+def test_check_config_explain_of_a_missing_path_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[node]\ndata_dir = "var"\n')
+    missing = tmp_path / "nope"
+    result = _sentinel("check-config", "-c", str(config), "--explain", str(missing))
+    assert result.returncode == 2
+    # It was "no readable DICOM files with a SeriesInstanceUID", as for a folder of other files.
+    assert result.stderr.strip().splitlines()[-1] == f"sentinel: {missing}: no such file or folder"

@@ -163,6 +163,25 @@ def test_export_keeps_a_case_without_a_segmentation_with_a_note(tmp_path: Path) 
     assert case["image"] == "" and "no segmentation of ours" in case["note"]
 
 
+def test_export_to_an_existing_file_is_a_one_line_error(tmp_path: Path) -> None:
+    """``--out /etc/passwd`` was a FileExistsError traceback."""
+    from pacs_sentinel.daemon.jobs import MIGRATIONS
+    from pacs_sentinel.dicom_io.index import Database
+
+    Database(tmp_path / "var" / "sentinel.db", migrations=MIGRATIONS)
+    config_file = tmp_path / "config.toml"
+    config_file.write_text('[node]\ndata_dir = "var"\n')
+    a_file = tmp_path / "cases.csv"
+    a_file.write_text("not a folder")
+    for out, error in ((a_file, f"{a_file}: exists and is not a folder"),
+                       (a_file / "export", f"{a_file / 'export'}: cannot create the export folder: Not a directory")):
+        export = subprocess.run([sys.executable, "-m", "pacs_sentinel", "feedback", "export", "--out", str(out),
+                                 "-c", str(config_file)], capture_output=True, text=True, timeout=120)
+        assert export.returncode == 2
+        assert export.stderr.strip() == f"sentinel: {error}", export.stderr
+    assert a_file.read_text() == "not a folder"
+
+
 def _job(tmp_path: Path, *, series_uid: str, with_seg: bool = True, state: JobState = JobState.DONE) -> Job:
     out = tmp_path / f"job-{series_uid}"
     out.mkdir()

@@ -95,6 +95,8 @@ def test_outbox_retries_until_the_destination_comes_up(database: Database, tmp_p
     row = next(database.connection()["outbox"].rows)
     assert row["state"] == "pending" and row["attempts"] == 1
     assert 29 <= row["next_attempt_at"] - failed_at <= 31  # the initial backoff
+    # It was "association with PACS@127.0.0.1:<port> aborted": nothing was ever connected.
+    assert row["last_error"] == f"could not connect to 127.0.0.1:{port} (connection refused)"
     assert JobStore(database).get(job_id).state is JobState.DELIVERING
 
     pacs = StorageScp(ScpSettings("PACS", "127.0.0.1", port), Spool(tmp_path / "pacs", Database(tmp_path / "p.db")))

@@ -82,6 +82,33 @@ def test_match_regex_is_searched_case_insensitively() -> None:
     assert not matches(pipeline, _candidate("1", 1, Modality="CT", SeriesDescription="Arterial").header)
 
 
+def test_a_study_of_non_image_objects_holds_no_image_series(tmp_path: Path) -> None:
+    """An RT Plan has no image (no Rows): it was a candidate, and the rejection listed the
+    ``match`` rules it fails instead of saying that the study holds no image series."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, RTPlanStorage, generate_uid
+
+    from pacs_sentinel.daemon.routing import read_candidates
+
+    by_series = {}
+    for sop_class, modality in ((RTPlanStorage, "RTPLAN"), (BasicTextSRStorage, "SR")):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", generate_uid(), modality
+        path = tmp_path / f"{modality}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        by_series[str(ds.SeriesInstanceUID)] = [path]
+    candidates = read_candidates(by_series)
+    assert candidates == []
+    assert rejection_reason([PIPELINE], candidates) == \
+        "no pipeline matches any series of the study: it holds no image series"
+    images, _ = _study(tmp_path)  # an image series of the same study still is a candidate
+    assert [c.series_uid for c in read_candidates({**by_series, **images})] == list(images)
+
+
 # ----------------------------------------------------------------------------- seg-qc pipelines
 
 SEG_QC = PipelineConfig(name="vendor-qc", kind="seg-qc", match={"Modality": ["CT"]})

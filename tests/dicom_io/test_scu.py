@@ -12,7 +12,7 @@ from pydicom.uid import ParametricMapStorage
 from pacs_sentinel.dicom_io.scp import StorageScp
 from pacs_sentinel.dicom_io.scu import Peer, send_files
 from pacs_sentinel.errors import DeliveryError
-from tests.conftest import unencodable_ct
+from tests.conftest import free_port, unencodable_ct
 
 
 def test_peer_parse() -> None:
@@ -53,6 +53,20 @@ def test_a_data_set_that_cannot_be_encoded_is_a_permanent_failure(pacs: StorageS
 def test_refused_association_raises_delivery_error(pacs: StorageScp) -> None:
     with pytest.raises(DeliveryError, match="rejected"):
         send_files([Path(get_testdata_file("CT_small.dcm"))], Peer("WRONGAE", "127.0.0.1", pacs.port))
+
+
+def test_a_host_that_does_not_resolve_or_a_closed_port_is_a_delivery_error_that_says_so() -> None:
+    """Not a socket.gaierror traceback, and not "association ... aborted" for a refused connection."""
+    ct = [Path(get_testdata_file("CT_small.dcm"))]
+    with pytest.raises(DeliveryError) as raised:
+        send_files(ct, Peer("PACS", "no.such.host.invalid", 104))
+    assert str(raised.value).startswith("could not connect to no.such.host.invalid:104 (cannot resolve the host name: ")
+    assert not raised.value.permanent  # the name server may be back at the next attempt
+    port = free_port()
+    with pytest.raises(DeliveryError) as raised:
+        send_files(ct, Peer("PACS", "127.0.0.1", port))
+    assert str(raised.value) == f"could not connect to 127.0.0.1:{port} (connection refused)"
+    assert not raised.value.permanent
 
 
 def _parametric_map_file(tmp_path: Path) -> Path:

@@ -302,6 +302,22 @@ def test_no_pixel_data() -> None:
     refused(datasets, rf"^instance {re.escape(str(datasets[0].SOPInstanceUID))} has no pixel data$")
 
 
+def test_empty_pixel_data_is_named_as_such(tmp_path: Path) -> None:
+    """Zero-length Pixel Data (read back from a file as None) was "object of type 'NoneType' has no len()"."""
+    datasets = make_slices([0.0, 2.5, 5.0])
+    datasets[1].PixelData = b""
+    paths = []
+    for index, ds in enumerate(datasets):
+        paths.append(tmp_path / f"{index}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    expected = (f"cannot decode pixel data of {datasets[1].SOPInstanceUID} (Explicit VR Little Endian): "
+                "the pixel data is empty (0 bytes)")
+    with pytest.raises(SeriesError) as info:
+        load_series_files(paths)
+    assert str(info.value) == expected
+    refused(datasets, f"^{re.escape(expected)}$")
+
+
 # --- enhanced multi-frame --------------------------------------------------------------------
 
 

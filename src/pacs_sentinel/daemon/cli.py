@@ -152,6 +152,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from pacs_sentinel.dicom_io.scu import Peer, echo
 
     config = load_config(args.config)
+    # An unreachable destination is a row of the table below: pynetdicom's own error records
+    # would only print in the middle of it.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     print("destinations:")
     rows = []
     for destination in config.destinations:
@@ -227,6 +230,10 @@ def _cmd_outbox_retry(args: argparse.Namespace) -> int:
     if not db_path.exists():
         print(f"no database at {db_path}: the daemon has not run with this configuration yet", file=sys.stderr)
         return EXIT_ERROR
+    names = [destination.name for destination in config.destinations]
+    if args.destination is not None and args.destination not in names:
+        raise SentinelError(f"no destination {args.destination!r} in {args.config} "
+                            f"(destinations: {', '.join(names) or 'none'})")
     count = requeue_dead_letters(Database(db_path, migrations=MIGRATIONS), item_ids=args.items,
                                  destination=args.destination)
     print(f"{count} dead letter(s) requeued" + ("; the daemon sends them at its next outbox flush" if count else ""))

@@ -64,6 +64,9 @@ def export_feedback(database: Database, spool: Spool, out_dir: Path, *, since: f
 
     Returns:
         What was written.
+
+    Raises:
+        SentinelError: ``out_dir`` is a file or cannot be created.
     """
     import nibabel as nib
 
@@ -77,7 +80,12 @@ def export_feedback(database: Database, spool: Spool, out_dir: Path, *, since: f
     for row in database.rows("SELECT * FROM feedback WHERE error IS NULL AND recorded_at >= ? ORDER BY id",
                      [since]):
         corrections.setdefault(row["job_id"], row)  # the first correction of a job (one per job in the data set)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise SentinelError(f"{out_dir}: exists and is not a folder") from None
+    except OSError as exc:  # a parent is a file, or not writable
+        raise SentinelError(f"{out_dir}: cannot create the export folder: {exc.strerror or exc}") from None
     summary = ExportSummary(csv_path=out_dir / "cases.csv")
     records = []
     for job_id in sorted(set(items) | set(corrections)):

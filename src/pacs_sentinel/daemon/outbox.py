@@ -24,7 +24,7 @@ from pacs_sentinel.daemon.config import DestinationConfig, OutboxConfig
 from pacs_sentinel.daemon.jobs import JobState
 from pacs_sentinel.dicom_io.index import Database
 from pacs_sentinel.dicom_io.scu import Peer, send_files
-from pacs_sentinel.errors import DeliveryError
+from pacs_sentinel.errors import DeliveryError, SentinelError
 
 log = structlog.get_logger(__name__)
 
@@ -179,6 +179,9 @@ def requeue_dead_letters(database: Database, *, item_ids: Sequence[int] = (), de
 
     Returns:
         How many items were requeued.
+
+    Raises:
+        SentinelError: One of ``item_ids`` is not a dead letter (of ``destination``); nothing is requeued.
     """
     where, params = ["state = ?"], [DEAD_LETTER]
     if item_ids:
@@ -190,6 +193,10 @@ def requeue_dead_letters(database: Database, *, item_ids: Sequence[int] = (), de
     now = time.time()
     with database.transaction() as tx:
         rows = tx.execute(f"SELECT id, job_id FROM outbox WHERE {' AND '.join(where)}", params).fetchall()
+        missing = sorted({int(i) for i in item_ids} - {item_id for item_id, _ in rows})
+        if missing:
+            raise SentinelError(f"no dead letter {', '.join(map(str, missing))}"
+                                + (f" for destination {destination!r}" if destination is not None else ""))
         for item_id, _ in rows:
             tx.execute("UPDATE outbox SET state = ?, attempts = 0, next_attempt_at = ? WHERE id = ?",
                        [PENDING, now, item_id])

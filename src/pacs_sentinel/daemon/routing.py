@@ -37,7 +37,8 @@ class SeriesCandidate:
 
 
 def read_candidates(series_files: dict[str, list[Path]]) -> list[SeriesCandidate]:
-    """Read one header per series; series we wrote ourselves or that are not images are left out."""
+    """Read one header per series; series we wrote ourselves or that are not images are left out:
+    a derived modality (:data:`NON_IMAGE_MODALITIES`), or no Rows (no image at all: RT Plan...)."""
     candidates = []
     for series_uid, files in series_files.items():
         try:
@@ -45,7 +46,7 @@ def read_candidates(series_files: dict[str, list[Path]]) -> list[SeriesCandidate
         except Exception as exc:  # an unreadable file must not stop the other series
             log.warning("series header unreadable", series_uid=series_uid, error=str(exc))
             continue
-        if is_own_object(header) or str(header.get("Modality", "")) in NON_IMAGE_MODALITIES:
+        if is_own_object(header) or str(header.get("Modality", "")) in NON_IMAGE_MODALITIES or "Rows" not in header:
             continue
         candidates.append(SeriesCandidate(series_uid, files, header))
     return candidates
@@ -244,8 +245,10 @@ def explain(pipelines: list[PipelineConfig], path: Path) -> str:
     """Which pipeline would take which series of the DICOM files under ``path``, and why not.
 
     Raises:
-        SentinelError: ``path`` holds no readable DICOM file.
+        SentinelError: ``path`` does not exist or holds no readable DICOM file.
     """
+    if not path.exists():
+        raise SentinelError(f"{path}: no such file or folder")
     files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
     by_series: dict[str, list[Path]] = {}
     studies: set[str] = set()

@@ -143,6 +143,16 @@ def _refused_classes(assoc: Association) -> dict[str, str]:
     return refused
 
 
+def _connect_failure(peer: Peer, timeout: float) -> str:
+    """Why a plain TCP connection to ``peer`` fails (``"connection refused"``, ``"timed out"``...),
+    or ``""`` when it succeeds now. pynetdicom only logs the reason of a failed connect."""
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=timeout):
+            return ""
+    except OSError as exc:
+        return (exc.strerror or str(exc) or type(exc).__name__).lower()
+
+
 def encoding_problem(ds: Dataset) -> str | None:
     """Why ``ds`` cannot be encoded in its own transfer syntax (pydicom's message, naming the
     element), or None when it can. A file read with pydicom can hold elements it cannot write
@@ -179,7 +189,9 @@ def send_files(
         One result per file, in order.
 
     Raises:
-        DeliveryError: The association was rejected, aborted or could not be made.
+        DeliveryError: The host name cannot be resolved, the connection cannot be made
+            (``could not connect to <host>:<port> (connection refused)``), or the association
+            was rejected or aborted.
     """
     datasets: list[tuple[Path, Dataset]] = []
     unreadable: dict[Path, str] = {}
@@ -211,8 +223,16 @@ def send_files(
         ae.add_requested_context(sop_class, syntaxes)
     if len(ae.requested_contexts) > 128:
         raise DeliveryError("more than 128 presentation contexts needed in one association")
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NODELAY_HANDLERS)
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NODELAY_HANDLERS)
+    except (socket.gaierror, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
+        why = exc.strerror if isinstance(exc, socket.gaierror) and exc.strerror else str(exc)
+        raise DeliveryError(f"could not connect to {peer.host}:{peer.port} (cannot resolve the host name: {why})") from None
     refused = _refused_classes(assoc)
+    if not assoc.is_established and not assoc.is_rejected and not refused and not assoc.requestor.port:
+        # pynetdicom reports a failed TCP connect as an abort; the requestor's port is still 0.
+        why = _connect_failure(peer, timeout)
+        raise DeliveryError(f"could not connect to {peer.host}:{peer.port}" + (f" ({why})" if why else ""))
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         none_accepted = bool(refused) and not assoc.accepted_contexts  # pynetdicom aborts then

@@ -235,10 +235,14 @@ def _decode_stored(ds: Dataset) -> np.ndarray:
     a decoder plugin for compressed transfer syntaxes (pylibjpeg, openjpeg, libjpeg, rle).
 
     Raises:
-        SeriesError: No pixel data, colour pixel data, or the data cannot be decoded.
+        SeriesError: No pixel data, empty or colour pixel data, or the data cannot be decoded.
     """
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    keyword = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
+    if keyword is None:
         raise SeriesError(f"instance {_uid_of(ds)} has no pixel data")
+    if not ds[keyword].value:  # zero length: pydicom reads it as None
+        raise SeriesError(f"cannot decode pixel data of {_uid_of(ds)} ({_transfer_syntax_name(ds)}): "
+                          "the pixel data is empty (0 bytes)")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
         raise SeriesError(
