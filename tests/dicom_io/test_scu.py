@@ -41,6 +41,17 @@ def test_unreadable_file_is_a_failed_item_not_a_crash(pacs: StorageScp, tmp_path
     assert "cannot read" in results[0].error
 
 
+def test_a_truncated_file_is_not_sent_as_if_whole(pacs: StorageScp, tmp_path: Path) -> None:
+    """pydicom reads MR_truncated.dcm (its pixel data 62 bytes short) and would re-encode the
+    shorter value: the peer would store a damaged image as a good one."""
+    truncated = Path(get_testdata_file("MR_truncated.dcm"))
+    good = Path(get_testdata_file("CT_small.dcm"))
+    results = send_files([truncated, good], Peer("PACS", "127.0.0.1", pacs.port))
+    assert [r.delivered for r in results] == [False, True]
+    assert "truncated data set" in results[0].error and str(truncated) in results[0].error
+    assert len(list(pacs.spool.database.connection()["instances"].rows)) == 1
+
+
 def test_a_data_set_that_cannot_be_encoded_is_a_permanent_failure(pacs: StorageScp, tmp_path: Path) -> None:
     """No retry can encode it, so the outbox gives it up at once; the others still go."""
     bad = unencodable_ct(tmp_path / "bad.dcm")

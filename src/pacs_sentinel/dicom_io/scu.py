@@ -11,6 +11,7 @@ those up at once instead of retrying them for hours.
 from __future__ import annotations
 
 import socket
+from io import BytesIO
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 
 from pacs_sentinel.dicom_io.reactor import make_response_safe
-from pacs_sentinel.errors import DeliveryError
+from pacs_sentinel.dicom_io.spool import read_instance_info
+from pacs_sentinel.errors import DecodeError, DeliveryError
 
 log = structlog.get_logger(__name__)
 
@@ -153,6 +155,24 @@ def _connect_failure(peer: Peer, timeout: float) -> str:
         return (exc.strerror or str(exc) or type(exc).__name__).lower()
 
 
+def file_problem(path: Path, ds: Dataset) -> str | None:
+    """Why the data set in ``path`` (read as ``ds``) must not be sent, or None: it is truncated
+    or malformed, which pydicom reads past (a value cut short at the end of the file comes back
+    shorter) and re-encoding would hide. The same walk the SCP refuses such an instance with
+    (0xC210). Files without the ``DICM`` preamble or a group length are left to pydicom."""
+    with open(path, "rb") as fp:
+        head = fp.read(144)
+        if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+            return None
+        fp.seek(144 + int.from_bytes(head[140:144], "little"))
+        encoded = BytesIO(fp.read())
+    try:
+        read_instance_info(encoded, str(ds.file_meta.TransferSyntaxUID))
+    except DecodeError as exc:
+        return f"{path}: {exc}"
+    return None
+
+
 def encoding_problem(ds: Dataset) -> str | None:
     """Why ``ds`` cannot be encoded in its own transfer syntax (pydicom's message, naming the
     element), or None when it can. A file read with pydicom can hold elements it cannot write
@@ -199,8 +219,12 @@ def send_files(
         try:
             ds = pydicom.dcmread(path)
             _ = (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)  # both must be present
+            problem = file_problem(path, ds)
         except Exception as exc:  # a file we cannot read is a failed attempt, not a crash
             unreadable[path] = f"cannot read {path}: {exc}"
+            continue
+        if problem is not None:
+            unreadable[path] = f"cannot send {problem}"
             continue
         datasets.append((path, ds))
     if on_result is not None:
