@@ -12,6 +12,7 @@ from pacs_sentinel.qc.evaluate import QC_VERSION, evaluate_segmentation, segment
 from pacs_sentinel.qc.heuristics import (
     FLAG_BELOW,
     Signal,
+    body_size_signal,
     border_contact_signal,
     confidence_signal,
     expected_dice_signal,
@@ -269,6 +270,61 @@ def test_a_mask_on_the_wrong_side_of_the_body_is_flagged() -> None:
             assert segment.verdict is Verdict.NEEDS_REVIEW
 
 
+def test_body_size_against_the_cards_range() -> None:
+    reference = {"body_area_cm2_p01": 400.0, "body_area_cm2_p99": 600.0}
+    for area, subscore in ((500.0, 1.0), (400.0, 1.0), (400.0 / 1.1, 1.0), (600.0 * 1.1, 1.0),
+                           (400.0 / 1.6, 0.0), (600.0 * 1.6, 0.0), (100.0, 0.0), (0.0, 0.0)):
+        signal = body_size_signal(area, reference)
+        assert signal is not None and signal.reason is Reason.UNFAMILIAR_INPUT
+        assert signal.subscore == pytest.approx(subscore), area
+    smaller, larger = body_size_signal(400.0 / 1.3, reference), body_size_signal(600.0 * 1.3, reference)
+    assert smaller.subscore == pytest.approx(larger.subscore) and 0.5 < smaller.subscore < 1.0 and not smaller.fired
+    assert body_size_signal(400.0 / 1.4, reference).fired
+    # Smaller still is never more trusted.
+    subscores = [body_size_signal(a, reference).subscore for a in np.linspace(500.0, 150.0, 36)]
+    assert all(b <= a for a, b in zip(subscores, subscores[1:]))
+    assert body_size_signal(None, reference) is None
+    assert body_size_signal(300.0, {"volume_ml_p01": 1.0, "volume_ml_p99": 2.0}) is None
+    assert body_size_signal(300.0, None) is None
+
+
+def test_a_patient_much_smaller_than_the_training_images_goes_to_review_with_qc032() -> None:
+    """The same phantom and its true liver at 70 % of the spacing: a patient half the
+    cross-section of any the model was trained on. Every check of the mask alone finds it fine;
+    the model was never validated there, so the score drops and the finding says why."""
+    volume, result = _phantom_case()
+    result.reference["Liver"].update({"body_area_cm2_p01": 440.3, "body_area_cm2_p99": 637.0})
+    normal = evaluate_segmentation(volume, result).segments[0]
+    assert normal.verdict is Verdict.ACCEPTED and Reason.UNFAMILIAR_INPUT not in normal.reasons
+    assert normal.signals["body_area_cm2_subscore"] == 1.0
+    small = Volume(volume.array, tuple(0.7 * s for s in volume.spacing), volume.origin, volume.direction, [])
+    segment = evaluate_segmentation(small, result).segments[0]
+    assert segment.signals["body_area_cm2"] == pytest.approx(0.49 * normal.signals["body_area_cm2"], rel=0.01)
+    assert Reason.UNFAMILIAR_INPUT in segment.reasons
+    assert segment.verdict is Verdict.NEEDS_REVIEW and segment.quality_score < 0.5 * normal.quality_score
+
+
+def test_the_demo_models_normal_sized_liver_in_a_small_patient_goes_to_review() -> None:
+    """Found from outside: the demo model segments a liver of the usual size in a patient scaled
+    to 75 % (its mask twice the true volume, Dice 0.65). Before the body-size check every signal
+    found it plausible and QC accepted it with a score of 0.98."""
+    from pacs_sentinel.inference.models import load_segmentation_model
+    from pacs_sentinel.inference.training import phantom_volume
+    from pacs_sentinel.qc.agreement import dice
+
+    phantom = make_ct_phantom(3)
+    small = phantom_volume(phantom)
+    small = Volume(small.array, tuple(0.75 * s for s in small.spacing), small.origin, small.direction, [])
+    model = load_segmentation_model("demo:organ-seg", device="cpu")
+    result = model.predict(small, mc_dropout_samples=4)
+    assert dice(result.mask[0] > 0, phantom.liver) < 0.7  # the model fails there
+    segment = evaluate_segmentation(small, result, accept_threshold=0.8934).segments[0]
+    assert segment.verdict is Verdict.NEEDS_REVIEW and Reason.UNFAMILIAR_INPUT in segment.reasons
+    normal = model.predict(phantom_volume(phantom), mc_dropout_samples=4)
+    assert evaluate_segmentation(phantom_volume(phantom), normal, accept_threshold=0.8934).segments[0].verdict \
+        is Verdict.ACCEPTED
+
+
 def test_location_is_skipped_without_a_card_reference() -> None:
     assert location_signal(0.9, {"volume_ml_p01": 1.0, "volume_ml_p99": 2.0}) is None
     assert location_signal(0.9, None) is None
@@ -278,7 +334,7 @@ def test_location_is_skipped_without_a_card_reference() -> None:
 
 def test_every_signal_is_recorded_and_the_version_is_bumped() -> None:
     qc = evaluate_segmentation(_volume(), _result(_ellipsoid((60, 50, 45))))
-    assert qc.qc_version == QC_VERSION == "2.7.0"
+    assert qc.qc_version == QC_VERSION == "2.8.0"
     signals = qc.segments[0].signals
     for name in ("predicted_dice", "mean_probability", "expected_dice", "hole_share", "border_contact_share",
                  "noise_hu", "edge_width_px", "metal_ml",

@@ -286,3 +286,28 @@ def test_flat_jpeg_blocks_read_as_the_cap() -> None:
     blocks = np.repeat(np.repeat(levels, 8, axis=1), 8, axis=2)
     assert _blockiness(_volume(blocks)).value == BLOCKINESS_CAP and _blockiness(_volume(blocks)).fired
     assert _blockiness(_volume(np.full(SHAPE, 40.0, np.float32))).value == 1.0  # nothing to compare: skipped
+
+
+def test_the_body_area_is_the_patients_cross_section_whatever_the_grid() -> None:
+    """The ellipse of ``_array`` (semi-axes 120 x 140 mm); lungs (air inside the body) count as
+    body; padding the field of view with air, reformatting the series and thicker slices change
+    nothing; the same voxels at 80 % of the spacing are a smaller patient (0.64 of the area)."""
+    expected = np.pi * 12.0 * 14.0
+    array = _array()
+    area = assess_image(_volume(array)).body_area_cm2(_volume(array))
+    assert area == pytest.approx(expected, rel=0.03)
+    lungs = array.copy()
+    y, x = np.ogrid[: SHAPE[1], : SHAPE[2]]
+    lungs[:, ((y - 50) * 2.5 / 40.0) ** 2 + ((np.abs(x - 64) - 20) * 2.5 / 30.0) ** 2 <= 1] = -850.0
+    assert assess_image(_volume(lungs)).body_area_cm2(_volume(lungs)) == pytest.approx(area, rel=0.01)
+    padded = _volume(np.pad(array, ((0, 0), (64, 64), (64, 64)), constant_values=-1000.0))
+    assert assess_image(padded).body_area_cm2(padded) == pytest.approx(area, rel=0.02)
+    for plane in ("sagittal", "coronal"):
+        stored = _stored(array, SPACING, plane)
+        assert assess_image(stored).body_area_cm2(stored) == pytest.approx(area, rel=0.03), plane
+    thick = Volume(array[::2], (10.0, 2.5, 2.5), (0.0, 0.0, 0.0), np.eye(3), [])
+    assert assess_image(thick).body_area_cm2(thick) == pytest.approx(area, rel=0.01)
+    small = Volume(array, (4.0, 2.0, 2.0), (0.0, 0.0, 0.0), np.eye(3), [])
+    assert assess_image(small).body_area_cm2(small) == pytest.approx(0.64 * area, rel=0.01)
+    empty = _volume(np.full(SHAPE, -1000.0, np.float32))
+    assert assess_image(empty).body_area_cm2(empty) is None

@@ -120,6 +120,16 @@ def _left_share(phantom: CTPhantom) -> float:
     return left_share(phantom.liver, midline if midline is not None else 0.0, volume.spacing, volume.direction)
 
 
+def body_area_cm2(phantom: CTPhantom) -> float:
+    """The body's axial cross-section (cm²) as QC measures it (the patient's size: QC's check of
+    an input unlike the training images)."""
+    from pacs_sentinel.qc.image import assess_image
+
+    volume = phantom_volume(phantom)
+    area = assess_image(volume).body_area_cm2(volume)
+    return area if area is not None else 0.0
+
+
 def phantom_volume(phantom: CTPhantom) -> Volume:
     """Wrap a phantom as a :class:`Volume` (axial, no source datasets) for evaluation."""
     return Volume(
@@ -306,6 +316,7 @@ def train_demo(
     targets = torch.cat([preprocess_mask(p.liver, p.spacing, card) for p in train_phantoms])
     train_volumes_ml = np.array([p.liver_volume_ml for p in train_phantoms])
     train_left_shares = np.array([_left_share(p) for p in train_phantoms])
+    train_body_areas = np.array([body_area_cm2(p) for p in train_phantoms])
     del train_phantoms
     val_phantoms = [make_ct_phantom(base + VAL_SEED_OFFSET + i) for i in range(recipe["n_val"])]
 
@@ -380,6 +391,9 @@ def train_demo(
             # Where the organ lies (QC's location check): share on the patient's left of the midline.
             "left_share_p01": round(float(np.percentile(train_left_shares, 1)), 3),
             "left_share_p99": round(float(np.percentile(train_left_shares, 99)), 3),
+            # How big the patients were (QC's check of an input unlike the training images).
+            "body_area_cm2_p01": round(float(np.percentile(train_body_areas, 1)), 1),
+            "body_area_cm2_p99": round(float(np.percentile(train_body_areas, 99)), 1),
         }
     }
     metrics = held_out_metrics(model, seed=seed, n_test=recipe["n_test"], n_per_variant=recipe["n_per_variant"])
@@ -486,7 +500,9 @@ Reference liver volume of the training phantoms (used by QC for volume anomalies
 p99 {ref['volume_ml_p99']} ml (mean {ref['volume_ml_mean']} ± {ref['volume_ml_std']}).
 
 ## Behaviour per variant and limitations
-Reference range for QC: p01–p99 = {ref['volume_ml_p01']}–{ref['volume_ml_p99']} ml.
+Reference range for QC: p01–p99 = {ref['volume_ml_p01']}–{ref['volume_ml_p99']} ml. Patients' size (the body's
+axial cross-section, QC's check of an input unlike the training images): p01–p99 =
+{ref['body_area_cm2_p01']}–{ref['body_area_cm2_p99']} cm²; the model was never trained on a smaller or larger patient.
 - `normal`: Dice {v['normal']['dice_mean']:.3f}, recall {v['normal']['recall_mean']:.3f};
   {_span(v['normal']['components'])} connected component(s), a second one is rarely more than a few ml (QC
   fragmentation checks should use a relative size threshold). The predicted volume runs

@@ -142,6 +142,7 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
                 masks.append((str(name), perturb_mask(source, str(name), rng, hu, phantom.spacing)))
         image_qc = assess_image(volume) if collect_signals else None
         midline = image_qc.midline_x_mm(volume) if image_qc is not None else None
+        body_area = image_qc.body_area_cm2(volume) if image_qc is not None else None
         for mask_family, mask in masks:
             case = QCCase(seed, family, mask_family, dice(mask, phantom.liver), empty=not mask.any(),
                           uncertainty=mask_family == "none" and result.uncertainty is not None)
@@ -156,7 +157,7 @@ def draw_cases(model, seeds: Sequence[int], image_families: Sequence[str], mask_
                 if mask_family != "none":
                     judged.uncertainty = None
                 case.signals = segment_signals(volume, judged, 0, image_signals=image_qc.signals,
-                                               midline_x=midline, estimator=estimator)
+                                               midline_x=midline, estimator=estimator, body_area_cm2=body_area)
                 if collect_without_probabilities and estimator is not None and estimator.channels == 3:
                     case.predicted_dice_without_probabilities = estimator.predict(hu, mask, phantom.spacing)
             cases.append(case)

@@ -25,6 +25,7 @@ from pacs_sentinel.qc.estimator import QualityEstimator, estimator_signal, load_
 from pacs_sentinel.qc.fusion import FusionModel, load_fusion, policy_reasons
 from pacs_sentinel.qc.heuristics import (
     Signal,
+    body_size_signal,
     border_contact_signal,
     bounding_box,
     confidence_signal,
@@ -42,7 +43,7 @@ from pacs_sentinel.results import QCResult, Reason, SegmentationResult, SegmentQ
 
 log = structlog.get_logger(__name__)
 
-QC_VERSION = "2.7.0"
+QC_VERSION = "2.8.0"
 
 
 def shipped_fusion() -> FusionModel:
@@ -71,8 +72,10 @@ def crop_to_mask(mask: np.ndarray, margin: int = 1) -> np.ndarray:
 
 def segment_signals(volume: Volume, result: SegmentationResult, index: int, *, image_signals: list[Signal],
                     midline_x: float | None, estimator: QualityEstimator | None,
-                    extra: list[Signal] | None = None) -> list[Signal]:
-    """Every QC signal of one non-empty segment (``result.mask[index]``), not yet fused."""
+                    extra: list[Signal] | None = None, body_area_cm2: float | None = None) -> list[Signal]:
+    """Every QC signal of one non-empty segment (``result.mask[index]``), not yet fused
+    (``body_area_cm2``: :meth:`~pacs_sentinel.qc.image.ImageQC.body_area_cm2`, compared with the
+    model card's range when it records one)."""
     label = result.labels[index]
     mask = result.mask[index].astype(bool)
     volume_mm3 = float(mask.sum()) * volume.voxel_volume_mm3
@@ -92,6 +95,9 @@ def segment_signals(volume: Volume, result: SegmentationResult, index: int, *, i
     volume_check = volume_signal(volume_mm3 / 1000.0, reference)
     if volume_check is not None:
         signals.insert(0, volume_check)
+    body_check = body_size_signal(body_area_cm2, reference)
+    if body_check is not None:
+        signals.append(body_check)
     if midline_x is not None:
         location_check = location_signal(left_share(mask, midline_x, volume.spacing, volume.direction), reference)
         if location_check is not None:
@@ -133,6 +139,7 @@ def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_
     estimator = estimator if estimator is not None else load_estimator()
     image_qc = assess_image(volume)
     midline_x = image_qc.midline_x_mm(volume)
+    body_area_cm2 = image_qc.body_area_cm2(volume)
     segments = []
     for index, label in enumerate(result.labels):
         mask = result.mask[index].astype(bool)
@@ -144,8 +151,8 @@ def evaluate_segmentation(volume: Volume, result: SegmentationResult, *, accept_
             )
             continue
         signals = segment_signals(volume, result, index, image_signals=image_qc.signals, midline_x=midline_x,
-                                  estimator=estimator,
-                                  extra=(extra_signals or {}).get(index))
+                                  estimator=estimator, extra=(extra_signals or {}).get(index),
+                                  body_area_cm2=body_area_cm2)
         fused, model = fusion.score(signals)
         score = round(fused, 4)  # the verdict is taken on the score as reported
         reasons = list(dict.fromkeys(s.reason for s in signals if s.fired))

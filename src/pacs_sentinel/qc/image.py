@@ -156,6 +156,21 @@ class ImageQC:
         indices = indices * np.asarray(self.body_stride)
         return float(patient_x_mm(indices, volume.spacing, volume.direction).mean())
 
+    def body_area_cm2(self, volume: Volume) -> float | None:
+        """The body's axial cross-section (cm², holes filled: lungs and bowel gas count as body),
+        the median over the axial slices that show it: how big the patient is, whatever the
+        field of view, matrix or slice thickness.
+
+        Returns:
+            The area, or None when the volume shows no body.
+        """
+        spacing = tuple(float(s) * k for s, k in zip(volume.spacing, self.body_stride, strict=True))
+        body, axial_spacing = axial_view(self.body, volume.direction, spacing)  # type: ignore[arg-type]
+        areas = [int(ndimage.binary_fill_holes(plane).sum()) for plane in body if plane.any()]
+        if not areas:
+            return None
+        return float(np.median(areas)) * axial_spacing[1] * axial_spacing[2] / 100.0
+
     @property
     def reasons(self) -> list[Reason]:
         """The reasons the fired checks raise (at most one: POOR_INPUT_QUALITY)."""
