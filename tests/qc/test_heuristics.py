@@ -280,6 +280,8 @@ def test_body_size_against_the_cards_range() -> None:
     smaller, larger = body_size_signal(400.0 / 1.3, reference), body_size_signal(600.0 * 1.3, reference)
     assert smaller.subscore == pytest.approx(larger.subscore) and 0.5 < smaller.subscore < 1.0 and not smaller.fired
     assert body_size_signal(400.0 / 1.4, reference).fired
+    # Far outside, the score keeps at most even odds (the ranking among such masks stays).
+    assert body_size_signal(100.0, reference).fusion_factor == pytest.approx(0.5)
     # Smaller still is never more trusted.
     subscores = [body_size_signal(a, reference).subscore for a in np.linspace(500.0, 150.0, 36)]
     assert all(b <= a for a, b in zip(subscores, subscores[1:]))

@@ -57,6 +57,10 @@ LEFT_SHARE_ZERO_EXCESS = 0.20
 #: with masks of a normal-sized liver twice the true volume that every other check accepted.
 BODY_AREA_FULL_EXCESS = math.log(1.10)
 BODY_AREA_ZERO_EXCESS = math.log(1.60)
+#: What the body-size check leaves of the quality score at sub-score 0: the model was never
+#: validated on such a patient, so the score is at most even odds, whatever the mask looks like;
+#: a floor keeps the ranking of those masks among themselves (a mask that looks wrong stays lower).
+BODY_AREA_FUSION_FLOOR = 0.5
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def body_size_signal(area_cm2: float | None, reference: dict[str, float] | None)
     A model that learned organ sizes in millimetres can segment an organ of the usual size in a
     much smaller (or larger) patient, which every check of the mask alone finds plausible.
     Raises :attr:`~pacs_sentinel.results.Reason.UNFAMILIAR_INPUT`; the fitted fusion never saw
-    such images, so the sub-score multiplies the quality score.
+    such images, so its factor multiplies the quality score (down to :data:`BODY_AREA_FUSION_FLOOR`).
 
     Returns:
         The signal, or None when the card records no range or the volume shows no body.
@@ -135,7 +139,7 @@ def body_size_signal(area_cm2: float | None, reference: dict[str, float] | None)
     else:
         excess = 0.0
     subscore = 1.0 - ramp(excess, BODY_AREA_FULL_EXCESS, BODY_AREA_ZERO_EXCESS) if math.isfinite(excess) else 0.0
-    return Signal("body_area_cm2", area_cm2, subscore, Reason.UNFAMILIAR_INPUT)
+    return Signal("body_area_cm2", area_cm2, subscore, Reason.UNFAMILIAR_INPUT, fusion_floor=BODY_AREA_FUSION_FLOOR)
 
 
 def fragmentation_signal(mask: np.ndarray) -> Signal:
