@@ -10,7 +10,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ParametricMapStorage
 
 from pacs_sentinel.dicom_io.scp import StorageScp
-from pacs_sentinel.dicom_io.scu import Peer, send_files
+from pacs_sentinel.dicom_io.scu import Peer, echo, send_files
 from pacs_sentinel.errors import DeliveryError
 from tests.conftest import free_port, unencodable_ct
 
@@ -78,6 +78,13 @@ def test_a_host_that_does_not_resolve_or_a_closed_port_is_a_delivery_error_that_
         send_files(ct, Peer("PACS", "127.0.0.1", port))
     assert str(raised.value) == f"could not connect to 127.0.0.1:{port} (connection refused)"
     assert not raised.value.permanent
+
+
+def test_an_echo_to_a_closed_port_says_the_connection_was_refused() -> None:
+    """What `sentinel status` shows for a destination that is down."""
+    port = free_port()
+    result = echo(Peer("PACS", "127.0.0.1", port), timeout=2.0)
+    assert not result.ok and result.error == f"could not connect to 127.0.0.1:{port} (connection refused)"
 
 
 def _parametric_map_file(tmp_path: Path) -> Path:

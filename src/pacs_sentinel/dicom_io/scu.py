@@ -116,7 +116,13 @@ def echo(peer: Peer, *, calling_ae: str = "SENTINEL", timeout: float = 5.0) -> E
     except OSError as exc:
         return EchoResult(False, time.monotonic() - started, str(exc))
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "no association (unreachable or aborted)"
+        if assoc.is_rejected:
+            reason = "association rejected"
+        elif not assoc.requestor.port:  # the TCP connect failed (see send_files)
+            why = _connect_failure(peer, timeout)
+            reason = f"could not connect to {peer.host}:{peer.port}" + (f" ({why})" if why else "")
+        else:
+            reason = "association aborted"
         return EchoResult(False, time.monotonic() - started, reason)
     try:
         status = assoc.send_c_echo()
