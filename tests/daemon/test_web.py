@@ -125,6 +125,10 @@ def test_loopback_without_a_token_serves_and_the_actions_work(served) -> None:  
         assert claim.status_code == 303 and claim.headers["location"] == "/items/1"
         conflict = client.post("/items/1/resolve", data={"reviewer": "dr-b", "decision": "ai-correct"})
         assert conflict.status_code == 409 and "claimed by dr-a" in conflict.text
+        for form, message in (({"reviewer": "dr-a", "decision": "bogus"}, "is not one of"),
+                              ({"reviewer": " ", "decision": "ai-correct"}, "reviewer: a name is required")):
+            wrong = client.post("/items/1/resolve", data=form)  # a bad request, not a conflict
+            assert wrong.status_code == 400 and message in wrong.text and store.get(1).status is ReviewStatus.CLAIMED
         done = client.post("/items/1/resolve", data={"reviewer": "dr-a", "decision": "ai-rejected", "comments": "x"})
         assert done.status_code == 303 and done.headers["location"] == "/"
         assert "#1" not in client.get("/").text

@@ -147,7 +147,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from pacs_sentinel.daemon.config import load_config
     from pacs_sentinel.daemon.jobs import MIGRATIONS, JobStore
     from pacs_sentinel.daemon.outbox import dead_letters, outbox_summary
-    from pacs_sentinel.daemon.table import format_table
+    from pacs_sentinel.daemon.table import format_table, score_text
     from pacs_sentinel.dicom_io.index import Database
     from pacs_sentinel.dicom_io.scu import Peer, echo
 
@@ -183,7 +183,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     store = JobStore(database)
     rows = [
         [job.id, job.study_uid, job.pipeline or "-", job.state.value, job.verdict or "-",
-         "-" if job.quality_score is None else f"{job.quality_score:.2f}",
+         score_text(job.quality_score),
          "; ".join(part for part in (", ".join(job.reasons), job.error or "") if part) or "-"]
         for job in store.jobs(limit=args.limit)
     ]
@@ -244,7 +244,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
     import os
 
     from pacs_sentinel.daemon.review import explain_reason, parse_since, viewer_link
-    from pacs_sentinel.daemon.table import format_table
+    from pacs_sentinel.daemon.table import format_table, score_text
 
     config, store = _review_store(args.config)
     if args.action == "list":
@@ -255,7 +255,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(format_table(
             ["item", "status", "score", "pipeline", "study", "reasons", "created", "reviewer", "decision"],
-            [[i.id, i.status.value, "-" if i.quality_score is None else f"{i.quality_score:.2f}", i.pipeline,
+            [[i.id, i.status.value, score_text(i.quality_score), i.pipeline,
               i.study_uid, ", ".join(i.reasons) or "-", _when(i.created_at), i.reviewer or "-",
               i.decision.value if i.decision else "-"] for i in items],
             max_width=64))
@@ -274,7 +274,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
         ["item", item.id], ["status", item.status.value], ["study", item.study_uid],
         ["series", item.series_uid or "-"], ["pipeline", item.pipeline], ["job", f"{item.job_id} (run {item.runs})"],
         ["model", f"{item.model or '-'} {item.model_version or ''}".strip()], ["QC version", item.qc_version or "-"],
-        ["quality score", "-" if item.quality_score is None else f"{item.quality_score:.2f}"],
+        ["quality score", score_text(item.quality_score)],
         ["created", _when(item.created_at)], ["claimed", _when(item.claimed_at)],
         ["resolved", _when(item.resolved_at)], ["reviewer", item.reviewer or "-"],
         ["decision", item.decision.value if item.decision else "-"], ["comments", item.comments or "-"],
@@ -299,7 +299,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     from pacs_sentinel.daemon import monitoring
     from pacs_sentinel.daemon.review import parse_since
-    from pacs_sentinel.daemon.table import format_table
+    from pacs_sentinel.daemon.table import format_table, score_text
 
     config, store = _review_store(args.config)
     now = time.time()
@@ -315,7 +315,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"\nper {title}:")
         print(format_table([title, "jobs", "flagged", "flag rate", "mean score"],
                            [[s.name, s.jobs, s.flagged, f"{100 * s.flag_rate:.1f} %",
-                             "-" if s.mean_score is None else f"{s.mean_score:.2f}"] for s in stats]))
+                             score_text(s.mean_score)] for s in stats]))
     print("\ndrift warnings:" if report.warnings else "\ndrift warnings: none")
     for warning in report.warnings:
         print(f"  WARNING {warning}")

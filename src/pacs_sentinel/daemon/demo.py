@@ -22,7 +22,7 @@ from pacs_sentinel.daemon.config import Config, default_config_text, parse_confi
 from pacs_sentinel.daemon.jobs import FINISHED_STATES, MIGRATIONS, JobStore
 from pacs_sentinel.daemon.logs import configure_logging
 from pacs_sentinel.daemon.service import Sentinel
-from pacs_sentinel.daemon.table import format_table
+from pacs_sentinel.daemon.table import format_table, score_text
 from pacs_sentinel.dicom_io.index import Database
 from pacs_sentinel.dicom_io.scp import ScpSettings, StorageScp
 from pacs_sentinel.dicom_io.scu import Peer, send_files
@@ -154,7 +154,7 @@ def run_demo(workdir: Path) -> int:
             study.title,
             job.state.value if job else "no job",
             (job.verdict or "-") if job else "-",
-            "-" if not job or job.quality_score is None else f"{job.quality_score:.2f}",
+            score_text(job.quality_score if job else None),
             (", ".join(job.reasons) or "-") if job else "-",
             ", ".join(f"{modalities.count(m)} {m}" for m in sorted(set(modalities))) or "none",
             "-" if took is None else f"{took - sent_at[study_uid]:.1f} s",

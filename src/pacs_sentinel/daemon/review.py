@@ -36,6 +36,11 @@ class ReviewError(SentinelError):
     """A review action is not possible (no such item, wrong status, bad decision...)."""
 
 
+class ReviewInputError(ReviewError):
+    """A review action was asked with an invalid value (decision, reviewer, filter): the request
+    is wrong, whatever the item's state (the web page answers 400, not 409)."""
+
+
 class ReviewStatus(str, enum.Enum):
     """Where an item is in its life."""
 
@@ -237,7 +242,7 @@ def parse_since(text: str, *, now: float | None = None) -> float:
     try:
         moment = datetime.datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ReviewError(f"since: {text!r} is neither a duration (7d, 12h, 30m) nor an ISO date") from None
+        raise ReviewInputError(f"since: {text!r} is neither a duration (7d, 12h, 30m) nor an ISO date") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
@@ -370,7 +375,7 @@ class ReviewStore:
                 where.append("status = ?")
                 params.append(ReviewStatus(status).value)
             except ValueError:
-                raise ReviewError(f"status: {status!r} is not one of open, claimed, resolved") from None
+                raise ReviewInputError(f"status: {status!r} is not one of open, claimed, resolved") from None
         if pipeline is not None:
             where.append("pipeline = ?")
             params.append(pipeline)
@@ -379,7 +384,7 @@ class ReviewStore:
             params.append(since)
         orders = {"priority": "COALESCE(quality_score, 0) ASC, created_at ASC, id ASC", "newest": "id DESC"}
         if order not in orders:
-            raise ReviewError(f"order: {order!r} is not one of {', '.join(orders)}")
+            raise ReviewInputError(f"order: {order!r} is not one of {', '.join(orders)}")
         sql = "SELECT * FROM review_items"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -412,7 +417,7 @@ class ReviewStore:
         try:
             chosen = Decision(decision)
         except ValueError:
-            raise ReviewError(
+            raise ReviewInputError(
                 f"decision: {decision!r} is not one of {', '.join(d.value for d in Decision)}") from None
         now = time.time()
         with self.database.transaction() as tx:
@@ -451,7 +456,7 @@ class ReviewStore:
 def _reviewer(name: str) -> str:
     name = (name or "").strip()
     if not name:
-        raise ReviewError("reviewer: a name is required")
+        raise ReviewInputError("reviewer: a name is required")
     if len(name) > 64:
-        raise ReviewError("reviewer: at most 64 characters")
+        raise ReviewInputError("reviewer: at most 64 characters")
     return name

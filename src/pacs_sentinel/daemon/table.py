@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+
+
+def score_text(score: float | None) -> str:
+    """A quality score for people: two decimals, rounded down, so that a score below an accept
+    threshold never reads as the threshold (0.4976 is "0.49", not "0.50"); "-" for none. The SR
+    carries the score to four decimals."""
+    if score is None:
+        return "-"
+    return f"{math.floor(score * 100 + 1e-6) / 100:.2f}"  # scores have four decimals: 1e-6 only undoes float error
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, max_width: int = 60) -> str:

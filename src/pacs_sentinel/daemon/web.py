@@ -33,12 +33,14 @@ from pacs_sentinel.daemon.config import ReviewConfig, ReviewWebConfig
 from pacs_sentinel.daemon.review import (
     Decision,
     ReviewError,
+    ReviewInputError,
     ReviewStatus,
     ReviewStore,
     explain_reason,
     parse_since,
     viewer_link,
 )
+from pacs_sentinel.daemon.table import score_text
 from pacs_sentinel.errors import ConfigError, SentinelError
 
 log = structlog.get_logger(__name__)
@@ -48,6 +50,7 @@ TOKEN_ENV = "SENTINEL_REVIEW_TOKEN"
 #: Name of the cookie the login form sets.
 COOKIE_NAME = "sentinel_review_token"
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+TEMPLATES.env.filters["score"] = score_text
 START_TIMEOUT_SECONDS = 10.0
 
 
@@ -176,7 +179,9 @@ def build_app(store: ReviewStore, review: ReviewConfig, token: str) -> Starlette
                 target = "/"
         except ReviewError as exc:
             try:
-                return case_page(request, store.get(item_id), error=str(exc), status_code=409)
+                # A wrong value in the form is a bad request; an item claimed or resolved meanwhile, a conflict.
+                return case_page(request, store.get(item_id), error=str(exc),
+                                 status_code=400 if isinstance(exc, ReviewInputError) else 409)
             except ReviewError:
                 return Response(str(exc), status_code=404, media_type="text/plain")
         log.info("review item updated", item_id=item_id, action=request.path_params["action"], reviewer=reviewer)
