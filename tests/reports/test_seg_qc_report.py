@@ -5,6 +5,7 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from pacs_sentinel.dicom_io.seg_masks import map_segments
 from pacs_sentinel.qc.segqc import LabelReference, judge_segmentation
@@ -71,3 +72,31 @@ def test_seg_qc_objects_are_valid(volume, judged, dciodvfy_clean) -> None:
     dciodvfy_clean(result_set.report, "Comprehensive3DSR")
     dciodvfy_clean(result_set.overlays[0], "SCImage")
     assert result_set.overlays[0].SeriesDescription == "Third-party SEG QC overlay (QC: needs review)"
+
+
+def test_a_fractional_segment_references_only_the_images_its_mask_lies_on(volume, roundtrip_bytes) -> None:
+    """Found from outside: a FRACTIONAL SEG's frames also hold values below half the maximum
+    (here a ring of 0.3 reaching two slices past the sphere), which are not in the judged mask;
+    the SR listed those slices as the segment's source images too."""
+    sphere = sphere_mask(*volume.array.shape)
+    seg = make_third_party_seg(volume.datasets, [sphere], [("10200004", "SCT", "Liver")], seg_type="FRACTIONAL")
+    mapped = map_segments(seg, volume)
+    assert np.array_equal(mapped.segments[0].mask, sphere)
+    result, qc, _ = judge_segmentation(volume, mapped, [LabelReference(LIVER, "organ-seg 1.1.0", {}, sphere)],
+                                       accept_threshold=0.5)
+    sr = hd.sr.Comprehensive3DSR.from_dataset(roundtrip_bytes(build_seg_qc_result_set(volume, mapped.dataset,
+                                                                                    result, qc).report))
+    def sources(items) -> set[str]:  # the "Source Image for Segmentation" items, at any depth
+        found = set()
+        for item in items:
+            if item.get("ConceptNameCodeSequence") and item.ConceptNameCodeSequence[0].CodeValue == "121233":
+                found.add(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+            found |= sources(item.get("ContentSequence", []))
+        return found
+
+    referenced = sources(sr.ContentSequence)
+    on = {str(ds.SOPInstanceUID) for ds, plane in zip(volume.datasets, sphere, strict=True) if plane.any()}
+    ring = ndimage.binary_dilation(sphere, iterations=2)  # where make_third_party_seg puts 0.3
+    frames = {str(ds.SOPInstanceUID) for ds, plane in zip(volume.datasets, ring, strict=True) if plane.any()}
+    assert on < frames  # the SEG has frames the mask does not lie on
+    assert referenced == on
