@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -236,31 +237,53 @@ def test_radiographs_without_spacing_or_orientation_are_classified(tmp_path: Pat
     assert received.count("SR") == 2 and received.count("OT") >= 2
 
 
-def test_a_radiograph_stored_upside_down_is_classified_by_its_patient_orientation(
-        tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
-    # The same chest stored as displayed (L\F) and upside down with the tag that says so (L\H):
-    # the worker hands the tag to the model, which turns the image to the way it was trained.
-    # Before, the upside-down copy was classified as stored and sent to review as unfamiliar.
+def _as_stored_and_changed(tmp_path: Path, pacs, sentinel_factory, change, prefix: str):  # type: ignore[no-untyped-def]
+    """The jobs of the same chest phantom sent twice: as written, and with ``change`` applied to
+    its data set (another study)."""
     from pacs_sentinel.inference.radiographs import make_cxr_phantom, write_dx_image
 
     sentinel = sentinel_factory(_cxr_config(tmp_path, pacs.port, ["DX"]))
     phantom = make_cxr_phantom(3, findings={"effusion": True})
     paths = []
-    for seed, name in enumerate(("upright", "upside-down"), start=1):
-        path = write_dx_image(phantom, tmp_path / name, seed=seed, patient_id=f"OR{seed}")
-        if name == "upside-down":
+    for seed, name in enumerate(("stored", "changed"), start=1):
+        path = write_dx_image(phantom, tmp_path / name, seed=seed, patient_id=f"{prefix}{seed}")
+        if name == "changed":
             ds = pydicom.dcmread(path)
-            ds.PixelData = ds.pixel_array[::-1].copy().tobytes()
-            ds.PatientOrientation = ["L", "H"]
+            change(ds)
             ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     peer = Peer("SENTINEL", "127.0.0.1", sentinel.scp.port)
     for path in paths:
         assert all(r.delivered for r in send_files([path], peer))
-
     jobs = _finished(sentinel, 2)
-    upright, upside_down = (jobs[str(pydicom.dcmread(p).StudyInstanceUID)] for p in paths)
-    assert upright.state is JobState.DONE and upside_down.state is JobState.DONE, (upright.error, upside_down.error)
-    assert upside_down.verdict == upright.verdict
-    assert upside_down.reasons == upright.reasons
-    assert upside_down.quality_score == pytest.approx(upright.quality_score, abs=1e-3)
+    stored, changed = (jobs[str(pydicom.dcmread(p).StudyInstanceUID)] for p in paths)
+    assert stored.state is JobState.DONE and changed.state is JobState.DONE, (stored.error, changed.error)
+    return stored, changed
+
+
+def test_a_radiograph_stored_upside_down_is_classified_by_its_patient_orientation(
+        tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
+    # The same chest stored as displayed (L\F) and upside down with the tag that says so (L\H):
+    # the worker hands the tag to the model, which turns the image to the way it was trained.
+    # Before, the upside-down copy was classified as stored and sent to review as unfamiliar.
+    def upside_down(ds: pydicom.Dataset) -> None:
+        ds.PixelData = ds.pixel_array[::-1].copy().tobytes()
+        ds.PatientOrientation = ["L", "H"]
+
+    upright, turned = _as_stored_and_changed(tmp_path, pacs, sentinel_factory, upside_down, "OR")
+    assert (turned.verdict, turned.reasons) == (upright.verdict, upright.reasons)
+    assert turned.quality_score == pytest.approx(upright.quality_score, abs=1e-3)
+
+
+def test_a_radiograph_with_a_padding_border_gets_the_same_answer(tmp_path: Path, pacs, sentinel_factory) -> None:  # type: ignore[no-untyped-def]
+    # The same chest with a black border of 40 pixels declared as Pixel Padding Value: the model
+    # and the image checks read the exposed area only (before, the border changed the findings'
+    # probabilities and scores, and the image checks counted it as clipped pixels).
+    def padded(ds: pydicom.Dataset) -> None:
+        ds.PixelData = np.pad(ds.pixel_array, 40, constant_values=0).tobytes()
+        ds.Rows, ds.Columns = ds.Rows + 80, ds.Columns + 80
+        ds.add_new(0x00280120, "US", 0)  # Pixel Padding Value
+
+    plain, bordered = _as_stored_and_changed(tmp_path, pacs, sentinel_factory, padded, "PAD")
+    assert (bordered.verdict, bordered.reasons) == (plain.verdict, plain.reasons)
+    assert bordered.quality_score == pytest.approx(plain.quality_score, abs=1e-3)

@@ -260,7 +260,11 @@ class Worker:
         return result_set, result, qc, volume.series_uid
 
     def _classify(self, pipeline: PipelineConfig, files: list[Path]) -> Analysis:
-        from pacs_sentinel.inference.classification import image_from_dataset, load_classification_model
+        from pacs_sentinel.inference.classification import (
+            image_from_dataset,
+            load_classification_model,
+            without_padding,
+        )
         from pacs_sentinel.qc.classification import evaluate_classification
         from pacs_sentinel.reports.resultset import build_classification_result_set
 
@@ -273,7 +277,9 @@ class Worker:
         result = model.predict(image, spacing,
                                mc_dropout_samples=pipeline.mc_dropout_samples, tta_flips=tuple(pipeline.tta_flips),
                                patient_orientation=source.get("PatientOrientation"))
-        qc = evaluate_classification(result, accept_threshold=self.config.qc.accept_threshold, image=image)
+        # The image checks judge the exposed area, as the model does (a padding border is no exposure).
+        qc = evaluate_classification(result, accept_threshold=self.config.qc.accept_threshold,
+                                     image=without_padding(image)[0])
         result_set = build_classification_result_set(source, result, qc,
                                                      series_number_base=pipeline.series_number_base)
         self._add_quality_issue(result_set, [source], qc, result.model_name, pipeline)

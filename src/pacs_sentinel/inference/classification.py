@@ -179,6 +179,36 @@ def preprocess_image(image: np.ndarray | torch.Tensor, input_size: Sequence[int]
     return ((tensor - low) / span).clamp(*_CLIP)
 
 
+#: Padding is cropped only while at least this share of each dimension remains (a nearly blank
+#: image is left as it is, for the image checks to judge).
+MIN_KEPT_AFTER_PADDING = 0.5
+
+
+def without_padding(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``image`` without its padding: the rows and columns along its edges that hold one
+    single value, the same on every side (a black or white border a modality or a PACS added
+    around the exposed area, declared as Pixel Padding Value or not). A model resizes the whole
+    array to its input, so a border would shrink the anatomy and add an edge no training image had.
+
+    Returns:
+        The cropped view and ``(top, bottom, left, right)``: how many rows and columns were cut.
+    """
+    rows, cols = image.shape
+    value = image[0, 0]
+    top, bottom, left, right = 0, rows, 0, cols
+    while top < bottom and np.all(image[top, left:right] == value):
+        top += 1
+    while bottom > top and np.all(image[bottom - 1, left:right] == value):
+        bottom -= 1
+    while left < right and np.all(image[top:bottom, left] == value):
+        left += 1
+    while right > left and np.all(image[top:bottom, right - 1] == value):
+        right -= 1
+    if bottom - top < MIN_KEPT_AFTER_PADDING * rows or right - left < MIN_KEPT_AFTER_PADDING * cols:
+        return image, (0, 0, 0, 0)
+    return image[top:bottom, left:right], (top, rows - bottom, left, cols - right)
+
+
 def image_from_dataset(ds: pydicom.Dataset, *, frame: int | None = None) -> np.ndarray:
     """The image of a single-frame grayscale dataset (DX, CR, CT, MR...) in modality units.
 
@@ -509,6 +539,10 @@ class ClassificationModel:
                      transpose=turn.transpose, flip_rows=turn.flip_rows, flip_cols=turn.flip_cols)
             if pixel_spacing is not None and turn.transpose:
                 pixel_spacing = (pixel_spacing[1], pixel_spacing[0])
+        array, padding = without_padding(array)
+        if any(padding):
+            log.info("radiograph padding cropped", model=self.name, top=padding[0], bottom=padding[1],
+                     left=padding[2], right=padding[3])
         shape = (int(array.shape[0]), int(array.shape[1]))
         try:
             with self._lock:
@@ -546,6 +580,9 @@ class ClassificationModel:
         except RuntimeError as exc:
             raise ModelError(f"model {self.name} failed on a {array.shape} image: {exc}") from exc
         samples = self.calibrate(np.concatenate(sample_logits)) if sample_logits else None
+        if any(padding):  # the maps back onto the padded grid, 0 on the padding
+            top, bottom, left, right = padding
+            heatmaps = {index: np.pad(heatmap, ((top, bottom), (left, right))) for index, heatmap in heatmaps.items()}
         if turn is not None:
             heatmaps = {index: turn.undo(heatmap) for index, heatmap in heatmaps.items()}
         seconds = time.perf_counter() - started
