@@ -8,7 +8,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from pacs_sentinel.daemon.config import PipelineConfig
-from pacs_sentinel.daemon.routing import SeriesCandidate, matches, rejection_reason, select_series
+from pacs_sentinel.daemon.routing import SeriesCandidate, ThirdPartySeg, matches, rejection_reason, select_series
 
 
 def _candidate(uid: str, files: int, frames: int | None = None, **attributes: object) -> SeriesCandidate:
@@ -45,6 +45,23 @@ def test_the_rejection_reason_names_the_series_and_the_rules_they_fail() -> None
     reason = rejection_reason([PIPELINE], many)
     assert reason.endswith(" | and 2 more series") and reason.count("series 1.3.") == 3
     assert rejection_reason([PIPELINE], []) == "no pipeline matches any series of the study: it holds no image series"
+
+
+def test_the_rejection_reason_names_a_third_party_seg_whose_series_was_never_received() -> None:
+    """Found from outside: a SEG referencing a series the study lacks was rejected with "no
+    third-party SEG references it" about the CT that was there, naming neither SEG nor series."""
+    qc = PipelineConfig(name="vendor-qc", kind="seg-qc", match={"Modality": ["CT"]})
+    header = Dataset()
+    header.SOPInstanceUID = "1.9.9"
+    seg = ThirdPartySeg("1.9", Path("seg.dcm"), header, ("1.2.7",))
+    ct = _candidate("1.2.2", 30, Modality="CT")
+    assert rejection_reason([qc], [ct], [seg]) == (
+        "no pipeline matches any series of the study: series 1.2.2 (CT): vendor-qc: no third-party SEG references it"
+        " | third-party SEG 1.9.9 references series 1.2.7, which the study does not hold (not received)")
+    assert rejection_reason([qc], [], [seg]).endswith(
+        ": it holds no image series | third-party SEG 1.9.9 references series 1.2.7, which the study does not "
+        "hold (not received)")
+    assert rejection_reason([PIPELINE], [ct], [seg]).count("third-party SEG") == 0  # no seg-qc pipeline
 
 
 def test_the_series_with_most_images_is_chosen_and_frames_count() -> None:

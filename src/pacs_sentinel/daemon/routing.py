@@ -219,13 +219,24 @@ def matching_pipelines(pipelines: list[PipelineConfig], candidates: list[SeriesC
 REJECTION_SERIES_SHOWN = 3
 
 
-def rejection_reason(pipelines: list[PipelineConfig], candidates: list[SeriesCandidate]) -> str:
+def rejection_reason(pipelines: list[PipelineConfig], candidates: list[SeriesCandidate],
+                     segs: list[ThirdPartySeg] | None = None) -> str:
     """The one-line reason of a study no pipeline takes: per image series (the first
     :data:`REJECTION_SERIES_SHOWN`), per pipeline, the ``match`` rules it fails — what
-    ``sentinel check-config --explain`` shows on several lines."""
+    ``sentinel check-config --explain`` shows on several lines — and, when a ``seg-qc`` pipeline
+    is configured, each third-party SEG (``segs``) that references a series the study does not hold."""
     reason = "no pipeline matches any series of the study"
+    missing = []
+    if any(p.kind == "seg-qc" for p in pipelines):
+        held = {c.series_uid for c in candidates}
+        for seg in segs or []:
+            absent = [uid for uid in seg.referenced_series if uid not in held]
+            if absent and len(absent) == len(seg.referenced_series):
+                sop_uid = str(seg.header.get("SOPInstanceUID", "?"))
+                missing.append(f"third-party SEG {sop_uid} references series {', '.join(absent)}, "
+                               "which the study does not hold (not received)")
     if not candidates:
-        return f"{reason}: it holds no image series"
+        return f"{reason}: {' | '.join(['it holds no image series', *missing])}"
     parts = []
     for candidate in candidates[:REJECTION_SERIES_SHOWN]:
         why = []
@@ -238,7 +249,7 @@ def rejection_reason(pipelines: list[PipelineConfig], candidates: list[SeriesCan
         parts.append(f"series {candidate.series_uid} ({modality}): {'; '.join(why)}")
     if len(candidates) > REJECTION_SERIES_SHOWN:
         parts.append(f"and {len(candidates) - REJECTION_SERIES_SHOWN} more series")
-    return f"{reason}: {' | '.join(parts)}"
+    return f"{reason}: {' | '.join(parts + missing)}"
 
 
 def explain(pipelines: list[PipelineConfig], path: Path) -> str:

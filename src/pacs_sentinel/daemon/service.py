@@ -236,7 +236,7 @@ class Sentinel:
             segs = third_party_segs(self.config, self.spool, self.jobs, study_uid, series_files)
             pipelines = matching_pipelines(self.config.pipelines, candidates, segs)
             if not pipelines:
-                job_id = self.jobs.reject_study(study_uid, rejection_reason(self.config.pipelines, candidates))
+                job_id = self.jobs.reject_study(study_uid, rejection_reason(self.config.pipelines, candidates, segs))
                 if job_id is not None:
                     bound.warning("study rejected: no pipeline matches", job_id=job_id)
                 return
