@@ -11,10 +11,10 @@ those up at once instead of retrying them for hours.
 from __future__ import annotations
 
 import socket
-from io import BytesIO
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -116,14 +116,8 @@ def echo(peer: Peer, *, calling_ae: str = "SENTINEL", timeout: float = 5.0) -> E
     except OSError as exc:
         return EchoResult(False, time.monotonic() - started, str(exc))
     if not assoc.is_established:
-        if assoc.is_rejected:
-            reason = "association rejected"
-        elif not assoc.requestor.port:  # the TCP connect failed (see send_files)
-            why = _connect_failure(peer, timeout)
-            reason = f"could not connect to {peer.host}:{peer.port}" + (f" ({why})" if why else "")
-        else:
-            reason = "association aborted"
-        return EchoResult(False, time.monotonic() - started, reason)
+        reason = "association rejected" if assoc.is_rejected else _not_connected(assoc, peer, timeout)
+        return EchoResult(False, time.monotonic() - started, reason or "association aborted")
     try:
         status = assoc.send_c_echo()
     finally:
@@ -151,29 +145,32 @@ def _refused_classes(assoc: Association) -> dict[str, str]:
     return refused
 
 
-def _connect_failure(peer: Peer, timeout: float) -> str:
-    """Why a plain TCP connection to ``peer`` fails (``"connection refused"``, ``"timed out"``...),
-    or ``""`` when it succeeds now. pynetdicom only logs the reason of a failed connect."""
+def _not_connected(assoc: Association, peer: Peer, timeout: float) -> str | None:
+    """``could not connect to <host>:<port> (<why>)`` when the association failed because its TCP
+    connection could not be made, else None. pynetdicom reports a failed connect as an abort (the
+    requestor's port is still 0) and only logs why; a plain TCP connect tells (``"connection
+    refused"``, ``"timed out"``...)."""
+    if assoc.is_established or assoc.is_rejected or assoc.requestor.port:
+        return None
+    why = ""
     try:
         with socket.create_connection((peer.host, peer.port), timeout=timeout):
-            return ""
+            pass
     except OSError as exc:
-        return (exc.strerror or str(exc) or type(exc).__name__).lower()
+        why = (exc.strerror or str(exc) or type(exc).__name__).lower()
+    return f"could not connect to {peer.host}:{peer.port}" + (f" ({why})" if why else "")
 
 
-def file_problem(path: Path, ds: Dataset) -> str | None:
-    """Why the data set in ``path`` (read as ``ds``) must not be sent, or None: it is truncated
-    or malformed, which pydicom reads past (a value cut short at the end of the file comes back
-    shorter) and re-encoding would hide. The same walk the SCP refuses such an instance with
-    (0xC210). Files without the ``DICM`` preamble or a group length are left to pydicom."""
-    with open(path, "rb") as fp:
-        head = fp.read(144)
-        if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
-            return None
-        fp.seek(144 + int.from_bytes(head[140:144], "little"))
-        encoded = BytesIO(fp.read())
+def file_problem(path: Path, raw: bytes, ds: Dataset) -> str | None:
+    """Why the file ``path`` (its bytes ``raw``, read as ``ds``) must not be sent, or None: its
+    data set is truncated or malformed, which pydicom reads past (a value cut short at the end of
+    the file comes back shorter) and re-encoding would hide. The same walk the SCP refuses such an
+    instance with (0xC210). Files without the ``DICM`` preamble or a group length are left to pydicom."""
+    if len(raw) < 144 or raw[128:132] != b"DICM" or raw[132:136] != b"\x02\x00\x00\x00":
+        return None
+    meta_end = 144 + int.from_bytes(raw[140:144], "little")
     try:
-        read_instance_info(encoded, str(ds.file_meta.TransferSyntaxUID))
+        read_instance_info(BytesIO(raw[meta_end:]), str(ds.file_meta.TransferSyntaxUID))
     except DecodeError as exc:
         return f"{path}: {exc}"
     return None
@@ -223,9 +220,10 @@ def send_files(
     unreadable: dict[Path, str] = {}
     for path in map(Path, paths):
         try:
-            ds = pydicom.dcmread(path)
+            raw = path.read_bytes()  # read once: parsed by pydicom, walked by file_problem
+            ds = pydicom.dcmread(BytesIO(raw))
             _ = (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)  # both must be present
-            problem = file_problem(path, ds)
+            problem = file_problem(path, raw, ds)
         except Exception as exc:  # a file we cannot read is a failed attempt, not a crash
             unreadable[path] = f"cannot read {path}: {exc}"
             continue
@@ -259,10 +257,8 @@ def send_files(
         why = exc.strerror if isinstance(exc, socket.gaierror) and exc.strerror else str(exc)
         raise DeliveryError(f"could not connect to {peer.host}:{peer.port} (cannot resolve the host name: {why})") from None
     refused = _refused_classes(assoc)
-    if not assoc.is_established and not assoc.is_rejected and not refused and not assoc.requestor.port:
-        # pynetdicom reports a failed TCP connect as an abort; the requestor's port is still 0.
-        why = _connect_failure(peer, timeout)
-        raise DeliveryError(f"could not connect to {peer.host}:{peer.port}" + (f" ({why})" if why else ""))
+    if not refused and (not_connected := _not_connected(assoc, peer, timeout)) is not None:
+        raise DeliveryError(not_connected)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         none_accepted = bool(refused) and not assoc.accepted_contexts  # pynetdicom aborts then

@@ -180,6 +180,24 @@ def _segment_frames(ds: Dataset) -> np.ndarray:
     return pixels
 
 
+def in_segment(frames: np.ndarray, segmentation_type: str, maximum: float) -> np.ndarray:
+    """Which stored values of a BINARY or FRACTIONAL SEG's frames belong to the frame's segment:
+    non-zero, or (FRACTIONAL) at least half of ``maximum``, the Maximum Fractional Value."""
+    return frames >= maximum / 2 if segmentation_type == "FRACTIONAL" else frames > 0
+
+
+def frames_holding_their_segment(ds: Dataset) -> np.ndarray:
+    """For each frame of a BINARY or FRACTIONAL SEG, whether any of its pixels is in its segment
+    (:func:`in_segment`); a frame may be present and hold nothing of it.
+
+    Raises:
+        SeriesError: The frames cannot be decoded.
+    """
+    frames = _segment_frames(ds)
+    on = in_segment(frames, str(ds.get("SegmentationType", "BINARY")), float(ds.get("MaximumFractionalValue", 1) or 1))
+    return on.reshape(len(frames), -1).any(axis=1)
+
+
 def map_segments(ds: Dataset, volume: Volume) -> MappedSegmentation:
     """Place every frame of a SEG on the volume and return one mask per segment.
 
@@ -249,8 +267,7 @@ def map_segments(ds: Dataset, volume: Volume) -> MappedSegmentation:
         number = int(identification.ReferencedSegmentNumber)
         if number not in masks:
             raise SeriesError(f"{what} belongs to segment {number}, which the SEG does not describe")
-        on = frame >= maximum / 2 if segmentation_type == "FRACTIONAL" else frame > 0
-        masks[number][slice_index] |= on
+        masks[number][slice_index] |= in_segment(frame, segmentation_type, maximum)
     return MappedSegmentation(
         dataset=seg,
         segments=[MappedSegment(number, labels[number][0], masks[number], labels[number][1]) for number in sorted(labels)],

@@ -93,6 +93,18 @@ def ramp(value: float, low: float, high: float) -> float:
     return float(min(1.0, max(0.0, (value - low) / (high - low))))
 
 
+def _log_excess(value: float, low: float, high: float) -> float:
+    """How far a positive ``value`` lies outside ``[low, high]``, as the log of the ratio to the
+    nearer end (0 inside; infinite for a value of 0 or less)."""
+    if value <= 0:
+        return math.inf
+    if value > high:
+        return math.log(value / high)
+    if value < low:
+        return math.log(low / value)
+    return 0.0
+
+
 def volume_signal(volume_ml: float, reference: dict[str, float] | None) -> Signal | None:
     """Volume against the range the model card records for this label (p01..p99).
 
@@ -101,15 +113,7 @@ def volume_signal(volume_ml: float, reference: dict[str, float] | None) -> Signa
     """
     if not reference or "volume_ml_p01" not in reference or "volume_ml_p99" not in reference:
         return None
-    low, high = float(reference["volume_ml_p01"]), float(reference["volume_ml_p99"])
-    if volume_ml <= 0:
-        excess = math.inf
-    elif volume_ml > high:
-        excess = math.log(volume_ml / high)
-    elif volume_ml < low:
-        excess = math.log(low / volume_ml)
-    else:
-        excess = 0.0
+    excess = _log_excess(volume_ml, float(reference["volume_ml_p01"]), float(reference["volume_ml_p99"]))
     half = math.log1p(VOLUME_HALF_SCORE_EXCESS)
     subscore = 0.0 if math.isinf(excess) else math.exp(-math.log(2) * (excess / half) ** 2)
     return Signal("volume_ml", volume_ml, subscore, Reason.VOLUME_ANOMALY)
@@ -129,15 +133,7 @@ def body_size_signal(area_cm2: float | None, reference: dict[str, float] | None)
     """
     if area_cm2 is None or not reference or "body_area_cm2_p01" not in reference or "body_area_cm2_p99" not in reference:
         return None
-    low, high = float(reference["body_area_cm2_p01"]), float(reference["body_area_cm2_p99"])
-    if area_cm2 <= 0:
-        excess = math.inf
-    elif area_cm2 < low:
-        excess = math.log(low / area_cm2)
-    elif area_cm2 > high:
-        excess = math.log(area_cm2 / high)
-    else:
-        excess = 0.0
+    excess = _log_excess(area_cm2, float(reference["body_area_cm2_p01"]), float(reference["body_area_cm2_p99"]))
     subscore = 1.0 - ramp(excess, BODY_AREA_FULL_EXCESS, BODY_AREA_ZERO_EXCESS) if math.isfinite(excess) else 0.0
     return Signal("body_area_cm2", area_cm2, subscore, Reason.UNFAMILIAR_INPUT, fusion_floor=BODY_AREA_FUSION_FLOOR)
 

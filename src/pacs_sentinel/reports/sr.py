@@ -45,8 +45,9 @@ from pydicom.pixels import pixel_array as decode_pixel_array
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from pacs_sentinel.dicom_io.seg_masks import frames_holding_their_segment
 from pacs_sentinel.dicom_io.series import Volume
-from pacs_sentinel.errors import ReportError
+from pacs_sentinel.errors import ReportError, SeriesError
 from pacs_sentinel.reports.highdicom_speedups import content_not_copied
 from pacs_sentinel.reports.identity import (
     MANUFACTURER,
@@ -246,9 +247,11 @@ def all_segment_sources(segmentation: hd.seg.Segmentation) -> dict[int, SegmentS
         # A frame may be present and hold nothing of its segment: a SEG written with its empty
         # frames, or a FRACTIONAL one whose frame holds only values below half the maximum (not in
         # the mask QC judged, seg_masks.map_segments): the segment does not lie on that image.
-        held = _frames_holding_their_segment(segmentation, len(frames))
-        if held is not None:
-            segments_of = [segments if on else [] for segments, on in zip(segments_of, held, strict=True)]
+        try:
+            held = frames_holding_their_segment(segmentation)
+        except SeriesError:  # undecodable frames: every present frame counts, as before
+            held = np.ones(len(frames), dtype=bool)
+        segments_of = [segments if on else [] for segments, on in zip(segments_of, held, strict=True)]
     for frame, segments in zip(frames, segments_of, strict=True):
         for derivation in frame.get("DerivationImageSequence", []) if segments else []:
             for source in derivation.get("SourceImageSequence", []):
@@ -260,20 +263,6 @@ def all_segment_sources(segmentation: hd.seg.Segmentation) -> dict[int, SegmentS
                     if numbers_of_frame not in (None, ""):
                         frames_of.setdefault(uid, set()).update(int(n) for n in np.atleast_1d(numbers_of_frame))
     return found
-
-
-def _frames_holding_their_segment(segmentation: hd.seg.Segmentation, count: int) -> np.ndarray | None:
-    """For each frame of a BINARY or FRACTIONAL SEG, whether any pixel is in its segment (binary:
-    non-zero; fractional: at least half the Maximum Fractional Value, the rule QC's masks use), or
-    None when the frames cannot be decoded (then every present frame counts, as before)."""
-    try:
-        pixels = np.asarray(decode_pixel_array(segmentation)).reshape(count, -1)
-    except Exception:  # decoder plugins raise many types; the frames' presence still tells a lot
-        return None
-    if str(segmentation.get("SegmentationType", "BINARY")) == "FRACTIONAL":
-        maximum = float(segmentation.get("MaximumFractionalValue", 1) or 1)
-        return (pixels >= maximum / 2).any(axis=1)
-    return (pixels > 0).any(axis=1)
 
 
 def segment_sources(segmentation: hd.seg.Segmentation, segment_number: int) -> SegmentSources:
